@@ -1,0 +1,358 @@
+//! Agents: registered non-human identities with a bearer token (`tsr_…`,
+//! shown once, stored as a hash), an allow list of secret patterns and TTL
+//! limits. Token checks go through a small cache that a revoke clears
+//! before it is acknowledged.
+
+use std::sync::Arc;
+
+use rusqlite::{OptionalExtension, params};
+
+use crate::audit::{ACTOR_ADMIN, Entry};
+use crate::broker::{AGENT_CACHE_MAX, Broker};
+use crate::error::{Error, Result};
+use crate::init::now;
+use crate::keys::{Token, ct_eq, token_hash};
+use crate::names;
+use crate::proto::AgentInfo;
+use crate::store::lease_state;
+
+/// Shortest and longest lease TTL an agent may be given.
+pub const TTL_RANGE: std::ops::RangeInclusive<u64> = 1..=30 * 24 * 3600;
+/// Default total life of a lease across renewals.
+pub const DEFAULT_MAX_LIFETIME: u64 = 24 * 3600;
+
+/// An authenticated agent, as the hot path needs it.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    /// Row id.
+    pub id: i64,
+    /// Its name.
+    pub name: String,
+    /// Secret patterns it may read.
+    pub allow: Vec<String>,
+    /// Longest lease (and renewal) in seconds.
+    pub max_ttl: u64,
+    /// Longest total life of a lease, in seconds.
+    pub max_lifetime: u64,
+    token_hash: [u8; 32],
+}
+
+impl Agent {
+    /// How the audit trail names it.
+    pub fn actor(&self) -> String {
+        format!("agent:{}", self.name)
+    }
+
+    /// The first allow rule that covers `secret`, if any.
+    pub fn rule_for(&self, secret: &str) -> Option<&str> {
+        self.allow
+            .iter()
+            .find(|p| names::matches(p, secret))
+            .map(String::as_str)
+    }
+}
+
+impl Broker {
+    /// Registers an agent and returns it with its token (shown once).
+    pub async fn create_agent(
+        &self,
+        request_id: &str,
+        name: String,
+        allow: Vec<String>,
+        max_ttl: u64,
+        max_lifetime: u64,
+    ) -> Result<(AgentInfo, Token)> {
+        let max_lifetime = if max_lifetime == 0 {
+            DEFAULT_MAX_LIFETIME.max(max_ttl)
+        } else {
+            max_lifetime
+        };
+        let check = names::agent(&name, "name")
+            .and_then(|()| {
+                if allow.is_empty() {
+                    return Err(Error::invalid(
+                        "allow",
+                        "give at least one secret pattern the agent may read, e.g. --allow 'openai/*'",
+                    ));
+                }
+                allow.iter().try_for_each(|p| names::pattern(p))
+            })
+            .and_then(|()| ttl_in_range("max_ttl", max_ttl))
+            .and_then(|()| ttl_in_range("max_lifetime", max_lifetime))
+            .and_then(|()| {
+                if max_lifetime < max_ttl {
+                    Err(Error::invalid(
+                        "max_lifetime",
+                        "it must be at least max_ttl",
+                    ))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = check {
+            return Err(self
+                .deny(ACTOR_ADMIN.into(), "agent.create", &name, request_id, e)
+                .await);
+        }
+        let token = Token::generate("tsr_")?;
+        let hash = token.hash();
+        let rid = request_id.to_string();
+        let info = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let exists: Option<i64> = ctx
+                    .conn
+                    .query_row("SELECT id FROM agents WHERE name = ?1", [&name], |r| r.get(0))
+                    .optional()?;
+                if exists.is_some() {
+                    let e = Error::AlreadyExists(format!(
+                        "an agent named {name:?} already exists (names are never reused, even \
+                         after a revoke); choose another name"
+                    ));
+                    ctx.audit(&admin_entry("agent.create", &name, false, e.to_string(), &rid))?;
+                    return Ok(Err(e));
+                }
+                ctx.conn.execute(
+                    "INSERT INTO agents (name, token_hash, allow, max_ttl, max_lifetime, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        name,
+                        &hash[..],
+                        allow.join("\n"),
+                        max_ttl as i64,
+                        max_lifetime as i64,
+                        t
+                    ],
+                )?;
+                ctx.audit(&admin_entry(
+                    "agent.create",
+                    &name,
+                    true,
+                    format!("allow {}; max ttl {max_ttl}s", allow.join(",")),
+                    &rid,
+                ))?;
+                Ok(Ok(AgentInfo {
+                    name,
+                    allow,
+                    max_ttl_seconds: max_ttl,
+                    max_lifetime_seconds: max_lifetime,
+                    created_at: t,
+                    revoked_at: 0,
+                    active_leases: 0,
+                }))
+            })
+            .await??;
+        Ok((info, token))
+    }
+
+    /// Every agent, with its count of active leases.
+    pub async fn list_agents(&self, request_id: &str) -> Result<Vec<AgentInfo>> {
+        let out = self.store.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT a.name, a.allow, a.max_ttl, a.max_lifetime, a.created_at,
+                        coalesce(a.revoked_at, 0),
+                        (SELECT count(*) FROM leases l WHERE l.agent_id = a.id AND l.state = 0)
+                 FROM agents a ORDER BY a.name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(AgentInfo {
+                    name: r.get(0)?,
+                    allow: split_allow(&r.get::<_, String>(1)?),
+                    max_ttl_seconds: r.get::<_, i64>(2)? as u64,
+                    max_lifetime_seconds: r.get::<_, i64>(3)? as u64,
+                    created_at: r.get(4)?,
+                    revoked_at: r.get(5)?,
+                    active_leases: r.get::<_, i64>(6)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        let n = out.len();
+        self.audit(admin_entry("agent.list", "*", true, format!("{n} agents listed"), request_id))
+            .await?;
+        Ok(out)
+    }
+
+    /// Revokes an agent's token and every active lease it holds, in one
+    /// transaction; the token cache forgets it before this returns.
+    pub async fn revoke_agent(&self, request_id: &str, name: String) -> Result<u64> {
+        if let Err(e) = names::agent(&name, "name") {
+            return Err(self
+                .deny(ACTOR_ADMIN.into(), "agent.revoke", &name, request_id, e)
+                .await);
+        }
+        let rid = request_id.to_string();
+        let (hash, leases) = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let row: Option<(i64, Vec<u8>, Option<i64>)> = ctx
+                    .conn
+                    .query_row(
+                        "SELECT id, token_hash, revoked_at FROM agents WHERE name = ?1",
+                        [&name],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let Some((id, hash, revoked)) = row else {
+                    let e = Error::NotFound(format!(
+                        "no agent named {name:?}; `tessera agent list` shows them"
+                    ));
+                    ctx.audit(&admin_entry("agent.revoke", &name, false, e.to_string(), &rid))?;
+                    return Ok(Err(e));
+                };
+                if revoked.is_none() {
+                    ctx.conn.execute(
+                        "UPDATE agents SET revoked_at = ?1 WHERE id = ?2",
+                        params![t, id],
+                    )?;
+                }
+                let leases = ctx.conn.execute(
+                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE agent_id = ?3 AND state = 0",
+                    params![lease_state::REVOKED, t, id],
+                )?;
+                ctx.audit(&admin_entry(
+                    "agent.revoke",
+                    &name,
+                    true,
+                    format!("token revoked, {leases} leases revoked"),
+                    &rid,
+                ))?;
+                Ok(Ok((hash, leases as u64)))
+            })
+            .await??;
+        if let Ok(h) = <[u8; 32]>::try_from(hash) {
+            self.forget_agent(&h);
+        }
+        Ok(leases)
+    }
+
+    /// Checks an agent bearer token; a failure is audited.
+    pub async fn authenticate_agent(
+        &self,
+        token: Option<&str>,
+        action: &str,
+        target: &str,
+        request_id: &str,
+    ) -> Result<Arc<Agent>> {
+        let Some(token) = token else {
+            let e = Error::Unauthenticated(
+                "no agent token: send `authorization: Bearer tsr_…` (the CLI reads TESSERA_TOKEN)"
+                    .into(),
+            );
+            return Err(self.deny("anonymous".into(), action, target, request_id, e).await);
+        };
+        let hash = token_hash(token);
+        if let Some(a) = self.cached_agent(&hash) {
+            return Ok(a);
+        }
+        let found = self.store.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, name, allow, max_ttl, max_lifetime, token_hash, revoked_at
+                     FROM agents WHERE token_hash = ?1",
+                )?
+                .query_row([&hash[..]], |r| {
+                    Ok((
+                        Agent {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                            allow: split_allow(&r.get::<_, String>(2)?),
+                            max_ttl: r.get::<_, i64>(3)? as u64,
+                            max_lifetime: r.get::<_, i64>(4)? as u64,
+                            token_hash: r
+                                .get::<_, Vec<u8>>(5)?
+                                .try_into()
+                                .unwrap_or([0; 32]),
+                        },
+                        r.get::<_, Option<i64>>(6)?,
+                    ))
+                })
+                .optional()?)
+        })?;
+        match found {
+            Some((agent, None)) if ct_eq(&agent.token_hash, &hash) => {
+                let agent = Arc::new(agent);
+                if let Ok(mut cache) = self.agents.write() {
+                    if cache.len() >= AGENT_CACHE_MAX {
+                        cache.clear();
+                    }
+                    cache.insert(hash, Arc::clone(&agent));
+                }
+                Ok(agent)
+            }
+            Some((agent, Some(_))) => {
+                let e = Error::Unauthenticated(format!(
+                    "the token of agent {:?} was revoked; ask an admin for a new agent token",
+                    agent.name
+                ));
+                Err(self.deny(agent.actor(), action, target, request_id, e).await)
+            }
+            _ => {
+                let e = Error::Unauthenticated(
+                    "the agent token is not valid for this broker (unknown or mistyped); check \
+                     TESSERA_TOKEN"
+                        .into(),
+                );
+                let actor = self.token_fingerprint(token);
+                Err(self.deny(actor, action, target, request_id, e).await)
+            }
+        }
+    }
+
+    fn cached_agent(&self, hash: &[u8; 32]) -> Option<Arc<Agent>> {
+        let cache = self.agents.read().ok()?;
+        cache.get(hash).cloned()
+    }
+
+    /// Drops an agent from the token cache.
+    pub(crate) fn forget_agent(&self, hash: &[u8; 32]) {
+        if let Ok(mut cache) = self.agents.write() {
+            cache.remove(hash);
+        }
+    }
+
+    /// Drops an agent from the token cache by id (after a writer-side check
+    /// found it revoked).
+    pub(crate) fn forget_agent_id(&self, id: i64) {
+        if let Ok(mut cache) = self.agents.write() {
+            cache.retain(|_, a| a.id != id);
+        }
+    }
+}
+
+fn ttl_in_range(field: &'static str, v: u64) -> Result<()> {
+    if TTL_RANGE.contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "{v} seconds is out of range: use 1 second to 30 days (e.g. 15m, 1h, 7d)"
+            ),
+        ))
+    }
+}
+
+fn split_allow(s: &str) -> Vec<String> {
+    s.split('\n').filter(|p| !p.is_empty()).map(String::from).collect()
+}
+
+pub(crate) fn admin_entry(
+    action: &str,
+    target: &str,
+    allowed: bool,
+    reason: String,
+    request_id: &str,
+) -> Entry {
+    Entry {
+        time: now(),
+        actor: ACTOR_ADMIN.into(),
+        action: action.into(),
+        target: target.into(),
+        allowed,
+        reason,
+        request_id: request_id.into(),
+    }
+}

@@ -1,0 +1,309 @@
+//! The broker's state, shared by every gRPC call: the unsealed store, the
+//! keys derived from the root key, and the agent-token cache. The
+//! operations themselves live in `secret`, `agent`, `lease` and here (audit).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use rusqlite::params;
+use zeroize::Zeroizing;
+
+use crate::agent::Agent;
+use crate::audit::{self, ACTOR_ADMIN, Entry, Verdict};
+use crate::error::{Error, Result};
+use crate::init::{DataDir, audit_key, now};
+use crate::keys::{RootKey, SymmetricKey, ct_eq, hex, token_hash};
+use crate::proto;
+use crate::store::{self, Store, meta_get};
+use crate::unseal::{self, Source};
+
+/// Limits an admin can set at `serve`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest secret value accepted, in bytes.
+    pub max_value_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_value_size: 64 * 1024,
+        }
+    }
+}
+
+/// The running broker.
+pub struct Broker {
+    pub(crate) store: Store,
+    pub(crate) root_key: Arc<RootKey>,
+    pub(crate) audit_key: SymmetricKey,
+    pub(crate) fingerprint_key: SymmetricKey,
+    admin_token_hash: [u8; 32],
+    pub(crate) agents: RwLock<HashMap<[u8; 32], Arc<Agent>>>,
+    pub(crate) limits: Limits,
+    source: Source,
+}
+
+/// Most agents kept in the token cache before it is cleared.
+pub(crate) const AGENT_CACHE_MAX: usize = 10_000;
+
+impl Broker {
+    /// Opens and unseals the store in `dir`. Fails, changing nothing, if the
+    /// root key cannot be had or does not match the store.
+    pub fn open(dir: &DataDir, passphrase: Option<&[u8]>, limits: Limits) -> Result<Self> {
+        let db = dir.db();
+        let conn = store::open_rw(&db, false)?;
+        let store_id = meta_get(&conn, "store_id")?
+            .map(|v| String::from_utf8_lossy(&v).to_string())
+            .ok_or_else(|| {
+                Error::Store(format!(
+                    "{} is not a complete tessera store (no store id); was `init` interrupted?",
+                    db.display()
+                ))
+            })?;
+        let source = unseal::recorded_source(&conn)?;
+        let root_key = unseal::unseal(&conn, &store_id, passphrase)?;
+        let admin_token_hash: [u8; 32] = meta_get(&conn, "admin_token_hash")?
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| Error::Store("the store has no admin credential".into()))?;
+        let readers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 8);
+        let store = Store::start(&db, conn, audit_key(&root_key), readers)?;
+        Ok(Broker {
+            store,
+            audit_key: audit_key(&root_key),
+            fingerprint_key: root_key.derive("token-fingerprint"),
+            root_key: Arc::new(root_key),
+            admin_token_hash,
+            agents: RwLock::new(HashMap::new()),
+            limits,
+            source,
+        })
+    }
+
+    /// Where the root key came from.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// A short HMAC fingerprint of a presented token, for the audit trail:
+    /// it links attempts with the same token without revealing it.
+    pub fn token_fingerprint(&self, token: &str) -> String {
+        let mac = self.fingerprint_key.mac(&[token.as_bytes()]);
+        format!("token:{}", hex(&mac[..8]))
+    }
+
+    /// Appends one audit record on its own (used for denials, which change
+    /// nothing else).
+    pub async fn audit(&self, entry: Entry) -> Result<()> {
+        self.store.write(move |ctx| ctx.audit(&entry)).await
+    }
+
+    /// Records a denial and hands back the error that caused it.
+    pub(crate) async fn deny(
+        &self,
+        actor: String,
+        action: &str,
+        target: &str,
+        request_id: &str,
+        err: Error,
+    ) -> Error {
+        let entry = Entry {
+            time: now(),
+            actor,
+            action: action.into(),
+            target: target.into(),
+            allowed: false,
+            reason: err.to_string(),
+            request_id: request_id.into(),
+        };
+        match self.audit(entry).await {
+            Ok(()) => err,
+            // Nothing is done unaudited: if even the denial cannot be
+            // recorded, say the store is unavailable.
+            Err(e) => e,
+        }
+    }
+
+    /// Checks an admin bearer token (constant time). A failure is audited.
+    pub async fn authenticate_admin(
+        &self,
+        token: Option<&str>,
+        action: &str,
+        target: &str,
+        request_id: &str,
+    ) -> Result<()> {
+        let ok = token.is_some_and(|t| ct_eq(&token_hash(t), &self.admin_token_hash));
+        if ok {
+            return Ok(());
+        }
+        let actor = token.map_or_else(|| "anonymous".to_string(), |t| self.token_fingerprint(t));
+        let err = Error::Unauthenticated(match token {
+            None => "no admin credential: send `authorization: Bearer <admin token>` \
+                     (the CLI reads TESSERA_ADMIN_TOKEN or the data dir's admin.token)"
+                .into(),
+            Some(_) => "the admin credential is not valid for this broker; use the token \
+                        `tessera init` wrote to admin.token"
+                .into(),
+        });
+        Err(self.deny(actor, action, target, request_id, err).await)
+    }
+
+    /// Walks the whole audit chain and its stored head.
+    pub async fn verify_audit(&self, request_id: &str) -> Result<proto::VerifyAuditResponse> {
+        let verdict = self.store.read(|conn| {
+            let mut v = audit::Verifier::new(&self.audit_key);
+            let mut stmt = conn.prepare(
+                "SELECT seq, time, actor, action, target, decision, reason, request_id,
+                        prev_hash, hash FROM audit ORDER BY rowid",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                v.push(&row_to_record(r)?);
+            }
+            let head = meta_get(conn, "audit_head")?.and_then(|h| store::parse_head(&h));
+            Ok(v.finish(head))
+        })?;
+        let resp = match verdict {
+            Verdict::Intact { records } => proto::VerifyAuditResponse {
+                ok: true,
+                records,
+                first_bad_seq: 0,
+                problem: String::new(),
+            },
+            Verdict::Broken { seq, problem } => proto::VerifyAuditResponse {
+                ok: false,
+                records: 0,
+                first_bad_seq: seq,
+                problem: format!("audit record {seq} is not intact: {problem}"),
+            },
+        };
+        let reason = if resp.ok {
+            format!("{} records intact", resp.records)
+        } else {
+            resp.problem.clone()
+        };
+        let request_id = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                ctx.audit(&Entry {
+                    time: now(),
+                    actor: ACTOR_ADMIN.into(),
+                    action: "audit.verify".into(),
+                    target: "audit".into(),
+                    allowed: true,
+                    reason,
+                    request_id,
+                })
+            })
+            .await?;
+        Ok(resp)
+    }
+
+    /// Audit records from `from_seq` (and at or after `since`), at most
+    /// `limit` of them, for streaming to a SIEM.
+    pub fn audit_page(&self, from_seq: u64, since: i64, limit: usize) -> Result<Vec<proto::AuditRecord>> {
+        self.store.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, time, actor, action, target, decision, reason, request_id,
+                        prev_hash, hash FROM audit WHERE seq >= ?1 AND time >= ?2
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![from_seq as i64, since, limit as i64])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let rec = row_to_record(r)?;
+                out.push(proto::AuditRecord {
+                    seq: rec.seq,
+                    time: rec.entry.time,
+                    actor: rec.entry.actor,
+                    action: rec.entry.action,
+                    target: rec.entry.target,
+                    decision: audit::decision(rec.entry.allowed).into(),
+                    reason: rec.entry.reason,
+                    request_id: rec.entry.request_id,
+                    prev_hash: hex(&rec.prev_hash),
+                    hash: hex(&rec.hash),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Counts for `tessera status`.
+    pub fn status(&self) -> Result<proto::StatusResponse> {
+        self.store.read(|conn| {
+            let count = |sql: &str| -> Result<u64> {
+                Ok(conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+            };
+            Ok(proto::StatusResponse {
+                sealed: false,
+                unseal_source: self.source.name().into(),
+                secrets: count("SELECT count(*) FROM secrets")?,
+                agents: count("SELECT count(*) FROM agents WHERE revoked_at IS NULL")?,
+                active_leases: count("SELECT count(*) FROM leases WHERE state = 0")?,
+                audit_records: count("SELECT coalesce(max(seq), 0) FROM audit")?,
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+        })
+    }
+
+    /// Returns once every acknowledged write is committed (for shutdown).
+    pub async fn flush(&self) -> Result<()> {
+        self.store.flush().await
+    }
+
+    /// Decrypts a value sealed under a data key wrapped by the root key.
+    pub(crate) fn open_value(
+        &self,
+        name: &str,
+        version: u64,
+        wrapped_key: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let tampered = || {
+            Error::Tampered(format!(
+                "stored data of secret {name:?} version {version} failed authentication: the \
+                 database row was altered or moved. Restore the store from a backup or put the \
+                 secret again"
+            ))
+        };
+        let dk_raw = self
+            .root_key
+            .open(&crate::keys::data_key_aad(name, version), wrapped_key)
+            .ok_or_else(tampered)?;
+        let dk = SymmetricKey::from_bytes(&dk_raw)?;
+        dk.open(&crate::keys::value_aad(name, version), ciphertext)
+            .ok_or_else(tampered)
+    }
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> Result<audit::Record> {
+    let h = |v: Vec<u8>| -> [u8; 32] { v.try_into().unwrap_or([0; 32]) };
+    let decision: String = r.get(5)?;
+    Ok(audit::Record {
+        seq: r.get::<_, i64>(0)? as u64,
+        entry: Entry {
+            time: r.get(1)?,
+            actor: r.get(2)?,
+            action: r.get(3)?,
+            target: r.get(4)?,
+            // Anything but the exact word "allow" reads as a denial, and
+            // the chain hash catches the edit either way.
+            allowed: decision == "allow",
+            reason: r.get(6)?,
+            request_id: r.get(7)?,
+        },
+        prev_hash: h(r.get(8)?),
+        hash: h(r.get(9)?),
+    })
+}
+
+/// The root key's source recorded in the store in `dir`, without unsealing
+/// (so the CLI knows whether to ask for a passphrase).
+pub fn peek_source(dir: &DataDir) -> Result<Source> {
+    let conn = store::open_rw(&dir.db(), false)?;
+    unseal::recorded_source(&conn)
+}

@@ -1,0 +1,166 @@
+//! Creating a store: the data directory, the database, the root key and the
+//! admin credential. Also where the data directory's files are named.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::audit::{ACTOR_SYSTEM, Entry};
+use crate::error::{Error, Result};
+use crate::keys::{RootKey, SymmetricKey, Token, random_id};
+use crate::store::{self, Store, meta_set};
+use crate::unseal::{self, KdfParams, Source};
+
+/// The files of one data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// A data directory at `root` (not created yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+
+    /// `$XDG_DATA_HOME/tessera`, else `$HOME/.local/share/tessera`.
+    pub fn default_path() -> PathBuf {
+        if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(x).join("tessera");
+        }
+        let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+        PathBuf::from(home).join(".local/share/tessera")
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The SQLite database.
+    pub fn db(&self) -> PathBuf {
+        self.root.join("tessera.db")
+    }
+
+    /// The admin token written by `init` (mode 0600).
+    pub fn admin_token(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+
+    /// The default Unix socket of `serve`.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("tessera.sock")
+    }
+}
+
+/// What `init` needs to know.
+pub struct InitOptions {
+    /// Where to create the store.
+    pub data_dir: DataDir,
+    /// Where the root key will live.
+    pub source: Source,
+    /// The passphrase, for `Source::Passphrase`.
+    pub passphrase: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// Argon2id cost for `Source::Passphrase`.
+    pub kdf: KdfParams,
+}
+
+/// What `init` made.
+pub struct Initialized {
+    /// The store's random id (names its keychain entry).
+    pub store_id: String,
+    /// The admin token, to show once; also written to `admin_token_path`.
+    pub admin_token: Token,
+    /// Where the admin token was written.
+    pub admin_token_path: PathBuf,
+    /// The database file.
+    pub db_path: PathBuf,
+}
+
+/// Creates a new store. On any failure, nothing is left behind (no database
+/// file, no keychain entry, no token file).
+pub async fn init(opts: InitOptions) -> Result<Initialized> {
+    let dir = &opts.data_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir.root())
+        .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.root().display())))?;
+    let db = dir.db();
+    let conn = store::open_rw(&db, true)?;
+    let store_id = random_id("")?;
+    let rk = RootKey::generate()?;
+    let admin = Token::generate("tsa_")?;
+    let result = async {
+        unseal::seal_root_key(
+            &conn,
+            &store_id,
+            &rk,
+            opts.source,
+            opts.passphrase.as_deref().map(|p| &p[..]),
+            opts.kdf,
+        )?;
+        meta_set(&conn, "store_id", store_id.as_bytes())?;
+        meta_set(&conn, "admin_token_hash", &admin.hash())?;
+        write_private_file(&dir.admin_token(), admin.reveal_once().as_bytes())?;
+        let store = Store::start(&db, conn, audit_key(&rk), 1)?;
+        let source = opts.source.name();
+        store
+            .write(move |ctx| {
+                ctx.audit(&Entry {
+                    time: now(),
+                    actor: ACTOR_SYSTEM.into(),
+                    action: "store.init".into(),
+                    target: "store".into(),
+                    allowed: true,
+                    reason: format!("root key sealed by {source}"),
+                    request_id: String::new(),
+                })
+            })
+            .await
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&db);
+        let _ = std::fs::remove_file(db.with_extension("db-wal"));
+        let _ = std::fs::remove_file(db.with_extension("db-shm"));
+        if let Source::Keychain(which) = opts.source {
+            let _ = unseal::keychain_delete(which, &store_id);
+        }
+        return Err(e);
+    }
+    Ok(Initialized {
+        store_id,
+        admin_token: admin,
+        admin_token_path: dir.admin_token(),
+        db_path: db,
+    })
+}
+
+/// The audit chain's key, derived from the root key.
+pub fn audit_key(rk: &RootKey) -> SymmetricKey {
+    rk.derive("audit-chain")
+}
+
+/// Writes `contents` to a new file with mode 0600, refusing to overwrite.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::Io(format!("cannot create {}: {e}", path.display())))?;
+    // The umask cannot widen 0600, but make the mode explicit anyway.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,411 @@
+//! Leases: a time-boxed grant of one secret version to one agent. Issue,
+//! renew and revoke are durable (with their audit record) before the reply;
+//! expiry is an indexed range scan in bounded batches, so nothing holds all
+//! leases in memory.
+
+use rusqlite::{OptionalExtension, params};
+
+use crate::agent::{Agent, admin_entry};
+use crate::audit::{ACTOR_SYSTEM, Entry};
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::init::now;
+use crate::keys::random_id;
+use crate::names;
+use crate::proto::{Lease, LeaseInfo};
+use crate::store::lease_state;
+
+/// Leases expired per sweep transaction.
+pub const SWEEP_BATCH: usize = 1000;
+/// Most leases returned by one list call.
+pub const LIST_MAX: u32 = 10_000;
+
+/// Which leases an admin revokes.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// One lease.
+    Id(String),
+    /// Every active lease of an agent.
+    Agent(String),
+    /// Every active lease on a secret.
+    Secret(String),
+    /// Every active lease.
+    All,
+}
+
+fn agent_entry(agent: &Agent, action: &str, target: &str, allowed: bool, reason: String, rid: &str) -> Entry {
+    Entry {
+        time: now(),
+        actor: agent.actor(),
+        action: action.into(),
+        target: target.into(),
+        allowed,
+        reason,
+        request_id: rid.into(),
+    }
+}
+
+impl Broker {
+    /// Issues a lease on the current version of `secret` to `agent`.
+    /// `ttl` 0 means the agent's maximum; longer requests are capped.
+    pub async fn issue(
+        &self,
+        request_id: &str,
+        agent: &Agent,
+        secret: String,
+        ttl: u64,
+    ) -> Result<Lease> {
+        const ACTION: &str = "lease.issue";
+        let pre = names::secret(&secret, "secret").and_then(|()| {
+            agent.rule_for(&secret).map(|_| ()).ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "agent {:?} may not read {secret:?}: it matches none of the agent's allow \
+                     rules ({}); ask an admin to extend them",
+                    agent.name,
+                    agent.allow.join(", ")
+                ))
+            })
+        });
+        if let Err(e) = pre {
+            return Err(self.deny(agent.actor(), ACTION, &secret, request_id, e).await);
+        }
+        let current = match self.read_current(&secret) {
+            Ok(c) => c,
+            Err(e) => return Err(self.deny(agent.actor(), ACTION, &secret, request_id, e).await),
+        };
+        let ttl = if ttl == 0 { agent.max_ttl } else { ttl.min(agent.max_ttl) };
+        let lease_id = random_id("lse_")?;
+        let (agent_id, max_lifetime, rule) = (
+            agent.id,
+            agent.max_lifetime,
+            agent.rule_for(&secret).unwrap_or_default().to_string(),
+        );
+        let version = current.version;
+        let actor = agent.clone();
+        let rid = request_id.to_string();
+        let name = secret.clone();
+        let issued = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                // The token check above may have used the cache: re-check
+                // in the transaction so a concurrent revoke always wins.
+                let revoked: Option<Option<i64>> = ctx
+                    .conn
+                    .prepare_cached("SELECT revoked_at FROM agents WHERE id = ?1")?
+                    .query_row([agent_id], |r| r.get(0))
+                    .optional()?;
+                if !matches!(revoked, Some(None)) {
+                    let e = Error::Unauthenticated(format!(
+                        "the token of agent {:?} was revoked; ask an admin for a new agent token",
+                        actor.name
+                    ));
+                    ctx.audit(&agent_entry(&actor, ACTION, &name, false, e.to_string(), &rid))?;
+                    return Ok(Err(e));
+                }
+                let renewable_until = t + max_lifetime as i64;
+                let expires_at = (t + ttl as i64).min(renewable_until);
+                ctx.conn
+                    .prepare_cached(
+                        "INSERT INTO leases (id, agent_id, secret, version, issued_at, expires_at,
+                                             renewable_until)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        lease_id,
+                        agent_id,
+                        name,
+                        version as i64,
+                        t,
+                        expires_at,
+                        renewable_until
+                    ])?;
+                ctx.audit(&agent_entry(
+                    &actor,
+                    ACTION,
+                    &name,
+                    true,
+                    format!("lease {lease_id} on version {version} for {}s (rule {rule})", expires_at - t),
+                    &rid,
+                ))?;
+                Ok(Ok((lease_id, t, expires_at, renewable_until)))
+            })
+            .await?;
+        match issued {
+            Ok((lease_id, issued_at, expires_at, renewable_until)) => Ok(Lease {
+                lease_id,
+                secret,
+                version,
+                value: current.value.to_vec(),
+                issued_at,
+                expires_at,
+                renewable_until,
+            }),
+            Err(e) => {
+                self.forget_agent_id(agent.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Extends one of `agent`'s leases by `ttl` from now (0 = the agent's
+    /// maximum), never past its `renewable_until`.
+    pub async fn renew(
+        &self,
+        request_id: &str,
+        agent: &Agent,
+        lease_id: String,
+        ttl: u64,
+    ) -> Result<Lease> {
+        const ACTION: &str = "lease.renew";
+        let ttl = if ttl == 0 { agent.max_ttl } else { ttl.min(agent.max_ttl) };
+        let actor = agent.clone();
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let row = own_lease(ctx.conn, &lease_id, actor.id)?;
+                let outcome = match row {
+                    None => Err(not_found(&lease_id)),
+                    Some(l) if l.state == lease_state::REVOKED => Err(Error::FailedPrecondition(
+                        format!("lease {lease_id} was revoked and cannot be renewed; issue a new lease"),
+                    )),
+                    Some(l) if l.state == lease_state::EXPIRED || l.expires_at <= t => {
+                        Err(Error::FailedPrecondition(format!(
+                            "lease {lease_id} expired and cannot be renewed; issue a new lease"
+                        )))
+                    }
+                    Some(l) if l.renewable_until <= t => Err(Error::FailedPrecondition(format!(
+                        "lease {lease_id} reached its maximum lifetime; issue a new lease"
+                    ))),
+                    Some(l) => Ok(l),
+                };
+                let mut l = match outcome {
+                    Ok(l) => l,
+                    Err(e) => {
+                        ctx.audit(&agent_entry(&actor, ACTION, &lease_id, false, e.to_string(), &rid))?;
+                        return Ok(Err(e));
+                    }
+                };
+                l.expires_at = (t + ttl as i64).min(l.renewable_until);
+                ctx.conn.execute(
+                    "UPDATE leases SET expires_at = ?1 WHERE id = ?2",
+                    params![l.expires_at, lease_id],
+                )?;
+                ctx.audit(&agent_entry(
+                    &actor,
+                    ACTION,
+                    &lease_id,
+                    true,
+                    format!("extended to {}s from now", l.expires_at - t),
+                    &rid,
+                ))?;
+                Ok(Ok(Lease {
+                    lease_id,
+                    secret: l.secret,
+                    version: l.version,
+                    value: Vec::new(),
+                    issued_at: l.issued_at,
+                    expires_at: l.expires_at,
+                    renewable_until: l.renewable_until,
+                }))
+            })
+            .await?
+    }
+
+    /// Ends one of `agent`'s own leases now. Revoking an already ended
+    /// lease is not an error (returns 0).
+    pub async fn revoke_own(&self, request_id: &str, agent: &Agent, lease_id: String) -> Result<u64> {
+        const ACTION: &str = "lease.revoke";
+        let actor = agent.clone();
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                if own_lease(ctx.conn, &lease_id, actor.id)?.is_none() {
+                    let e = not_found(&lease_id);
+                    ctx.audit(&agent_entry(&actor, ACTION, &lease_id, false, e.to_string(), &rid))?;
+                    return Ok(Err(e));
+                }
+                let n = ctx.conn.execute(
+                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id = ?3 AND state = 0",
+                    params![lease_state::REVOKED, t, lease_id],
+                )? as u64;
+                ctx.audit(&agent_entry(&actor, ACTION, &lease_id, true, format!("{n} revoked"), &rid))?;
+                Ok(Ok(n))
+            })
+            .await?
+    }
+
+    /// Lists leases, newest first within the filter, paged by lease id.
+    pub async fn list_leases(
+        &self,
+        request_id: &str,
+        agent: &str,
+        secret: &str,
+        all: bool,
+        limit: u32,
+        after: &str,
+    ) -> Result<Vec<LeaseInfo>> {
+        let limit = if limit == 0 { 1000 } else { limit.min(LIST_MAX) };
+        let out = self.store.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT l.id, a.name, l.secret, l.version, l.issued_at, l.expires_at,
+                        l.renewable_until, l.state
+                 FROM leases l JOIN agents a ON a.id = l.agent_id
+                 WHERE (?1 = '' OR a.name = ?1) AND (?2 = '' OR l.secret = ?2)
+                   AND (?3 OR l.state = 0) AND l.id > ?4
+                 ORDER BY l.id LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(params![agent, secret, all, after, limit], |r| {
+                Ok(LeaseInfo {
+                    lease_id: r.get(0)?,
+                    agent: r.get(1)?,
+                    secret: r.get(2)?,
+                    version: r.get::<_, i64>(3)? as u64,
+                    issued_at: r.get(4)?,
+                    expires_at: r.get(5)?,
+                    renewable_until: r.get(6)?,
+                    state: lease_state::name(r.get(7)?).into(),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        self.audit(admin_entry(
+            "lease.list",
+            "*",
+            true,
+            format!("{} leases listed", out.len()),
+            request_id,
+        ))
+        .await?;
+        Ok(out)
+    }
+
+    /// Revokes the selected active leases in one transaction.
+    pub async fn revoke_leases(&self, request_id: &str, sel: Selector) -> Result<u64> {
+        const ACTION: &str = "lease.revoke";
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let (target, n) = match &sel {
+                    Selector::Id(id) => {
+                        let exists: Option<i64> = ctx
+                            .conn
+                            .query_row("SELECT 1 FROM leases WHERE id = ?1", [id], |r| r.get(0))
+                            .optional()?;
+                        if exists.is_none() {
+                            let e = not_found(id);
+                            ctx.audit(&admin_entry(ACTION, id, false, e.to_string(), &rid))?;
+                            return Ok(Err(e));
+                        }
+                        (id.clone(), ctx.conn.execute(
+                            "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id = ?3 AND state = 0",
+                            params![lease_state::REVOKED, t, id],
+                        )?)
+                    }
+                    Selector::Agent(name) => {
+                        let id: Option<i64> = ctx
+                            .conn
+                            .query_row("SELECT id FROM agents WHERE name = ?1", [name], |r| r.get(0))
+                            .optional()?;
+                        let Some(id) = id else {
+                            let e = Error::NotFound(format!(
+                                "no agent named {name:?}; `tessera agent list` shows them"
+                            ));
+                            ctx.audit(&admin_entry(ACTION, name, false, e.to_string(), &rid))?;
+                            return Ok(Err(e));
+                        };
+                        (format!("agent:{name}"), ctx.conn.execute(
+                            "UPDATE leases SET state = ?1, ended_at = ?2 WHERE agent_id = ?3 AND state = 0",
+                            params![lease_state::REVOKED, t, id],
+                        )?)
+                    }
+                    Selector::Secret(name) => (format!("secret:{name}"), ctx.conn.execute(
+                        "UPDATE leases SET state = ?1, ended_at = ?2 WHERE secret = ?3 AND state = 0",
+                        params![lease_state::REVOKED, t, name],
+                    )?),
+                    Selector::All => ("*".to_string(), ctx.conn.execute(
+                        "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0",
+                        params![lease_state::REVOKED, t],
+                    )?),
+                };
+                ctx.audit(&admin_entry(ACTION, &target, true, format!("{n} leases revoked"), &rid))?;
+                Ok(Ok(n as u64))
+            })
+            .await?
+    }
+
+    /// Marks leases past `expires_at` as expired, at most `SWEEP_BATCH` per
+    /// transaction, until none are left. Returns how many were expired.
+    pub async fn sweep_expired(&self) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = self
+                .store
+                .write(|ctx| {
+                    let t = now();
+                    let n = ctx
+                        .conn
+                        .prepare_cached(
+                            "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id IN (
+                                SELECT id FROM leases WHERE state = 0 AND expires_at <= ?2
+                                ORDER BY expires_at LIMIT ?3)",
+                        )?
+                        .execute(params![lease_state::EXPIRED, t, SWEEP_BATCH as i64])?;
+                    if n > 0 {
+                        ctx.audit(&Entry {
+                            time: t,
+                            actor: ACTOR_SYSTEM.into(),
+                            action: "lease.expire".into(),
+                            target: "*".into(),
+                            allowed: true,
+                            reason: format!("{n} leases passed their expiry"),
+                            request_id: String::new(),
+                        })?;
+                    }
+                    Ok(n as u64)
+                })
+                .await?;
+            total += n;
+            if n < SWEEP_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+struct LeaseRow {
+    secret: String,
+    version: u64,
+    issued_at: i64,
+    expires_at: i64,
+    renewable_until: i64,
+    state: i64,
+}
+
+fn own_lease(conn: &rusqlite::Connection, id: &str, agent_id: i64) -> Result<Option<LeaseRow>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT secret, version, issued_at, expires_at, renewable_until, state
+             FROM leases WHERE id = ?1 AND agent_id = ?2",
+        )?
+        .query_row(params![id, agent_id], |r| {
+            Ok(LeaseRow {
+                secret: r.get(0)?,
+                version: r.get::<_, i64>(1)? as u64,
+                issued_at: r.get(2)?,
+                expires_at: r.get(3)?,
+                renewable_until: r.get(4)?,
+                state: r.get(5)?,
+            })
+        })
+        .optional()?)
+}
+
+fn not_found(lease_id: &str) -> Error {
+    Error::NotFound(format!(
+        "no lease {lease_id:?} held by this caller; `tessera lease list` shows active leases"
+    ))
+}

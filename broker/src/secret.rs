@@ -1,0 +1,227 @@
+//! Secrets and their versions: each version encrypted under its own data
+//! key, the data key wrapped by the root key, both bound to (name, version).
+
+use rusqlite::{OptionalExtension, params};
+use zeroize::Zeroizing;
+
+use crate::audit::{ACTOR_ADMIN, Entry};
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::init::now;
+use crate::keys::{SymmetricKey, data_key_aad, value_aad};
+
+use crate::names;
+use crate::proto::SecretInfo;
+use crate::store::lease_state;
+
+/// The current version of a secret, decrypted.
+pub struct CurrentValue {
+    /// Its version number.
+    pub version: u64,
+    /// The plaintext; zeroized on drop.
+    pub value: Zeroizing<Vec<u8>>,
+}
+
+impl Broker {
+    /// Stores `value` as the new current version of `name`.
+    pub async fn put_secret(
+        &self,
+        request_id: &str,
+        name: String,
+        value: Zeroizing<Vec<u8>>,
+    ) -> Result<SecretInfo> {
+        let check = names::secret(&name, "name").and_then(|()| {
+            if value.is_empty() {
+                Err(Error::invalid("value", "the secret value is empty"))
+            } else if value.len() > self.limits.max_value_size {
+                Err(Error::invalid(
+                    "value",
+                    format!(
+                        "the secret value is {} bytes, over the limit of {} bytes \
+                         (serve --max-value-size)",
+                        value.len(),
+                        self.limits.max_value_size
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = check {
+            return Err(self
+                .deny(ACTOR_ADMIN.into(), "secret.put", &name, request_id, e)
+                .await);
+        }
+        // Encrypt outside the writer; the version number is only known in
+        // the transaction, so data key and value are sealed there (AES-GCM
+        // of a few KiB is microseconds).
+        let dk = SymmetricKey::generate()?;
+        let rk_wrap = std::sync::Arc::clone(&self.root_key);
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let current: Option<i64> = ctx
+                    .conn
+                    .query_row(
+                        "SELECT current_version FROM secrets WHERE name = ?1",
+                        [&name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let version = current.map_or(1, |v| v as u64 + 1);
+                let wrapped = rk_wrap.seal(&data_key_aad(&name, version), dk.expose_bytes())?;
+                let ct = dk.seal(&value_aad(&name, version), &value)?;
+                ctx.conn.execute(
+                    "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![name, version as i64, t, wrapped, ct],
+                )?;
+                ctx.conn.execute(
+                    "INSERT INTO secrets (name, current_version, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?3)
+                     ON CONFLICT (name) DO UPDATE SET current_version = ?2, updated_at = ?3",
+                    params![name, version as i64, t],
+                )?;
+                ctx.audit(&Entry {
+                    time: t,
+                    actor: ACTOR_ADMIN.into(),
+                    action: "secret.put".into(),
+                    target: name.clone(),
+                    allowed: true,
+                    reason: format!("version {version} stored"),
+                    request_id: rid,
+                })?;
+                secret_info(ctx.conn, &name)
+            })
+            .await
+    }
+
+    /// Every secret's name, versions and times; never a value.
+    pub async fn list_secrets(&self, request_id: &str) -> Result<Vec<SecretInfo>> {
+        let out = self.store.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT s.name, s.current_version, count(v.version), s.created_at, s.updated_at
+                 FROM secrets s LEFT JOIN secret_versions v ON v.name = s.name
+                 GROUP BY s.name ORDER BY s.name",
+            )?;
+            let rows = stmt.query_map([], row_to_info)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        let n = out.len();
+        self.audit(Entry {
+            time: now(),
+            actor: ACTOR_ADMIN.into(),
+            action: "secret.list".into(),
+            target: "*".into(),
+            allowed: true,
+            reason: format!("{n} secrets listed"),
+            request_id: request_id.into(),
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Deletes `name` and every version of it, and revokes its leases, in
+    /// one transaction. Returns (versions deleted, leases revoked).
+    pub async fn delete_secret(&self, request_id: &str, name: String) -> Result<(u64, u64)> {
+        if let Err(e) = names::secret(&name, "name") {
+            return Err(self
+                .deny(ACTOR_ADMIN.into(), "secret.delete", &name, request_id, e)
+                .await);
+        }
+        let rid = request_id.to_string();
+        let out = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let versions =
+                    ctx.conn
+                        .execute("DELETE FROM secret_versions WHERE name = ?1", [&name])?;
+                let existed = ctx.conn.execute("DELETE FROM secrets WHERE name = ?1", [&name])?;
+                if existed == 0 {
+                    let e = Error::NotFound(format!(
+                        "no secret named {name:?}; `tessera secret list` shows what exists"
+                    ));
+                    ctx.audit(&deny_entry(&name, "secret.delete", &rid, &e))?;
+                    return Ok(Err(e));
+                }
+                let leases = ctx.conn.execute(
+                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE secret = ?3 AND state = 0",
+                    params![lease_state::REVOKED, t, name],
+                )?;
+                ctx.audit(&Entry {
+                    time: t,
+                    actor: ACTOR_ADMIN.into(),
+                    action: "secret.delete".into(),
+                    target: name.clone(),
+                    allowed: true,
+                    reason: format!("{versions} versions deleted, {leases} leases revoked"),
+                    request_id: rid,
+                })?;
+                Ok(Ok((versions as u64, leases as u64)))
+            })
+            .await?;
+        out
+    }
+
+    /// The current version of `name`, decrypted.
+    pub fn read_current(&self, name: &str) -> Result<CurrentValue> {
+        let row = self.store.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT v.version, v.wrapped_key, v.ciphertext
+                     FROM secrets s JOIN secret_versions v
+                       ON v.name = s.name AND v.version = s.current_version
+                     WHERE s.name = ?1",
+                )?
+                .query_row([name], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .optional()?)
+        })?;
+        let (version, wrapped, ct) = row.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no secret named {name:?}; ask an admin to store it (`tessera secret put {name}`)"
+            ))
+        })?;
+        let value = self.open_value(name, version, &wrapped, &ct)?;
+        Ok(CurrentValue { version, value })
+    }
+}
+
+fn deny_entry(target: &str, action: &str, rid: &str, e: &Error) -> Entry {
+    Entry {
+        time: now(),
+        actor: ACTOR_ADMIN.into(),
+        action: action.into(),
+        target: target.into(),
+        allowed: false,
+        reason: e.to_string(),
+        request_id: rid.into(),
+    }
+}
+
+fn secret_info(conn: &rusqlite::Connection, name: &str) -> Result<SecretInfo> {
+    Ok(conn.query_row(
+        "SELECT s.name, s.current_version, count(v.version), s.created_at, s.updated_at
+         FROM secrets s LEFT JOIN secret_versions v ON v.name = s.name
+         WHERE s.name = ?1 GROUP BY s.name",
+        [name],
+        row_to_info,
+    )?)
+}
+
+fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<SecretInfo> {
+    Ok(SecretInfo {
+        name: r.get(0)?,
+        current_version: r.get::<_, i64>(1)? as u64,
+        versions: r.get::<_, i64>(2)? as u64,
+        created_at: r.get(3)?,
+        updated_at: r.get(4)?,
+    })
+}

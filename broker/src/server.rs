@@ -1,0 +1,248 @@
+//! `tessera serve`: the broker on a Unix socket (default) and, on request,
+//! TCP (loopback, or any address with TLS); health and reflection services;
+//! a sweeper for expired leases; SIGTERM/SIGINT drain in-flight requests.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::proto::{admin_server::AdminServer, broker_server::BrokerServer};
+use crate::service::Services;
+
+/// Largest gRPC message accepted (a secret value is far smaller; this only
+/// bounds what a caller can make the broker buffer).
+const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// How `serve` listens.
+#[derive(Debug, Clone)]
+pub struct ListenOptions {
+    /// The Unix socket path.
+    pub socket: PathBuf,
+    /// Its mode (0600 or 0660).
+    pub socket_mode: u32,
+    /// An optional TCP address.
+    pub tcp: Option<SocketAddr>,
+    /// PEM certificate chain and key for TCP (required off loopback).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// How often expired leases are swept.
+    pub sweep_interval: Duration,
+}
+
+/// Checks the listen options before anything is opened.
+pub fn check_listen(opts: &ListenOptions) -> Result<()> {
+    if let Some(addr) = opts.tcp {
+        if !addr.ip().is_loopback() && opts.tls.is_none() {
+            return Err(Error::invalid(
+                "listen",
+                format!(
+                    "{addr} is not a loopback address: serving secrets over plain TCP off this \
+                     machine is refused; pass --tls-cert and --tls-key, or listen on 127.0.0.1"
+                ),
+            ));
+        }
+    }
+    if opts.socket_mode & !0o660 != 0 {
+        return Err(Error::invalid(
+            "socket_mode",
+            "the socket may be readable by its owner and group only (0600 or 0660)",
+        ));
+    }
+    Ok(())
+}
+
+/// A broker being served: lets the caller stop it and learn where it is.
+pub struct Running {
+    shutdown: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<Result<()>>,
+    /// The TCP address actually bound (useful with port 0).
+    pub tcp_addr: Option<SocketAddr>,
+}
+
+impl Running {
+    /// Asks the servers to stop; in-flight requests finish first.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the servers have stopped and the store is flushed.
+    pub async fn wait(self) -> Result<()> {
+        self.done
+            .await
+            .map_err(|e| Error::Internal(format!("the server task failed: {e}")))?
+    }
+}
+
+/// Starts serving `broker`. Returns once the listeners are bound.
+pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> {
+    check_listen(&opts)?;
+    let uds = bind_socket(&opts.socket, opts.socket_mode)?;
+    let tcp = match opts.tcp {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Io(format!("cannot listen on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(load_tls(cert, key)?),
+        None => None,
+    };
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BrokerServer<Services>>()
+        .await;
+    health_reporter.set_serving::<AdminServer<Services>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let services = Services::new(Arc::clone(&broker));
+    let broker_svc = BrokerServer::new(services.clone())
+        .max_decoding_message_size(MAX_MESSAGE);
+    let admin_svc = AdminServer::new(services).max_decoding_message_size(MAX_MESSAGE);
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signal = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let mut tasks = Vec::new();
+    let router = Server::builder()
+        .add_service(health.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone())
+        .add_service(broker_svc.clone())
+        .add_service(admin_svc.clone());
+    let uds_stream = UnixListenerStream::new(uds);
+    let rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(uds_stream, signal(rx))
+            .await
+    }));
+    if let Some(listener) = tcp {
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| Error::invalid("tls_cert", format!("TLS setup failed: {e}")))?;
+        }
+        let router = builder
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(broker_svc)
+            .add_service(admin_svc);
+        let rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal(rx))
+                .await
+        }));
+    }
+
+    let sweeper_broker = Arc::clone(&broker);
+    let mut sweep_rx = shutdown_rx.clone();
+    let sweep_every = opts.sweep_interval;
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweep_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    match sweeper_broker.sweep_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(expired = n, "swept expired leases"),
+                        Err(e) => tracing::warn!(error = %e, "lease sweep failed; will retry"),
+                    }
+                }
+                _ = sweep_rx.changed() => break,
+            }
+        }
+    });
+
+    let socket = opts.socket.clone();
+    let done = tokio::spawn(async move {
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => first_err = first_err.or(Some(Error::Io(format!("server: {e}")))),
+                Err(e) => first_err = first_err.or(Some(Error::Internal(format!("server: {e}")))),
+            }
+        }
+        let _ = sweeper.await;
+        let flushed = broker.flush().await;
+        let _ = std::fs::remove_file(&socket);
+        match first_err {
+            Some(e) => Err(e),
+            None => flushed,
+        }
+    });
+    Ok(Running {
+        shutdown: shutdown_tx,
+        done,
+        tcp_addr,
+    })
+}
+
+/// Binds the Unix socket, replacing a stale one but never a live one.
+fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::FailedPrecondition(format!(
+                "another broker is already listening on {}; stop it first or pass --socket",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| Error::Io(format!("cannot remove stale socket {}: {e}", path.display())))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+fn load_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig> {
+    let read = |p: &Path, field: &'static str| {
+        std::fs::read(p).map_err(|e| Error::invalid(field, format!("cannot read {}: {e}", p.display())))
+    };
+    let identity = Identity::from_pem(read(cert, "tls_cert")?, read(key, "tls_key")?);
+    Ok(ServerTlsConfig::new().identity(identity))
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers we can still be stopped by SIGKILL; wait forever.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,276 @@
+//! The gRPC services: translate requests to broker operations and errors to
+//! `tonic::Status` (the one place that happens is `Error`'s `From` impl).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::audit::ACTOR_ADMIN;
+use crate::broker::Broker;
+use crate::error::Error;
+use crate::keys::random_id;
+use crate::lease::Selector;
+use crate::proto::{self, admin_server, broker_server, revoke_leases_request};
+
+/// Both services over one shared broker.
+#[derive(Clone)]
+pub struct Services {
+    broker: Arc<Broker>,
+}
+
+impl Services {
+    /// Services over `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Services { broker }
+    }
+}
+
+/// The bearer token in `authorization`, if any.
+fn bearer<T>(req: &Request<T>) -> Option<String> {
+    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+    Some(t.trim().to_string())
+}
+
+/// The caller's `x-request-id` when it is sane, else a fresh one.
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .map(String::from)
+        .unwrap_or_else(|| random_id("req_").unwrap_or_default())
+}
+
+impl Services {
+    async fn admin<T>(&self, req: &Request<T>, action: &str, target: &str) -> Result<String, Status> {
+        let rid = request_id(req);
+        let token = bearer(req);
+        self.broker
+            .authenticate_admin(token.as_deref(), action, target, &rid)
+            .await?;
+        Ok(rid)
+    }
+
+    async fn agent<T>(
+        &self,
+        req: &Request<T>,
+        action: &str,
+        target: &str,
+    ) -> Result<(String, Arc<crate::agent::Agent>), Status> {
+        let rid = request_id(req);
+        let token = bearer(req);
+        let agent = self
+            .broker
+            .authenticate_agent(token.as_deref(), action, target, &rid)
+            .await?;
+        Ok((rid, agent))
+    }
+}
+
+#[tonic::async_trait]
+impl broker_server::Broker for Services {
+    async fn issue(&self, req: Request<proto::IssueRequest>) -> Result<Response<proto::Lease>, Status> {
+        let (rid, agent) = self.agent(&req, "lease.issue", &req.get_ref().secret).await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker.issue(&rid, &agent, r.secret, r.ttl_seconds).await?,
+        ))
+    }
+
+    async fn renew(&self, req: Request<proto::RenewRequest>) -> Result<Response<proto::Lease>, Status> {
+        let (rid, agent) = self.agent(&req, "lease.renew", &req.get_ref().lease_id).await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker.renew(&rid, &agent, r.lease_id, r.ttl_seconds).await?,
+        ))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<proto::RevokeRequest>,
+    ) -> Result<Response<proto::RevokeResponse>, Status> {
+        let (rid, agent) = self.agent(&req, "lease.revoke", &req.get_ref().lease_id).await?;
+        let r = req.into_inner();
+        let revoked = self.broker.revoke_own(&rid, &agent, r.lease_id).await?;
+        Ok(Response::new(proto::RevokeResponse { revoked }))
+    }
+}
+
+type AuditStream = Pin<Box<dyn Stream<Item = Result<proto::AuditRecord, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl admin_server::Admin for Services {
+    async fn put_secret(
+        &self,
+        req: Request<proto::PutSecretRequest>,
+    ) -> Result<Response<proto::SecretInfo>, Status> {
+        let rid = self.admin(&req, "secret.put", &req.get_ref().name).await?;
+        let mut r = req.into_inner();
+        let value = Zeroizing::new(std::mem::take(&mut r.value));
+        Ok(Response::new(self.broker.put_secret(&rid, r.name, value).await?))
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<proto::ListSecretsRequest>,
+    ) -> Result<Response<proto::ListSecretsResponse>, Status> {
+        let rid = self.admin(&req, "secret.list", "*").await?;
+        let secrets = self.broker.list_secrets(&rid).await?;
+        Ok(Response::new(proto::ListSecretsResponse { secrets }))
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<proto::DeleteSecretRequest>,
+    ) -> Result<Response<proto::DeleteSecretResponse>, Status> {
+        let rid = self.admin(&req, "secret.delete", &req.get_ref().name).await?;
+        let (versions_deleted, leases_revoked) =
+            self.broker.delete_secret(&rid, req.into_inner().name).await?;
+        Ok(Response::new(proto::DeleteSecretResponse {
+            versions_deleted,
+            leases_revoked,
+        }))
+    }
+
+    async fn create_agent(
+        &self,
+        req: Request<proto::CreateAgentRequest>,
+    ) -> Result<Response<proto::CreateAgentResponse>, Status> {
+        let rid = self.admin(&req, "agent.create", &req.get_ref().name).await?;
+        let r = req.into_inner();
+        let (agent, token) = self
+            .broker
+            .create_agent(&rid, r.name, r.allow, r.max_ttl_seconds, r.max_lifetime_seconds)
+            .await?;
+        Ok(Response::new(proto::CreateAgentResponse {
+            agent: Some(agent),
+            token: token.reveal_once().to_string(),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<proto::ListAgentsRequest>,
+    ) -> Result<Response<proto::ListAgentsResponse>, Status> {
+        let rid = self.admin(&req, "agent.list", "*").await?;
+        let agents = self.broker.list_agents(&rid).await?;
+        Ok(Response::new(proto::ListAgentsResponse { agents }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        req: Request<proto::RevokeAgentRequest>,
+    ) -> Result<Response<proto::RevokeAgentResponse>, Status> {
+        let rid = self.admin(&req, "agent.revoke", &req.get_ref().name).await?;
+        let leases_revoked = self.broker.revoke_agent(&rid, req.into_inner().name).await?;
+        Ok(Response::new(proto::RevokeAgentResponse { leases_revoked }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<proto::ListLeasesRequest>,
+    ) -> Result<Response<proto::ListLeasesResponse>, Status> {
+        let rid = self.admin(&req, "lease.list", "*").await?;
+        let r = req.into_inner();
+        let leases = self
+            .broker
+            .list_leases(&rid, &r.agent, &r.secret, r.all, r.limit, &r.after)
+            .await?;
+        Ok(Response::new(proto::ListLeasesResponse { leases }))
+    }
+
+    async fn revoke_leases(
+        &self,
+        req: Request<proto::RevokeLeasesRequest>,
+    ) -> Result<Response<proto::RevokeLeasesResponse>, Status> {
+        let rid = self.admin(&req, "lease.revoke", "*").await?;
+        let sel = match req.into_inner().selector {
+            Some(revoke_leases_request::Selector::LeaseId(id)) => Selector::Id(id),
+            Some(revoke_leases_request::Selector::Agent(a)) => Selector::Agent(a),
+            Some(revoke_leases_request::Selector::Secret(s)) => Selector::Secret(s),
+            Some(revoke_leases_request::Selector::All(true)) => Selector::All,
+            _ => {
+                let e = Error::invalid(
+                    "selector",
+                    "say which leases to revoke: --lease ID, --agent NAME, --secret NAME or --all",
+                );
+                return Err(self
+                    .broker
+                    .deny(ACTOR_ADMIN.into(), "lease.revoke", "*", &rid, e)
+                    .await
+                    .into());
+            }
+        };
+        let revoked = self.broker.revoke_leases(&rid, sel).await?;
+        Ok(Response::new(proto::RevokeLeasesResponse { revoked }))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<proto::VerifyAuditRequest>,
+    ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
+        let rid = self.admin(&req, "audit.verify", "audit").await?;
+        Ok(Response::new(self.broker.verify_audit(&rid).await?))
+    }
+
+    type ExportAuditStream = AuditStream;
+
+    async fn export_audit(
+        &self,
+        req: Request<proto::ExportAuditRequest>,
+    ) -> Result<Response<Self::ExportAuditStream>, Status> {
+        let rid = self.admin(&req, "audit.export", "audit").await?;
+        let r = req.into_inner();
+        self.broker
+            .audit(crate::agent::admin_entry(
+                "audit.export",
+                "audit",
+                true,
+                format!("from seq {} since {}", r.from_seq, r.since),
+                &rid,
+            ))
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let broker = Arc::clone(&self.broker);
+        tokio::spawn(async move {
+            let mut from = r.from_seq.max(1);
+            loop {
+                match broker.audit_page(from, r.since, 1000) {
+                    Ok(page) if page.is_empty() => break,
+                    Ok(page) => {
+                        from = page.last().map_or(from, |p| p.seq + 1);
+                        for rec in page {
+                            if tx.send(Ok(rec)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn status(
+        &self,
+        req: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        let _rid = self.admin(&req, "status", "broker").await?;
+        Ok(Response::new(self.broker.status()?))
+    }
+}

@@ -1,0 +1,452 @@
+//! The embedded store: one SQLite file (WAL, `synchronous=FULL`,
+//! `secure_delete=ON`), a versioned schema, a few read-only connections, and
+//! one writer thread that batches concurrent writes into one transaction
+//! (group commit): it drains whatever is queued, applies each job inside its
+//! own savepoint, commits once, and only then answers each caller.
+//!
+//! Services speak to the store in domain operations; no rusqlite type
+//! leaves this module and its siblings in `store/`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::{self, Entry, Head};
+use crate::error::{Error, Result};
+use crate::keys::SymmetricKey;
+
+/// The schema, one migration per version; `PRAGMA user_version` records how
+/// many have been applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: secrets, agents, leases, audit.
+    "
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        current_version INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE secret_versions (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        wrapped_key BLOB NOT NULL,
+        ciphertext BLOB NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT;
+    CREATE TABLE agents (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        token_hash BLOB NOT NULL UNIQUE,
+        allow TEXT NOT NULL,
+        max_ttl INTEGER NOT NULL,
+        max_lifetime INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    ) STRICT;
+    CREATE TABLE leases (
+        id TEXT PRIMARY KEY,
+        agent_id INTEGER NOT NULL,
+        secret TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        issued_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        renewable_until INTEGER NOT NULL,
+        state INTEGER NOT NULL DEFAULT 0,
+        ended_at INTEGER
+    ) STRICT;
+    CREATE INDEX leases_active_expiry ON leases(expires_at) WHERE state = 0;
+    CREATE INDEX leases_active_agent ON leases(agent_id) WHERE state = 0;
+    CREATE INDEX leases_active_secret ON leases(secret) WHERE state = 0;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        time INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX audit_time ON audit(time);
+    ",
+];
+
+/// Lease states as stored.
+pub mod lease_state {
+    /// Usable until `expires_at`.
+    pub const ACTIVE: i64 = 0;
+    /// Passed `expires_at`; swept.
+    pub const EXPIRED: i64 = 1;
+    /// Ended early by the agent or an admin.
+    pub const REVOKED: i64 = 2;
+
+    /// The word for a stored state.
+    pub fn name(s: i64) -> &'static str {
+        match s {
+            ACTIVE => "active",
+            EXPIRED => "expired",
+            _ => "revoked",
+        }
+    }
+}
+
+/// Opens (creating if asked) the database file and brings its schema up to
+/// date. Used by `init`, by `serve` before unsealing, and by tests.
+pub fn open_rw(path: &Path, create: bool) -> Result<Connection> {
+    if create {
+        create_private_file(path)?;
+    } else if !path.exists() {
+        return Err(Error::Store(format!(
+            "no tessera store at {}; run `tessera init` first (or pass --data-dir)",
+            path.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::Store(format!("cannot open the store at {}: {e}", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA secure_delete = ON;
+         PRAGMA foreign_keys = ON;",
+    )
+    .map_err(|e| Error::Store(format!("cannot use the store at {}: {e}", path.display())))?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Creates `path` empty with mode 0600, refusing to overwrite.
+fn create_private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::AlreadyExists(format!(
+                    "a store already exists at {}; nothing was changed",
+                    path.display()
+                ))
+            } else {
+                Error::Io(format!("cannot create {}: {e}", path.display()))
+            }
+        })?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let have: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    if have > MIGRATIONS.len() {
+        return Err(Error::Store(format!(
+            "this store has schema version {have}, newer than this tessera understands ({}); \
+             upgrade tessera",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(have) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Reads a meta value.
+pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+/// Writes a meta value.
+pub fn meta_set(conn: &Connection, key: &str, value: &[u8]) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// What the writer thread hands to each job: the open transaction, the
+/// audit chain, and the batch's clock.
+pub struct WriteCtx<'c> {
+    /// The batch's transaction (each job runs in its own savepoint).
+    pub conn: &'c Connection,
+    chain: &'c mut Chain,
+}
+
+impl WriteCtx<'_> {
+    /// Appends `entry` to the audit trail, in this transaction.
+    pub fn audit(&mut self, entry: &Entry) -> Result<()> {
+        self.chain.append(self.conn, entry)
+    }
+}
+
+struct Chain {
+    key: SymmetricKey,
+    head: Head,
+}
+
+impl Chain {
+    fn append(&mut self, conn: &Connection, e: &Entry) -> Result<()> {
+        let seq = self.head.seq + 1;
+        let prev = self.head.hash;
+        let hash = audit::chain_hash(&self.key, seq, &prev, e);
+        conn.prepare_cached(
+            "INSERT INTO audit (seq, time, actor, action, target, decision, reason, request_id,
+                                prev_hash, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?
+        .execute(params![
+            seq as i64,
+            e.time,
+            e.actor,
+            e.action,
+            e.target,
+            audit::decision(e.allowed),
+            e.reason,
+            e.request_id,
+            &prev[..],
+            &hash[..]
+        ])
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "the audit record could not be written ({e}); the request was not carried out"
+            ))
+        })?;
+        self.head = Head { seq, hash };
+        Ok(())
+    }
+
+    fn store_head(&self, conn: &Connection) -> Result<()> {
+        let mac = audit::head_mac(&self.key, self.head.seq, &self.head.hash);
+        let mut v = Vec::with_capacity(72);
+        v.extend_from_slice(&self.head.seq.to_be_bytes());
+        v.extend_from_slice(&self.head.hash);
+        v.extend_from_slice(&mac);
+        meta_set(conn, "audit_head", &v)
+    }
+}
+
+/// Parses the stored audit head: `seq (8) || hash (32) || mac (32)`.
+pub fn parse_head(v: &[u8]) -> Option<(Head, [u8; 32])> {
+    if v.len() != 72 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(v[..8].try_into().ok()?);
+    Some((
+        Head {
+            seq,
+            hash: v[8..40].try_into().ok()?,
+        },
+        v[40..72].try_into().ok()?,
+    ))
+}
+
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+/// A queued write. Called with `None` when no transaction could be opened,
+/// so the job fails its caller instead of vanishing. Returns whether it
+/// succeeded (else its savepoint is rolled back) and how to answer.
+type Job = Box<dyn for<'c> FnOnce(Option<&mut WriteCtx<'c>>) -> (bool, Completion) + Send>;
+
+/// Most jobs applied in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// An open, unsealed store: the writer and the readers.
+pub struct Store {
+    path: PathBuf,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    writer: mpsc::Sender<Job>,
+}
+
+impl Store {
+    /// Starts the writer thread on `conn` (already migrated) and opens
+    /// `readers` read-only connections. `audit_key` keys the audit chain.
+    pub fn start(
+        path: &Path,
+        conn: Connection,
+        audit_key: SymmetricKey,
+        readers: usize,
+    ) -> Result<Self> {
+        let chain = Chain {
+            head: load_head(&conn)?,
+            key: audit_key,
+        };
+        let mut rs = Vec::new();
+        for _ in 0..readers.max(1) {
+            let c = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            c.execute_batch("PRAGMA query_only = ON;")?;
+            rs.push(Mutex::new(c));
+        }
+        let (tx, rx) = mpsc::channel::<Job>(8192);
+        std::thread::Builder::new()
+            .name("tessera-writer".into())
+            .spawn(move || writer_loop(conn, chain, rx))
+            .map_err(|e| Error::Internal(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            readers: rs,
+            next_reader: AtomicUsize::new(0),
+            writer: tx,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a read-only connection. Reads see the last committed
+    /// state; they never block the writer.
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let n = self.readers.len();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(c) = self.readers[(start + i) % n].try_lock() {
+                return f(&c);
+            }
+        }
+        let c = self.readers[start % n]
+            .lock()
+            .map_err(|_| Error::Internal("a reader connection was poisoned".into()))?;
+        f(&c)
+    }
+
+    /// Runs `f` in the writer's next transaction and returns its result once
+    /// that transaction has committed (so an `Ok` is durable). An `Err` from
+    /// `f` rolls back only `f`'s own changes.
+    pub async fn write<T: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |ctx: Option<&mut WriteCtx<'_>>| {
+            let out = match ctx {
+                Some(ctx) => f(ctx),
+                None => Err(Error::Unavailable(
+                    "the store could not start a transaction; nothing was changed, try again"
+                        .into(),
+                )),
+            };
+            let ok = out.is_ok();
+            let done: Completion = Box::new(move |committed: Result<()>| {
+                let _ = tx.send(committed.and(out));
+            });
+            (ok, done)
+        });
+        self.writer.send(job).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Returns once everything queued before it has been committed.
+    pub async fn flush(&self) -> Result<()> {
+        self.write(|_| Ok(())).await
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable("the broker is shutting down; retry against the restarted broker".into())
+}
+
+fn load_head(conn: &Connection) -> Result<Head> {
+    Ok(conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+        )
+        .optional()?
+        .map(|(seq, hash)| Head {
+            seq: seq as u64,
+            hash: hash.try_into().unwrap_or([0; 32]),
+        })
+        .unwrap_or_default())
+}
+
+fn writer_loop(mut conn: Connection, mut chain: Chain, mut rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let (done, committed) = run_batch(&mut conn, &mut chain, &mut batch);
+        if committed.is_err() {
+            // The transaction rolled back, so the in-memory head is ahead
+            // of the file: reload it.
+            if let Ok(h) = load_head(&conn) {
+                chain.head = h;
+            }
+        }
+        for d in done {
+            d(committed.as_ref().map(|_| ()).map_err(commit_failed));
+        }
+    }
+}
+
+fn commit_failed(e: &Error) -> Error {
+    Error::Unavailable(format!(
+        "the store could not commit this request ({e}); nothing was changed, try again"
+    ))
+}
+
+/// Applies `batch` in one transaction; returns each job's answer and the
+/// outcome of the commit, which every answer waits for.
+fn run_batch(
+    conn: &mut Connection,
+    chain: &mut Chain,
+    batch: &mut Vec<Job>,
+) -> (Vec<Completion>, Result<()>) {
+    let mut done: Vec<Completion> = Vec::with_capacity(batch.len());
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            for job in batch.drain(..) {
+                done.push(job(None).1);
+            }
+            return (done, Err(Error::from(e)));
+        }
+    };
+    for job in batch.drain(..) {
+        let head_before = chain.head;
+        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            let _ = e;
+            done.push(job(None).1);
+            continue;
+        }
+        let mut ctx = WriteCtx { conn: &tx, chain };
+        let (ok, completion) = job(Some(&mut ctx));
+        if !ok {
+            let _ = tx.execute_batch("ROLLBACK TO job");
+            chain.head = head_before;
+        }
+        let _ = tx.execute_batch("RELEASE job");
+        done.push(completion);
+    }
+    let outcome = chain
+        .store_head(&tx)
+        .and_then(|()| tx.commit().map_err(Error::from));
+    (done, outcome)
+}

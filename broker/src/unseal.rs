@@ -1,0 +1,294 @@
+//! Where the root key comes from at start: the OS keychain (default) or a
+//! passphrase (Argon2id wraps the root key). A wrong passphrase or a missing
+//! keychain entry is a clear error that changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::keys::{RootKey, SymmetricKey, ct_eq};
+use crate::store::{meta_get, meta_set};
+
+/// Keychain service name under which root keys are kept.
+pub const KEYCHAIN_SERVICE: &str = "tessera";
+
+/// How long a keychain call may take before we give up (a locked keyring
+/// with no display can otherwise wait on a prompt).
+const KEYCHAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The root key's source, as recorded in the store at `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The OS keychain (Secret Service on Linux).
+    Keychain(KeychainStore),
+    /// An Argon2id-derived key from a passphrase wraps the root key.
+    Passphrase,
+}
+
+/// Which OS credential store holds the root key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeychainStore {
+    /// Secret Service over D-Bus (gnome-keyring, KWallet).
+    SecretService,
+    /// The Linux kernel keyutils session keyring (lost at logout/reboot).
+    Keyutils,
+}
+
+impl Source {
+    /// The name stored in the store and shown to users.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Source::Keychain(KeychainStore::SecretService) => "keychain",
+            Source::Keychain(KeychainStore::Keyutils) => "keyutils",
+            Source::Passphrase => "passphrase",
+        }
+    }
+
+    /// Parses a stored or user-given name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "keychain" | "secret-service" => Some(Source::Keychain(KeychainStore::SecretService)),
+            "keyutils" => Some(Source::Keychain(KeychainStore::Keyutils)),
+            "passphrase" => Some(Source::Passphrase),
+            _ => None,
+        }
+    }
+}
+
+/// Argon2id cost used when wrapping a root key under a passphrase.
+#[derive(Debug, Clone, Copy)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_kib: u32,
+    /// Passes.
+    pub t: u32,
+    /// Lanes.
+    pub p: u32,
+}
+
+impl Default for KdfParams {
+    fn default() -> Self {
+        // OWASP's first Argon2id recommendation is m=46 MiB, t=1; we take
+        // 64 MiB and 3 passes: about a third of a second here, once per start.
+        KdfParams {
+            m_kib: 64 * 1024,
+            t: 3,
+            p: 1,
+        }
+    }
+}
+
+fn kek_from_passphrase(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<SymmetricKey> {
+    let params = argon2::Params::new(p.m_kib, p.t, p.p, Some(32))
+        .map_err(|e| Error::Store(format!("stored Argon2 parameters are invalid: {e}")))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = Zeroizing::new([0u8; 32]);
+    argon
+        .hash_password_into(passphrase, salt, &mut out[..])
+        .map_err(|e| Error::Internal(format!("Argon2id failed: {e}")))?;
+    SymmetricKey::from_bytes(&out[..])
+}
+
+fn root_aad(store_id: &str) -> Vec<u8> {
+    format!("tessera/v1/root-key/{store_id}").into_bytes()
+}
+
+/// The check value stored beside the key's source: tells the right root key
+/// from a wrong one without revealing anything about it.
+pub fn check_value(rk: &RootKey) -> [u8; 32] {
+    rk.mac(&[b"tessera/v1/root-key-check"])
+}
+
+/// Records `rk` with `source` in a freshly created store.
+pub fn seal_root_key(
+    conn: &Connection,
+    store_id: &str,
+    rk: &RootKey,
+    source: Source,
+    passphrase: Option<&[u8]>,
+    kdf: KdfParams,
+) -> Result<()> {
+    match source {
+        Source::Passphrase => {
+            let passphrase = passphrase.ok_or_else(|| {
+                Error::invalid("passphrase", "a passphrase is required for --unseal passphrase")
+            })?;
+            if passphrase.len() < 8 {
+                return Err(Error::invalid(
+                    "passphrase",
+                    "use at least 8 characters (a long random phrase is best)",
+                ));
+            }
+            let mut salt = [0u8; 16];
+            crate::keys::fill_random(&mut salt)?;
+            let kek = kek_from_passphrase(passphrase, &salt, kdf)?;
+            let wrapped = kek.seal(&root_aad(store_id), rk.expose_bytes())?;
+            let mut params = Vec::new();
+            for v in [kdf.m_kib, kdf.t, kdf.p] {
+                params.extend_from_slice(&v.to_be_bytes());
+            }
+            meta_set(conn, "kdf_salt", &salt)?;
+            meta_set(conn, "kdf_params", &params)?;
+            meta_set(conn, "wrapped_root_key", &wrapped)?;
+        }
+        Source::Keychain(which) => {
+            keychain_set(which, store_id, rk)?;
+        }
+    }
+    meta_set(conn, "unseal_source", source.name().as_bytes())?;
+    meta_set(conn, "root_key_check", &check_value(rk))?;
+    Ok(())
+}
+
+/// Reads the source recorded at `init`.
+pub fn recorded_source(conn: &Connection) -> Result<Source> {
+    let raw = meta_get(conn, "unseal_source")?
+        .ok_or_else(|| Error::Store("the store has no root key recorded; was `init` interrupted? Re-run `tessera init` on an empty data dir".into()))?;
+    let s = String::from_utf8_lossy(&raw).to_string();
+    Source::parse(&s).ok_or_else(|| Error::Store(format!("unknown unseal source {s:?} in store")))
+}
+
+/// Gets the root key back from its recorded source and checks it.
+pub fn unseal(conn: &Connection, store_id: &str, passphrase: Option<&[u8]>) -> Result<RootKey> {
+    let source = recorded_source(conn)?;
+    let rk = match source {
+        Source::Passphrase => {
+            let passphrase = passphrase.ok_or_else(|| {
+                Error::FailedPrecondition(
+                    "this store is sealed with a passphrase: set TESSERA_PASSPHRASE, pass \
+                     --passphrase-file, or run from a terminal to be prompted"
+                        .into(),
+                )
+            })?;
+            let salt = meta_get(conn, "kdf_salt")?.unwrap_or_default();
+            let params = meta_get(conn, "kdf_params")?.unwrap_or_default();
+            let wrapped = meta_get(conn, "wrapped_root_key")?.unwrap_or_default();
+            if params.len() != 12 {
+                return Err(Error::Store("stored Argon2 parameters are missing".into()));
+            }
+            let num = |i: usize| u32::from_be_bytes(params[i..i + 4].try_into().unwrap_or([0; 4]));
+            let kdf = KdfParams {
+                m_kib: num(0),
+                t: num(4),
+                p: num(8),
+            };
+            let kek = kek_from_passphrase(passphrase, &salt, kdf)?;
+            let raw = kek
+                .open(&root_aad(store_id), &wrapped)
+                .ok_or(Error::WrongPassphrase)?;
+            SymmetricKey::from_bytes(&raw)?
+        }
+        Source::Keychain(which) => keychain_get(which, store_id)?,
+    };
+    let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
+    if !ct_eq(&check, &check_value(&rk)) {
+        return Err(Error::FailedPrecondition(format!(
+            "the root key from the {} does not belong to this store (key check failed); \
+             nothing was changed. Is TESSERA_DATA_DIR pointing at the right store?",
+            source.name()
+        )));
+    }
+    Ok(rk)
+}
+
+fn keychain_user(store_id: &str) -> String {
+    format!("root-key/{store_id}")
+}
+
+fn credential_store(which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
+    let store: Arc<keyring_core::CredentialStore> = match which {
+        KeychainStore::SecretService => zbus_secret_service_keyring_store::Store::new()
+            .map_err(|e| keychain_error(&e, "open the Secret Service keychain"))?,
+        KeychainStore::Keyutils => linux_keyutils_keyring_store::Store::new()
+            .map_err(|e| keychain_error(&e, "open the kernel keyutils keyring"))?,
+    };
+    Ok(store)
+}
+
+/// Runs a keychain call on its own thread with a timeout: a keyring that
+/// wants to prompt with no display must not hang the broker.
+fn with_timeout<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(KEYCHAIN_TIMEOUT).unwrap_or_else(|_| {
+        Err(Error::Keychain(format!(
+            "the OS keychain did not answer within {}s while trying to {what}; is it locked \
+             and waiting for a password prompt? Unlock it, or use --unseal passphrase",
+            KEYCHAIN_TIMEOUT.as_secs()
+        )))
+    })
+}
+
+fn keychain_set(which: KeychainStore, store_id: &str, rk: &RootKey) -> Result<()> {
+    let user = keychain_user(store_id);
+    let bytes = Zeroizing::new(rk.expose_bytes().to_vec());
+    with_timeout("store the root key", move || {
+        let store = credential_store(which)?;
+        let entry = keyring_core::Entry::new_in_store(&store, KEYCHAIN_SERVICE, &user)
+            .map_err(|e| keychain_error(&e, "create the keychain entry"))?;
+        entry
+            .set_secret(&bytes)
+            .map_err(|e| keychain_error(&e, "store the root key"))
+    })
+}
+
+fn keychain_get(which: KeychainStore, store_id: &str) -> Result<RootKey> {
+    let user = keychain_user(store_id);
+    with_timeout("read the root key", move || {
+        let store = credential_store(which)?;
+        let entry = keyring_core::Entry::new_in_store(&store, KEYCHAIN_SERVICE, &user)
+            .map_err(|e| keychain_error(&e, "open the keychain entry"))?;
+        let raw = Zeroizing::new(
+            entry
+                .get_secret()
+                .map_err(|e| keychain_error(&e, "read the root key"))?,
+        );
+        SymmetricKey::from_bytes(&raw)
+    })
+}
+
+/// Removes this store's root key from the keychain (used when `init` fails
+/// half-way, so no orphan key is left behind).
+pub fn keychain_delete(which: KeychainStore, store_id: &str) -> Result<()> {
+    let user = keychain_user(store_id);
+    with_timeout("delete the root key", move || {
+        let store = credential_store(which)?;
+        let entry = keyring_core::Entry::new_in_store(&store, KEYCHAIN_SERVICE, &user)
+            .map_err(|e| keychain_error(&e, "open the keychain entry"))?;
+        entry
+            .delete_credential()
+            .map_err(|e| keychain_error(&e, "delete the root key"))
+    })
+}
+
+fn keychain_error(e: &keyring_core::Error, doing: &str) -> Error {
+    use keyring_core::Error as K;
+    let msg = match e {
+        K::NoEntry => format!(
+            "the OS keychain has no root key for this store (could not {doing}); nothing was \
+             changed. Was the store initialised by another user or on another machine?"
+        ),
+        K::NoStorageAccess(_) => format!(
+            "the OS keychain is locked or has no default collection (could not {doing}); \
+             unlock it (e.g. log in to the desktop, or `gnome-keyring-daemon --unlock`) and retry"
+        ),
+        K::PlatformFailure(inner) => format!(
+            "the OS keychain is not reachable (could not {doing}: {inner}); start a Secret \
+             Service (gnome-keyring) in a D-Bus session, or use --unseal passphrase"
+        ),
+        // These two carry the raw stored bytes: never format them.
+        K::BadEncoding(_) | K::BadDataFormat(..) => format!(
+            "the OS keychain holds something that is not a tessera root key (could not {doing})"
+        ),
+        other => format!("the OS keychain failed (could not {doing}): {other}"),
+    };
+    Error::Keychain(msg)
+}

@@ -1,0 +1,165 @@
+//! Connecting to a broker and turning its answers into exit codes and
+//! sentences.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tessera_broker::proto::{admin_client::AdminClient, broker_client::BrokerClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// Documented exit codes (README "Exit codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 1: anything not listed below.
+    Failure = 1,
+    /// 2: the command line was wrong (clap prints usage).
+    Usage = 2,
+    /// 3: the named secret, agent or lease does not exist.
+    NotFound = 3,
+    /// 4: bad, revoked or missing credential, or policy said no.
+    Denied = 4,
+    /// 5: the request conflicts with the broker's state (sealed, expired,
+    /// revoked, already exists, wrong passphrase, keychain missing).
+    Precondition = 5,
+    /// 6: the broker is not reachable or could not store the request.
+    Unavailable = 6,
+    /// 7: an argument is invalid (names the field).
+    InvalidArgument = 7,
+    /// 8: the audit trail failed verification.
+    AuditBroken = 8,
+    /// 9: stored data failed authentication (tampered database).
+    DataLoss = 9,
+}
+
+/// A failure to report: a sentence for a person and an exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub exit: Exit,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl CliError {
+    /// A failure with `exit`.
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        CliError {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Status> for CliError {
+    fn from(s: Status) -> Self {
+        let exit = match s.code() {
+            Code::NotFound => Exit::NotFound,
+            Code::Unauthenticated | Code::PermissionDenied => Exit::Denied,
+            Code::FailedPrecondition | Code::AlreadyExists => Exit::Precondition,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Exit::Unavailable,
+            Code::InvalidArgument | Code::OutOfRange => Exit::InvalidArgument,
+            Code::DataLoss => Exit::DataLoss,
+            _ => Exit::Failure,
+        };
+        let msg = if s.code() == Code::Unavailable && s.message().contains("transport") {
+            "the broker is not reachable; is `tessera serve` running, and does --addr / \
+             TESSERA_ADDR point at it?"
+                .to_string()
+        } else {
+            s.message().to_string()
+        };
+        CliError::new(exit, format!("{msg} ({:?})", s.code()))
+    }
+}
+
+impl From<tessera_broker::Error> for CliError {
+    fn from(e: tessera_broker::Error) -> Self {
+        CliError::from(Status::from(e))
+    }
+}
+
+/// Where and how to reach the broker.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `unix:///path`, a socket path, `http://127.0.0.1:PORT` or `https://HOST:PORT`.
+    pub addr: String,
+    /// CA certificate for `https://`.
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Target {
+    /// The default: the socket in the data directory.
+    pub fn socket(path: &Path) -> Self {
+        Target {
+            addr: format!("unix://{}", path.display()),
+            tls_ca: None,
+        }
+    }
+
+    /// Opens a channel (lazily: the first call connects).
+    pub async fn channel(&self) -> Result<Channel, CliError> {
+        let addr = if self.addr.starts_with('/') {
+            format!("unix://{}", self.addr)
+        } else {
+            self.addr.clone()
+        };
+        let bad = |e: &dyn std::fmt::Display| {
+            CliError::new(
+                Exit::InvalidArgument,
+                format!(
+                    "invalid --addr {addr:?} ({e}): use unix:///path/to/tessera.sock, \
+                     http://127.0.0.1:PORT or https://HOST:PORT"
+                ),
+            )
+        };
+        let mut ep = Endpoint::from_shared(addr.clone()).map_err(|e| bad(&e))?;
+        ep = ep.connect_timeout(Duration::from_secs(5));
+        if addr.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.tls_ca {
+                let pem = std::fs::read(ca).map_err(|e| {
+                    CliError::new(
+                        Exit::InvalidArgument,
+                        format!("cannot read --tls-ca {}: {e}", ca.display()),
+                    )
+                })?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            ep = ep.tls_config(tls).map_err(|e| bad(&e))?;
+        }
+        ep.connect().await.map_err(|e| {
+            CliError::new(
+                Exit::Unavailable,
+                format!(
+                    "the broker at {addr} is not reachable ({e}); is `tessera serve` running, \
+                     and does --addr / TESSERA_ADDR point at it?"
+                ),
+            )
+        })
+    }
+
+    /// An admin client.
+    pub async fn admin(&self) -> Result<AdminClient<Channel>, CliError> {
+        Ok(AdminClient::new(self.channel().await?))
+    }
+
+    /// An agent client.
+    pub async fn broker(&self) -> Result<BrokerClient<Channel>, CliError> {
+        Ok(BrokerClient::new(self.channel().await?))
+    }
+}
+
+/// `msg` with `authorization: Bearer token`.
+pub fn authed<T>(msg: T, token: &str) -> Result<Request<T>, CliError> {
+    let mut req = Request::new(msg);
+    let v = format!("Bearer {token}").parse().map_err(|_| {
+        CliError::new(
+            Exit::InvalidArgument,
+            "the token contains characters that cannot be sent; check TESSERA_TOKEN / \
+             TESSERA_ADMIN_TOKEN",
+        )
+    })?;
+    req.metadata_mut().insert("authorization", v);
+    Ok(req)
+}

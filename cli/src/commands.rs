@@ -1,0 +1,567 @@
+//! One function per subcommand.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::json;
+use tessera_broker::broker::{Limits, peek_source};
+use tessera_broker::init::{DataDir, InitOptions};
+use tessera_broker::proto;
+use tessera_broker::server::ListenOptions;
+use tessera_broker::unseal::{KdfParams, KeychainStore, Source};
+use tessera_broker::{Broker, server};
+use zeroize::Zeroizing;
+
+use crate::client::{CliError, Exit, Target, authed};
+use crate::{AgentCmd, AuditCmd, Cli, Command, Global, LeaseCmd, LogFormat, SecretCmd, UnsealArg};
+
+pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init(a) => init(g, a).await,
+        Command::Serve(a) => serve(g, a).await,
+        Command::Demo => crate::demo::run(g.json).await,
+        Command::Secret(c) => secret(g, c).await,
+        Command::Agent(c) => agent(g, c).await,
+        Command::Get(a) => get(g, a).await,
+        Command::Lease(c) => lease(g, c).await,
+        Command::Audit(c) => audit(g, c).await,
+        Command::Status => status(g).await,
+    }
+}
+
+fn data_dir(g: &Global) -> DataDir {
+    DataDir::new(g.data_dir.clone().unwrap_or_else(DataDir::default_path))
+}
+
+fn target(g: &Global) -> Target {
+    match &g.addr {
+        Some(a) => Target {
+            addr: a.clone(),
+            tls_ca: g.tls_ca.clone(),
+        },
+        None => Target::socket(&data_dir(g).socket()),
+    }
+}
+
+/// The admin token: TESSERA_ADMIN_TOKEN, else --admin-token-file, else the
+/// data directory's admin.token.
+fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
+    if let Ok(t) = std::env::var("TESSERA_ADMIN_TOKEN") {
+        if !t.is_empty() {
+            return Ok(Zeroizing::new(t));
+        }
+    }
+    let path = g
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| data_dir(g).admin_token());
+    let raw = std::fs::read_to_string(&path).map_err(|e| {
+        CliError::new(
+            Exit::Denied,
+            format!(
+                "no admin credential: cannot read {} ({e}); set TESSERA_ADMIN_TOKEN or pass \
+                 --admin-token-file",
+                path.display()
+            ),
+        )
+    })?;
+    Ok(Zeroizing::new(raw.trim().to_string()))
+}
+
+fn agent_token() -> Result<Zeroizing<String>, CliError> {
+    match std::env::var("TESSERA_TOKEN") {
+        Ok(t) if !t.is_empty() => Ok(Zeroizing::new(t)),
+        _ => Err(CliError::new(
+            Exit::Denied,
+            "no agent token: set TESSERA_TOKEN to the tsr_… token `tessera agent create` printed",
+        )),
+    }
+}
+
+/// The passphrase: --passphrase-file, else TESSERA_PASSPHRASE, else a
+/// prompt when stdin is a terminal.
+fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    if let Some(f) = file {
+        let raw = Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
+            CliError::new(
+                Exit::InvalidArgument,
+                format!("cannot read --passphrase-file {}: {e}", f.display()),
+            )
+        })?);
+        let line = raw.lines().next().unwrap_or_default();
+        return Ok(Zeroizing::new(line.as_bytes().to_vec()));
+    }
+    if let Ok(p) = std::env::var("TESSERA_PASSPHRASE") {
+        if !p.is_empty() {
+            return Ok(Zeroizing::new(p.into_bytes()));
+        }
+    }
+    if std::io::stdin().is_terminal() {
+        let p = Zeroizing::new(rpassword::prompt_password("tessera passphrase: ").map_err(
+            |e| CliError::new(Exit::Failure, format!("cannot read the passphrase: {e}")),
+        )?);
+        if confirm {
+            let again = Zeroizing::new(
+                rpassword::prompt_password("repeat passphrase: ").map_err(|e| {
+                    CliError::new(Exit::Failure, format!("cannot read the passphrase: {e}"))
+                })?,
+            );
+            if *again != *p {
+                return Err(CliError::new(
+                    Exit::InvalidArgument,
+                    "the passphrases differ; nothing was created",
+                ));
+            }
+        }
+        return Ok(Zeroizing::new(p.as_bytes().to_vec()));
+    }
+    Err(CliError::new(
+        Exit::Precondition,
+        "a passphrase is needed: set TESSERA_PASSPHRASE, pass --passphrase-file, or run from a \
+         terminal to be prompted",
+    ))
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn time(t: i64) -> String {
+    if t <= 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64))
+        .to_string()
+}
+
+async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
+    let source = match a.unseal {
+        UnsealArg::Keychain => Source::Keychain(KeychainStore::SecretService),
+        UnsealArg::Keyutils => Source::Keychain(KeychainStore::Keyutils),
+        UnsealArg::Passphrase => Source::Passphrase,
+    };
+    let pass = match source {
+        Source::Passphrase => Some(passphrase(a.passphrase_file.as_deref(), true)?),
+        Source::Keychain(_) => None,
+    };
+    let dir = data_dir(g);
+    let done = tessera_broker::init::init(InitOptions {
+        data_dir: dir.clone(),
+        source,
+        passphrase: pass,
+        kdf: KdfParams::default(),
+    })
+    .await?;
+    if g.json {
+        print_json(json!({
+            "store": done.db_path,
+            "store_id": done.store_id,
+            "unseal": source.name(),
+            "admin_token": done.admin_token.reveal_once(),
+            "admin_token_file": done.admin_token_path,
+        }));
+    } else {
+        println!("Created a tessera store at {}", done.db_path.display());
+        println!("Root key sealed by: {}", source.name());
+        println!("Admin token (shown once; also written 0600 to {}):", done.admin_token_path.display());
+        println!("  {}", done.admin_token.reveal_once());
+        println!("Next: tessera serve --data-dir {}", dir.root().display());
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
+    init_logging(a.log_format);
+    let dir = data_dir(g);
+    let opts = ListenOptions {
+        socket: a.socket.clone().unwrap_or_else(|| dir.socket()),
+        socket_mode: a.socket_mode,
+        tcp: a.listen,
+        tls: a.tls_cert.clone().zip(a.tls_key.clone()),
+        sweep_interval: a.sweep_interval,
+    };
+    server::check_listen(&opts)?;
+    let source = peek_source(&dir)?;
+    let pass = match source {
+        Source::Passphrase => Some(passphrase(a.passphrase_file.as_deref(), false)?),
+        Source::Keychain(_) => None,
+    };
+    let limits = Limits {
+        max_value_size: a.max_value_size,
+    };
+    let d = dir.clone();
+    let broker = tokio::task::spawn_blocking(move || {
+        Broker::open(&d, pass.as_deref().map(|p| &p[..]), limits)
+    })
+    .await
+    .map_err(|e| CliError::new(Exit::Failure, format!("unseal task failed: {e}")))??;
+    let running = server::start(Arc::new(broker), opts.clone()).await?;
+    tracing::info!(
+        socket = %opts.socket.display(),
+        tcp = ?running.tcp_addr,
+        unseal = source.name(),
+        "tessera broker ready"
+    );
+    server::termination().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.stop();
+    running.wait().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let mut admin = target(g).admin().await?;
+    match c {
+        SecretCmd::Put { name, from_file } => {
+            let mut value = Zeroizing::new(Vec::new());
+            match from_file {
+                Some(f) => {
+                    *value = std::fs::read(&f).map_err(|e| {
+                        CliError::new(
+                            Exit::InvalidArgument,
+                            format!("cannot read --from-file {}: {e}", f.display()),
+                        )
+                    })?;
+                }
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprintln!("Reading the value of {name} from stdin; end with Ctrl-D.");
+                    }
+                    std::io::stdin().read_to_end(&mut value).map_err(|e| {
+                        CliError::new(Exit::Failure, format!("cannot read stdin: {e}"))
+                    })?;
+                }
+            }
+            let req = proto::PutSecretRequest {
+                name,
+                value: std::mem::take(&mut *value),
+            };
+            let info = admin.put_secret(authed(req, &token)?).await?.into_inner();
+            if g.json {
+                print_json(secret_json(&info));
+            } else {
+                println!("Stored {} version {}", info.name, info.current_version);
+            }
+        }
+        SecretCmd::List => {
+            let r = admin
+                .list_secrets(authed(proto::ListSecretsRequest {}, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(json!({"secrets": r.secrets.iter().map(secret_json).collect::<Vec<_>>()}));
+            } else {
+                println!("{:<40} {:>7} {:>8}  {:<20}", "NAME", "VERSION", "VERSIONS", "UPDATED");
+                for s in r.secrets {
+                    println!(
+                        "{:<40} {:>7} {:>8}  {:<20}",
+                        s.name,
+                        s.current_version,
+                        s.versions,
+                        time(s.updated_at)
+                    );
+                }
+            }
+        }
+        SecretCmd::Rm { name } => {
+            let r = admin
+                .delete_secret(authed(proto::DeleteSecretRequest { name: name.clone() }, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(json!({"name": name, "versions_deleted": r.versions_deleted, "leases_revoked": r.leases_revoked}));
+            } else {
+                println!(
+                    "Deleted {name}: {} versions, {} leases revoked",
+                    r.versions_deleted, r.leases_revoked
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn secret_json(s: &proto::SecretInfo) -> serde_json::Value {
+    json!({
+        "name": s.name,
+        "current_version": s.current_version,
+        "versions": s.versions,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+    })
+}
+
+fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
+    json!({
+        "name": a.name,
+        "allow": a.allow,
+        "max_ttl_seconds": a.max_ttl_seconds,
+        "max_lifetime_seconds": a.max_lifetime_seconds,
+        "created_at": a.created_at,
+        "revoked_at": if a.revoked_at == 0 { serde_json::Value::Null } else { a.revoked_at.into() },
+        "active_leases": a.active_leases,
+    })
+}
+
+async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let mut admin = target(g).admin().await?;
+    match c {
+        AgentCmd::Create {
+            name,
+            allow,
+            max_ttl,
+            max_lifetime,
+        } => {
+            let req = proto::CreateAgentRequest {
+                name,
+                allow,
+                max_ttl_seconds: max_ttl.as_secs(),
+                max_lifetime_seconds: max_lifetime.map_or(0, |d| d.as_secs()),
+            };
+            let r = admin.create_agent(authed(req, &token)?).await?.into_inner();
+            let info = r.agent.unwrap_or_default();
+            if g.json {
+                let mut v = agent_json(&info);
+                v["token"] = r.token.clone().into();
+                print_json(v);
+            } else {
+                println!("Created agent {} (allow {})", info.name, info.allow.join(", "));
+                println!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
+                println!("  {}", r.token);
+            }
+        }
+        AgentCmd::List => {
+            let r = admin
+                .list_agents(authed(proto::ListAgentsRequest {}, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}));
+            } else {
+                println!("{:<24} {:<8} {:>8} {:>7}  ALLOW", "NAME", "STATE", "MAX TTL", "LEASES");
+                for a in r.agents {
+                    println!(
+                        "{:<24} {:<8} {:>8} {:>7}  {}",
+                        a.name,
+                        if a.revoked_at == 0 { "active" } else { "revoked" },
+                        humantime::format_duration(std::time::Duration::from_secs(a.max_ttl_seconds)).to_string(),
+                        a.active_leases,
+                        a.allow.join(", ")
+                    );
+                }
+            }
+        }
+        AgentCmd::Revoke { name } => {
+            let r = admin
+                .revoke_agent(authed(proto::RevokeAgentRequest { name: name.clone() }, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(json!({"name": name, "leases_revoked": r.leases_revoked}));
+            } else {
+                println!("Revoked agent {name} and {} leases", r.leases_revoked);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn get(g: &Global, a: crate::GetArgs) -> Result<(), CliError> {
+    let token = agent_token()?;
+    let mut broker = target(g).broker().await?;
+    let req = proto::IssueRequest {
+        secret: a.name,
+        ttl_seconds: a.ttl.map_or(0, |d| d.as_secs()),
+    };
+    let lease = broker.issue(authed(req, &token)?).await?.into_inner();
+    let value = Zeroizing::new(lease.value.clone());
+    if g.json {
+        let text = String::from_utf8_lossy(&value).to_string();
+        print_json(json!({
+            "lease_id": lease.lease_id,
+            "secret": lease.secret,
+            "version": lease.version,
+            "value": text,
+            "issued_at": lease.issued_at,
+            "expires_at": lease.expires_at,
+            "renewable_until": lease.renewable_until,
+        }));
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&value)
+            .and_then(|()| out.flush())
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))?;
+    }
+    Ok(())
+}
+
+fn lease_json(l: &proto::LeaseInfo) -> serde_json::Value {
+    json!({
+        "lease_id": l.lease_id,
+        "agent": l.agent,
+        "secret": l.secret,
+        "version": l.version,
+        "issued_at": l.issued_at,
+        "expires_at": l.expires_at,
+        "renewable_until": l.renewable_until,
+        "state": l.state,
+    })
+}
+
+async fn lease(g: &Global, c: LeaseCmd) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let mut admin = target(g).admin().await?;
+    match c {
+        LeaseCmd::List {
+            agent,
+            secret,
+            all,
+            limit,
+        } => {
+            let req = proto::ListLeasesRequest {
+                agent: agent.unwrap_or_default(),
+                secret: secret.unwrap_or_default(),
+                all,
+                limit,
+                after: String::new(),
+            };
+            let r = admin.list_leases(authed(req, &token)?).await?.into_inner();
+            if g.json {
+                print_json(json!({"leases": r.leases.iter().map(lease_json).collect::<Vec<_>>()}));
+            } else {
+                println!("{:<40} {:<16} {:<24} {:>3} {:<8} EXPIRES", "LEASE", "AGENT", "SECRET", "V", "STATE");
+                for l in r.leases {
+                    println!(
+                        "{:<40} {:<16} {:<24} {:>3} {:<8} {}",
+                        l.lease_id, l.agent, l.secret, l.version, l.state, time(l.expires_at)
+                    );
+                }
+            }
+        }
+        LeaseCmd::Revoke {
+            lease,
+            agent,
+            secret,
+            all,
+        } => {
+            use proto::revoke_leases_request::Selector;
+            let selector = match (lease, agent, secret, all) {
+                (Some(l), _, _, _) => Selector::LeaseId(l),
+                (_, Some(a), _, _) => Selector::Agent(a),
+                (_, _, Some(s), _) => Selector::Secret(s),
+                (_, _, _, true) => Selector::All(true),
+                _ => {
+                    return Err(CliError::new(
+                        Exit::Usage,
+                        "say which leases to revoke: --lease ID, --agent NAME, --secret NAME or --all",
+                    ));
+                }
+            };
+            let req = proto::RevokeLeasesRequest {
+                selector: Some(selector),
+            };
+            let r = admin.revoke_leases(authed(req, &token)?).await?.into_inner();
+            if g.json {
+                print_json(json!({"revoked": r.revoked}));
+            } else {
+                println!("Revoked {} leases", r.revoked);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let mut admin = target(g).admin().await?;
+    match c {
+        AuditCmd::Verify => {
+            let r = admin
+                .verify_audit(authed(proto::VerifyAuditRequest {}, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(json!({
+                    "ok": r.ok,
+                    "records": r.records,
+                    "first_bad_seq": if r.ok { serde_json::Value::Null } else { r.first_bad_seq.into() },
+                    "problem": if r.ok { serde_json::Value::Null } else { r.problem.clone().into() },
+                }));
+            } else if r.ok {
+                println!("Audit trail intact: {} records verified", r.records);
+            }
+            if !r.ok {
+                return Err(CliError::new(Exit::AuditBroken, r.problem));
+            }
+        }
+        AuditCmd::Export { since, from_seq } => {
+            let req = proto::ExportAuditRequest {
+                since: since.unwrap_or(0),
+                from_seq,
+            };
+            let mut stream = admin.export_audit(authed(req, &token)?).await?.into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(r) = stream.message().await? {
+                let line = json!({
+                    "seq": r.seq,
+                    "time": time(r.time),
+                    "ts": r.time,
+                    "actor": r.actor,
+                    "action": r.action,
+                    "target": r.target,
+                    "decision": r.decision,
+                    "reason": r.reason,
+                    "request_id": r.request_id,
+                    "prev_hash": r.prev_hash,
+                    "hash": r.hash,
+                });
+                writeln!(out, "{line}")
+                    .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn status(g: &Global) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let mut admin = target(g).admin().await?;
+    let s = admin
+        .status(authed(proto::StatusRequest {}, &token)?)
+        .await?
+        .into_inner();
+    if g.json {
+        print_json(json!({
+            "sealed": s.sealed,
+            "unseal_source": s.unseal_source,
+            "secrets": s.secrets,
+            "agents": s.agents,
+            "active_leases": s.active_leases,
+            "audit_records": s.audit_records,
+            "version": s.version,
+        }));
+    } else {
+        println!("tessera {} — {}", s.version, if s.sealed { "SEALED" } else { "unsealed" });
+        println!("root key source: {}", s.unseal_source);
+        println!("secrets: {}  agents: {}  active leases: {}  audit records: {}", s.secrets, s.agents, s.active_leases, s.audit_records);
+    }
+    Ok(())
+}
