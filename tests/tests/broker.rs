@@ -1,0 +1,295 @@
+//! End-to-end: the real `tessera` binary, a real SQLite file, a real Unix
+//! socket, the real OS keychain.
+
+use std::time::Duration;
+
+use tessera_broker::proto;
+use tessera_e2e::{PASSPHRASE, World, authed, keychain_available};
+use tonic::Code;
+
+#[test]
+fn keychain_unseal_put_issue_get_round_trip() {
+    if !keychain_available("keychain_unseal_put_issue_get_round_trip") {
+        return;
+    }
+    let w = World::new();
+    let init = w.run(&["init", "--json"]).ok();
+    assert_eq!(init.json()["unseal"], "keychain");
+    assert!(init.json()["admin_token"].as_str().expect("token").starts_with("tsa_"));
+    let _s = w.serve_env(&[], &[]);
+    w.put("openai/prod", b"sk-live-keychain-1");
+    let token = w.agent("gw", "openai/*", "15m");
+    assert!(token.starts_with("tsr_"));
+    let got = w.get("openai/prod", &token).ok();
+    assert_eq!(got.stdout, "sk-live-keychain-1");
+    let leases = w.run(&["lease", "list", "--json"]).ok().json();
+    assert_eq!(leases["leases"].as_array().map(Vec::len), Some(1));
+    assert_eq!(leases["leases"][0]["agent"], "gw");
+    w.run(&["audit", "verify"]).ok();
+}
+
+#[test]
+fn store_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    for (path, mode) in [
+        (w.data.clone(), 0o700),
+        (w.db(), 0o600),
+        (w.data.join("admin.token"), 0o600),
+        (w.socket(), 0o600),
+    ] {
+        let m = std::fs::metadata(&path).expect("exists").permissions().mode() & 0o777;
+        assert_eq!(m, mode, "{} has mode {m:o}", path.display());
+    }
+}
+
+#[test]
+fn wrong_passphrase_is_refused_and_store_untouched() {
+    let w = World::new();
+    w.init_passphrase();
+    let before = std::fs::read(w.db()).expect("db");
+    let r = w
+        .run_with(&["serve"], None, &[("TESSERA_PASSPHRASE", "not the passphrase")])
+        .fails_with(5);
+    assert!(r.stderr.contains("passphrase does not unlock"), "{r:#?}");
+    assert_eq!(std::fs::read(w.db()).expect("db"), before);
+    // No passphrase at all, and no terminal: a clear precondition error.
+    let r = w.run(&["serve"]).fails_with(5);
+    assert!(r.stderr.contains("TESSERA_PASSPHRASE"), "{r:#?}");
+    // And the right passphrase still works.
+    let _s = w.serve(&[]);
+}
+
+#[test]
+fn missing_store_is_a_clear_error() {
+    let w = World::new();
+    let r = w.run(&["serve"]).fails_with(6);
+    assert!(r.stderr.contains("tessera init"), "{r:#?}");
+    let r = w.run(&["secret", "list"]).fails_with(4);
+    assert!(r.stderr.contains("admin credential"), "{r:#?}");
+}
+
+#[test]
+fn bad_input_gets_precise_status_and_keeps_data() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&["--max-value-size", "1024"]);
+    w.put("openai/prod", b"v1");
+    let token = w.agent("bot", "openai/*", "15m");
+
+    // Malformed names: INVALID_ARGUMENT naming the field (exit 7).
+    for bad in ["", "/x", "a//b", "a b", "x/", "ü"] {
+        let r = w.run_with(&["secret", "put", bad], Some(b"v"), &[]).fails_with(7);
+        assert!(r.stderr.contains("invalid name"), "{r:#?}");
+    }
+    // Empty and oversized values.
+    let r = w.run_with(&["secret", "put", "x"], Some(b""), &[]).fails_with(7);
+    assert!(r.stderr.contains("invalid value") && r.stderr.contains("empty"), "{r:#?}");
+    let r = w
+        .run_with(&["secret", "put", "x"], Some(&[b'a'; 2000]), &[])
+        .fails_with(7);
+    assert!(r.stderr.contains("over the limit of 1024"), "{r:#?}");
+    // Bad agent definitions.
+    let r = w.run(&["agent", "create", "Bad Name", "--allow", "x"]).fails_with(7);
+    assert!(r.stderr.contains("invalid name"), "{r:#?}");
+    let r = w
+        .run(&["agent", "create", "a2", "--allow", "x", "--max-ttl", "90d"])
+        .fails_with(7);
+    assert!(r.stderr.contains("invalid max_ttl"), "{r:#?}");
+    let r = w.run(&["agent", "create", "a3", "--allow", "x", "--max-ttl", "soon"]);
+    assert_eq!(r.code, 2, "{r:#?}");
+    // Unknown secret: NOT_FOUND (exit 3).
+    let r = w.get("openai/none", &token).fails_with(3);
+    assert!(r.stderr.contains("no secret named"), "{r:#?}");
+    // Outside the allow list: PERMISSION_DENIED naming the rule (exit 4).
+    w.put("stripe/live", b"sk_live");
+    let r = w.get("stripe/live", &token).fails_with(4);
+    assert!(r.stderr.contains("openai/*") && r.stderr.contains("PermissionDenied"), "{r:#?}");
+    // Wrong token: UNAUTHENTICATED (exit 4).
+    let r = w.get("openai/prod", "tsr_0000").fails_with(4);
+    assert!(r.stderr.contains("Unauthenticated"), "{r:#?}");
+    let r = w.run(&["get", "openai/prod"]).fails_with(4);
+    assert!(r.stderr.contains("TESSERA_TOKEN"), "{r:#?}");
+    // Wrong admin token.
+    let r = w
+        .run_with(&["secret", "list"], None, &[("TESSERA_ADMIN_TOKEN", "tsa_nope")])
+        .fails_with(4);
+    assert!(r.stderr.contains("admin credential is not valid"), "{r:#?}");
+
+    // Nothing above changed what is stored.
+    assert_eq!(w.get("openai/prod", &token).ok().stdout, "v1");
+    let list = w.run(&["secret", "list", "--json"]).ok().json();
+    let names: Vec<_> = list["secrets"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(names, ["openai/prod", "stripe/live"]);
+
+    // Revoked token: UNAUTHENTICATED, and its leases are gone.
+    let r = w.run(&["agent", "revoke", "bot", "--json"]).ok();
+    assert_eq!(r.json()["leases_revoked"], 1);
+    let r = w.get("openai/prod", &token).fails_with(4);
+    assert!(r.stderr.contains("revoked"), "{r:#?}");
+    w.run(&["audit", "verify"]).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_rules_expired_and_revoked_leases() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&["--sweep-interval", "200ms"]);
+    w.put("svc/key", b"value-1");
+    let token = w.agent("short", "svc/*", "1s");
+    let mut c = w.broker_client().await;
+    let issue = |ttl| proto::IssueRequest {
+        secret: "svc/key".into(),
+        ttl_seconds: ttl,
+    };
+    // TTL is capped at the agent's max.
+    let l = c.issue(authed(issue(3600), &token)).await.expect("issue").into_inner();
+    assert_eq!(l.value, b"value-1");
+    assert!(l.expires_at - l.issued_at <= 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let e = c
+        .renew(authed(proto::RenewRequest { lease_id: l.lease_id.clone(), ttl_seconds: 1 }, &token))
+        .await
+        .expect_err("expired lease renewed");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("expired"), "{e:?}");
+    // The sweeper marked it expired.
+    let leases = w.run(&["lease", "list", "--all", "--json"]).ok().json();
+    assert_eq!(leases["leases"][0]["state"], "expired");
+
+    let l2 = c.issue(authed(issue(0), &token)).await.expect("issue").into_inner();
+    let r = c
+        .revoke(authed(proto::RevokeRequest { lease_id: l2.lease_id.clone() }, &token))
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(r.revoked, 1);
+    let e = c
+        .renew(authed(proto::RenewRequest { lease_id: l2.lease_id.clone(), ttl_seconds: 1 }, &token))
+        .await
+        .expect_err("revoked lease renewed");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("revoked"), "{e:?}");
+    let e = c
+        .renew(authed(proto::RenewRequest { lease_id: "lse_nope".into(), ttl_seconds: 1 }, &token))
+        .await
+        .expect_err("unknown lease renewed");
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .issue(authed(proto::IssueRequest { secret: "bad name".into(), ttl_seconds: 0 }, &token))
+        .await
+        .expect_err("bad name issued");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("invalid secret"), "{e:?}");
+}
+
+#[test]
+fn lease_revoke_by_lease_secret_agent_and_all() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/one", b"1");
+    w.put("a/two", b"2");
+    let t1 = w.agent("one", "a/*", "15m");
+    let t2 = w.agent("two", "a/*", "15m");
+    for t in [&t1, &t2] {
+        w.get("a/one", t).ok();
+        w.get("a/two", t).ok();
+    }
+    let list = w
+        .run(&["lease", "list", "--agent", "one", "--secret", "a/one", "--json"])
+        .ok()
+        .json();
+    let id = list["leases"][0]["lease_id"].as_str().expect("id").to_string();
+    assert_eq!(w.run(&["lease", "revoke", "--lease", &id, "--json"]).ok().json()["revoked"], 1);
+    assert_eq!(w.run(&["lease", "revoke", "--secret", "a/two", "--json"]).ok().json()["revoked"], 2);
+    assert_eq!(w.run(&["lease", "revoke", "--agent", "two", "--json"]).ok().json()["revoked"], 1);
+    w.get("a/one", &t1).ok();
+    assert_eq!(w.run(&["lease", "revoke", "--all", "--json"]).ok().json()["revoked"], 1);
+    let r = w.run(&["lease", "revoke", "--lease", "lse_missing"]).fails_with(3);
+    assert!(r.stderr.contains("no lease"), "{r:#?}");
+    w.run(&["lease", "revoke"]).fails_with(2);
+    // secret rm revokes and deletes.
+    w.get("a/one", &t1).ok();
+    let r = w.run(&["secret", "rm", "a/one", "--json"]).ok().json();
+    assert_eq!(r["leases_revoked"], 1);
+    w.get("a/one", &t1).fails_with(3);
+    w.run(&["secret", "rm", "a/one"]).fails_with(3);
+}
+
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("x/y", b"z");
+    assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
+    assert!(!w.socket().exists(), "socket left behind");
+    assert!(s.logs().contains("stopped"));
+    // It starts again on the same store, over a stale socket too.
+    std::os::unix::net::UnixListener::bind(w.socket()).expect("stale socket");
+    let _s2 = w.serve(&[]);
+    w.run(&["status"]).ok();
+}
+
+#[test]
+fn second_broker_on_the_same_socket_is_refused() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let r = w
+        .run_with(&["serve"], None, &[("TESSERA_PASSPHRASE", PASSPHRASE)])
+        .fails_with(5);
+    assert!(r.stderr.contains("already listening"), "{r:#?}");
+}
+
+#[test]
+fn tcp_listen_rules() {
+    let w = World::new();
+    w.init_passphrase();
+    let r = w
+        .run_with(&["serve", "--listen", "0.0.0.0:0"], None, &[("TESSERA_PASSPHRASE", PASSPHRASE)])
+        .fails_with(7);
+    assert!(r.stderr.contains("not a loopback address"), "{r:#?}");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let _s = w.serve(&["--listen", &listen]);
+    let addr = format!("http://127.0.0.1:{port}");
+    let r = w.run(&["status", "--json", "--addr", &addr]).ok();
+    assert_eq!(r.json()["sealed"], false);
+}
+
+#[test]
+fn demo_walks_through_the_main_job() {
+    let w = World::new();
+    let r = w.run(&["demo"]).ok();
+    for expect in ["PermissionDenied", "FailedPrecondition", "intact"] {
+        assert!(r.stdout.contains(expect), "demo output lacks {expect}: {r:#?}");
+    }
+    assert!(!r.stdout.contains("sk-demo-0123456789abcdef"), "demo printed the secret value");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_service_answers() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let ch = w.channel().await;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    let r = h
+        .check(tonic_health::pb::HealthCheckRequest { service: "tessera.v1.Broker".into() })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
