@@ -103,14 +103,22 @@ impl Broker {
                 let t = now();
                 let exists: Option<i64> = ctx
                     .conn
-                    .query_row("SELECT id FROM agents WHERE name = ?1", [&name], |r| r.get(0))
+                    .query_row("SELECT id FROM agents WHERE name = ?1", [&name], |r| {
+                        r.get(0)
+                    })
                     .optional()?;
                 if exists.is_some() {
                     let e = Error::AlreadyExists(format!(
                         "an agent named {name:?} already exists (names are never reused, even \
                          after a revoke); choose another name"
                     ));
-                    ctx.audit(&admin_entry("agent.create", &name, false, e.to_string(), &rid))?;
+                    ctx.audit(&admin_entry(
+                        "agent.create",
+                        &name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
                     return Ok(Err(e));
                 }
                 ctx.conn.execute(
@@ -169,8 +177,14 @@ impl Broker {
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })?;
         let n = out.len();
-        self.audit(admin_entry("agent.list", "*", true, format!("{n} agents listed"), request_id))
-            .await?;
+        self.audit(admin_entry(
+            "agent.list",
+            "*",
+            true,
+            format!("{n} agents listed"),
+            request_id,
+        ))
+        .await?;
         Ok(out)
     }
 
@@ -199,7 +213,13 @@ impl Broker {
                     let e = Error::NotFound(format!(
                         "no agent named {name:?}; `tessera agent list` shows them"
                     ));
-                    ctx.audit(&admin_entry("agent.revoke", &name, false, e.to_string(), &rid))?;
+                    ctx.audit(&admin_entry(
+                        "agent.revoke",
+                        &name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
                     return Ok(Err(e));
                 };
                 if revoked.is_none() {
@@ -241,7 +261,9 @@ impl Broker {
                 "no agent token: send `authorization: Bearer tsr_…` (the CLI reads TESSERA_TOKEN)"
                     .into(),
             );
-            return Err(self.deny("anonymous".into(), action, target, request_id, e).await);
+            return Err(self
+                .deny("anonymous".into(), action, target, request_id, e)
+                .await);
         };
         let hash = token_hash(token);
         if let Some(a) = self.cached_agent(&hash) {
@@ -261,10 +283,7 @@ impl Broker {
                             allow: split_allow(&r.get::<_, String>(2)?),
                             max_ttl: r.get::<_, i64>(3)? as u64,
                             max_lifetime: r.get::<_, i64>(4)? as u64,
-                            token_hash: r
-                                .get::<_, Vec<u8>>(5)?
-                                .try_into()
-                                .unwrap_or([0; 32]),
+                            token_hash: r.get::<_, Vec<u8>>(5)?.try_into().unwrap_or([0; 32]),
                         },
                         r.get::<_, Option<i64>>(6)?,
                     ))
@@ -287,7 +306,9 @@ impl Broker {
                     "the token of agent {:?} was revoked; ask an admin for a new agent token",
                     agent.name
                 ));
-                Err(self.deny(agent.actor(), action, target, request_id, e).await)
+                Err(self
+                    .deny(agent.actor(), action, target, request_id, e)
+                    .await)
             }
             _ => {
                 let e = Error::Unauthenticated(
@@ -328,15 +349,16 @@ fn ttl_in_range(field: &'static str, v: u64) -> Result<()> {
     } else {
         Err(Error::invalid(
             field,
-            format!(
-                "{v} seconds is out of range: use 1 second to 30 days (e.g. 15m, 1h, 7d)"
-            ),
+            format!("{v} seconds is out of range: use 1 second to 30 days (e.g. 15m, 1h, 7d)"),
         ))
     }
 }
 
 fn split_allow(s: &str) -> Vec<String> {
-    s.split('\n').filter(|p| !p.is_empty()).map(String::from).collect()
+    s.split('\n')
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 pub(crate) fn admin_entry(

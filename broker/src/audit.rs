@@ -130,8 +130,10 @@ impl<'k> Verifier<'k> {
             ))
         } else if !crate::keys::ct_eq(&r.prev_hash, &self.prev) {
             Some("its previous-hash link does not match the record before it".to_string())
-        } else if !crate::keys::ct_eq(&chain_hash(self.key, r.seq, &r.prev_hash, &r.entry), &r.hash)
-        {
+        } else if !crate::keys::ct_eq(
+            &chain_hash(self.key, r.seq, &r.prev_hash, &r.entry),
+            &r.hash,
+        ) {
             Some("its contents do not match its hash: the record was changed".to_string())
         } else {
             None
@@ -232,17 +234,29 @@ mod tests {
 
         let mut changed = rs.clone();
         changed[2].entry.target = "other".into();
-        assert!(matches!(verify(&key, &changed, head), Verdict::Broken { seq: 3, .. }));
+        assert!(matches!(
+            verify(&key, &changed, head),
+            Verdict::Broken { seq: 3, .. }
+        ));
 
         let mut deleted = rs.clone();
         deleted.remove(1);
-        assert!(matches!(verify(&key, &deleted, head), Verdict::Broken { seq: 2, .. }));
+        assert!(matches!(
+            verify(&key, &deleted, head),
+            Verdict::Broken { seq: 2, .. }
+        ));
 
         let mut reordered = rs.clone();
         reordered.swap(1, 2);
-        assert!(matches!(verify(&key, &reordered, head), Verdict::Broken { seq: 2, .. }));
+        assert!(matches!(
+            verify(&key, &reordered, head),
+            Verdict::Broken { seq: 2, .. }
+        ));
 
         let truncated = &rs[..4];
-        assert!(matches!(verify(&key, truncated, head), Verdict::Broken { seq: 5, .. }));
+        assert!(matches!(
+            verify(&key, truncated, head),
+            Verdict::Broken { seq: 5, .. }
+        ));
     }
 }

@@ -204,7 +204,12 @@ impl Broker {
 
     /// Audit records from `from_seq` (and at or after `since`), at most
     /// `limit` of them, for streaming to a SIEM.
-    pub fn audit_page(&self, from_seq: u64, since: i64, limit: usize) -> Result<Vec<proto::AuditRecord>> {
+    pub fn audit_page(
+        &self,
+        from_seq: u64,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<proto::AuditRecord>> {
         self.store.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, time, actor, action, target, decision, reason, request_id,

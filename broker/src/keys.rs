@@ -115,7 +115,11 @@ pub type RootKey = SymmetricKey;
 
 /// AAD for a data key wrapped by the root key.
 pub fn data_key_aad(name: &str, version: u64) -> Vec<u8> {
-    aad(&[b"tessera/v1/data-key", name.as_bytes(), &version.to_be_bytes()])
+    aad(&[
+        b"tessera/v1/data-key",
+        name.as_bytes(),
+        &version.to_be_bytes(),
+    ])
 }
 
 /// AAD for a secret value sealed under its data key.
@@ -241,7 +245,10 @@ mod tests {
 
     #[test]
     fn hex_round_trips() {
-        assert_eq!(unhex(&hex(&[0, 1, 0xab, 0xff])), Some(vec![0, 1, 0xab, 0xff]));
+        assert_eq!(
+            unhex(&hex(&[0, 1, 0xab, 0xff])),
+            Some(vec![0, 1, 0xab, 0xff])
+        );
         assert_eq!(unhex("zz"), None);
     }
 

@@ -33,7 +33,14 @@ pub enum Selector {
     All,
 }
 
-fn agent_entry(agent: &Agent, action: &str, target: &str, allowed: bool, reason: String, rid: &str) -> Entry {
+fn agent_entry(
+    agent: &Agent,
+    action: &str,
+    target: &str,
+    allowed: bool,
+    reason: String,
+    rid: &str,
+) -> Entry {
     Entry {
         time: now(),
         actor: agent.actor(),
@@ -67,13 +74,23 @@ impl Broker {
             })
         });
         if let Err(e) = pre {
-            return Err(self.deny(agent.actor(), ACTION, &secret, request_id, e).await);
+            return Err(self
+                .deny(agent.actor(), ACTION, &secret, request_id, e)
+                .await);
         }
         let current = match self.read_current(&secret) {
             Ok(c) => c,
-            Err(e) => return Err(self.deny(agent.actor(), ACTION, &secret, request_id, e).await),
+            Err(e) => {
+                return Err(self
+                    .deny(agent.actor(), ACTION, &secret, request_id, e)
+                    .await);
+            }
         };
-        let ttl = if ttl == 0 { agent.max_ttl } else { ttl.min(agent.max_ttl) };
+        let ttl = if ttl == 0 {
+            agent.max_ttl
+        } else {
+            ttl.min(agent.max_ttl)
+        };
         let lease_id = random_id("lse_")?;
         let (agent_id, max_lifetime, rule) = (
             agent.id,
@@ -100,7 +117,14 @@ impl Broker {
                         "the token of agent {:?} was revoked; ask an admin for a new agent token",
                         actor.name
                     ));
-                    ctx.audit(&agent_entry(&actor, ACTION, &name, false, e.to_string(), &rid))?;
+                    ctx.audit(&agent_entry(
+                        &actor,
+                        ACTION,
+                        &name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
                     return Ok(Err(e));
                 }
                 let renewable_until = t + max_lifetime as i64;
@@ -125,7 +149,10 @@ impl Broker {
                     ACTION,
                     &name,
                     true,
-                    format!("lease {lease_id} on version {version} for {}s (rule {rule})", expires_at - t),
+                    format!(
+                        "lease {lease_id} on version {version} for {}s (rule {rule})",
+                        expires_at - t
+                    ),
                     &rid,
                 ))?;
                 Ok(Ok((lease_id, t, expires_at, renewable_until)))
@@ -158,7 +185,11 @@ impl Broker {
         ttl: u64,
     ) -> Result<Lease> {
         const ACTION: &str = "lease.renew";
-        let ttl = if ttl == 0 { agent.max_ttl } else { ttl.min(agent.max_ttl) };
+        let ttl = if ttl == 0 {
+            agent.max_ttl
+        } else {
+            ttl.min(agent.max_ttl)
+        };
         let actor = agent.clone();
         let rid = request_id.to_string();
         self.store
@@ -167,9 +198,11 @@ impl Broker {
                 let row = own_lease(ctx.conn, &lease_id, actor.id)?;
                 let outcome = match row {
                     None => Err(not_found(&lease_id)),
-                    Some(l) if l.state == lease_state::REVOKED => Err(Error::FailedPrecondition(
-                        format!("lease {lease_id} was revoked and cannot be renewed; issue a new lease"),
-                    )),
+                    Some(l) if l.state == lease_state::REVOKED => {
+                        Err(Error::FailedPrecondition(format!(
+                            "lease {lease_id} was revoked and cannot be renewed; issue a new lease"
+                        )))
+                    }
                     Some(l) if l.state == lease_state::EXPIRED || l.expires_at <= t => {
                         Err(Error::FailedPrecondition(format!(
                             "lease {lease_id} expired and cannot be renewed; issue a new lease"
@@ -183,7 +216,14 @@ impl Broker {
                 let mut l = match outcome {
                     Ok(l) => l,
                     Err(e) => {
-                        ctx.audit(&agent_entry(&actor, ACTION, &lease_id, false, e.to_string(), &rid))?;
+                        ctx.audit(&agent_entry(
+                            &actor,
+                            ACTION,
+                            &lease_id,
+                            false,
+                            e.to_string(),
+                            &rid,
+                        ))?;
                         return Ok(Err(e));
                     }
                 };
@@ -215,7 +255,12 @@ impl Broker {
 
     /// Ends one of `agent`'s own leases now. Revoking an already ended
     /// lease is not an error (returns 0).
-    pub async fn revoke_own(&self, request_id: &str, agent: &Agent, lease_id: String) -> Result<u64> {
+    pub async fn revoke_own(
+        &self,
+        request_id: &str,
+        agent: &Agent,
+        lease_id: String,
+    ) -> Result<u64> {
         const ACTION: &str = "lease.revoke";
         let actor = agent.clone();
         let rid = request_id.to_string();
@@ -224,14 +269,28 @@ impl Broker {
                 let t = now();
                 if own_lease(ctx.conn, &lease_id, actor.id)?.is_none() {
                     let e = not_found(&lease_id);
-                    ctx.audit(&agent_entry(&actor, ACTION, &lease_id, false, e.to_string(), &rid))?;
+                    ctx.audit(&agent_entry(
+                        &actor,
+                        ACTION,
+                        &lease_id,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
                     return Ok(Err(e));
                 }
                 let n = ctx.conn.execute(
                     "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id = ?3 AND state = 0",
                     params![lease_state::REVOKED, t, lease_id],
                 )? as u64;
-                ctx.audit(&agent_entry(&actor, ACTION, &lease_id, true, format!("{n} revoked"), &rid))?;
+                ctx.audit(&agent_entry(
+                    &actor,
+                    ACTION,
+                    &lease_id,
+                    true,
+                    format!("{n} revoked"),
+                    &rid,
+                ))?;
                 Ok(Ok(n))
             })
             .await?
@@ -247,7 +306,11 @@ impl Broker {
         limit: u32,
         after: &str,
     ) -> Result<Vec<LeaseInfo>> {
-        let limit = if limit == 0 { 1000 } else { limit.min(LIST_MAX) };
+        let limit = if limit == 0 {
+            1000
+        } else {
+            limit.min(LIST_MAX)
+        };
         let out = self.store.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT l.id, a.name, l.secret, l.version, l.issued_at, l.expires_at,

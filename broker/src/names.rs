@@ -36,7 +36,11 @@ pub fn agent(name: &str, field: &'static str) -> Result<()> {
             format!("the agent name is longer than {MAX_AGENT_NAME} characters"),
         ));
     }
-    segment(name, field, "agent names look like `ci-bot` or `openclaw.gw1`")
+    segment(
+        name,
+        field,
+        "agent names look like `ci-bot` or `openclaw.gw1`",
+    )
 }
 
 fn segment(seg: &str, field: &'static str, hint: &str) -> Result<()> {
@@ -116,7 +120,17 @@ mod tests {
     fn secret_names() {
         assert!(secret("openai/prod", "name").is_ok());
         assert!(secret("a", "name").is_ok());
-        for bad in ["", "/a", "a/", "a//b", ".a", "a b", "a\n", "ä", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            ".a",
+            "a b",
+            "a\n",
+            "ä",
+            &"x".repeat(129),
+        ] {
             assert!(secret(bad, "name").is_err(), "{bad:?} accepted");
         }
     }

@@ -135,10 +135,12 @@ impl Broker {
             .store
             .write(move |ctx| {
                 let t = now();
-                let versions =
-                    ctx.conn
-                        .execute("DELETE FROM secret_versions WHERE name = ?1", [&name])?;
-                let existed = ctx.conn.execute("DELETE FROM secrets WHERE name = ?1", [&name])?;
+                let versions = ctx
+                    .conn
+                    .execute("DELETE FROM secret_versions WHERE name = ?1", [&name])?;
+                let existed = ctx
+                    .conn
+                    .execute("DELETE FROM secrets WHERE name = ?1", [&name])?;
                 if existed == 0 {
                     let e = Error::NotFound(format!(
                         "no secret named {name:?}; `tessera secret list` shows what exists"

@@ -114,8 +114,7 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let services = Services::new(Arc::clone(&broker));
-    let broker_svc = BrokerServer::new(services.clone())
-        .max_decoding_message_size(MAX_MESSAGE);
+    let broker_svc = BrokerServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
     let admin_svc = AdminServer::new(services).max_decoding_message_size(MAX_MESSAGE);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -212,8 +211,12 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
                 path.display()
             )));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| Error::Io(format!("cannot remove stale socket {}: {e}", path.display())))?;
+        std::fs::remove_file(path).map_err(|e| {
+            Error::Io(format!(
+                "cannot remove stale socket {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -226,7 +229,8 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
 
 fn load_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig> {
     let read = |p: &Path, field: &'static str| {
-        std::fs::read(p).map_err(|e| Error::invalid(field, format!("cannot read {}: {e}", p.display())))
+        std::fs::read(p)
+            .map_err(|e| Error::invalid(field, format!("cannot read {}: {e}", p.display())))
     };
     let identity = Identity::from_pem(read(cert, "tls_cert")?, read(key, "tls_key")?);
     Ok(ServerTlsConfig::new().identity(identity))
@@ -235,8 +239,10 @@ fn load_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig> {
 /// Resolves when SIGTERM or SIGINT arrives.
 pub async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers we can still be stopped by SIGKILL; wait forever.
         std::future::pending::<()>().await;
         return;

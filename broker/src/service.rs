@@ -31,7 +31,9 @@ impl Services {
 /// The bearer token in `authorization`, if any.
 fn bearer<T>(req: &Request<T>) -> Option<String> {
     let v = req.metadata().get("authorization")?.to_str().ok()?;
-    let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+    let t = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))?;
     Some(t.trim().to_string())
 }
 
@@ -51,7 +53,12 @@ fn request_id<T>(req: &Request<T>) -> String {
 }
 
 impl Services {
-    async fn admin<T>(&self, req: &Request<T>, action: &str, target: &str) -> Result<String, Status> {
+    async fn admin<T>(
+        &self,
+        req: &Request<T>,
+        action: &str,
+        target: &str,
+    ) -> Result<String, Status> {
         let rid = request_id(req);
         let token = bearer(req);
         self.broker
@@ -78,19 +85,33 @@ impl Services {
 
 #[tonic::async_trait]
 impl broker_server::Broker for Services {
-    async fn issue(&self, req: Request<proto::IssueRequest>) -> Result<Response<proto::Lease>, Status> {
-        let (rid, agent) = self.agent(&req, "lease.issue", &req.get_ref().secret).await?;
+    async fn issue(
+        &self,
+        req: Request<proto::IssueRequest>,
+    ) -> Result<Response<proto::Lease>, Status> {
+        let (rid, agent) = self
+            .agent(&req, "lease.issue", &req.get_ref().secret)
+            .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker.issue(&rid, &agent, r.secret, r.ttl_seconds).await?,
+            self.broker
+                .issue(&rid, &agent, r.secret, r.ttl_seconds)
+                .await?,
         ))
     }
 
-    async fn renew(&self, req: Request<proto::RenewRequest>) -> Result<Response<proto::Lease>, Status> {
-        let (rid, agent) = self.agent(&req, "lease.renew", &req.get_ref().lease_id).await?;
+    async fn renew(
+        &self,
+        req: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::Lease>, Status> {
+        let (rid, agent) = self
+            .agent(&req, "lease.renew", &req.get_ref().lease_id)
+            .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker.renew(&rid, &agent, r.lease_id, r.ttl_seconds).await?,
+            self.broker
+                .renew(&rid, &agent, r.lease_id, r.ttl_seconds)
+                .await?,
         ))
     }
 
@@ -98,7 +119,9 @@ impl broker_server::Broker for Services {
         &self,
         req: Request<proto::RevokeRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
-        let (rid, agent) = self.agent(&req, "lease.revoke", &req.get_ref().lease_id).await?;
+        let (rid, agent) = self
+            .agent(&req, "lease.revoke", &req.get_ref().lease_id)
+            .await?;
         let r = req.into_inner();
         let revoked = self.broker.revoke_own(&rid, &agent, r.lease_id).await?;
         Ok(Response::new(proto::RevokeResponse { revoked }))
@@ -116,7 +139,9 @@ impl admin_server::Admin for Services {
         let rid = self.admin(&req, "secret.put", &req.get_ref().name).await?;
         let mut r = req.into_inner();
         let value = Zeroizing::new(std::mem::take(&mut r.value));
-        Ok(Response::new(self.broker.put_secret(&rid, r.name, value).await?))
+        Ok(Response::new(
+            self.broker.put_secret(&rid, r.name, value).await?,
+        ))
     }
 
     async fn list_secrets(
@@ -132,9 +157,13 @@ impl admin_server::Admin for Services {
         &self,
         req: Request<proto::DeleteSecretRequest>,
     ) -> Result<Response<proto::DeleteSecretResponse>, Status> {
-        let rid = self.admin(&req, "secret.delete", &req.get_ref().name).await?;
-        let (versions_deleted, leases_revoked) =
-            self.broker.delete_secret(&rid, req.into_inner().name).await?;
+        let rid = self
+            .admin(&req, "secret.delete", &req.get_ref().name)
+            .await?;
+        let (versions_deleted, leases_revoked) = self
+            .broker
+            .delete_secret(&rid, req.into_inner().name)
+            .await?;
         Ok(Response::new(proto::DeleteSecretResponse {
             versions_deleted,
             leases_revoked,
@@ -145,11 +174,19 @@ impl admin_server::Admin for Services {
         &self,
         req: Request<proto::CreateAgentRequest>,
     ) -> Result<Response<proto::CreateAgentResponse>, Status> {
-        let rid = self.admin(&req, "agent.create", &req.get_ref().name).await?;
+        let rid = self
+            .admin(&req, "agent.create", &req.get_ref().name)
+            .await?;
         let r = req.into_inner();
         let (agent, token) = self
             .broker
-            .create_agent(&rid, r.name, r.allow, r.max_ttl_seconds, r.max_lifetime_seconds)
+            .create_agent(
+                &rid,
+                r.name,
+                r.allow,
+                r.max_ttl_seconds,
+                r.max_lifetime_seconds,
+            )
             .await?;
         Ok(Response::new(proto::CreateAgentResponse {
             agent: Some(agent),
@@ -170,8 +207,13 @@ impl admin_server::Admin for Services {
         &self,
         req: Request<proto::RevokeAgentRequest>,
     ) -> Result<Response<proto::RevokeAgentResponse>, Status> {
-        let rid = self.admin(&req, "agent.revoke", &req.get_ref().name).await?;
-        let leases_revoked = self.broker.revoke_agent(&rid, req.into_inner().name).await?;
+        let rid = self
+            .admin(&req, "agent.revoke", &req.get_ref().name)
+            .await?;
+        let leases_revoked = self
+            .broker
+            .revoke_agent(&rid, req.into_inner().name)
+            .await?;
         Ok(Response::new(proto::RevokeAgentResponse { leases_revoked }))
     }
 

@@ -284,7 +284,7 @@ impl Store {
         readers: usize,
     ) -> Result<Self> {
         let chain = Chain {
-            head: load_head(&conn)?,
+            head: current_head(&conn)?,
             key: audit_key,
         };
         let mut rs = Vec::new();
@@ -367,7 +367,30 @@ fn stopped() -> Error {
     Error::Unavailable("the broker is shutting down; retry against the restarted broker".into())
 }
 
-fn load_head(conn: &Connection) -> Result<Head> {
+/// Where new audit records continue: the stored head when there is one.
+/// (If rows run past it, after the last row.)
+/// If the newest rows were deleted while the broker was down, new records
+/// still follow the true head, so the gap stays visible to `audit verify`.
+fn current_head(conn: &Connection) -> Result<Head> {
+    let last = last_row_head(conn)?;
+    match meta_get(conn, "audit_head")?.and_then(|v| parse_head(&v)) {
+        Some((head, _mac)) => {
+            if head != last {
+                tracing::warn!(
+                    head_seq = head.seq,
+                    last_seq = last.seq,
+                    "the audit trail does not end at its recorded head; run `tessera audit verify`"
+                );
+            }
+            // Rows beyond the head (inserted while down): continue after
+            // them so sequence numbers stay unique; verify still flags them.
+            Ok(if last.seq > head.seq { last } else { head })
+        }
+        None => Ok(last),
+    }
+}
+
+fn last_row_head(conn: &Connection) -> Result<Head> {
     Ok(conn
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -396,7 +419,7 @@ fn writer_loop(mut conn: Connection, mut chain: Chain, mut rx: mpsc::Receiver<Jo
         if committed.is_err() {
             // The transaction rolled back, so the in-memory head is ahead
             // of the file: reload it.
-            if let Ok(h) = load_head(&conn) {
+            if let Ok(h) = current_head(&conn) {
                 chain.head = h;
             }
         }
@@ -429,6 +452,7 @@ fn run_batch(
             return (done, Err(Error::from(e)));
         }
     };
+    let head_at_start = chain.head;
     for job in batch.drain(..) {
         let head_before = chain.head;
         if let Err(e) = tx.execute_batch("SAVEPOINT job") {
@@ -445,8 +469,11 @@ fn run_batch(
         let _ = tx.execute_batch("RELEASE job");
         done.push(completion);
     }
-    let outcome = chain
-        .store_head(&tx)
-        .and_then(|()| tx.commit().map_err(Error::from));
+    let outcome = if chain.head != head_at_start {
+        chain.store_head(&tx)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| tx.commit().map_err(Error::from));
     (done, outcome)
 }

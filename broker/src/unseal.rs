@@ -114,7 +114,10 @@ pub fn seal_root_key(
     match source {
         Source::Passphrase => {
             let passphrase = passphrase.ok_or_else(|| {
-                Error::invalid("passphrase", "a passphrase is required for --unseal passphrase")
+                Error::invalid(
+                    "passphrase",
+                    "a passphrase is required for --unseal passphrase",
+                )
             })?;
             if passphrase.len() < 8 {
                 return Err(Error::invalid(

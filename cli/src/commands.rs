@@ -103,11 +103,9 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<Vec<u8>>, 
             |e| CliError::new(Exit::Failure, format!("cannot read the passphrase: {e}")),
         )?);
         if confirm {
-            let again = Zeroizing::new(
-                rpassword::prompt_password("repeat passphrase: ").map_err(|e| {
-                    CliError::new(Exit::Failure, format!("cannot read the passphrase: {e}"))
-                })?,
-            );
+            let again = Zeroizing::new(rpassword::prompt_password("repeat passphrase: ").map_err(
+                |e| CliError::new(Exit::Failure, format!("cannot read the passphrase: {e}")),
+            )?);
             if *again != *p {
                 return Err(CliError::new(
                     Exit::InvalidArgument,
@@ -132,8 +130,10 @@ fn time(t: i64) -> String {
     if t <= 0 {
         return "-".into();
     }
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
+    )
+    .to_string()
 }
 
 async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
@@ -165,7 +165,10 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
     } else {
         println!("Created a tessera store at {}", done.db_path.display());
         println!("Root key sealed by: {}", source.name());
-        println!("Admin token (shown once; also written 0600 to {}):", done.admin_token_path.display());
+        println!(
+            "Admin token (shown once; also written 0600 to {}):",
+            done.admin_token_path.display()
+        );
         println!("  {}", done.admin_token.reveal_once());
         println!("Next: tessera serve --data-dir {}", dir.root().display());
     }
@@ -266,9 +269,14 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             if g.json {
-                print_json(json!({"secrets": r.secrets.iter().map(secret_json).collect::<Vec<_>>()}));
+                print_json(
+                    json!({"secrets": r.secrets.iter().map(secret_json).collect::<Vec<_>>()}),
+                );
             } else {
-                println!("{:<40} {:>7} {:>8}  {:<20}", "NAME", "VERSION", "VERSIONS", "UPDATED");
+                println!(
+                    "{:<40} {:>7} {:>8}  {:<20}",
+                    "NAME", "VERSION", "VERSIONS", "UPDATED"
+                );
                 for s in r.secrets {
                     println!(
                         "{:<40} {:>7} {:>8}  {:<20}",
@@ -282,11 +290,16 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
         }
         SecretCmd::Rm { name } => {
             let r = admin
-                .delete_secret(authed(proto::DeleteSecretRequest { name: name.clone() }, &token)?)
+                .delete_secret(authed(
+                    proto::DeleteSecretRequest { name: name.clone() },
+                    &token,
+                )?)
                 .await?
                 .into_inner();
             if g.json {
-                print_json(json!({"name": name, "versions_deleted": r.versions_deleted, "leases_revoked": r.leases_revoked}));
+                print_json(
+                    json!({"name": name, "versions_deleted": r.versions_deleted, "leases_revoked": r.leases_revoked}),
+                );
             } else {
                 println!(
                     "Deleted {name}: {} versions, {} leases revoked",
@@ -343,7 +356,11 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                 v["token"] = r.token.clone().into();
                 print_json(v);
             } else {
-                println!("Created agent {} (allow {})", info.name, info.allow.join(", "));
+                println!(
+                    "Created agent {} (allow {})",
+                    info.name,
+                    info.allow.join(", ")
+                );
                 println!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
                 println!("  {}", r.token);
             }
@@ -356,13 +373,23 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}));
             } else {
-                println!("{:<24} {:<8} {:>8} {:>7}  ALLOW", "NAME", "STATE", "MAX TTL", "LEASES");
+                println!(
+                    "{:<24} {:<8} {:>8} {:>7}  ALLOW",
+                    "NAME", "STATE", "MAX TTL", "LEASES"
+                );
                 for a in r.agents {
                     println!(
                         "{:<24} {:<8} {:>8} {:>7}  {}",
                         a.name,
-                        if a.revoked_at == 0 { "active" } else { "revoked" },
-                        humantime::format_duration(std::time::Duration::from_secs(a.max_ttl_seconds)).to_string(),
+                        if a.revoked_at == 0 {
+                            "active"
+                        } else {
+                            "revoked"
+                        },
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            a.max_ttl_seconds
+                        ))
+                        .to_string(),
                         a.active_leases,
                         a.allow.join(", ")
                     );
@@ -371,7 +398,10 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
         }
         AgentCmd::Revoke { name } => {
             let r = admin
-                .revoke_agent(authed(proto::RevokeAgentRequest { name: name.clone() }, &token)?)
+                .revoke_agent(authed(
+                    proto::RevokeAgentRequest { name: name.clone() },
+                    &token,
+                )?)
                 .await?
                 .into_inner();
             if g.json {
@@ -447,11 +477,19 @@ async fn lease(g: &Global, c: LeaseCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({"leases": r.leases.iter().map(lease_json).collect::<Vec<_>>()}));
             } else {
-                println!("{:<40} {:<16} {:<24} {:>3} {:<8} EXPIRES", "LEASE", "AGENT", "SECRET", "V", "STATE");
+                println!(
+                    "{:<40} {:<16} {:<24} {:>3} {:<8} EXPIRES",
+                    "LEASE", "AGENT", "SECRET", "V", "STATE"
+                );
                 for l in r.leases {
                     println!(
                         "{:<40} {:<16} {:<24} {:>3} {:<8} {}",
-                        l.lease_id, l.agent, l.secret, l.version, l.state, time(l.expires_at)
+                        l.lease_id,
+                        l.agent,
+                        l.secret,
+                        l.version,
+                        l.state,
+                        time(l.expires_at)
                     );
                 }
             }
@@ -478,7 +516,10 @@ async fn lease(g: &Global, c: LeaseCmd) -> Result<(), CliError> {
             let req = proto::RevokeLeasesRequest {
                 selector: Some(selector),
             };
-            let r = admin.revoke_leases(authed(req, &token)?).await?.into_inner();
+            let r = admin
+                .revoke_leases(authed(req, &token)?)
+                .await?
+                .into_inner();
             if g.json {
                 print_json(json!({"revoked": r.revoked}));
             } else {
@@ -533,8 +574,9 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                     "prev_hash": r.prev_hash,
                     "hash": r.hash,
                 });
-                writeln!(out, "{line}")
-                    .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))?;
+                writeln!(out, "{line}").map_err(|e| {
+                    CliError::new(Exit::Failure, format!("cannot write stdout: {e}"))
+                })?;
             }
         }
     }
@@ -559,9 +601,16 @@ async fn status(g: &Global) -> Result<(), CliError> {
             "version": s.version,
         }));
     } else {
-        println!("tessera {} — {}", s.version, if s.sealed { "SEALED" } else { "unsealed" });
+        println!(
+            "tessera {} — {}",
+            s.version,
+            if s.sealed { "SEALED" } else { "unsealed" }
+        );
         println!("root key source: {}", s.unseal_source);
-        println!("secrets: {}  agents: {}  active leases: {}  audit records: {}", s.secrets, s.agents, s.active_leases, s.audit_records);
+        println!(
+            "secrets: {}  agents: {}  active leases: {}  audit records: {}",
+            s.secrets, s.agents, s.active_leases, s.audit_records
+        );
     }
     Ok(())
 }

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_broker::Broker;
 use tessera_broker::broker::Limits;
 use tessera_broker::init::{DataDir, InitOptions};
 use tessera_broker::keys::Token;
 use tessera_broker::proto::{self, revoke_leases_request::Selector};
 use tessera_broker::server::{self, ListenOptions};
 use tessera_broker::unseal::{KdfParams, Source};
-use tessera_broker::Broker;
 use zeroize::Zeroizing;
 
 use crate::client::{CliError, Exit, Target, authed};
@@ -37,7 +37,10 @@ pub async fn run(json: bool) -> Result<(), CliError> {
     let pass = Token::generate("demo-")?;
     let pass_bytes = Zeroizing::new(pass.reveal_once().as_bytes().to_vec());
 
-    step(1, "tessera init: a new store, root key sealed under a passphrase (Argon2id)");
+    step(
+        1,
+        "tessera init: a new store, root key sealed under a passphrase (Argon2id)",
+    );
     let done = tessera_broker::init::init(InitOptions {
         data_dir: dir.clone(),
         source: Source::Passphrase,
@@ -50,11 +53,10 @@ pub async fn run(json: bool) -> Result<(), CliError> {
 
     step(2, "tessera serve: unseal and listen on a Unix socket");
     let d = dir.clone();
-    let broker = tokio::task::spawn_blocking(move || {
-        Broker::open(&d, Some(&pass_bytes), Limits::default())
-    })
-    .await
-    .map_err(|e| CliError::new(Exit::Failure, format!("unseal failed: {e}")))??;
+    let broker =
+        tokio::task::spawn_blocking(move || Broker::open(&d, Some(&pass_bytes), Limits::default()))
+            .await
+            .map_err(|e| CliError::new(Exit::Failure, format!("unseal failed: {e}")))??;
     let running = server::start(
         Arc::new(broker),
         ListenOptions {
@@ -71,7 +73,10 @@ pub async fn run(json: bool) -> Result<(), CliError> {
     let mut admin = target.admin().await?;
     let mut agent = target.broker().await?;
 
-    step(3, "tessera secret put openai/prod (admin; value from stdin, never argv)");
+    step(
+        3,
+        "tessera secret put openai/prod (admin; value from stdin, never argv)",
+    );
     let info = admin
         .put_secret(authed(
             proto::PutSecretRequest {
@@ -84,7 +89,10 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         .into_inner();
     println!("    stored {} version {}", info.name, info.current_version);
 
-    step(4, "tessera agent create openclaw-gw --allow 'openai/*' --max-ttl 15m");
+    step(
+        4,
+        "tessera agent create openclaw-gw --allow 'openai/*' --max-ttl 15m",
+    );
     let created = admin
         .create_agent(authed(
             proto::CreateAgentRequest {
@@ -145,7 +153,10 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await?
         .into_inner();
-    println!("    now expires in {}s", renewed.expires_at - tessera_broker::init::now());
+    println!(
+        "    now expires in {}s",
+        renewed.expires_at - tessera_broker::init::now()
+    );
 
     step(8, "tessera lease revoke --agent openclaw-gw (admin)");
     let r = admin

@@ -43,7 +43,11 @@ pub fn bin() -> PathBuf {
             .status()
             .expect("run cargo build for the tessera binary");
         assert!(status.success(), "building the tessera binary failed");
-        assert!(candidate.exists(), "no tessera binary at {}", candidate.display());
+        assert!(
+            candidate.exists(),
+            "no tessera binary at {}",
+            candidate.display()
+        );
         candidate
     })
     .clone()
@@ -136,7 +140,12 @@ impl World {
     pub fn command(&self) -> Command {
         let mut c = Command::new(bin());
         c.env_clear();
-        for keep in ["PATH", "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "HOME"] {
+        for keep in [
+            "PATH",
+            "DBUS_SESSION_BUS_ADDRESS",
+            "XDG_RUNTIME_DIR",
+            "HOME",
+        ] {
             if let Some(v) = std::env::var_os(keep) {
                 c.env(keep, v);
             }
@@ -153,7 +162,11 @@ impl World {
         for (k, v) in env {
             c.env(k, v);
         }
-        c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        c.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = c.spawn().expect("spawn tessera");
         if let Some(input) = stdin {
@@ -193,19 +206,20 @@ impl World {
 
     /// Starts `tessera serve ARGS` with `env` and waits until it answers.
     pub fn serve_env(&self, args: &[&str], env: &[(&str, &str)]) -> Server {
-        let log = self
-            .tmp
-            .path()
-            .join(format!("serve-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
+        let log = self.tmp.path().join(format!(
+            "serve-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
         let mut c = self.command();
         c.arg("serve").args(args);
         for (k, v) in env {
             c.env(k, v);
         }
         let f = std::fs::File::create(&log).expect("log file");
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f);
         let child = c.spawn().expect("spawn tessera serve");
         let mut s = Server {
             child: Some(child),
@@ -225,13 +239,23 @@ impl World {
 
     /// Stores a secret through the CLI.
     pub fn put(&self, name: &str, value: &[u8]) {
-        self.run_with(&["secret", "put", name], Some(value), &[]).ok();
+        self.run_with(&["secret", "put", name], Some(value), &[])
+            .ok();
     }
 
     /// Creates an agent through the CLI and returns its token.
     pub fn agent(&self, name: &str, allow: &str, max_ttl: &str) -> String {
         let r = self
-            .run(&["agent", "create", name, "--allow", allow, "--max-ttl", max_ttl, "--json"])
+            .run(&[
+                "agent",
+                "create",
+                name,
+                "--allow",
+                allow,
+                "--max-ttl",
+                max_ttl,
+                "--json",
+            ])
             .ok();
         r.json()["token"].as_str().expect("token").to_string()
     }
@@ -284,7 +308,10 @@ impl Server {
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("tessera serve exited early ({status}); log:\n{}", self.logs());
+                    panic!(
+                        "tessera serve exited early ({status}); log:\n{}",
+                        self.logs()
+                    );
                 }
             }
             if std::os::unix::net::UnixStream::connect(socket).is_ok()

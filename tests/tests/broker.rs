@@ -15,7 +15,12 @@ fn keychain_unseal_put_issue_get_round_trip() {
     let w = World::new();
     let init = w.run(&["init", "--json"]).ok();
     assert_eq!(init.json()["unseal"], "keychain");
-    assert!(init.json()["admin_token"].as_str().expect("token").starts_with("tsa_"));
+    assert!(
+        init.json()["admin_token"]
+            .as_str()
+            .expect("token")
+            .starts_with("tsa_")
+    );
     let _s = w.serve_env(&[], &[]);
     w.put("openai/prod", b"sk-live-keychain-1");
     let token = w.agent("gw", "openai/*", "15m");
@@ -40,7 +45,11 @@ fn store_files_are_private() {
         (w.data.join("admin.token"), 0o600),
         (w.socket(), 0o600),
     ] {
-        let m = std::fs::metadata(&path).expect("exists").permissions().mode() & 0o777;
+        let m = std::fs::metadata(&path)
+            .expect("exists")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(m, mode, "{} has mode {m:o}", path.display());
     }
 }
@@ -51,7 +60,11 @@ fn wrong_passphrase_is_refused_and_store_untouched() {
     w.init_passphrase();
     let before = std::fs::read(w.db()).expect("db");
     let r = w
-        .run_with(&["serve"], None, &[("TESSERA_PASSPHRASE", "not the passphrase")])
+        .run_with(
+            &["serve"],
+            None,
+            &[("TESSERA_PASSPHRASE", "not the passphrase")],
+        )
         .fails_with(5);
     assert!(r.stderr.contains("passphrase does not unlock"), "{r:#?}");
     assert_eq!(std::fs::read(w.db()).expect("db"), before);
@@ -81,18 +94,27 @@ fn bad_input_gets_precise_status_and_keeps_data() {
 
     // Malformed names: INVALID_ARGUMENT naming the field (exit 7).
     for bad in ["", "/x", "a//b", "a b", "x/", "ü"] {
-        let r = w.run_with(&["secret", "put", bad], Some(b"v"), &[]).fails_with(7);
+        let r = w
+            .run_with(&["secret", "put", bad], Some(b"v"), &[])
+            .fails_with(7);
         assert!(r.stderr.contains("invalid name"), "{r:#?}");
     }
     // Empty and oversized values.
-    let r = w.run_with(&["secret", "put", "x"], Some(b""), &[]).fails_with(7);
-    assert!(r.stderr.contains("invalid value") && r.stderr.contains("empty"), "{r:#?}");
+    let r = w
+        .run_with(&["secret", "put", "x"], Some(b""), &[])
+        .fails_with(7);
+    assert!(
+        r.stderr.contains("invalid value") && r.stderr.contains("empty"),
+        "{r:#?}"
+    );
     let r = w
         .run_with(&["secret", "put", "x"], Some(&[b'a'; 2000]), &[])
         .fails_with(7);
     assert!(r.stderr.contains("over the limit of 1024"), "{r:#?}");
     // Bad agent definitions.
-    let r = w.run(&["agent", "create", "Bad Name", "--allow", "x"]).fails_with(7);
+    let r = w
+        .run(&["agent", "create", "Bad Name", "--allow", "x"])
+        .fails_with(7);
     assert!(r.stderr.contains("invalid name"), "{r:#?}");
     let r = w
         .run(&["agent", "create", "a2", "--allow", "x", "--max-ttl", "90d"])
@@ -106,7 +128,10 @@ fn bad_input_gets_precise_status_and_keeps_data() {
     // Outside the allow list: PERMISSION_DENIED naming the rule (exit 4).
     w.put("stripe/live", b"sk_live");
     let r = w.get("stripe/live", &token).fails_with(4);
-    assert!(r.stderr.contains("openai/*") && r.stderr.contains("PermissionDenied"), "{r:#?}");
+    assert!(
+        r.stderr.contains("openai/*") && r.stderr.contains("PermissionDenied"),
+        "{r:#?}"
+    );
     // Wrong token: UNAUTHENTICATED (exit 4).
     let r = w.get("openai/prod", "tsr_0000").fails_with(4);
     assert!(r.stderr.contains("Unauthenticated"), "{r:#?}");
@@ -114,7 +139,11 @@ fn bad_input_gets_precise_status_and_keeps_data() {
     assert!(r.stderr.contains("TESSERA_TOKEN"), "{r:#?}");
     // Wrong admin token.
     let r = w
-        .run_with(&["secret", "list"], None, &[("TESSERA_ADMIN_TOKEN", "tsa_nope")])
+        .run_with(
+            &["secret", "list"],
+            None,
+            &[("TESSERA_ADMIN_TOKEN", "tsa_nope")],
+        )
         .fails_with(4);
     assert!(r.stderr.contains("admin credential is not valid"), "{r:#?}");
 
@@ -150,12 +179,22 @@ async fn renew_rules_expired_and_revoked_leases() {
         ttl_seconds: ttl,
     };
     // TTL is capped at the agent's max.
-    let l = c.issue(authed(issue(3600), &token)).await.expect("issue").into_inner();
+    let l = c
+        .issue(authed(issue(3600), &token))
+        .await
+        .expect("issue")
+        .into_inner();
     assert_eq!(l.value, b"value-1");
     assert!(l.expires_at - l.issued_at <= 1);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let e = c
-        .renew(authed(proto::RenewRequest { lease_id: l.lease_id.clone(), ttl_seconds: 1 }, &token))
+        .renew(authed(
+            proto::RenewRequest {
+                lease_id: l.lease_id.clone(),
+                ttl_seconds: 1,
+            },
+            &token,
+        ))
         .await
         .expect_err("expired lease renewed");
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -164,26 +203,53 @@ async fn renew_rules_expired_and_revoked_leases() {
     let leases = w.run(&["lease", "list", "--all", "--json"]).ok().json();
     assert_eq!(leases["leases"][0]["state"], "expired");
 
-    let l2 = c.issue(authed(issue(0), &token)).await.expect("issue").into_inner();
+    let l2 = c
+        .issue(authed(issue(0), &token))
+        .await
+        .expect("issue")
+        .into_inner();
     let r = c
-        .revoke(authed(proto::RevokeRequest { lease_id: l2.lease_id.clone() }, &token))
+        .revoke(authed(
+            proto::RevokeRequest {
+                lease_id: l2.lease_id.clone(),
+            },
+            &token,
+        ))
         .await
         .expect("revoke")
         .into_inner();
     assert_eq!(r.revoked, 1);
     let e = c
-        .renew(authed(proto::RenewRequest { lease_id: l2.lease_id.clone(), ttl_seconds: 1 }, &token))
+        .renew(authed(
+            proto::RenewRequest {
+                lease_id: l2.lease_id.clone(),
+                ttl_seconds: 1,
+            },
+            &token,
+        ))
         .await
         .expect_err("revoked lease renewed");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("revoked"), "{e:?}");
     let e = c
-        .renew(authed(proto::RenewRequest { lease_id: "lse_nope".into(), ttl_seconds: 1 }, &token))
+        .renew(authed(
+            proto::RenewRequest {
+                lease_id: "lse_nope".into(),
+                ttl_seconds: 1,
+            },
+            &token,
+        ))
         .await
         .expect_err("unknown lease renewed");
     assert_eq!(e.code(), Code::NotFound);
     let e = c
-        .issue(authed(proto::IssueRequest { secret: "bad name".into(), ttl_seconds: 0 }, &token))
+        .issue(authed(
+            proto::IssueRequest {
+                secret: "bad name".into(),
+                ttl_seconds: 0,
+            },
+            &token,
+        ))
         .await
         .expect_err("bad name issued");
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -204,16 +270,41 @@ fn lease_revoke_by_lease_secret_agent_and_all() {
         w.get("a/two", t).ok();
     }
     let list = w
-        .run(&["lease", "list", "--agent", "one", "--secret", "a/one", "--json"])
+        .run(&[
+            "lease", "list", "--agent", "one", "--secret", "a/one", "--json",
+        ])
         .ok()
         .json();
-    let id = list["leases"][0]["lease_id"].as_str().expect("id").to_string();
-    assert_eq!(w.run(&["lease", "revoke", "--lease", &id, "--json"]).ok().json()["revoked"], 1);
-    assert_eq!(w.run(&["lease", "revoke", "--secret", "a/two", "--json"]).ok().json()["revoked"], 2);
-    assert_eq!(w.run(&["lease", "revoke", "--agent", "two", "--json"]).ok().json()["revoked"], 1);
+    let id = list["leases"][0]["lease_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(
+        w.run(&["lease", "revoke", "--lease", &id, "--json"])
+            .ok()
+            .json()["revoked"],
+        1
+    );
+    assert_eq!(
+        w.run(&["lease", "revoke", "--secret", "a/two", "--json"])
+            .ok()
+            .json()["revoked"],
+        2
+    );
+    assert_eq!(
+        w.run(&["lease", "revoke", "--agent", "two", "--json"])
+            .ok()
+            .json()["revoked"],
+        1
+    );
     w.get("a/one", &t1).ok();
-    assert_eq!(w.run(&["lease", "revoke", "--all", "--json"]).ok().json()["revoked"], 1);
-    let r = w.run(&["lease", "revoke", "--lease", "lse_missing"]).fails_with(3);
+    assert_eq!(
+        w.run(&["lease", "revoke", "--all", "--json"]).ok().json()["revoked"],
+        1
+    );
+    let r = w
+        .run(&["lease", "revoke", "--lease", "lse_missing"])
+        .fails_with(3);
     assert!(r.stderr.contains("no lease"), "{r:#?}");
     w.run(&["lease", "revoke"]).fails_with(2);
     // secret rm revokes and deletes.
@@ -255,7 +346,11 @@ fn tcp_listen_rules() {
     let w = World::new();
     w.init_passphrase();
     let r = w
-        .run_with(&["serve", "--listen", "0.0.0.0:0"], None, &[("TESSERA_PASSPHRASE", PASSPHRASE)])
+        .run_with(
+            &["serve", "--listen", "0.0.0.0:0"],
+            None,
+            &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+        )
         .fails_with(7);
     assert!(r.stderr.contains("not a loopback address"), "{r:#?}");
     let port = {
@@ -274,9 +369,15 @@ fn demo_walks_through_the_main_job() {
     let w = World::new();
     let r = w.run(&["demo"]).ok();
     for expect in ["PermissionDenied", "FailedPrecondition", "intact"] {
-        assert!(r.stdout.contains(expect), "demo output lacks {expect}: {r:#?}");
+        assert!(
+            r.stdout.contains(expect),
+            "demo output lacks {expect}: {r:#?}"
+        );
     }
-    assert!(!r.stdout.contains("sk-demo-0123456789abcdef"), "demo printed the secret value");
+    assert!(
+        !r.stdout.contains("sk-demo-0123456789abcdef"),
+        "demo printed the secret value"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,9 +388,14 @@ async fn health_service_answers() {
     let ch = w.channel().await;
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
     let r = h
-        .check(tonic_health::pb::HealthCheckRequest { service: "tessera.v1.Broker".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tessera.v1.Broker".into(),
+        })
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }

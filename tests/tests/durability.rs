@@ -1,0 +1,271 @@
+//! Durability, tampering and leak checks, against the real binary and the
+//! real database file.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_broker::proto;
+use tessera_e2e::{World, authed};
+use tonic::Code;
+
+/// Every lease the client saw acknowledged survives a `kill -9` mid-load,
+/// and the audit chain still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_load_keeps_every_acknowledged_lease() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("load/key", b"load-value");
+    let token = w.agent("loader", "load/*", "15m");
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let acked = Arc::clone(&acked);
+        let token = token.clone();
+        let mut c = w.broker_client().await;
+        tasks.push(tokio::spawn(async move {
+            // Bounded: at most 10,000 requests per client.
+            for _ in 0..10_000 {
+                let req = proto::IssueRequest {
+                    secret: "load/key".into(),
+                    ttl_seconds: 600,
+                };
+                match c.issue(authed(req, &token)).await {
+                    Ok(l) => acked.lock().expect("lock").push(l.into_inner().lease_id),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    // Let the load run, then pull the plug.
+    while acked.lock().expect("lock").len() < 500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked: Vec<String> = acked.lock().expect("lock").clone();
+    assert!(acked.len() >= 500);
+
+    let _s2 = w.serve(&[]);
+    let conn =
+        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    let mut stmt = conn.prepare("SELECT id FROM leases").expect("prepare");
+    let stored: HashSet<String> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let missing: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged leases lost, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    // Every stored lease has its audit record.
+    let audited: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit WHERE action = 'lease.issue' AND decision = 'allow'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(audited as usize, stored.len());
+    w.run(&["audit", "verify"]).ok();
+}
+
+fn sql(w: &World, stmt: &str) {
+    let conn = rusqlite::Connection::open(w.db()).expect("open db");
+    conn.execute_batch(stmt).expect("edit db");
+}
+
+/// Swapping ciphertext rows in the file is detected at read time
+/// (DATA_LOSS, exit 9), and nothing else is affected.
+#[test]
+fn swapped_secret_rows_are_detected() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("a/one", b"value-one");
+    w.put("a/two", b"value-two");
+    w.put("a/three", b"value-three");
+    let token = w.agent("reader", "a/*", "15m");
+    s.terminate();
+    sql(
+        &w,
+        "UPDATE secret_versions SET ciphertext = (SELECT ciphertext FROM secret_versions WHERE name = 'a/two'),
+                                    wrapped_key = (SELECT wrapped_key FROM secret_versions WHERE name = 'a/two')
+         WHERE name = 'a/one';",
+    );
+    let _s = w.serve(&[]);
+    let r = w.get("a/one", &token).fails_with(9);
+    assert!(r.stderr.contains("failed authentication"), "{r:#?}");
+    assert!(!r.stderr.contains("value-two"), "{r:#?}");
+    assert_eq!(w.get("a/two", &token).ok().stdout, "value-two");
+    assert_eq!(w.get("a/three", &token).ok().stdout, "value-three");
+}
+
+fn tampered_audit_is_detected(edit: &str, expect: &str) {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    for i in 0..5 {
+        w.put(&format!("s/{i}"), b"v");
+    }
+    w.run(&["audit", "verify"]).ok();
+    s.terminate();
+    sql(&w, edit);
+    let _s = w.serve(&[]);
+    let r = w.run(&["audit", "verify", "--json"]).fails_with(8);
+    assert_eq!(r.json()["ok"], false);
+    let problem = r.json()["problem"].as_str().unwrap_or_default().to_string();
+    assert!(problem.contains(expect), "{problem} lacks {expect:?}");
+}
+
+#[test]
+fn audit_verify_detects_a_changed_record() {
+    tampered_audit_is_detected(
+        "UPDATE audit SET target = 's/other' WHERE seq = 3;",
+        "record 3 is not intact: its contents do not match",
+    );
+}
+
+#[test]
+fn audit_verify_detects_a_deleted_record() {
+    tampered_audit_is_detected("DELETE FROM audit WHERE seq = 3;", "record 3 is not intact");
+}
+
+#[test]
+fn audit_verify_detects_deleted_newest_records() {
+    tampered_audit_is_detected(
+        "DELETE FROM audit WHERE seq >= (SELECT max(seq) - 1 FROM audit);",
+        "newest records were deleted",
+    );
+}
+
+#[test]
+fn audit_verify_detects_an_inserted_record() {
+    tampered_audit_is_detected(
+        "UPDATE audit SET seq = seq + 1000 WHERE seq >= 3;
+         UPDATE audit SET seq = seq - 999 WHERE seq >= 1003;
+         INSERT INTO audit SELECT 3, time, actor, action, 'forged', decision, reason, request_id, prev_hash, hash
+           FROM audit WHERE seq = 2;",
+        "record 3 is not intact",
+    );
+}
+
+#[test]
+fn audit_verify_detects_reordered_records() {
+    tampered_audit_is_detected(
+        "UPDATE audit SET seq = -1 WHERE seq = 3;
+         UPDATE audit SET seq = 3 WHERE seq = 4;
+         UPDATE audit SET seq = 4 WHERE seq = -1;",
+        "record 3 is not intact",
+    );
+}
+
+/// If the audit record cannot be written, the request fails UNAVAILABLE
+/// and no lease is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_fails_unavailable_when_audit_cannot_be_written() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("x/key", b"v");
+    let token = w.agent("bot", "x/*", "15m");
+    // A fault we can cause for real: the audit table refuses inserts.
+    sql(
+        &w,
+        "CREATE TRIGGER audit_full BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+    );
+    let mut c = w.broker_client().await;
+    let e = c
+        .issue(authed(
+            proto::IssueRequest {
+                secret: "x/key".into(),
+                ttl_seconds: 0,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("issued without an audit record");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM leases", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 0);
+    conn.execute_batch("DROP TRIGGER audit_full;")
+        .expect("drop trigger");
+    c.issue(authed(
+        proto::IssueRequest {
+            secret: "x/key".into(),
+            ttl_seconds: 0,
+        },
+        &token,
+    ))
+    .await
+    .expect("issue after the fault is gone");
+}
+
+/// A scenario with known secret values and tokens: none of them may appear
+/// in the broker's logs, the audit export, or the database files.
+#[test]
+fn secrets_and_tokens_never_leak() {
+    let w = World::new();
+    w.init_passphrase();
+    let admin = w.admin_token();
+    let mut s = w.serve_env(
+        &["--log-format", "json"],
+        &[
+            ("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE),
+            ("TESSERA_LOG", "trace"),
+        ],
+    );
+    let value = "sk-LEAKCHECK-5f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    w.put("leak/api", value.as_bytes());
+    let token = w.agent("leaky", "leak/*", "15m");
+    assert_eq!(w.get("leak/api", &token).ok().stdout, value);
+    w.get("leak/api", "tsr_wrong-token-LEAKCHECK").fails_with(4);
+    w.run_with(
+        &["secret", "list"],
+        None,
+        &[("TESSERA_ADMIN_TOKEN", "tsa_bad-admin-LEAKCHECK")],
+    )
+    .fails_with(4);
+    let export = w.run(&["audit", "export"]).ok().stdout;
+    assert!(export.lines().count() >= 5);
+    for line in export.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("JSON line");
+    }
+    s.terminate();
+    let logs = s.logs();
+    assert!(logs.contains("tessera broker ready"));
+    let mut files = vec![std::fs::read(w.db()).expect("db")];
+    for ext in ["db-wal", "db-shm"] {
+        if let Ok(b) = std::fs::read(w.db().with_extension(ext)) {
+            files.push(b);
+        }
+    }
+    for needle in [
+        value,
+        &token,
+        &admin,
+        "tsr_wrong-token-LEAKCHECK",
+        "tsa_bad-admin-LEAKCHECK",
+        tessera_e2e::PASSPHRASE,
+    ] {
+        assert!(!logs.contains(needle), "log leaks {needle:?}");
+        assert!(!export.contains(needle), "audit export leaks {needle:?}");
+        for f in &files {
+            assert!(
+                !f.windows(needle.len()).any(|win| win == needle.as_bytes()),
+                "database file holds {needle:?} in plaintext"
+            );
+        }
+    }
+}
