@@ -42,6 +42,8 @@ pub struct Broker {
     pub(crate) agents: RwLock<HashMap<[u8; 32], Arc<Agent>>>,
     pub(crate) limits: Limits,
     source: Source,
+    pub(crate) current_rows: RwLock<HashMap<String, Arc<crate::secret::StoredVersion>>>,
+    pub(crate) current_gen: std::sync::atomic::AtomicU64,
 }
 
 /// Most agents kept in the token cache before it is cleared.
@@ -80,6 +82,8 @@ impl Broker {
             agents: RwLock::new(HashMap::new()),
             limits,
             source,
+            current_rows: RwLock::new(HashMap::new()),
+            current_gen: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

@@ -187,6 +187,16 @@ pub fn random_id(prefix: &str) -> Result<String> {
     Ok(format!("{prefix}{}", hex(&b)))
 }
 
+/// A lease id: `lse_`, 6 bytes of milliseconds since the epoch, 10 random
+/// bytes (80 bits), in hex. Time-ordered, so new leases append to the end of
+/// the index instead of landing on random pages.
+pub fn lease_id(now_ms: u64) -> Result<String> {
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
+    fill_random(&mut b[6..])?;
+    Ok(format!("lse_{}", hex(&b)))
+}
+
 /// A bearer token: a prefix that secret scanners recognise (`tsr_` for
 /// agents, `tsa_` for admins) and 256 random bits.
 pub struct Token(Zeroizing<String>);

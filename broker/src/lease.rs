@@ -10,7 +10,7 @@ use crate::audit::{ACTOR_SYSTEM, Entry};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::init::now;
-use crate::keys::random_id;
+use crate::keys::lease_id;
 use crate::names;
 use crate::proto::{Lease, LeaseInfo};
 use crate::store::lease_state;
@@ -91,7 +91,10 @@ impl Broker {
         } else {
             ttl.min(agent.max_ttl)
         };
-        let lease_id = random_id("lse_")?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let lease_id = lease_id(now_ms)?;
         let (agent_id, max_lifetime, rule) = (
             agent.id,
             agent.max_lifetime,

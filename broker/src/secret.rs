@@ -1,6 +1,9 @@
 //! Secrets and their versions: each version encrypted under its own data
 //! key, the data key wrapped by the root key, both bound to (name, version).
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use rusqlite::{OptionalExtension, params};
 use zeroize::Zeroizing;
 
@@ -58,7 +61,8 @@ impl Broker {
         let dk = SymmetricKey::generate()?;
         let rk_wrap = std::sync::Arc::clone(&self.root_key);
         let rid = request_id.to_string();
-        self.store
+        let info = self
+            .store
             .write(move |ctx| {
                 let t = now();
                 let current: Option<i64> = ctx
@@ -94,7 +98,9 @@ impl Broker {
                 })?;
                 secret_info(ctx.conn, &name)
             })
-            .await
+            .await;
+        self.invalidate_current();
+        info
     }
 
     /// Every secret's name, versions and times; never a value.
@@ -164,37 +170,83 @@ impl Broker {
                 Ok(Ok((versions as u64, leases as u64)))
             })
             .await?;
+        self.invalidate_current();
         out
     }
 
-    /// The current version of `name`, decrypted.
+    /// The current version of `name`, decrypted. The encrypted row is
+    /// cached (never the plaintext); a put or delete clears the cache
+    /// before it is acknowledged.
     pub fn read_current(&self, name: &str) -> Result<CurrentValue> {
-        let row = self.store.read(|conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT v.version, v.wrapped_key, v.ciphertext
-                     FROM secrets s JOIN secret_versions v
-                       ON v.name = s.name AND v.version = s.current_version
-                     WHERE s.name = ?1",
-                )?
-                .query_row([name], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
+        let cached = self
+            .current_rows
+            .read()
+            .ok()
+            .and_then(|c| c.get(name).cloned());
+        let row = match cached {
+            Some(row) => row,
+            None => {
+                let generation = self.current_gen.load(Ordering::Acquire);
+                let row = self.store.read(|conn| {
+                    Ok(conn
+                        .prepare_cached(
+                            "SELECT v.version, v.wrapped_key, v.ciphertext
+                             FROM secrets s JOIN secret_versions v
+                               ON v.name = s.name AND v.version = s.current_version
+                             WHERE s.name = ?1",
+                        )?
+                        .query_row([name], |r| {
+                            Ok(StoredVersion {
+                                version: r.get::<_, i64>(0)? as u64,
+                                wrapped_key: r.get(1)?,
+                                ciphertext: r.get(2)?,
+                            })
+                        })
+                        .optional()?)
+                })?;
+                let row = Arc::new(row.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no secret named {name:?}; ask an admin to store it (`tessera secret put {name}`)"
                     ))
-                })
-                .optional()?)
-        })?;
-        let (version, wrapped, ct) = row.ok_or_else(|| {
-            Error::NotFound(format!(
-                "no secret named {name:?}; ask an admin to store it (`tessera secret put {name}`)"
-            ))
-        })?;
-        let value = self.open_value(name, version, &wrapped, &ct)?;
-        Ok(CurrentValue { version, value })
+                })?);
+                if let Ok(mut c) = self.current_rows.write() {
+                    // Only cache what is still current: a put or delete that
+                    // committed meanwhile bumped the generation.
+                    if self.current_gen.load(Ordering::Acquire) == generation {
+                        if c.len() >= CURRENT_CACHE_MAX {
+                            c.clear();
+                        }
+                        c.insert(name.to_string(), Arc::clone(&row));
+                    }
+                }
+                row
+            }
+        };
+        let value = self.open_value(name, row.version, &row.wrapped_key, &row.ciphertext)?;
+        Ok(CurrentValue {
+            version: row.version,
+            value,
+        })
+    }
+
+    /// Forgets cached rows after a put or delete commits.
+    fn invalidate_current(&self) {
+        self.current_gen.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut c) = self.current_rows.write() {
+            c.clear();
+        }
     }
 }
+
+/// A secret version as stored: encrypted value and wrapped data key.
+pub struct StoredVersion {
+    version: u64,
+    wrapped_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+/// Most secrets whose current row is cached.
+const CURRENT_CACHE_MAX: usize = 10_000;
 
 fn deny_entry(target: &str, action: &str, rid: &str, e: &Error) -> Entry {
     Entry {

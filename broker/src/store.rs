@@ -297,6 +297,26 @@ impl Store {
             c.execute_batch("PRAGMA query_only = ON;")?;
             rs.push(Mutex::new(c));
         }
+        // Checkpoints run on their own connection and thread so the writer
+        // never stalls on one mid-batch (a PASSIVE checkpoint does not block
+        // writers); the writer only appends to the WAL.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16384;")?;
+        let checkpointer = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        checkpointer.busy_timeout(std::time::Duration::from_secs(5))?;
+        std::thread::Builder::new()
+            .name("tessera-checkpoint".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                    }
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel::<Job>(8192);
         std::thread::Builder::new()
             .name("tessera-writer".into())
@@ -455,18 +475,17 @@ fn run_batch(
     let head_at_start = chain.head;
     for job in batch.drain(..) {
         let head_before = chain.head;
-        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
-            let _ = e;
+        if exec_cached(&tx, "SAVEPOINT job").is_err() {
             done.push(job(None).1);
             continue;
         }
         let mut ctx = WriteCtx { conn: &tx, chain };
         let (ok, completion) = job(Some(&mut ctx));
         if !ok {
-            let _ = tx.execute_batch("ROLLBACK TO job");
+            let _ = exec_cached(&tx, "ROLLBACK TO job");
             chain.head = head_before;
         }
-        let _ = tx.execute_batch("RELEASE job");
+        let _ = exec_cached(&tx, "RELEASE job");
         done.push(completion);
     }
     let outcome = if chain.head != head_at_start {
@@ -476,4 +495,8 @@ fn run_batch(
     }
     .and_then(|()| tx.commit().map_err(Error::from));
     (done, outcome)
+}
+
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute([])
 }
