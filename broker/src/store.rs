@@ -369,7 +369,12 @@ impl Store {
             };
             let ok = out.is_ok();
             let done: Completion = Box::new(move |committed: Result<()>| {
-                let _ = tx.send(committed.and(out));
+                // A job's own failure explains itself best; otherwise the
+                // commit decides.
+                let _ = tx.send(match out {
+                    Err(e) => Err(e),
+                    Ok(v) => committed.map(|()| v),
+                });
             });
             (ok, done)
         });
@@ -457,6 +462,13 @@ fn commit_failed(e: &Error) -> Error {
 
 /// Applies `batch` in one transaction; returns each job's answer and the
 /// outcome of the commit, which every answer waits for.
+///
+/// Jobs run without savepoints (a statement sub-journal per job cost more
+/// than everything else the writer does). A job returns `Err` only when the
+/// store itself failed (I/O, a full disk, a refused audit insert); then the
+/// whole batch is rolled back and every job in it fails UNAVAILABLE, so no
+/// half-applied job is ever committed. Denials are `Ok` values and commit
+/// with their audit record.
 fn run_batch(
     conn: &mut Connection,
     chain: &mut Chain,
@@ -473,20 +485,26 @@ fn run_batch(
         }
     };
     let head_at_start = chain.head;
+    let mut failed = false;
     for job in batch.drain(..) {
-        let head_before = chain.head;
-        if exec_cached(&tx, "SAVEPOINT job").is_err() {
+        if failed {
             done.push(job(None).1);
             continue;
         }
         let mut ctx = WriteCtx { conn: &tx, chain };
         let (ok, completion) = job(Some(&mut ctx));
-        if !ok {
-            let _ = exec_cached(&tx, "ROLLBACK TO job");
-            chain.head = head_before;
-        }
-        let _ = exec_cached(&tx, "RELEASE job");
+        failed |= !ok;
         done.push(completion);
+    }
+    if failed {
+        chain.head = head_at_start;
+        let _ = tx.rollback();
+        return (
+            done,
+            Err(Error::Unavailable(
+                "another request in the same commit failed to store".into(),
+            )),
+        );
     }
     let outcome = if chain.head != head_at_start {
         chain.store_head(&tx)
@@ -495,8 +513,4 @@ fn run_batch(
     }
     .and_then(|()| tx.commit().map_err(Error::from));
     (done, outcome)
-}
-
-fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
-    conn.prepare_cached(sql)?.execute([])
 }
