@@ -163,7 +163,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Parses lower- or upper-case hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     fn val(c: u8) -> Option<u8> {

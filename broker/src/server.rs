@@ -38,16 +38,17 @@ pub struct ListenOptions {
 
 /// Checks the listen options before anything is opened.
 pub fn check_listen(opts: &ListenOptions) -> Result<()> {
-    if let Some(addr) = opts.tcp {
-        if !addr.ip().is_loopback() && opts.tls.is_none() {
-            return Err(Error::invalid(
-                "listen",
-                format!(
-                    "{addr} is not a loopback address: serving secrets over plain TCP off this \
+    if let Some(addr) = opts.tcp
+        && !addr.ip().is_loopback()
+        && opts.tls.is_none()
+    {
+        return Err(Error::invalid(
+            "listen",
+            format!(
+                "{addr} is not a loopback address: serving secrets over plain TCP off this \
                      machine is refused; pass --tls-cert and --tls-key, or listen on 127.0.0.1"
-                ),
-            ));
-        }
+            ),
+        ));
     }
     if opts.socket_mode & !0o660 != 0 {
         return Err(Error::invalid(

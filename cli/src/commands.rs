@@ -48,10 +48,10 @@ fn target(g: &Global) -> Target {
 /// The admin token: TESSERA_ADMIN_TOKEN, else --admin-token-file, else the
 /// data directory's admin.token.
 fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
-    if let Ok(t) = std::env::var("TESSERA_ADMIN_TOKEN") {
-        if !t.is_empty() {
-            return Ok(Zeroizing::new(t));
-        }
+    if let Ok(t) = std::env::var("TESSERA_ADMIN_TOKEN")
+        && !t.is_empty()
+    {
+        return Ok(Zeroizing::new(t));
     }
     let path = g
         .admin_token_file
@@ -93,10 +93,10 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<Vec<u8>>, 
         let line = raw.lines().next().unwrap_or_default();
         return Ok(Zeroizing::new(line.as_bytes().to_vec()));
     }
-    if let Ok(p) = std::env::var("TESSERA_PASSPHRASE") {
-        if !p.is_empty() {
-            return Ok(Zeroizing::new(p.into_bytes()));
-        }
+    if let Ok(p) = std::env::var("TESSERA_PASSPHRASE")
+        && !p.is_empty()
+    {
+        return Ok(Zeroizing::new(p.into_bytes()));
     }
     if std::io::stdin().is_terminal() {
         let p = Zeroizing::new(rpassword::prompt_password("tessera passphrase: ").map_err(

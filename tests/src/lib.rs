@@ -306,13 +306,13 @@ impl Server {
     fn wait_ready(&mut self, socket: &Path) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "tessera serve exited early ({status}); log:\n{}",
-                        self.logs()
-                    );
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "tessera serve exited early ({status}); log:\n{}",
+                    self.logs()
+                );
             }
             if std::os::unix::net::UnixStream::connect(socket).is_ok()
                 && self.logs().contains("tessera broker ready")
