@@ -39,7 +39,13 @@ async fn kill9_mid_load_keeps_every_acknowledged_lease() {
         }));
     }
     // Let the load run, then pull the plug.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while acked.lock().expect("lock").len() < 500 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker acknowledged fewer than 500 leases in 120 s; log:\n{}",
+            s.logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     s.kill9();
