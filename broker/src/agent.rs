@@ -12,9 +12,9 @@ use crate::broker::{AGENT_CACHE_MAX, Broker};
 use crate::error::{Error, Result};
 use crate::init::now;
 use crate::keys::{Token, ct_eq, token_hash};
+use crate::lease::{Scope, revoke_active};
 use crate::names;
 use crate::proto::AgentInfo;
-use crate::store::lease_state;
 
 /// Shortest and longest lease TTL an agent may be given.
 pub const TTL_RANGE: std::ops::RangeInclusive<u64> = 1..=30 * 24 * 3600;
@@ -228,10 +228,7 @@ impl Broker {
                         params![t, id],
                     )?;
                 }
-                let leases = ctx.conn.execute(
-                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE agent_id = ?3 AND state = 0",
-                    params![lease_state::REVOKED, t, id],
-                )?;
+                let leases = revoke_active(ctx.conn, Scope::Agent(id), t)?;
                 ctx.audit(&admin_entry(
                     "agent.revoke",
                     &name,
@@ -239,7 +236,7 @@ impl Broker {
                     format!("token revoked, {leases} leases revoked"),
                     &rid,
                 ))?;
-                Ok(Ok((hash, leases as u64)))
+                Ok(Ok((hash, leases)))
             })
             .await??;
         if let Ok(h) = <[u8; 32]>::try_from(hash) {

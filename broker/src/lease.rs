@@ -3,6 +3,8 @@
 //! expiry is an indexed range scan in bounded batches, so nothing holds all
 //! leases in memory.
 
+use std::sync::Arc;
+
 use rusqlite::{OptionalExtension, params};
 
 use crate::agent::{Agent, admin_entry};
@@ -58,13 +60,13 @@ impl Broker {
     pub async fn issue(
         &self,
         request_id: &str,
-        agent: &Agent,
+        agent: &Arc<Agent>,
         secret: String,
         ttl: u64,
     ) -> Result<Lease> {
         const ACTION: &str = "lease.issue";
-        let pre = names::secret(&secret, "secret").and_then(|()| {
-            agent.rule_for(&secret).map(|_| ()).ok_or_else(|| {
+        let rule = names::secret(&secret, "secret").and_then(|()| {
+            agent.rule_for(&secret).map(str::to_owned).ok_or_else(|| {
                 Error::PermissionDenied(format!(
                     "agent {:?} may not read {secret:?}: it matches none of the agent's allow \
                      rules ({}); ask an admin to extend them",
@@ -73,11 +75,14 @@ impl Broker {
                 ))
             })
         });
-        if let Err(e) = pre {
-            return Err(self
-                .deny(agent.actor(), ACTION, &secret, request_id, e)
-                .await);
-        }
+        let rule = match rule {
+            Ok(rule) => rule,
+            Err(e) => {
+                return Err(self
+                    .deny(agent.actor(), ACTION, &secret, request_id, e)
+                    .await);
+            }
+        };
         let current = match self.read_current(&secret) {
             Ok(c) => c,
             Err(e) => {
@@ -95,13 +100,9 @@ impl Broker {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let lease_id = lease_id(now_ms)?;
-        let (agent_id, max_lifetime, rule) = (
-            agent.id,
-            agent.max_lifetime,
-            agent.rule_for(&secret).unwrap_or_default().to_string(),
-        );
+        let (agent_id, max_lifetime) = (agent.id, agent.max_lifetime);
         let version = current.version;
-        let actor = agent.clone();
+        let actor = Arc::clone(agent);
         let rid = request_id.to_string();
         let name = secret.clone();
         let issued = self
@@ -183,7 +184,7 @@ impl Broker {
     pub async fn renew(
         &self,
         request_id: &str,
-        agent: &Agent,
+        agent: &Arc<Agent>,
         lease_id: String,
         ttl: u64,
     ) -> Result<Lease> {
@@ -193,7 +194,7 @@ impl Broker {
         } else {
             ttl.min(agent.max_ttl)
         };
-        let actor = agent.clone();
+        let actor = Arc::clone(agent);
         let rid = request_id.to_string();
         self.store
             .write(move |ctx| {
@@ -261,11 +262,11 @@ impl Broker {
     pub async fn revoke_own(
         &self,
         request_id: &str,
-        agent: &Agent,
+        agent: &Arc<Agent>,
         lease_id: String,
     ) -> Result<u64> {
         const ACTION: &str = "lease.revoke";
-        let actor = agent.clone();
+        let actor = Arc::clone(agent);
         let rid = request_id.to_string();
         self.store
             .write(move |ctx| {
@@ -282,10 +283,7 @@ impl Broker {
                     ))?;
                     return Ok(Err(e));
                 }
-                let n = ctx.conn.execute(
-                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id = ?3 AND state = 0",
-                    params![lease_state::REVOKED, t, lease_id],
-                )? as u64;
+                let n = revoke_active(ctx.conn, Scope::Id(&lease_id), t)?;
                 ctx.audit(&agent_entry(
                     &actor,
                     ACTION,
@@ -355,7 +353,7 @@ impl Broker {
         self.store
             .write(move |ctx| {
                 let t = now();
-                let (target, n) = match &sel {
+                let (target, scope) = match &sel {
                     Selector::Id(id) => {
                         let exists: Option<i64> = ctx
                             .conn
@@ -366,15 +364,14 @@ impl Broker {
                             ctx.audit(&admin_entry(ACTION, id, false, e.to_string(), &rid))?;
                             return Ok(Err(e));
                         }
-                        (id.clone(), ctx.conn.execute(
-                            "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id = ?3 AND state = 0",
-                            params![lease_state::REVOKED, t, id],
-                        )?)
+                        (id.clone(), Scope::Id(id))
                     }
                     Selector::Agent(name) => {
                         let id: Option<i64> = ctx
                             .conn
-                            .query_row("SELECT id FROM agents WHERE name = ?1", [name], |r| r.get(0))
+                            .query_row("SELECT id FROM agents WHERE name = ?1", [name], |r| {
+                                r.get(0)
+                            })
                             .optional()?;
                         let Some(id) = id else {
                             let e = Error::NotFound(format!(
@@ -383,22 +380,20 @@ impl Broker {
                             ctx.audit(&admin_entry(ACTION, name, false, e.to_string(), &rid))?;
                             return Ok(Err(e));
                         };
-                        (format!("agent:{name}"), ctx.conn.execute(
-                            "UPDATE leases SET state = ?1, ended_at = ?2 WHERE agent_id = ?3 AND state = 0",
-                            params![lease_state::REVOKED, t, id],
-                        )?)
+                        (format!("agent:{name}"), Scope::Agent(id))
                     }
-                    Selector::Secret(name) => (format!("secret:{name}"), ctx.conn.execute(
-                        "UPDATE leases SET state = ?1, ended_at = ?2 WHERE secret = ?3 AND state = 0",
-                        params![lease_state::REVOKED, t, name],
-                    )?),
-                    Selector::All => ("*".to_string(), ctx.conn.execute(
-                        "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0",
-                        params![lease_state::REVOKED, t],
-                    )?),
+                    Selector::Secret(name) => (format!("secret:{name}"), Scope::Secret(name)),
+                    Selector::All => ("*".to_string(), Scope::All),
                 };
-                ctx.audit(&admin_entry(ACTION, &target, true, format!("{n} leases revoked"), &rid))?;
-                Ok(Ok(n as u64))
+                let n = revoke_active(ctx.conn, scope, t)?;
+                ctx.audit(&admin_entry(
+                    ACTION,
+                    &target,
+                    true,
+                    format!("{n} leases revoked"),
+                    &rid,
+                ))?;
+                Ok(Ok(n))
             })
             .await?
     }
@@ -440,6 +435,45 @@ impl Broker {
             }
         }
     }
+}
+
+/// Which active leases a revoke ends.
+pub(crate) enum Scope<'a> {
+    /// One lease.
+    Id(&'a str),
+    /// Every active lease of the agent with this row id.
+    Agent(i64),
+    /// Every active lease on this secret.
+    Secret(&'a str),
+    /// Every active lease.
+    All,
+}
+
+/// Marks the active leases in `scope` revoked at `t`, in the caller's
+/// transaction; returns how many. The one place a revoke is written.
+pub(crate) fn revoke_active(conn: &rusqlite::Connection, scope: Scope<'_>, t: i64) -> Result<u64> {
+    let r = lease_state::REVOKED;
+    let n = match scope {
+        Scope::Id(id) => conn
+            .prepare_cached(
+                "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND id = ?3",
+            )?
+            .execute(params![r, t, id])?,
+        Scope::Agent(id) => conn
+            .prepare_cached(
+                "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND agent_id = ?3",
+            )?
+            .execute(params![r, t, id])?,
+        Scope::Secret(name) => conn
+            .prepare_cached(
+                "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND secret = ?3",
+            )?
+            .execute(params![r, t, name])?,
+        Scope::All => conn
+            .prepare_cached("UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0")?
+            .execute(params![r, t])?,
+    };
+    Ok(n as u64)
 }
 
 struct LeaseRow {

@@ -13,9 +13,10 @@ use crate::error::{Error, Result};
 use crate::init::now;
 use crate::keys::{SymmetricKey, data_key_aad, value_aad};
 
+use crate::agent::admin_entry;
+use crate::lease::{Scope, revoke_active};
 use crate::names;
 use crate::proto::SecretInfo;
-use crate::store::lease_state;
 
 /// The current version of a secret, decrypted.
 pub struct CurrentValue {
@@ -151,13 +152,16 @@ impl Broker {
                     let e = Error::NotFound(format!(
                         "no secret named {name:?}; `tessera secret list` shows what exists"
                     ));
-                    ctx.audit(&deny_entry(&name, "secret.delete", &rid, &e))?;
+                    ctx.audit(&admin_entry(
+                        "secret.delete",
+                        &name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
                     return Ok(Err(e));
                 }
-                let leases = ctx.conn.execute(
-                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE secret = ?3 AND state = 0",
-                    params![lease_state::REVOKED, t, name],
-                )?;
+                let leases = revoke_active(ctx.conn, Scope::Secret(&name), t)?;
                 ctx.audit(&Entry {
                     time: t,
                     actor: ACTOR_ADMIN.into(),
@@ -167,7 +171,7 @@ impl Broker {
                     reason: format!("{versions} versions deleted, {leases} leases revoked"),
                     request_id: rid,
                 })?;
-                Ok(Ok((versions as u64, leases as u64)))
+                Ok(Ok((versions as u64, leases)))
             })
             .await?;
         self.invalidate_current();
@@ -247,18 +251,6 @@ pub struct StoredVersion {
 
 /// Most secrets whose current row is cached.
 const CURRENT_CACHE_MAX: usize = 10_000;
-
-fn deny_entry(target: &str, action: &str, rid: &str, e: &Error) -> Entry {
-    Entry {
-        time: now(),
-        actor: ACTOR_ADMIN.into(),
-        action: action.into(),
-        target: target.into(),
-        allowed: false,
-        reason: e.to_string(),
-        request_id: rid.into(),
-    }
-}
 
 fn secret_info(conn: &rusqlite::Connection, name: &str) -> Result<SecretInfo> {
     Ok(conn.query_row(
