@@ -2,7 +2,7 @@
 # Runs every check and test of tessera, the way CI does.
 #
 # 1. Installs what a fresh Debian machine lacks (apt-get when root, or sudo):
-#    dbus, gnome-keyring, libsecret-tools, age.
+#    dbus, gnome-keyring, libsecret-tools, age, openssl (test certificates).
 # 2. Inside a private D-Bus session with a throw-away HOME and an unlocked
 #    gnome-keyring (the real OS keychain), runs:
 #    cargo fmt --check, cargo clippy --all-targets -D warnings,
@@ -16,6 +16,7 @@ if [[ -z "${TESSERA_TEST_SESSION:-}" ]]; then
     command -v gnome-keyring-daemon >/dev/null || missing+=(gnome-keyring)
     command -v secret-tool >/dev/null || missing+=(libsecret-tools)
     command -v age >/dev/null || missing+=(age)
+    command -v openssl >/dev/null || missing+=(openssl)
     if ((${#missing[@]})); then
         echo "==> installing ${missing[*]}"
         if [[ $(id -u) == 0 ]]; then

@@ -53,6 +53,18 @@ impl CliError {
 
 impl From<Status> for CliError {
     fn from(s: Status) -> Self {
+        // Failures below gRPC (a TLS port spoken to in plain text, a broker
+        // that went away mid-call) arrive as statuses whose text is the
+        // transport's, which tells a person nothing: say what to check.
+        let m = s.message();
+        if m.starts_with("h2 protocol error") || m.contains("transport error") {
+            return CliError::new(
+                Exit::Unavailable,
+                format!(
+                    "the connection to the broker failed below gRPC ({m}); check that                      --addr / TESSERA_ADDR points at a running broker, with https:// and                      --tls-ca if it serves TLS"
+                ),
+            );
+        }
         let exit = match s.code() {
             Code::NotFound => Exit::NotFound,
             Code::Unauthenticated | Code::PermissionDenied => Exit::Denied,
@@ -62,14 +74,7 @@ impl From<Status> for CliError {
             Code::DataLoss => Exit::DataLoss,
             _ => Exit::Failure,
         };
-        let msg = if s.code() == Code::Unavailable && s.message().contains("transport") {
-            "the broker is not reachable; is `tessera serve` running, and does --addr / \
-             TESSERA_ADDR point at it?"
-                .to_string()
-        } else {
-            s.message().to_string()
-        };
-        CliError::new(exit, format!("{msg} ({:?})", s.code()))
+        CliError::new(exit, format!("{m} ({:?})", s.code()))
     }
 }
 

@@ -1,0 +1,205 @@
+//! Transports: TLS on TCP, and the standard reflection service.
+
+use std::path::Path;
+use std::process::Command;
+
+use tessera_e2e::{PASSPHRASE, World};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throw-away CA and a server certificate for localhost / 127.0.0.1.
+fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tessera-test-ca",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext.cnf");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    l.local_addr().expect("addr").port()
+}
+
+#[test]
+fn tls_on_tcp_serves_clients_that_trust_the_ca() {
+    let w = World::new();
+    w.init_passphrase();
+    let certs = w.tmp.path().join("certs");
+    std::fs::create_dir(&certs).expect("certs dir");
+    make_certs(&certs);
+    let port = free_port();
+    // A non-loopback listen address is accepted once TLS is configured.
+    let listen = format!("0.0.0.0:{port}");
+    let cert = certs.join("server.pem");
+    let key = certs.join("server.key");
+    let ca = certs.join("ca.pem");
+    let _s = w.serve(&[
+        "--listen",
+        &listen,
+        "--tls-cert",
+        cert.to_str().expect("utf8"),
+        "--tls-key",
+        key.to_str().expect("utf8"),
+    ]);
+    let https = format!("https://localhost:{port}");
+    let r = w
+        .run(&[
+            "status",
+            "--json",
+            "--addr",
+            &https,
+            "--tls-ca",
+            ca.to_str().expect("utf8"),
+        ])
+        .ok();
+    assert_eq!(r.json()["sealed"], false);
+    // Without trusting the CA, the handshake fails: the broker is unreachable.
+    let r = w.run(&["status", "--addr", &https]).fails_with(6);
+    assert!(r.stderr.contains("not reachable"), "{r:#?}");
+    // Plain text to the TLS port does not work either.
+    let http = format!("http://127.0.0.1:{port}");
+    let r = w.run(&["status", "--addr", &http]).fails_with(6);
+    assert!(r.stderr.contains("https://"), "{r:#?}");
+}
+
+#[test]
+fn tls_key_without_cert_is_a_usage_error() {
+    let w = World::new();
+    w.init_passphrase();
+    let r = w.run_with(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-key",
+            "/nonexistent",
+        ],
+        None,
+        &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+    );
+    assert_eq!(r.code, 2, "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_services_in_v1_and_v1alpha() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let want = [
+        "tessera.v1.Broker",
+        "tessera.v1.Admin",
+        "grpc.health.v1.Health",
+    ];
+
+    use tonic_reflection::pb::v1 as r1;
+    let mut c = r1::server_reflection_client::ServerReflectionClient::new(w.channel().await);
+    let req = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let resp = stream.message().await.expect("reply").expect("one reply");
+    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message_response
+    else {
+        panic!("unexpected v1 reply: {resp:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for w in want {
+        assert!(names.contains(&w), "v1 lists {names:?}, not {w}");
+    }
+
+    use tonic_reflection::pb::v1alpha as ra;
+    let mut c = ra::server_reflection_client::ServerReflectionClient::new(w.channel().await);
+    let req = ra::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(ra::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection v1alpha")
+        .into_inner();
+    let resp = stream.message().await.expect("reply").expect("one reply");
+    let Some(ra::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message_response
+    else {
+        panic!("unexpected v1alpha reply: {resp:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for w in want {
+        assert!(names.contains(&w), "v1alpha lists {names:?}, not {w}");
+    }
+}
