@@ -31,14 +31,32 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// Data directory (store, admin token, default socket).
-    #[arg(long, global = true, env = "TESSERA_DATA_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_DATA_DIR",
+        hide_env_values = true,
+        value_name = "DIR"
+    )]
     pub data_dir: Option<PathBuf>,
     /// Broker address: unix:///path, http://127.0.0.1:PORT or https://HOST:PORT
     /// [default: the socket in the data directory]
-    #[arg(long, global = true, env = "TESSERA_ADDR", value_name = "ADDR")]
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_ADDR",
+        hide_env_values = true,
+        value_name = "ADDR"
+    )]
     pub addr: Option<String>,
     /// CA certificate (PEM) to trust for an https:// address.
-    #[arg(long, global = true, env = "TESSERA_TLS_CA", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_TLS_CA",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     pub tls_ca: Option<PathBuf>,
     /// File holding the admin token [default: DATA_DIR/admin.token; or set TESSERA_ADMIN_TOKEN]
     #[arg(long, global = true, value_name = "FILE")]
@@ -101,7 +119,12 @@ pub struct InitArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Unix socket to listen on [default: DATA_DIR/tessera.sock]
-    #[arg(long, env = "TESSERA_SOCKET", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "TESSERA_SOCKET",
+        hide_env_values = true,
+        value_name = "PATH"
+    )]
     pub socket: Option<PathBuf>,
     /// Socket mode: 600 (owner only) or 660 (owner and group).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
