@@ -5,7 +5,10 @@
 
 use tessera_e2e::World;
 
-fn transcript(w: &World, steps: &[(&[&str], Option<&[u8]>, &[(&str, &str)])]) -> String {
+/// One command of a transcript: arguments, stdin, extra environment.
+type Step<'a> = (&'a [&'a str], Option<&'a [u8]>, &'a [(&'a str, &'a str)]);
+
+fn transcript(w: &World, steps: &[Step<'_>]) -> String {
     let mut out = String::new();
     for (args, stdin, env) in steps {
         let r = w.run_with(args, *stdin, env);
