@@ -2,7 +2,9 @@
 # Runs every check and test of tessera, the way CI does.
 #
 # 1. Installs what a fresh Debian machine lacks (apt-get when root, or sudo):
-#    dbus, gnome-keyring, libsecret-tools, age, openssl (test certificates).
+#    dbus, gnome-keyring, libsecret-tools, age, openssl (test certificates),
+#    nodejs + npm, and the npm package shamir-secret-sharing (tests/interop:
+#    an independent Shamir implementation tessera's shares must match).
 # 2. Inside a private D-Bus session with a throw-away HOME and an unlocked
 #    gnome-keyring (the real OS keychain), runs:
 #    cargo fmt --check, cargo clippy --all-targets -D warnings,
@@ -17,6 +19,8 @@ if [[ -z "${TESSERA_TEST_SESSION:-}" ]]; then
     command -v secret-tool >/dev/null || missing+=(libsecret-tools)
     command -v age >/dev/null || missing+=(age)
     command -v openssl >/dev/null || missing+=(openssl)
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
     if ((${#missing[@]})); then
         echo "==> installing ${missing[*]}"
         if [[ $(id -u) == 0 ]]; then
@@ -35,6 +39,10 @@ if [[ -z "${TESSERA_TEST_SESSION:-}" ]]; then
             rustup component add "$c"
         fi
     done
+    if [[ ! -d tests/interop/node_modules/shamir-secret-sharing ]]; then
+        echo "==> npm ci (tests/interop: shamir-secret-sharing)"
+        npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
+    fi
     export TESSERA_TEST_SESSION=1
     exec dbus-run-session -- bash "$0" "$@"
 fi
