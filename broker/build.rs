@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "../proto/tessera/v1/broker.proto",
         "../proto/tessera/v1/admin.proto",
+        "../proto/tessera/v1/retention.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
@@ -20,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tessera.v1.Lease",
             "tessera.v1.PutSecretRequest",
             "tessera.v1.CreateAgentResponse",
+            "tessera.v1.EncryptRequest",
+            "tessera.v1.DecryptResponse",
+            "tessera.v1.GenerateDataKeyResponse",
         ])
         .compile_with_config(config, &protos, &["../proto"])?;
     Ok(())

@@ -43,6 +43,18 @@ impl Agent {
         format!("agent:{}", self.name)
     }
 
+    /// The first `class:` rule that covers retention class `class`, if any.
+    /// (`*` alone never grants a class: class access is always explicit.)
+    pub fn rule_for_class(&self, class: &str) -> Option<&str> {
+        self.allow
+            .iter()
+            .find(|p| {
+                p.strip_prefix(names::CLASS_RULE)
+                    .is_some_and(|c| names::matches(c, class))
+            })
+            .map(String::as_str)
+    }
+
     /// The first allow rule that covers `secret`, if any.
     pub fn rule_for(&self, secret: &str) -> Option<&str> {
         self.allow

@@ -44,6 +44,13 @@ pub struct Broker {
     source: Source,
     pub(crate) current_rows: RwLock<HashMap<String, Arc<crate::secret::StoredVersion>>>,
     pub(crate) current_gen: std::sync::atomic::AtomicU64,
+    /// The broker's Ed25519 key (PKCS#8): signs destruction certificates.
+    pub(crate) signing_key: Zeroizing<Vec<u8>>,
+    /// Its public half.
+    pub(crate) signing_public: [u8; 32],
+    /// Unwrapped class keys in use; a shred removes its entry (and the key
+    /// is zeroized when the last user drops it).
+    pub(crate) class_keys: RwLock<HashMap<String, Arc<crate::retention::ClassKey>>>,
 }
 
 /// Most agents kept in the token cache before it is cleared.
@@ -68,6 +75,9 @@ impl Broker {
         let admin_token_hash: [u8; 32] = meta_get(&conn, "admin_token_hash")?
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| Error::Store("the store has no admin credential".into()))?;
+        let signing_key = load_signing_key(&conn, &store_id, &root_key)?;
+        let signing_public = tessera_shred::holder::public_of(&signing_key)
+            .map_err(|e| Error::Tampered(format!("the broker's signing key is unusable: {e}")))?;
         let readers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
@@ -84,7 +94,15 @@ impl Broker {
             source,
             current_rows: RwLock::new(HashMap::new()),
             current_gen: std::sync::atomic::AtomicU64::new(0),
+            signing_key,
+            signing_public,
+            class_keys: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// The broker's Ed25519 public key (hex), which signs certificates.
+    pub fn broker_key(&self) -> String {
+        hex(&self.signing_public)
     }
 
     /// Where the root key came from.
@@ -255,6 +273,7 @@ impl Broker {
                 active_leases: count("SELECT count(*) FROM leases WHERE state = 0")?,
                 audit_records: count("SELECT coalesce(max(seq), 0) FROM audit")?,
                 version: env!("CARGO_PKG_VERSION").into(),
+                broker_key: self.broker_key(),
             })
         })
     }
@@ -308,6 +327,30 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<audit::Record> {
         prev_hash: h(r.get(8)?),
         hash: h(r.get(9)?),
     })
+}
+
+/// Reads the broker's signing key, sealed by the root key in `meta`, making
+/// one on first start (stores made before certificates existed have none).
+fn load_signing_key(
+    conn: &rusqlite::Connection,
+    store_id: &str,
+    rk: &RootKey,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let aad = crate::keys::signing_key_aad(store_id);
+    if let Some(sealed) = meta_get(conn, "broker_signing_key")? {
+        return rk.open(&aad, &sealed).ok_or_else(|| {
+            Error::Tampered(
+                "the broker's sealed signing key failed authentication; restore the store from                  a backup"
+                    .into(),
+            )
+        });
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| Error::Internal("cannot generate the broker's signing key".into()))?;
+    let pkcs8 = Zeroizing::new(pkcs8.as_ref().to_vec());
+    store::meta_set(conn, "broker_signing_key", &rk.seal(&aad, &pkcs8)?)?;
+    Ok(pkcs8)
 }
 
 /// The root key's source recorded in the store in `dir`, without unsealing

@@ -164,3 +164,11 @@ pub fn now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+/// A Unix time as RFC 3339 (UTC), for messages people read.
+pub fn rfc3339(t: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
+    )
+    .to_string()
+}

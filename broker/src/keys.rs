@@ -127,6 +127,53 @@ pub fn value_aad(name: &str, version: u64) -> Vec<u8> {
     aad(&[b"tessera/v1/value", name.as_bytes(), &version.to_be_bytes()])
 }
 
+/// AAD for a retention class key wrapped by the root key.
+pub fn class_key_aad(class: &str, generation: u64) -> Vec<u8> {
+    aad(&[
+        b"tessera/v1/class-key",
+        class.as_bytes(),
+        &generation.to_be_bytes(),
+    ])
+}
+
+/// AAD for an envelope data key wrapped by a class key: bound to the class,
+/// the key's row and the caller's encryption context.
+pub fn class_data_key_aad(class: &str, id: u64, context: &[u8]) -> Vec<u8> {
+    aad(&[
+        b"tessera/v1/class-data-key",
+        class.as_bytes(),
+        &id.to_be_bytes(),
+        context,
+    ])
+}
+
+/// AAD for data sealed under an envelope data key.
+pub fn envelope_aad(class: &str, id: u64, context: &[u8]) -> Vec<u8> {
+    aad(&[
+        b"tessera/v1/envelope",
+        class.as_bytes(),
+        &id.to_be_bytes(),
+        context,
+    ])
+}
+
+/// AAD for the broker's Ed25519 signing key wrapped by the root key.
+pub fn signing_key_aad(store_id: &str) -> Vec<u8> {
+    aad(&[b"tessera/v1/broker-signing-key", store_id.as_bytes()])
+}
+
+/// An encryption context in canonical form: pairs sorted by key, each part
+/// length-prefixed, so equal maps always give equal bytes.
+pub fn canonical_context(context: &std::collections::HashMap<String, String>) -> Vec<u8> {
+    let mut pairs: Vec<(&String, &String)> = context.iter().collect();
+    pairs.sort();
+    let parts: Vec<&[u8]> = pairs
+        .iter()
+        .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()])
+        .collect();
+    aad(&parts)
+}
+
 fn aad(parts: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();
     for p in parts {

@@ -10,12 +10,14 @@
 pub mod agent;
 pub mod audit;
 pub mod broker;
+pub mod ceremony;
 pub mod error;
 pub mod init;
 pub mod keys;
 pub mod lease;
 pub mod names;
 pub mod proto;
+pub mod retention;
 pub mod secret;
 pub mod server;
 pub mod service;

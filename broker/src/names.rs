@@ -43,6 +43,35 @@ pub fn agent(name: &str, field: &'static str) -> Result<()> {
     )
 }
 
+/// A retention class name: one segment, e.g. `sox-7y`.
+pub fn class(name: &str, field: &'static str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_AGENT_NAME {
+        return Err(Error::invalid(
+            field,
+            format!("a class name has 1 to {MAX_AGENT_NAME} characters, like `sox-7y`"),
+        ));
+    }
+    segment(name, field, "class names look like `sox-7y` or `gdpr-30d`")
+}
+
+/// A holder role: one segment, e.g. `legal` or `board-escrow`.
+pub fn role(name: &str, field: &'static str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_AGENT_NAME {
+        return Err(Error::invalid(
+            field,
+            format!("a role has 1 to {MAX_AGENT_NAME} characters, like `legal`"),
+        ));
+    }
+    segment(
+        name,
+        field,
+        "roles look like `legal`, `ciso` or `board-escrow`",
+    )
+}
+
+/// Prefix of allow rules that grant envelope encryption under a class.
+pub const CLASS_RULE: &str = "class:";
+
 fn segment(seg: &str, field: &'static str, hint: &str) -> Result<()> {
     let mut chars = seg.chars();
     match chars.next() {
@@ -74,10 +103,19 @@ fn segment(seg: &str, field: &'static str, hint: &str) -> Result<()> {
 }
 
 /// An allow pattern: a secret name in which `*` matches any run of
-/// characters (including `/`), e.g. `openai/*`.
+/// characters (including `/`), e.g. `openai/*`; or `class:NAME` (with `*`
+/// allowed) for envelope encryption under a retention class.
 pub fn pattern(p: &str) -> Result<()> {
     if p == "*" {
         return Ok(());
+    }
+    if let Some(c) = p.strip_prefix(CLASS_RULE) {
+        return class(&c.replace('*', "x"), "allow").map_err(|_| {
+            Error::invalid(
+                "allow",
+                format!("{p:?} is not a valid class rule: use `class:NAME`, e.g. `class:sox-7y`"),
+            )
+        });
     }
     let probe = p.replace('*', "x");
     secret(&probe, "allow").map_err(|_| {

@@ -41,3 +41,30 @@ impl std::fmt::Debug for CreateAgentResponse {
             .finish()
     }
 }
+
+impl std::fmt::Debug for EncryptRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptRequest")
+            .field("class", &self.class)
+            .field("plaintext", &"<redacted>")
+            .field("context", &self.context)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DecryptResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecryptResponse")
+            .field("plaintext", &"<redacted>")
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for GenerateDataKeyResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateDataKeyResponse")
+            .field("plaintext_key", &"<redacted>")
+            .field("ciphertext", &self.ciphertext)
+            .finish()
+    }
+}

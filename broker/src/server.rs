@@ -14,7 +14,10 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::broker::Broker;
 use crate::error::{Error, Result};
-use crate::proto::{admin_server::AdminServer, broker_server::BrokerServer};
+use crate::proto::{
+    admin_server::AdminServer, broker_server::BrokerServer, envelope_server::EnvelopeServer,
+    holders_server::HoldersServer, retention_server::RetentionServer,
+};
 use crate::service::Services;
 
 /// Largest gRPC message accepted (a secret value is far smaller; this only
@@ -104,6 +107,15 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
         .set_serving::<BrokerServer<Services>>()
         .await;
     health_reporter.set_serving::<AdminServer<Services>>().await;
+    health_reporter
+        .set_serving::<RetentionServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<HoldersServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<EnvelopeServer<Services>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -116,6 +128,9 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let services = Services::new(Arc::clone(&broker));
     let broker_svc = BrokerServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
+    let retention_svc = RetentionServer::new(services.clone());
+    let holders_svc = HoldersServer::new(services.clone());
+    let envelope_svc = EnvelopeServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
     let admin_svc = AdminServer::new(services).max_decoding_message_size(MAX_MESSAGE);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -129,7 +144,10 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
         .add_service(reflection_v1.clone())
         .add_service(reflection_v1alpha.clone())
         .add_service(broker_svc.clone())
-        .add_service(admin_svc.clone());
+        .add_service(admin_svc.clone())
+        .add_service(retention_svc.clone())
+        .add_service(holders_svc.clone())
+        .add_service(envelope_svc.clone());
     let uds_stream = UnixListenerStream::new(uds);
     let rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -149,7 +167,10 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(broker_svc)
-            .add_service(admin_svc);
+            .add_service(admin_svc)
+            .add_service(retention_svc)
+            .add_service(holders_svc)
+            .add_service(envelope_svc);
         let rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             router
@@ -171,6 +192,9 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
                         Ok(0) => {}
                         Ok(n) => tracing::info!(expired = n, "swept expired leases"),
                         Err(e) => tracing::warn!(error = %e, "lease sweep failed; will retry"),
+                    }
+                    if let Err(e) = sweeper_broker.retention_tick().await {
+                        tracing::warn!(error = %e, "retention work failed; will retry");
                     }
                 }
                 _ = sweep_rx.changed() => break,

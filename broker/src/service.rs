@@ -13,7 +13,11 @@ use crate::broker::Broker;
 use crate::error::Error;
 use crate::keys::random_id;
 use crate::lease::Selector;
-use crate::proto::{self, admin_server, broker_server, revoke_leases_request};
+use crate::proto::{
+    self, admin_server, broker_server, envelope_server, holders_server, retention_server,
+    revoke_leases_request,
+};
+use crate::retention::HolderCaller;
 
 /// Both services over one shared broker.
 #[derive(Clone)]
@@ -314,5 +318,259 @@ impl admin_server::Admin for Services {
     ) -> Result<Response<proto::StatusResponse>, Status> {
         let _rid = self.admin(&req, "status", "broker").await?;
         Ok(Response::new(self.broker.status()?))
+    }
+}
+
+/// A metadata value as text, if present.
+fn meta<'r, T>(req: &'r Request<T>, key: &str) -> Option<&'r str> {
+    req.metadata().get(key).and_then(|v| v.to_str().ok())
+}
+
+impl Services {
+    async fn holder<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+        target: &str,
+    ) -> Result<(String, HolderCaller), Status> {
+        let rid = request_id(req);
+        let holder = self
+            .broker
+            .authenticate_holder(
+                meta(req, "x-tessera-holder"),
+                meta(req, "x-tessera-holder-time"),
+                meta(req, "x-tessera-holder-signature"),
+                method,
+                target,
+                &rid,
+            )
+            .await?;
+        Ok((rid, holder))
+    }
+}
+
+#[tonic::async_trait]
+impl retention_server::Retention for Services {
+    async fn enroll_holder(
+        &self,
+        req: Request<proto::EnrollHolderRequest>,
+    ) -> Result<Response<proto::HolderInfo>, Status> {
+        let rid = self
+            .admin(&req, "holder.enroll", &req.get_ref().role)
+            .await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker.enroll_holder(&rid, r.role, r.pubkey).await?,
+        ))
+    }
+
+    async fn list_holders(
+        &self,
+        req: Request<proto::ListHoldersRequest>,
+    ) -> Result<Response<proto::ListHoldersResponse>, Status> {
+        let rid = self.admin(&req, "holder.list", "*").await?;
+        let holders = self.broker.list_holders(&rid).await?;
+        Ok(Response::new(proto::ListHoldersResponse { holders }))
+    }
+
+    async fn create_class(
+        &self,
+        req: Request<proto::CreateClassRequest>,
+    ) -> Result<Response<proto::ClassInfo>, Status> {
+        let rid = self
+            .admin(&req, "class.create", &req.get_ref().name)
+            .await?;
+        Ok(Response::new(
+            self.broker.create_class(&rid, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_classes(
+        &self,
+        req: Request<proto::ListClassesRequest>,
+    ) -> Result<Response<proto::ListClassesResponse>, Status> {
+        let rid = self.admin(&req, "class.list", "*").await?;
+        let classes = self.broker.list_classes(&rid).await?;
+        Ok(Response::new(proto::ListClassesResponse { classes }))
+    }
+
+    async fn get_class(
+        &self,
+        req: Request<proto::GetClassRequest>,
+    ) -> Result<Response<proto::ClassInfo>, Status> {
+        let _rid = self.admin(&req, "class.show", &req.get_ref().name).await?;
+        Ok(Response::new(
+            self.broker.class_info(&req.into_inner().name)?,
+        ))
+    }
+
+    async fn place_hold(
+        &self,
+        req: Request<proto::HoldRequest>,
+    ) -> Result<Response<proto::HoldInfo>, Status> {
+        let rid = self.admin(&req, "hold.place", &req.get_ref().class).await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker.place_hold(&rid, r.class, r.reason).await?,
+        ))
+    }
+
+    async fn release_hold(
+        &self,
+        req: Request<proto::HoldRequest>,
+    ) -> Result<Response<proto::HoldInfo>, Status> {
+        let rid = self
+            .admin(&req, "hold.release", &req.get_ref().class)
+            .await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker.release_hold(&rid, r.class, r.reason).await?,
+        ))
+    }
+
+    async fn open_shred(
+        &self,
+        req: Request<proto::OpenShredRequest>,
+    ) -> Result<Response<proto::CeremonyInfo>, Status> {
+        let rid = self.admin(&req, "shred.open", &req.get_ref().class).await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker
+                .open_shred(
+                    &rid,
+                    ACTOR_ADMIN,
+                    r.class,
+                    r.reason,
+                    r.early,
+                    r.expires_seconds,
+                )
+                .await?,
+        ))
+    }
+
+    async fn get_certificate(
+        &self,
+        req: Request<proto::GetCertificateRequest>,
+    ) -> Result<Response<proto::CertificateResponse>, Status> {
+        let _rid = self
+            .admin(&req, "shred.certificate", &req.get_ref().class)
+            .await?;
+        Ok(Response::new(
+            self.broker.certificate(&req.into_inner().class)?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl holders_server::Holders for Services {
+    async fn export_share(
+        &self,
+        req: Request<proto::ExportShareRequest>,
+    ) -> Result<Response<proto::ExportShareResponse>, Status> {
+        let (rid, holder) = self
+            .holder(&req, "ExportShare", &req.get_ref().class)
+            .await?;
+        Ok(Response::new(
+            self.broker
+                .export_share(&rid, &holder, req.into_inner().class)
+                .await?,
+        ))
+    }
+
+    async fn get_ceremony(
+        &self,
+        req: Request<proto::GetCeremonyRequest>,
+    ) -> Result<Response<proto::CeremonyInfo>, Status> {
+        let (rid, holder) = self
+            .holder(&req, "GetCeremony", &req.get_ref().ceremony)
+            .await?;
+        Ok(Response::new(
+            self.broker
+                .get_ceremony(&rid, &holder, &req.into_inner().ceremony)
+                .await?,
+        ))
+    }
+
+    async fn join_shred(
+        &self,
+        req: Request<proto::JoinShredRequest>,
+    ) -> Result<Response<proto::CeremonyInfo>, Status> {
+        let (rid, holder) = self
+            .holder(&req, "JoinShred", &req.get_ref().ceremony)
+            .await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker
+                .join_shred(&rid, &holder, r.ceremony, &r.signature)
+                .await?,
+        ))
+    }
+
+    async fn get_certificate(
+        &self,
+        req: Request<proto::GetCertificateRequest>,
+    ) -> Result<Response<proto::CertificateResponse>, Status> {
+        let (_rid, _holder) = self
+            .holder(&req, "GetCertificate", &req.get_ref().class)
+            .await?;
+        Ok(Response::new(
+            self.broker.certificate(&req.into_inner().class)?,
+        ))
+    }
+
+    async fn confirm_shred(
+        &self,
+        req: Request<proto::ConfirmShredRequest>,
+    ) -> Result<Response<proto::CertificateResponse>, Status> {
+        let (rid, holder) = self
+            .holder(&req, "ConfirmShred", &req.get_ref().class)
+            .await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.broker
+                .confirm_shred(&rid, &holder, r.class, &r.signature)
+                .await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl envelope_server::Envelope for Services {
+    async fn encrypt(
+        &self,
+        req: Request<proto::EncryptRequest>,
+    ) -> Result<Response<proto::EncryptResponse>, Status> {
+        let (rid, agent) = self
+            .agent(&req, "envelope.encrypt", &req.get_ref().class)
+            .await?;
+        Ok(Response::new(
+            self.broker.encrypt(&rid, &agent, req.into_inner()).await?,
+        ))
+    }
+
+    async fn decrypt(
+        &self,
+        req: Request<proto::DecryptRequest>,
+    ) -> Result<Response<proto::DecryptResponse>, Status> {
+        let (rid, agent) = self
+            .agent(&req, "envelope.decrypt", &req.get_ref().class)
+            .await?;
+        Ok(Response::new(
+            self.broker.decrypt(&rid, &agent, req.into_inner()).await?,
+        ))
+    }
+
+    async fn generate_data_key(
+        &self,
+        req: Request<proto::GenerateDataKeyRequest>,
+    ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
+        let (rid, agent) = self
+            .agent(&req, "envelope.datakey", &req.get_ref().class)
+            .await?;
+        Ok(Response::new(
+            self.broker
+                .generate_data_key(&rid, &agent, req.into_inner())
+                .await?,
+        ))
     }
 }

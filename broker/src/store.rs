@@ -76,6 +76,84 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX audit_time ON audit(time);
     ",
+    // 2: key holders, retention classes, legal holds, shred ceremonies.
+    "
+    CREATE TABLE holders (
+        role TEXT PRIMARY KEY,
+        age_recipient TEXT NOT NULL,
+        signing_key BLOB NOT NULL,
+        enrolled_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE holder_keys_retired (
+        role TEXT NOT NULL,
+        signing_key BLOB NOT NULL,
+        retired_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE classes (
+        name TEXT PRIMARY KEY,
+        retain_secs INTEGER NOT NULL,
+        deadline INTEGER NOT NULL,
+        holders TEXT NOT NULL,
+        threshold INTEGER NOT NULL,
+        early_threshold INTEGER NOT NULL,
+        key_fingerprint BLOB NOT NULL,
+        generation INTEGER NOT NULL,
+        wrapped_key BLOB,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        shredded_at INTEGER,
+        certificate TEXT
+    ) STRICT;
+    CREATE TABLE class_shares (
+        class TEXT NOT NULL,
+        role TEXT NOT NULL,
+        sealed TEXT NOT NULL,
+        PRIMARY KEY (class, role)
+    ) STRICT;
+    CREATE TABLE class_data_keys (
+        id INTEGER PRIMARY KEY,
+        class TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        wrapped BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX class_data_keys_class ON class_data_keys(class);
+    CREATE TABLE holds (
+        id INTEGER PRIMARY KEY,
+        class TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        placed_at INTEGER NOT NULL,
+        released_at INTEGER,
+        release_reason TEXT
+    ) STRICT;
+    CREATE INDEX holds_class ON holds(class);
+    CREATE TABLE ceremonies (
+        id TEXT PRIMARY KEY,
+        class TEXT NOT NULL,
+        statement TEXT NOT NULL,
+        action TEXT NOT NULL,
+        required INTEGER NOT NULL,
+        opened_by TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        opened_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        state TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX ceremonies_class ON ceremonies(class);
+    CREATE TABLE ceremony_joins (
+        ceremony TEXT NOT NULL,
+        role TEXT NOT NULL,
+        signature BLOB NOT NULL,
+        joined_at INTEGER NOT NULL,
+        PRIMARY KEY (ceremony, role)
+    ) STRICT;
+    CREATE TABLE confirmations (
+        class TEXT NOT NULL,
+        role TEXT NOT NULL,
+        signature BLOB NOT NULL,
+        confirmed_at INTEGER NOT NULL,
+        PRIMARY KEY (class, role)
+    ) STRICT;
+    ",
 ];
 
 /// Lease states as stored.
@@ -263,6 +341,15 @@ type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 /// succeeded (else its savepoint is rolled back) and how to answer.
 type Job = Box<dyn for<'c> FnOnce(Option<&mut WriteCtx<'c>>) -> (bool, Completion) + Send>;
 
+/// What the writer thread takes from its queue.
+enum Cmd {
+    /// A write, batched with its neighbours into one transaction.
+    Write(Job),
+    /// Maintenance that must run outside any transaction (checkpoint,
+    /// VACUUM), between batches.
+    Maintain(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
 /// Most jobs applied in one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -271,7 +358,7 @@ pub struct Store {
     path: PathBuf,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
-    writer: mpsc::Sender<Job>,
+    writer: mpsc::Sender<Cmd>,
 }
 
 impl Store {
@@ -317,7 +404,7 @@ impl Store {
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the checkpoint thread: {e}")))?;
-        let (tx, rx) = mpsc::channel::<Job>(8192);
+        let (tx, rx) = mpsc::channel::<Cmd>(8192);
         std::thread::Builder::new()
             .name("tessera-writer".into())
             .spawn(move || writer_loop(conn, chain, rx))
@@ -378,7 +465,25 @@ impl Store {
             });
             (ok, done)
         });
-        self.writer.send(job).await.map_err(|_| stopped())?;
+        self.writer
+            .send(Cmd::Write(job))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `f` on the writer's connection outside any transaction, after
+    /// everything queued before it has committed (for `wal_checkpoint` and
+    /// `VACUUM`, which cannot run inside one).
+    pub async fn maintain<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let cmd = Cmd::Maintain(Box::new(move |conn: &mut Connection| {
+            let _ = tx.send(f(conn));
+        }));
+        self.writer.send(cmd).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -430,13 +535,32 @@ fn last_row_head(conn: &Connection) -> Result<Head> {
         .unwrap_or_default())
 }
 
-fn writer_loop(mut conn: Connection, mut chain: Chain, mut rx: mpsc::Receiver<Job>) {
+fn writer_loop(mut conn: Connection, mut chain: Chain, mut rx: mpsc::Receiver<Cmd>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
+    let mut held: Option<Cmd> = None;
+    loop {
+        let first = match held.take() {
+            Some(c) => c,
+            None => match rx.blocking_recv() {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        match first {
+            Cmd::Maintain(f) => {
+                f(&mut conn);
+                continue;
+            }
+            Cmd::Write(j) => batch.push(j),
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(j) => batch.push(j),
+                Ok(Cmd::Write(j)) => batch.push(j),
+                Ok(m @ Cmd::Maintain(_)) => {
+                    // Runs after this batch commits, keeping queue order.
+                    held = Some(m);
+                    break;
+                }
                 Err(_) => break,
             }
         }

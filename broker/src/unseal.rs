@@ -204,9 +204,9 @@ fn keychain_user(store_id: &str) -> String {
 fn credential_store(which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
     let store: Arc<keyring_core::CredentialStore> = match which {
         KeychainStore::SecretService => zbus_secret_service_keyring_store::Store::new()
-            .map_err(|e| keychain_error(&e, "open the Secret Service keychain"))?,
+            .map_err(|e| keychain_error(&e, "keychain", "open the Secret Service keychain"))?,
         KeychainStore::Keyutils => linux_keyutils_keyring_store::Store::new()
-            .map_err(|e| keychain_error(&e, "open the kernel keyutils keyring"))?,
+            .map_err(|e| keychain_error(&e, "keychain", "open the kernel keyutils keyring"))?,
     };
     Ok(store)
 }
@@ -214,7 +214,7 @@ fn credential_store(which: KeychainStore) -> Result<Arc<keyring_core::Credential
 /// Runs a keychain call on its own thread with a timeout: a keyring that
 /// wants to prompt with no display must not hang the broker.
 fn with_timeout<T: Send + 'static>(
-    what: &'static str,
+    what: String,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -230,55 +230,101 @@ fn with_timeout<T: Send + 'static>(
     })
 }
 
+/// A named item in an OS keychain: which store, the service and user it is
+/// filed under, and what it is (for messages).
+#[derive(Debug, Clone)]
+pub struct KeychainItem {
+    /// The keychain backend.
+    pub store: KeychainStore,
+    /// Service name, e.g. `tessera` or `tessera-holder`.
+    pub service: String,
+    /// User name within the service.
+    pub user: String,
+    /// What the item is, e.g. "root key"; used in error messages.
+    pub what: &'static str,
+}
+
+impl KeychainItem {
+    fn entry(&self, doing: &str) -> Result<keyring_core::Entry> {
+        let store = credential_store(self.store)?;
+        keyring_core::Entry::new_in_store(&store, &self.service, &self.user)
+            .map_err(|e| keychain_error(&e, self.what, doing))
+    }
+
+    /// Stores `bytes` (replacing any previous value).
+    pub fn write(&self, bytes: Zeroizing<Vec<u8>>) -> Result<()> {
+        let item = self.clone();
+        with_timeout(format!("store the {}", self.what), move || {
+            item.entry("create the keychain entry")?
+                .set_secret(&bytes)
+                .map_err(|e| keychain_error(&e, item.what, &format!("store the {}", item.what)))
+        })
+    }
+
+    /// Reads the stored bytes.
+    pub fn read(&self) -> Result<Zeroizing<Vec<u8>>> {
+        let item = self.clone();
+        with_timeout(format!("read the {}", self.what), move || {
+            Ok(Zeroizing::new(
+                item.entry("open the keychain entry")?
+                    .get_secret()
+                    .map_err(|e| {
+                        keychain_error(&e, item.what, &format!("read the {}", item.what))
+                    })?,
+            ))
+        })
+    }
+
+    /// Whether the item exists (any keychain failure reads as "no").
+    pub fn exists(&self) -> bool {
+        self.read().is_ok()
+    }
+
+    /// Deletes the item.
+    pub fn delete(&self) -> Result<()> {
+        let item = self.clone();
+        with_timeout(format!("delete the {}", self.what), move || {
+            item.entry("open the keychain entry")?
+                .delete_credential()
+                .map_err(|e| keychain_error(&e, item.what, &format!("delete the {}", item.what)))
+        })
+    }
+}
+
+fn root_item(which: KeychainStore, store_id: &str) -> KeychainItem {
+    KeychainItem {
+        store: which,
+        service: KEYCHAIN_SERVICE.into(),
+        user: keychain_user(store_id),
+        what: "root key",
+    }
+}
+
 fn keychain_set(which: KeychainStore, store_id: &str, rk: &RootKey) -> Result<()> {
-    let user = keychain_user(store_id);
-    let bytes = Zeroizing::new(rk.expose_bytes().to_vec());
-    with_timeout("store the root key", move || {
-        let store = credential_store(which)?;
-        let entry = keyring_core::Entry::new_in_store(&store, KEYCHAIN_SERVICE, &user)
-            .map_err(|e| keychain_error(&e, "create the keychain entry"))?;
-        entry
-            .set_secret(&bytes)
-            .map_err(|e| keychain_error(&e, "store the root key"))
-    })
+    root_item(which, store_id).write(Zeroizing::new(rk.expose_bytes().to_vec()))
 }
 
 fn keychain_get(which: KeychainStore, store_id: &str) -> Result<RootKey> {
-    let user = keychain_user(store_id);
-    with_timeout("read the root key", move || {
-        let store = credential_store(which)?;
-        let entry = keyring_core::Entry::new_in_store(&store, KEYCHAIN_SERVICE, &user)
-            .map_err(|e| keychain_error(&e, "open the keychain entry"))?;
-        let raw = Zeroizing::new(
-            entry
-                .get_secret()
-                .map_err(|e| keychain_error(&e, "read the root key"))?,
-        );
-        SymmetricKey::from_bytes(&raw)
-    })
+    let raw = root_item(which, store_id).read()?;
+    SymmetricKey::from_bytes(&raw)
 }
 
 /// Removes this store's root key from the keychain (used when `init` fails
 /// half-way, so no orphan key is left behind).
 pub fn keychain_delete(which: KeychainStore, store_id: &str) -> Result<()> {
-    let user = keychain_user(store_id);
-    with_timeout("delete the root key", move || {
-        let store = credential_store(which)?;
-        let entry = keyring_core::Entry::new_in_store(&store, KEYCHAIN_SERVICE, &user)
-            .map_err(|e| keychain_error(&e, "open the keychain entry"))?;
-        entry
-            .delete_credential()
-            .map_err(|e| keychain_error(&e, "delete the root key"))
-    })
+    root_item(which, store_id).delete()
 }
 
-fn keychain_error(e: &keyring_core::Error, doing: &str) -> Error {
+fn keychain_error(e: &keyring_core::Error, what: &str, doing: &str) -> Error {
     use keyring_core::Error as K;
     let msg = match e {
-        K::NoEntry => format!(
+        K::NoEntry if what == "root key" => format!(
             "the OS keychain has no root key for this store (could not {doing}); nothing was \
              changed. Was the store initialised by another user or on another machine?"
         ),
+        K::NoEntry => {
+            format!("the OS keychain has no {what} (could not {doing}); nothing was changed")
+        }
         K::NoStorageAccess(_) => format!(
             "the OS keychain is locked or has no default collection (could not {doing}); \
              unlock it (e.g. log in to the desktop, or `gnome-keyring-daemon --unlock`) and retry"
@@ -289,7 +335,7 @@ fn keychain_error(e: &keyring_core::Error, doing: &str) -> Error {
         ),
         // These two carry the raw stored bytes: never format them.
         K::BadEncoding(_) | K::BadDataFormat(..) => format!(
-            "the OS keychain holds something that is not a tessera root key (could not {doing})"
+            "the OS keychain holds something that is not a tessera {what} (could not {doing})"
         ),
         other => format!("the OS keychain failed (could not {doing}): {other}"),
     };

@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tessera_broker::proto::{admin_client::AdminClient, broker_client::BrokerClient};
+use tessera_broker::proto::{
+    admin_client::AdminClient, broker_client::BrokerClient, envelope_client::EnvelopeClient,
+    holders_client::HoldersClient, retention_client::RetentionClient,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
@@ -147,6 +150,21 @@ impl Target {
     /// An admin client.
     pub async fn admin(&self) -> Result<AdminClient<Channel>, CliError> {
         Ok(AdminClient::new(self.channel().await?))
+    }
+
+    /// A retention-admin client.
+    pub async fn retention(&self) -> Result<RetentionClient<Channel>, CliError> {
+        Ok(RetentionClient::new(self.channel().await?))
+    }
+
+    /// A key-holder client.
+    pub async fn holders(&self) -> Result<HoldersClient<Channel>, CliError> {
+        Ok(HoldersClient::new(self.channel().await?))
+    }
+
+    /// An envelope-encryption client (agents).
+    pub async fn envelope(&self) -> Result<EnvelopeClient<Channel>, CliError> {
+        Ok(EnvelopeClient::new(self.channel().await?))
     }
 
     /// An agent client.

@@ -28,14 +28,21 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Lease(c) => lease(g, c).await,
         Command::Audit(c) => audit(g, c).await,
         Command::Status => status(g).await,
+        Command::Holder(c) => crate::retention::holder(g, c).await,
+        Command::Class(c) => crate::retention::class(g, c).await,
+        Command::Hold(c) => crate::retention::hold(g, c).await,
+        Command::Shred(c) => crate::retention::shred(g, c).await,
+        Command::Shares(c) => crate::retention::shares(g, c),
+        Command::Encrypt(a) => crate::retention::encrypt(g, a).await,
+        Command::Decrypt(a) => crate::retention::decrypt(g, a).await,
     }
 }
 
-fn data_dir(g: &Global) -> DataDir {
+pub(crate) fn data_dir(g: &Global) -> DataDir {
     DataDir::new(g.data_dir.clone().unwrap_or_else(DataDir::default_path))
 }
 
-fn target(g: &Global) -> Target {
+pub(crate) fn target(g: &Global) -> Target {
     match &g.addr {
         Some(a) => Target {
             addr: a.clone(),
@@ -47,7 +54,7 @@ fn target(g: &Global) -> Target {
 
 /// The admin token: TESSERA_ADMIN_TOKEN, else --admin-token-file, else the
 /// data directory's admin.token.
-fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
+pub(crate) fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
     if let Ok(t) = std::env::var("TESSERA_ADMIN_TOKEN")
         && !t.is_empty()
     {
@@ -70,7 +77,7 @@ fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
     Ok(Zeroizing::new(raw.trim().to_string()))
 }
 
-fn agent_token() -> Result<Zeroizing<String>, CliError> {
+pub(crate) fn agent_token() -> Result<Zeroizing<String>, CliError> {
     match std::env::var("TESSERA_TOKEN") {
         Ok(t) if !t.is_empty() => Ok(Zeroizing::new(t)),
         _ => Err(CliError::new(
@@ -122,11 +129,11 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<Vec<u8>>, 
     ))
 }
 
-fn print_json(v: serde_json::Value) {
+pub(crate) fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
-fn time(t: i64) -> String {
+pub(crate) fn time(t: i64) -> String {
     if t <= 0 {
         return "-".into();
     }
@@ -599,6 +606,7 @@ async fn status(g: &Global) -> Result<(), CliError> {
             "active_leases": s.active_leases,
             "audit_records": s.audit_records,
             "version": s.version,
+            "broker_key": s.broker_key,
         }));
     } else {
         println!(
@@ -611,6 +619,7 @@ async fn status(g: &Global) -> Result<(), CliError> {
             "secrets: {}  agents: {}  active leases: {}  audit records: {}",
             s.secrets, s.agents, s.active_leases, s.audit_records
         );
+        println!("broker key (signs certificates): {}", s.broker_key);
     }
     Ok(())
 }

@@ -7,6 +7,8 @@
 pub mod client;
 mod commands;
 pub mod demo;
+pub mod holder_key;
+mod retention;
 
 use std::path::PathBuf;
 
@@ -91,6 +93,227 @@ pub enum Command {
     Audit(AuditCmd),
     /// Show the broker's state (admin).
     Status,
+    /// Key holders: make keys, enrol roles, export sealed shares.
+    #[command(subcommand)]
+    Holder(HolderCmd),
+    /// Retention classes: keys split among holders, with a deadline (admin).
+    #[command(subcommand)]
+    Class(ClassCmd),
+    /// Legal holds that block shredding a class (admin).
+    #[command(subcommand)]
+    Hold(HoldCmd),
+    /// The quorum shred ceremony and its destruction certificate.
+    #[command(subcommand)]
+    Shred(ShredCmd),
+    /// Work with decrypted or sealed shares offline (no broker needed).
+    #[command(subcommand)]
+    Shares(SharesCmd),
+    /// Envelope-encrypt stdin under a class key, as an agent (TESSERA_TOKEN).
+    Encrypt(EnvelopeArgs),
+    /// Decrypt stdin (from `tessera encrypt`), as an agent (TESSERA_TOKEN).
+    Decrypt(EnvelopeArgs),
+}
+
+/// Which holder is acting, and where their keys are.
+#[derive(Debug, Args)]
+pub struct HolderArgs {
+    /// The holder's role, e.g. legal.
+    #[arg(long)]
+    pub role: String,
+    /// The holder's key file instead of the OS keychain.
+    #[arg(long, value_name = "FILE")]
+    pub identity_file: Option<PathBuf>,
+}
+
+/// `tessera holder …`.
+#[derive(Debug, Subcommand)]
+pub enum HolderCmd {
+    /// Make a holder's keys (age X25519 + Ed25519) in the holder's keychain
+    /// (or --identity-file) and print the public key to enrol.
+    Init(HolderArgs),
+    /// Bind a role to a holder's public key (admin).
+    Enroll {
+        /// The role, e.g. legal.
+        #[arg(long)]
+        role: String,
+        /// The public key `tessera holder init` printed.
+        #[arg(long)]
+        pubkey: String,
+    },
+    /// Roles, key fingerprints, enrolment times (admin).
+    List,
+    /// A holder's shares.
+    #[command(subcommand)]
+    Share(HolderShareCmd),
+}
+
+/// `tessera holder share …`.
+#[derive(Debug, Subcommand)]
+pub enum HolderShareCmd {
+    /// Write this holder's age-sealed share of a class to a file.
+    Export {
+        #[allow(missing_docs)]
+        #[command(flatten)]
+        holder: HolderArgs,
+        /// The class.
+        #[arg(long)]
+        class: String,
+        /// Where to write it (created 0600, never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// `tessera class …`.
+#[derive(Debug, Subcommand)]
+pub enum ClassCmd {
+    /// Make a class key, split it among the holders' roles, seal each share.
+    Create {
+        /// Class name, e.g. sox-7y.
+        name: String,
+        /// How long data is kept, e.g. 7y, 30d, 10s.
+        #[arg(long, value_parser = parse_duration)]
+        retain: std::time::Duration,
+        /// Holder roles, comma-separated, e.g. legal,compliance,ciso,board.
+        #[arg(long, value_delimiter = ',', required = true)]
+        holders: Vec<String>,
+        /// Shares needed to recombine the key (and roles to join a shred).
+        #[arg(long)]
+        threshold: u32,
+        /// Roles an early shred needs [default: all holders]
+        #[arg(long)]
+        early_threshold: Option<u32>,
+    },
+    /// Every class: deadline, holders, threshold, state.
+    List,
+    /// One class with its legal holds and ceremonies.
+    Show {
+        /// Class name.
+        name: String,
+    },
+}
+
+/// `tessera hold …`.
+#[derive(Debug, Subcommand)]
+pub enum HoldCmd {
+    /// Place a legal hold: no shred while it stands.
+    Place {
+        /// The class.
+        #[arg(long)]
+        class: String,
+        /// Why, e.g. 'litigation 2026-17'.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release the class's standing holds.
+    Release {
+        /// The class.
+        #[arg(long)]
+        class: String,
+        /// Why, e.g. 'case closed'.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// `tessera shred …`.
+#[derive(Debug, Subcommand)]
+pub enum ShredCmd {
+    /// Open a shred ceremony (admin).
+    Open {
+        /// The class.
+        #[arg(long)]
+        class: String,
+        /// Why (recorded in the audit trail).
+        #[arg(long, default_value = "retention period ended")]
+        reason: String,
+        /// Before the deadline: needs the class's early threshold.
+        #[arg(long)]
+        early: bool,
+        /// How long holders have to join.
+        #[arg(long, default_value = "72h", value_parser = parse_duration)]
+        expires: std::time::Duration,
+    },
+    /// Show a ceremony's statement and sign it as a holder.
+    Join {
+        /// Ceremony id (cer_…).
+        ceremony: String,
+        #[allow(missing_docs)]
+        #[command(flatten)]
+        holder: HolderArgs,
+        /// Sign without asking (the statement is still printed).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Confirm, as a holder, that your offline copy of the share is destroyed.
+    Confirm {
+        /// The shredded class.
+        #[arg(long)]
+        class: String,
+        #[allow(missing_docs)]
+        #[command(flatten)]
+        holder: HolderArgs,
+    },
+    /// Destruction certificates.
+    #[command(subcommand)]
+    Certificate(CertificateCmd),
+}
+
+/// `tessera shred certificate …`.
+#[derive(Debug, Subcommand)]
+pub enum CertificateCmd {
+    /// Print (or write) a shredded class's certificate (admin).
+    Show {
+        /// The class.
+        #[arg(long)]
+        class: String,
+        /// Write it to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Check a certificate offline; exit 9 if it does not verify.
+    Verify {
+        /// The certificate file.
+        file: PathBuf,
+        /// The broker's public key (hex, from `tessera status`) to pin.
+        #[arg(long)]
+        broker_key: Option<String>,
+    },
+}
+
+/// `tessera shares …`.
+#[derive(Debug, Subcommand)]
+pub enum SharesCmd {
+    /// Recombine a class key from share files (decrypted, or .age with
+    /// --identity-file); prints the key's fingerprint, and the key with --reveal.
+    Combine {
+        /// Share files: `tessera-share-v1` text, or age-sealed.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Holder key files to open age-sealed shares (repeatable).
+        #[arg(long, value_name = "FILE")]
+        identity_file: Vec<PathBuf>,
+        /// Print the recombined key (hex) on stdout.
+        #[arg(long)]
+        reveal: bool,
+    },
+}
+
+/// `tessera encrypt|decrypt`.
+#[derive(Debug, Args)]
+pub struct EnvelopeArgs {
+    /// The retention class.
+    #[arg(long)]
+    pub class: String,
+    /// Encryption context KEY=VALUE (repeatable); must match to decrypt.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "write the context as KEY=VALUE, e.g. --context tenant=acme".to_string())
 }
 
 /// Where the root key lives.

@@ -89,3 +89,13 @@ pub fn verify(key: &[u8], message: &[u8], signature: &[u8]) -> bool {
         .verify(message, signature)
         .is_ok()
 }
+
+/// How far a signed holder request's time may be from the broker's clock.
+pub const REQUEST_SKEW_SECS: i64 = 300;
+
+/// The text a holder signs to authenticate one request: the role, the RPC
+/// method, its target (class or ceremony id) and the time, so a signature
+/// cannot be reused for another request or long after.
+pub fn request_text(role: &str, method: &str, target: &str, time: i64) -> String {
+    format!("tessera-holder-request-v1\n{role}\n{method}\n{target}\n{time}\n")
+}

@@ -1,0 +1,765 @@
+//! The quorum shred ceremony: opened by an admin (or by the broker when a
+//! class's deadline passes), joined by holders who sign its statement, and
+//! completed when enough distinct roles have joined: the broker destroys
+//! the wrapped class key, every sealed share and every envelope data key in
+//! one transaction together with a signed destruction certificate, then
+//! checkpoints and compacts the store so no page of the database or WAL
+//! still holds them.
+//!
+//! Crash safety: joins commit on their own; destruction and certificate
+//! commit together (so a destroyed key without a certificate cannot
+//! exist); compaction is flagged in the same transaction and resumed at the
+//! next start. An open ceremony that reached its quorum before a crash is
+//! completed by the next tick.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tessera_shred::ceremony::{self as rules, OpenRefusal, Statement};
+use tessera_shred::certificate::{self, Certificate};
+
+use crate::audit::{ACTOR_SYSTEM, Entry};
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::init::{now, rfc3339};
+use crate::keys::{fill_random, hex, random_id};
+use crate::proto;
+use crate::retention::{
+    HolderCaller, class_state, judge_role_signature, load_class, no_class, shredded_error,
+    signed_part, standing_holds,
+};
+use crate::store::{meta_get, meta_set};
+
+/// Ceremony states as stored.
+pub mod state {
+    /// Holders may join.
+    pub const OPEN: &str = "open";
+    /// The key was destroyed.
+    pub const DONE: &str = "done";
+    /// It expired before enough holders joined.
+    pub const EXPIRED: &str = "expired";
+    /// A legal hold cancelled it.
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// Longest a ceremony may stay open (30 days).
+pub const MAX_EXPIRY_SECS: u64 = 30 * 24 * 3600;
+
+/// Test hook: with `TESSERA_FAULT=<point>` the broker aborts at that point
+/// (as `kill -9` would), so tests can show each step is crash-safe. Points:
+/// `shred-before-destroy`, `shred-in-destroy`, `shred-before-compact`,
+/// `shred-mid-compact`.
+fn fault(point: &str) {
+    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p == point) {
+        eprintln!("TESSERA_FAULT: aborting at {point}");
+        std::process::abort();
+    }
+}
+
+struct CeremonyRow {
+    id: String,
+    class: String,
+    statement: String,
+    action: String,
+    required: u32,
+    opened_by: String,
+    reason: String,
+    opened_at: i64,
+    expires_at: i64,
+    state: String,
+}
+
+fn load_ceremony(conn: &Connection, id: &str) -> Result<Option<CeremonyRow>> {
+    Ok(conn
+        .query_row(
+            "SELECT id, class, statement, action, required, opened_by, reason, opened_at,
+                    expires_at, state FROM ceremonies WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(CeremonyRow {
+                    id: r.get(0)?,
+                    class: r.get(1)?,
+                    statement: r.get(2)?,
+                    action: r.get(3)?,
+                    required: r.get::<_, i64>(4)? as u32,
+                    opened_by: r.get(5)?,
+                    reason: r.get(6)?,
+                    opened_at: r.get(7)?,
+                    expires_at: r.get(8)?,
+                    state: r.get(9)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+fn joins(conn: &Connection, id: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT role, signature FROM ceremony_joins WHERE ceremony = ?1 ORDER BY joined_at, role",
+    )?;
+    let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A ceremony as the API shows it.
+pub(crate) fn ceremony_info(conn: &Connection, id: &str) -> Result<proto::CeremonyInfo> {
+    let c = load_ceremony(conn, id)?.ok_or_else(|| no_ceremony(id))?;
+    Ok(proto::CeremonyInfo {
+        joined: joins(conn, id)?.into_iter().map(|(r, _)| r).collect(),
+        id: c.id,
+        class: c.class,
+        statement: c.statement,
+        action: c.action,
+        required: c.required,
+        opened_by: c.opened_by,
+        reason: c.reason,
+        opened_at: c.opened_at,
+        expires_at: c.expires_at,
+        state: c.state,
+    })
+}
+
+fn no_ceremony(id: &str) -> Error {
+    Error::NotFound(format!(
+        "no shred ceremony {id:?}; `tessera class show CLASS` lists a class's ceremonies"
+    ))
+}
+
+fn open_ceremony_of(conn: &Connection, class: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT id FROM ceremonies WHERE class = ?1 AND state = 'open'",
+            [class],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Opens a ceremony inside a write transaction; `Ok(Err(_))` is a refusal
+/// (already audited by the caller).
+fn open_in_tx(
+    conn: &Connection,
+    class: &str,
+    opened_by: &str,
+    reason: &str,
+    early: bool,
+    expires_secs: u64,
+    t: i64,
+) -> Result<Result<String>> {
+    let Some(c) = load_class(conn, class)? else {
+        return Ok(Err(no_class(class)));
+    };
+    let holds: Vec<String> = standing_holds(conn, class)?
+        .into_iter()
+        .map(|(id, r)| format!("hold {id}: {r}"))
+        .collect();
+    let shredded = c.state == class_state::SHREDDED;
+    let decided = rules::may_open(
+        t,
+        c.deadline,
+        early,
+        shredded,
+        &holds,
+        c.threshold,
+        c.early_threshold,
+    );
+    let (action, required) = match decided {
+        Ok(v) => v,
+        Err(OpenRefusal::AlreadyShredded) => return Ok(Err(shredded_error(&c))),
+        Err(OpenRefusal::Hold { reason }) => {
+            return Ok(Err(Error::FailedPrecondition(format!(
+                "class {class} is under legal hold ({reason}); nothing can be shredded until \
+                 `tessera hold release --class {class} --reason …`"
+            ))));
+        }
+        Err(OpenRefusal::BeforeDeadline { deadline }) => {
+            return Ok(Err(Error::FailedPrecondition(format!(
+                "class {class} must be kept until {} (another {}); to shred it before then, \
+                 open with --early: {} of its {} holders must join",
+                rfc3339(deadline),
+                humantime::format_duration(std::time::Duration::from_secs((deadline - t) as u64)),
+                c.early_threshold,
+                c.holders.len()
+            ))));
+        }
+    };
+    if let Some(id) = open_ceremony_of(conn, class)? {
+        return Ok(Err(Error::AlreadyExists(format!(
+            "shred ceremony {id} is already open for class {class}; holders join it with \
+             `tessera shred join {id}`"
+        ))));
+    }
+    let id = random_id("cer_")?;
+    let mut nonce = [0u8; 16];
+    fill_random(&mut nonce)?;
+    let statement = Statement {
+        ceremony: id.clone(),
+        class: class.to_string(),
+        key_fingerprint: c.key_fingerprint,
+        deadline: c.deadline,
+        nonce,
+        action,
+        expires: t.saturating_add(expires_secs as i64),
+    };
+    conn.execute(
+        "INSERT INTO ceremonies (id, class, statement, action, required, opened_by, reason,
+            opened_at, expires_at, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open')",
+        params![
+            id,
+            class,
+            statement.to_text(),
+            action.name(),
+            required as i64,
+            opened_by,
+            reason,
+            t,
+            statement.expires
+        ],
+    )?;
+    conn.execute(
+        "UPDATE classes SET state = 'shredding' WHERE name = ?1",
+        [class],
+    )?;
+    Ok(Ok(id))
+}
+
+impl Broker {
+    /// Opens a shred ceremony for `class` (an admin, or the broker itself at
+    /// the deadline).
+    pub async fn open_shred(
+        &self,
+        request_id: &str,
+        actor: &str,
+        class: String,
+        reason: String,
+        early: bool,
+        expires_secs: u64,
+    ) -> Result<proto::CeremonyInfo> {
+        let expires_secs = if expires_secs == 0 {
+            rules::DEFAULT_EXPIRY_SECS as u64
+        } else {
+            expires_secs
+        };
+        if expires_secs > MAX_EXPIRY_SECS {
+            let e = Error::invalid("expires", "a ceremony may stay open at most 30 days");
+            return Err(self
+                .deny(actor.into(), "shred.open", &class, request_id, e)
+                .await);
+        }
+        let rid = request_id.to_string();
+        let actor = actor.to_string();
+        let id = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let out = open_in_tx(ctx.conn, &class, &actor, &reason, early, expires_secs, t)?;
+                let why = match &out {
+                    Ok(id) => format!(
+                        "ceremony {id} opened{}: {reason}",
+                        if early { " (early)" } else { "" }
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                ctx.audit(&Entry {
+                    time: t,
+                    actor,
+                    action: "shred.open".into(),
+                    target: class,
+                    allowed: out.is_ok(),
+                    reason: why,
+                    request_id: rid,
+                })?;
+                Ok(out)
+            })
+            .await??;
+        self.store.read(|conn| ceremony_info(conn, &id))
+    }
+
+    /// A ceremony and its statement, for a holder about to sign it.
+    pub async fn get_ceremony(
+        &self,
+        request_id: &str,
+        holder: &HolderCaller,
+        id: &str,
+    ) -> Result<proto::CeremonyInfo> {
+        let out = self.store.read(|conn| ceremony_info(conn, id));
+        self.audit(Entry {
+            time: now(),
+            actor: holder.actor(),
+            action: "shred.show".into(),
+            target: id.into(),
+            allowed: out.is_ok(),
+            reason: match &out {
+                Ok(c) => format!("statement of class {} shown", c.class),
+                Err(e) => e.to_string(),
+            },
+            request_id: request_id.into(),
+        })
+        .await?;
+        out
+    }
+
+    /// A holder joins a ceremony with a signature over its statement. When
+    /// the quorum is reached the class key is destroyed before the reply.
+    pub async fn join_shred(
+        &self,
+        request_id: &str,
+        holder: &HolderCaller,
+        id: String,
+        signature_hex: &str,
+    ) -> Result<proto::CeremonyInfo> {
+        let Some(signature) = tessera_shred::unhex(signature_hex) else {
+            let e = Error::invalid("signature", "the signature is not hex");
+            return Err(self
+                .deny(holder.actor(), "shred.join", &id, request_id, e)
+                .await);
+        };
+        let rid = request_id.to_string();
+        let role = holder.role.clone();
+        let actor = holder.actor();
+        let cid = id.clone();
+        let quorum = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let out = join_in_tx(ctx.conn, &cid, &role, &signature, t)?;
+                let why = match &out {
+                    Ok((n, req, fresh)) => format!(
+                        "role {role} {} ({n} of {req} roles)",
+                        if *fresh {
+                            "joined"
+                        } else {
+                            "had already joined"
+                        }
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                ctx.audit(&Entry {
+                    time: t,
+                    actor,
+                    action: "shred.join".into(),
+                    target: cid,
+                    allowed: out.is_ok(),
+                    reason: why,
+                    request_id: rid,
+                })?;
+                Ok(out.map(|(n, req, _)| n >= req))
+            })
+            .await??;
+        if quorum {
+            fault("shred-before-destroy");
+            self.destroy(&id, request_id).await?;
+        }
+        self.store.read(|conn| ceremony_info(conn, &id))
+    }
+
+    /// Destroys the class key of a ceremony that has its quorum: one
+    /// transaction deletes the wrapped key, the sealed shares and the
+    /// envelope data keys and stores the signed certificate; then the store
+    /// is compacted. Returns whether it destroyed anything.
+    pub(crate) async fn destroy(&self, id: &str, request_id: &str) -> Result<bool> {
+        let signing_key = zeroize::Zeroizing::new(self.signing_key.to_vec());
+        let broker_key = self.signing_public;
+        let cid = id.to_string();
+        let rid = request_id.to_string();
+        let class = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let Some(c) = load_ceremony(ctx.conn, &cid)? else {
+                    return Ok(None);
+                };
+                if c.state != state::OPEN {
+                    return Ok(None);
+                }
+                let class = load_class(ctx.conn, &c.class)?.ok_or_else(|| no_class(&c.class))?;
+                let joined = joins(ctx.conn, &cid)?;
+                if (joined.len() as u32) < c.required
+                    || !standing_holds(ctx.conn, &c.class)?.is_empty()
+                {
+                    return Ok(None);
+                }
+                let statement = Statement::parse(&c.statement)
+                    .map_err(|e| Error::Tampered(format!("ceremony {cid}: {e}")))?;
+                let mut holders = Vec::new();
+                for role in &class.holders {
+                    let key: Option<Vec<u8>> = ctx
+                        .conn
+                        .query_row(
+                            "SELECT signing_key FROM holders WHERE role = ?1",
+                            [role],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(k) = key.and_then(|k| <[u8; 32]>::try_from(k).ok()) {
+                        holders.push((role.clone(), k));
+                    }
+                }
+                let shares = ctx
+                    .conn
+                    .execute("DELETE FROM class_shares WHERE class = ?1", [&c.class])?;
+                let data_keys = ctx
+                    .conn
+                    .execute("DELETE FROM class_data_keys WHERE class = ?1", [&c.class])?;
+                let cert = Certificate {
+                    statement,
+                    required: c.required as u8,
+                    key_threshold: class.threshold,
+                    shares: class.holders.len() as u8,
+                    destroyed_at: t,
+                    destroyed: format!(
+                        "wrapped class key (generation {}), {shares} sealed shares, \
+                         {data_keys} envelope data keys",
+                        class.generation
+                    ),
+                    broker_key,
+                    holders,
+                    joins: joined,
+                };
+                let signed = cert
+                    .sign(&signing_key)
+                    .map_err(|e| Error::Internal(format!("cannot sign the certificate: {e}")))?;
+                ctx.conn.execute(
+                    "UPDATE classes SET wrapped_key = NULL, state = 'shredded', shredded_at = ?2,
+                        certificate = ?3 WHERE name = ?1",
+                    params![c.class, t, signed],
+                )?;
+                ctx.conn
+                    .execute("UPDATE ceremonies SET state = 'done' WHERE id = ?1", [&cid])?;
+                meta_set(ctx.conn, "compact_pending", b"1")?;
+                fault("shred-in-destroy");
+                ctx.audit(&Entry {
+                    time: t,
+                    actor: ACTOR_SYSTEM.into(),
+                    action: "shred.destroy".into(),
+                    target: c.class.clone(),
+                    allowed: true,
+                    reason: format!(
+                        "ceremony {cid}: {}; certificate {}",
+                        cert.destroyed,
+                        hex(&certificate::digest(&signed))
+                    ),
+                    request_id: rid,
+                })?;
+                Ok(Some(c.class))
+            })
+            .await?;
+        let Some(class) = class else {
+            return Ok(false);
+        };
+        self.forget_class_key(&class);
+        fault("shred-before-compact");
+        self.compact_if_pending().await?;
+        tracing::info!(class = %class, ceremony = %id, "class key shredded; certificate written");
+        Ok(true)
+    }
+
+    /// Finishes a compaction flagged by a destruction: checkpoint the WAL
+    /// into the database and truncate it, VACUUM (rewriting every page),
+    /// then checkpoint and truncate again, so neither file keeps a page of
+    /// the destroyed key material.
+    pub async fn compact_if_pending(&self) -> Result<()> {
+        self.store
+            .maintain(|conn| {
+                if meta_get(conn, "compact_pending")?.is_none() {
+                    return Ok(());
+                }
+                checkpoint_truncate(conn)?;
+                fault("shred-mid-compact");
+                conn.execute_batch("VACUUM;")?;
+                conn.execute("DELETE FROM meta WHERE key = 'compact_pending'", [])?;
+                checkpoint_truncate(conn)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Periodic retention work: expire stale ceremonies, open ceremonies
+    /// for classes past their deadline, complete ceremonies that reached
+    /// their quorum before a crash, and finish a pending compaction.
+    pub async fn retention_tick(&self) -> Result<()> {
+        let (expired, due, ready) = self.store.read(|conn| {
+            let t = now();
+            let ids = |sql: &str| -> Result<Vec<String>> {
+                let mut stmt = conn.prepare_cached(sql)?;
+                let rows = stmt.query_map([t], |r| r.get(0))?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            };
+            let expired =
+                ids("SELECT id FROM ceremonies WHERE state = 'open' AND expires_at <= ?1")?;
+            let due = ids(
+                "SELECT name FROM classes c WHERE state = 'active' AND deadline <= ?1
+                 AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.class = c.name
+                                 AND h.released_at IS NULL)",
+            )?;
+            let ready = ids(
+                "SELECT id FROM ceremonies c WHERE state = 'open' AND expires_at > ?1
+                 AND required <= (SELECT count(*) FROM ceremony_joins j WHERE j.ceremony = c.id)",
+            )?;
+            Ok((expired, due, ready))
+        })?;
+        for id in expired {
+            self.expire_ceremony(id).await?;
+        }
+        for class in due {
+            match self
+                .open_shred(
+                    "retention",
+                    ACTOR_SYSTEM,
+                    class.clone(),
+                    "the retention deadline passed".into(),
+                    false,
+                    0,
+                )
+                .await
+            {
+                Ok(c) => {
+                    tracing::info!(class = %class, ceremony = %c.id, "retention deadline passed; shred ceremony opened")
+                }
+                Err(e) => {
+                    tracing::warn!(class = %class, error = %e, "could not open the shred ceremony")
+                }
+            }
+        }
+        for id in ready {
+            self.destroy(&id, "retention").await?;
+        }
+        self.compact_if_pending().await
+    }
+
+    async fn expire_ceremony(&self, id: String) -> Result<()> {
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let Some(c) = load_ceremony(ctx.conn, &id)? else {
+                    return Ok(());
+                };
+                if c.state != state::OPEN || c.expires_at > t {
+                    return Ok(());
+                }
+                ctx.conn.execute(
+                    "UPDATE ceremonies SET state = 'expired' WHERE id = ?1",
+                    [&id],
+                )?;
+                ctx.conn.execute(
+                    "UPDATE classes SET state = 'active' WHERE name = ?1 AND state = 'shredding'",
+                    [&c.class],
+                )?;
+                ctx.audit(&Entry {
+                    time: t,
+                    actor: ACTOR_SYSTEM.into(),
+                    action: "shred.expire".into(),
+                    target: c.class,
+                    allowed: true,
+                    reason: format!("ceremony {id} expired before its quorum; nothing destroyed"),
+                    request_id: "retention".into(),
+                })
+            })
+            .await
+    }
+
+    /// The certificate of a shredded class with its confirmations, and
+    /// what it proves.
+    pub fn certificate(&self, class: &str) -> Result<proto::CertificateResponse> {
+        self.store
+            .read(|conn| certificate_in(conn, class, &self.signing_public))
+    }
+
+    /// A holder confirms destroying their offline share of a shredded class.
+    pub async fn confirm_shred(
+        &self,
+        request_id: &str,
+        holder: &HolderCaller,
+        class: String,
+        signature_hex: &str,
+    ) -> Result<proto::CertificateResponse> {
+        let signature = tessera_shred::unhex(signature_hex).unwrap_or_default();
+        let rid = request_id.to_string();
+        let role = holder.role.clone();
+        let actor = holder.actor();
+        let target = class.clone();
+        let out = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let out = (|| {
+                    let c = load_class(ctx.conn, &class)?.ok_or_else(|| no_class(&class))?;
+                    let Some(text) = c.certificate.as_deref() else {
+                        return Err(Error::FailedPrecondition(format!(
+                            "class {class} is not shredded; there is nothing to confirm yet"
+                        )));
+                    };
+                    if !c.holders.contains(&role) {
+                        return Err(Error::PermissionDenied(format!(
+                            "role {role} held no share of class {class}"
+                        )));
+                    }
+                    let digest = certificate::digest(signed_part(text));
+                    let msg = certificate::confirmation_text(&digest, &role);
+                    judge_role_signature(
+                        ctx.conn,
+                        &role,
+                        msg.as_bytes(),
+                        &signature,
+                        "confirmation",
+                    )?;
+                    ctx.conn.execute(
+                        "INSERT OR IGNORE INTO confirmations (class, role, signature, confirmed_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![class, role, signature, t],
+                    )?;
+                    Ok(())
+                })();
+                let refused = match out {
+                    Ok(()) => None,
+                    Err(Error::Unavailable(m)) => return Err(Error::Unavailable(m)),
+                    Err(e) => Some(e),
+                };
+                ctx.audit(&Entry {
+                    time: t,
+                    actor,
+                    action: "shred.confirm".into(),
+                    target: class,
+                    allowed: refused.is_none(),
+                    reason: refused.as_ref().map_or_else(
+                        || format!("role {role} confirmed its offline share destroyed"),
+                        ToString::to_string,
+                    ),
+                    request_id: rid,
+                })?;
+                Ok(refused)
+            })
+            .await?;
+        if let Some(e) = out {
+            return Err(e);
+        }
+        self.certificate(&target)
+    }
+}
+
+/// Judges a join inside the writer's transaction. Returns (roles joined,
+/// roles required, whether this join was new) or the refusal.
+fn join_in_tx(
+    conn: &Connection,
+    id: &str,
+    role: &str,
+    signature: &[u8],
+    t: i64,
+) -> Result<Result<(u32, u32, bool)>> {
+    let Some(c) = load_ceremony(conn, id)? else {
+        return Ok(Err(no_ceremony(id)));
+    };
+    let refusal = match c.state.as_str() {
+        state::OPEN if t >= c.expires_at => Some(format!(
+            "shred ceremony {id} expired at {}; an admin must open a new one",
+            rfc3339(c.expires_at)
+        )),
+        state::OPEN => None,
+        state::EXPIRED => Some(format!(
+            "shred ceremony {id} expired at {}; an admin must open a new one",
+            rfc3339(c.expires_at)
+        )),
+        state::CANCELLED => Some(format!(
+            "shred ceremony {id} was cancelled by a legal hold on class {}",
+            c.class
+        )),
+        _ => Some(format!("shred ceremony {id} is already complete")),
+    };
+    if let Some(m) = refusal {
+        return Ok(Err(Error::FailedPrecondition(m)));
+    }
+    let class = load_class(conn, &c.class)?.ok_or_else(|| no_class(&c.class))?;
+    if !class.holders.iter().any(|h| h == role) {
+        return Ok(Err(Error::PermissionDenied(format!(
+            "role {role} holds no share of class {} (its holders are {}), so it cannot join",
+            c.class,
+            class.holders.join(", ")
+        ))));
+    }
+    let holds = standing_holds(conn, &c.class)?;
+    if let Some((hid, reason)) = holds.first() {
+        return Ok(Err(Error::FailedPrecondition(format!(
+            "class {} is under legal hold {hid} ({reason}); release it first",
+            c.class
+        ))));
+    }
+    let statement = Statement::parse(&c.statement)
+        .map_err(|e| Error::Tampered(format!("ceremony {id}: {e}")))?;
+    let key = match judge_role_signature(
+        conn,
+        role,
+        statement.to_text().as_bytes(),
+        signature,
+        "join signature over this ceremony's statement",
+    ) {
+        Ok(k) => k,
+        Err(e) => return Ok(Err(e)),
+    };
+    if rules::judge_join(&statement, t, &key, signature).is_err() {
+        return Ok(Err(Error::FailedPrecondition(format!(
+            "shred ceremony {id} expired at {}",
+            rfc3339(c.expires_at)
+        ))));
+    }
+    let fresh = conn.execute(
+        "INSERT OR IGNORE INTO ceremony_joins (ceremony, role, signature, joined_at)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![id, role, signature, t],
+    )? == 1;
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM ceremony_joins WHERE ceremony = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    Ok(Ok((n as u32, c.required, fresh)))
+}
+
+fn certificate_in(
+    conn: &Connection,
+    class: &str,
+    broker_key: &[u8; 32],
+) -> Result<proto::CertificateResponse> {
+    let c = load_class(conn, class)?.ok_or_else(|| no_class(class))?;
+    let Some(signed) = c.certificate else {
+        return Err(Error::FailedPrecondition(format!(
+            "class {class} is {} and has no destruction certificate",
+            c.state
+        )));
+    };
+    let mut text = signed.clone();
+    let mut stmt = conn.prepare_cached(
+        "SELECT role, signature FROM confirmations WHERE class = ?1 ORDER BY confirmed_at, role",
+    )?;
+    let rows = stmt.query_map([class], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    for row in rows {
+        let (role, sig) = row?;
+        text.push_str(&format!("confirm: {role} {}\n", hex(&sig)));
+    }
+    let v = certificate::verify(&text, Some(broker_key)).map_err(|e| {
+        Error::Tampered(format!(
+            "the stored certificate of class {class} does not verify: {e}"
+        ))
+    })?;
+    Ok(proto::CertificateResponse {
+        certificate: text,
+        outstanding: v.outstanding() as u32,
+        irrecoverable: v.irrecoverable(),
+        broker_key: hex(broker_key),
+    })
+}
+
+/// `wal_checkpoint(TRUNCATE)`, retried while readers hold old snapshots.
+fn checkpoint_truncate(conn: &Connection) -> Result<()> {
+    for _ in 0..100 {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(Error::Unavailable(
+        "the WAL could not be checkpointed (readers kept it busy); compaction will be retried"
+            .into(),
+    ))
+}

@@ -1,0 +1,1167 @@
+//! Retention classes and their key holders: roles bound to holders' public
+//! keys, class keys split k-of-n and sealed to the holders with age, legal
+//! holds, and envelope encryption under a class key for agents.
+//!
+//! The shred ceremony that ends a class lives in `ceremony`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tessera_shred::envelope::ShareEnvelope;
+use tessera_shred::holder::{HolderPublicKey, REQUEST_SKEW_SECS, request_text, verify};
+use zeroize::Zeroizing;
+
+use crate::agent::{Agent, admin_entry};
+use crate::audit::Entry;
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::init::now;
+use crate::keys::{
+    SymmetricKey, canonical_context, class_data_key_aad, class_key_aad, envelope_aad, hex,
+};
+use crate::names;
+use crate::proto;
+
+/// Longest retention a class may have (100 years).
+pub const MAX_RETAIN_SECS: u64 = 100 * 366 * 24 * 3600;
+
+/// Class states as stored.
+pub mod class_state {
+    /// The key is live.
+    pub const ACTIVE: &str = "active";
+    /// A ceremony is open.
+    pub const SHREDDING: &str = "shredding";
+    /// The key is destroyed.
+    pub const SHREDDED: &str = "shredded";
+}
+
+/// An unwrapped class key and the generation it belongs to.
+pub struct ClassKey {
+    pub(crate) generation: u64,
+    pub(crate) key: SymmetricKey,
+}
+
+/// A role and its holder's age recipient.
+type RoleRecipient = (String, String);
+
+/// The OS random source, for the pure `shred` crate.
+pub(crate) struct OsRandom;
+
+impl tessera_shred::Random for OsRandom {
+    fn fill(&mut self, buf: &mut [u8]) {
+        // The trait is infallible: a failing OS CSPRNG is not something to
+        // carry on from.
+        crate::keys::fill_random(buf).expect("the operating system's random source failed");
+    }
+}
+
+/// A holder who proved their role with a signed request.
+#[derive(Debug, Clone)]
+pub struct HolderCaller {
+    /// The role.
+    pub role: String,
+    /// Its current Ed25519 key.
+    pub signing_key: [u8; 32],
+}
+
+impl HolderCaller {
+    /// How the audit trail names the holder.
+    pub fn actor(&self) -> String {
+        format!("holder:{}", self.role)
+    }
+}
+
+/// The stored row of a class, as the ceremony code needs it.
+pub(crate) struct ClassRow {
+    pub name: String,
+    pub deadline: i64,
+    pub holders: Vec<String>,
+    pub threshold: u8,
+    pub early_threshold: u8,
+    pub key_fingerprint: [u8; 32],
+    pub generation: u64,
+    pub state: String,
+    pub shredded_at: Option<i64>,
+    pub certificate: Option<String>,
+    pub retain_secs: u64,
+    pub created_at: i64,
+}
+
+pub(crate) fn load_class(conn: &Connection, name: &str) -> Result<Option<ClassRow>> {
+    Ok(conn
+        .query_row(
+            "SELECT name, deadline, holders, threshold, early_threshold, key_fingerprint,
+                    generation, state, shredded_at, certificate, retain_secs, created_at
+             FROM classes WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(ClassRow {
+                    name: r.get(0)?,
+                    deadline: r.get(1)?,
+                    holders: r
+                        .get::<_, String>(2)?
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                    threshold: r.get::<_, i64>(3)? as u8,
+                    early_threshold: r.get::<_, i64>(4)? as u8,
+                    key_fingerprint: r.get::<_, Vec<u8>>(5)?.try_into().unwrap_or([0; 32]),
+                    generation: r.get::<_, i64>(6)? as u64,
+                    state: r.get(7)?,
+                    shredded_at: r.get(8)?,
+                    certificate: r.get(9)?,
+                    retain_secs: r.get::<_, i64>(10)? as u64,
+                    created_at: r.get(11)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+pub(crate) fn no_class(name: &str) -> Error {
+    Error::NotFound(format!(
+        "no retention class named {name:?}; `tessera class list` shows the classes"
+    ))
+}
+
+/// The error for any use of a shredded class's key: names the certificate.
+pub(crate) fn shredded_error(c: &ClassRow) -> Error {
+    let digest = c
+        .certificate
+        .as_deref()
+        .map(|t| hex(&tessera_shred::certificate::digest(signed_part(t)))[..16].to_string())
+        .unwrap_or_default();
+    Error::FailedPrecondition(format!(
+        "class {} was shredded at {} (destruction certificate {digest}); its key no longer \
+         exists, so nothing encrypted under it can be decrypted. `tessera shred certificate \
+         show --class {}` prints the certificate",
+        c.name,
+        crate::init::rfc3339(c.shredded_at.unwrap_or_default()),
+        c.name
+    ))
+}
+
+/// The broker-signed part of a stored certificate (without confirmations).
+pub(crate) fn signed_part(text: &str) -> &str {
+    tessera_shred::certificate::split_file(text)
+        .map(|(s, _)| s)
+        .unwrap_or(text)
+}
+
+/// Standing holds of a class: (id, reason).
+pub(crate) fn standing_holds(conn: &Connection, class: &str) -> Result<Vec<(i64, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, reason FROM holds WHERE class = ?1 AND released_at IS NULL ORDER BY id",
+    )?;
+    let rows = stmt.query_map([class], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Seals `text` to an age X25519 recipient, ASCII-armored, so that
+/// `age -d -i IDENTITY` opens it.
+pub(crate) fn seal_to_holder(recipient: &str, text: &[u8]) -> Result<String> {
+    let r: age::x25519::Recipient = recipient.parse().map_err(|_| {
+        Error::invalid(
+            "pubkey",
+            "the age recipient is not a valid X25519 recipient (age1…)",
+        )
+    })?;
+    let fail = |e: &dyn std::fmt::Display| Error::Internal(format!("age encryption failed: {e}"));
+    let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
+        .map_err(|e| fail(&e))?;
+    let mut out = Vec::new();
+    let armored = age::armor::ArmoredWriter::wrap_output(&mut out, age::armor::Format::AsciiArmor)
+        .map_err(|e| fail(&e))?;
+    let mut w = enc.wrap_output(armored).map_err(|e| fail(&e))?;
+    w.write_all(text).map_err(|e| fail(&e))?;
+    w.finish().and_then(|a| a.finish()).map_err(|e| fail(&e))?;
+    String::from_utf8(out).map_err(|e| fail(&e))
+}
+
+/// An Ed25519 public key.
+type SigningKey = [u8; 32];
+
+/// A holder's current signing key and any replaced ones.
+fn holder_keys(conn: &Connection, role: &str) -> Result<(Option<SigningKey>, Vec<SigningKey>)> {
+    let current: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT signing_key FROM holders WHERE role = ?1",
+            [role],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let mut stmt =
+        conn.prepare_cached("SELECT signing_key FROM holder_keys_retired WHERE role = ?1")?;
+    let retired = stmt
+        .query_map([role], |r| r.get::<_, Vec<u8>>(0))?
+        .filter_map(|k| k.ok().and_then(|k| k.try_into().ok()))
+        .collect();
+    Ok((current.and_then(|k| k.try_into().ok()), retired))
+}
+
+/// Judges a signature by a role: Ok with the current key, or the precise
+/// reason it is refused (unenrolled role, replaced key, bad signature).
+pub(crate) fn judge_role_signature(
+    conn: &Connection,
+    role: &str,
+    message: &[u8],
+    signature: &[u8],
+    what: &str,
+) -> Result<[u8; 32]> {
+    let (current, retired) = holder_keys(conn, role)?;
+    let Some(current) = current else {
+        return Err(Error::Unauthenticated(format!(
+            "role {role:?} has no enrolled holder; an admin enrols one with `tessera holder \
+             enroll --role {role} --pubkey …`"
+        )));
+    };
+    if verify(&current, message, signature) {
+        return Ok(current);
+    }
+    if retired.iter().any(|k| verify(k, message, signature)) {
+        return Err(Error::Unauthenticated(format!(
+            "the {what} was signed by a replaced key of role {role}; that holder was replaced, \
+             so only the current holder's key counts"
+        )));
+    }
+    Err(Error::Unauthenticated(format!(
+        "the {what} does not verify under the enrolled key of role {role} (fingerprint {}); \
+         sign with that holder's key, over exactly this request",
+        tessera_shred::holder::fingerprint(&current)
+    )))
+}
+
+impl Broker {
+    /// Checks a holder's signed request (role, time, signature over the
+    /// request text). A failure is audited.
+    pub async fn authenticate_holder(
+        &self,
+        role: Option<&str>,
+        time: Option<&str>,
+        signature: Option<&str>,
+        method: &str,
+        target: &str,
+        request_id: &str,
+    ) -> Result<HolderCaller> {
+        let actor = role.map_or_else(|| "anonymous".to_string(), |r| format!("holder:{r}"));
+        let (Some(role), Some(time), Some(signature)) = (role, time, signature) else {
+            let e = Error::Unauthenticated(
+                "holder requests must be signed: send x-tessera-holder, x-tessera-holder-time \
+                 and x-tessera-holder-signature (the tessera CLI does this with the holder's key)"
+                    .into(),
+            );
+            return Err(self.deny(actor, method, target, request_id, e).await);
+        };
+        let checked = (|| {
+            let t: i64 = time.parse().map_err(|_| {
+                Error::Unauthenticated("x-tessera-holder-time is not Unix seconds".into())
+            })?;
+            if (now() - t).abs() > REQUEST_SKEW_SECS {
+                return Err(Error::Unauthenticated(format!(
+                    "the holder request was signed at {}, more than {REQUEST_SKEW_SECS}s from \
+                     the broker's clock ({}); check the clock and retry",
+                    crate::init::rfc3339(t),
+                    crate::init::rfc3339(now())
+                )));
+            }
+            let sig = tessera_shred::unhex(signature).ok_or_else(|| {
+                Error::Unauthenticated("x-tessera-holder-signature is not hex".into())
+            })?;
+            let text = request_text(role, method, target, t);
+            self.store.read(|conn| {
+                judge_role_signature(conn, role, text.as_bytes(), &sig, "request signature")
+            })
+        })();
+        match checked {
+            Ok(signing_key) => Ok(HolderCaller {
+                role: role.to_string(),
+                signing_key,
+            }),
+            Err(e) => Err(self.deny(actor, method, target, request_id, e).await),
+        }
+    }
+
+    /// Binds `role` to a holder's public keys (first enrolment only; a
+    /// change of holder is `holder replace`).
+    pub async fn enroll_holder(
+        &self,
+        request_id: &str,
+        role: String,
+        pubkey: String,
+    ) -> Result<proto::HolderInfo> {
+        let parsed = names::role(&role, "role").and_then(|()| {
+            let k = HolderPublicKey::parse(&pubkey)
+                .map_err(|e| Error::invalid("pubkey", e.to_string()))?;
+            k.age_recipient
+                .parse::<age::x25519::Recipient>()
+                .map_err(|_| {
+                    Error::invalid("pubkey", "its age part is not a valid X25519 recipient")
+                })?;
+            Ok(k)
+        });
+        let key = match parsed {
+            Ok(k) => k,
+            Err(e) => {
+                return Err(self
+                    .deny("admin".into(), "holder.enroll", &role, request_id, e)
+                    .await);
+            }
+        };
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let exists: Option<String> = ctx
+                    .conn
+                    .query_row("SELECT role FROM holders WHERE role = ?1", [&role], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if exists.is_some() {
+                    let e = Error::AlreadyExists(format!(
+                        "role {role:?} already has a holder; to hand it to someone else use \
+                         `tessera holder replace --role {role} --pubkey …`"
+                    ));
+                    ctx.audit(&admin_entry(
+                        "holder.enroll",
+                        &role,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    return Ok(Err(e));
+                }
+                ctx.conn.execute(
+                    "INSERT INTO holders (role, age_recipient, signing_key, enrolled_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![role, key.age_recipient, &key.signing_key[..], t],
+                )?;
+                ctx.audit(&admin_entry(
+                    "holder.enroll",
+                    &role,
+                    true,
+                    format!("key {}", key.fingerprint()),
+                    &rid,
+                ))?;
+                Ok(Ok(proto::HolderInfo {
+                    role,
+                    age_recipient: key.age_recipient.clone(),
+                    key_fingerprint: key.fingerprint(),
+                    enrolled_at: t,
+                    classes: Vec::new(),
+                }))
+            })
+            .await?
+    }
+
+    /// Every enrolled role with its key fingerprint and classes.
+    pub async fn list_holders(&self, request_id: &str) -> Result<Vec<proto::HolderInfo>> {
+        let out = self.store.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT role, age_recipient, signing_key, enrolled_at FROM holders ORDER BY role",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(proto::HolderInfo {
+                    role: r.get(0)?,
+                    age_recipient: r.get(1)?,
+                    key_fingerprint: tessera_shred::holder::fingerprint(&r.get::<_, Vec<u8>>(2)?),
+                    enrolled_at: r.get(3)?,
+                    classes: Vec::new(),
+                })
+            })?;
+            let mut holders: Vec<proto::HolderInfo> = rows.collect::<rusqlite::Result<_>>()?;
+            let mut stmt =
+                conn.prepare("SELECT class FROM class_shares WHERE role = ?1 ORDER BY class")?;
+            for h in &mut holders {
+                h.classes = stmt
+                    .query_map([&h.role], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+            }
+            Ok(holders)
+        })?;
+        self.audit(admin_entry(
+            "holder.list",
+            "*",
+            true,
+            format!("{} holders listed", out.len()),
+            request_id,
+        ))
+        .await?;
+        Ok(out)
+    }
+
+    /// Creates a retention class: a fresh class key wrapped by the root
+    /// key, split k-of-n among `holders`, each share sealed to its holder.
+    pub async fn create_class(
+        &self,
+        request_id: &str,
+        req: proto::CreateClassRequest,
+    ) -> Result<proto::ClassInfo> {
+        let name = req.name.clone();
+        let checked = self.check_class_request(&req);
+        let (recipients, k, early) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(self
+                    .deny("admin".into(), "class.create", &name, request_id, e)
+                    .await);
+            }
+        };
+        let n = recipients.len();
+        let class_key = SymmetricKey::generate()?;
+        let fingerprint = tessera_shred::key_check(class_key.expose_bytes());
+        let shares = tessera_shred::split(class_key.expose_bytes(), k, n, &mut OsRandom)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut sealed = Vec::with_capacity(n);
+        for ((role, recipient), share) in recipients.iter().zip(shares) {
+            let envelope = ShareEnvelope {
+                class: name.clone(),
+                key_fingerprint: fingerprint,
+                threshold: k as u8,
+                shares: n as u8,
+                role: role.clone(),
+                share,
+            };
+            sealed.push((
+                role.clone(),
+                seal_to_holder(recipient, envelope.to_text().as_bytes())?,
+            ));
+        }
+        let wrapped = self
+            .root_key
+            .seal(&class_key_aad(&name, 1), class_key.expose_bytes())?;
+        let roles: Vec<String> = recipients.into_iter().map(|(r, _)| r).collect();
+        let rid = request_id.to_string();
+        let retain = req.retain_seconds;
+        let created = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                if load_class(ctx.conn, &name)?.is_some() {
+                    let e = Error::AlreadyExists(format!(
+                        "a retention class named {name:?} already exists (class names are never \
+                         reused, even after a shred); choose another name"
+                    ));
+                    ctx.audit(&admin_entry("class.create", &name, false, e.to_string(), &rid))?;
+                    return Ok(Err(e));
+                }
+                ctx.conn.execute(
+                    "INSERT INTO classes (name, retain_secs, deadline, holders, threshold,
+                        early_threshold, key_fingerprint, generation, wrapped_key, state, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, 'active', ?9)",
+                    params![
+                        name,
+                        retain as i64,
+                        t.saturating_add(retain as i64),
+                        roles.join(","),
+                        k as i64,
+                        early as i64,
+                        &fingerprint[..],
+                        wrapped,
+                        t
+                    ],
+                )?;
+                for (role, s) in &sealed {
+                    ctx.conn.execute(
+                        "INSERT INTO class_shares (class, role, sealed) VALUES (?1, ?2, ?3)",
+                        params![name, role, s],
+                    )?;
+                }
+                ctx.audit(&admin_entry(
+                    "class.create",
+                    &name,
+                    true,
+                    format!(
+                        "retain {retain}s; {k} of {} holders ({}); early shred needs {early}; key {}",
+                        roles.len(),
+                        roles.join(","),
+                        &hex(&fingerprint)[..16]
+                    ),
+                    &rid,
+                ))?;
+                Ok(Ok(()))
+            })
+            .await?;
+        created?;
+        self.class_info(&req.name)
+    }
+
+    /// Validates a create request; returns (role, age recipient) pairs, k
+    /// and the early threshold.
+    fn check_class_request(
+        &self,
+        req: &proto::CreateClassRequest,
+    ) -> Result<(Vec<RoleRecipient>, usize, usize)> {
+        names::class(&req.name, "name")?;
+        if req.retain_seconds == 0 || req.retain_seconds > MAX_RETAIN_SECS {
+            return Err(Error::invalid(
+                "retain",
+                "the retention must be more than 0 and at most 100 years, e.g. --retain 7y",
+            ));
+        }
+        if req.holders.is_empty() {
+            return Err(Error::invalid(
+                "holders",
+                "name the holder roles, e.g. --holders legal,compliance,ciso",
+            ));
+        }
+        for (i, r) in req.holders.iter().enumerate() {
+            names::role(r, "holders")?;
+            if req.holders[..i].contains(r) {
+                return Err(Error::invalid(
+                    "holders",
+                    format!("role {r:?} is listed twice; each role holds one share"),
+                ));
+            }
+        }
+        let n = req.holders.len();
+        let k = req.threshold as usize;
+        tessera_shred::shamir::check_threshold(k, n)
+            .map_err(|e| Error::invalid("threshold", e.to_string()))?;
+        let early = if req.early_threshold == 0 {
+            n
+        } else {
+            req.early_threshold as usize
+        };
+        if early < k || early > n {
+            return Err(Error::invalid(
+                "early_threshold",
+                format!("an early shred needs between the threshold ({k}) and all {n} holders"),
+            ));
+        }
+        let recipients = self.store.read(|conn| {
+            let mut out = Vec::new();
+            for r in &req.holders {
+                let rec: Option<String> = conn
+                    .query_row(
+                        "SELECT age_recipient FROM holders WHERE role = ?1",
+                        [r],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                match rec {
+                    Some(a) => out.push((r.clone(), a)),
+                    None => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "role {r:?} has no enrolled holder; enrol one first with `tessera \
+                             holder enroll --role {r} --pubkey …`"
+                        )));
+                    }
+                }
+            }
+            Ok(out)
+        })?;
+        Ok((recipients, k, early))
+    }
+
+    /// One class with its holds and ceremonies.
+    pub fn class_info(&self, name: &str) -> Result<proto::ClassInfo> {
+        self.store.read(|conn| {
+            let c = load_class(conn, name)?.ok_or_else(|| no_class(name))?;
+            class_info_of(conn, c)
+        })
+    }
+
+    /// Every class.
+    pub async fn list_classes(&self, request_id: &str) -> Result<Vec<proto::ClassInfo>> {
+        let out = self.store.read(|conn| {
+            let names: Vec<String> = conn
+                .prepare("SELECT name FROM classes ORDER BY name")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            names
+                .iter()
+                .map(|n| {
+                    let c = load_class(conn, n)?.ok_or_else(|| no_class(n))?;
+                    class_info_of(conn, c)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        self.audit(admin_entry(
+            "class.list",
+            "*",
+            true,
+            format!("{} classes listed", out.len()),
+            request_id,
+        ))
+        .await?;
+        Ok(out)
+    }
+
+    /// Places a legal hold: no shred of the class can open or complete
+    /// while it stands; an open ceremony is cancelled.
+    pub async fn place_hold(
+        &self,
+        request_id: &str,
+        class: String,
+        reason: String,
+    ) -> Result<proto::HoldInfo> {
+        if reason.trim().is_empty() {
+            let e = Error::invalid(
+                "reason",
+                "say why the data must be kept, e.g. --reason 'litigation 2026-17'",
+            );
+            return Err(self
+                .deny("admin".into(), "hold.place", &class, request_id, e)
+                .await);
+        }
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let c = match load_class(ctx.conn, &class)? {
+                    Some(c) if c.state == class_state::SHREDDED => Err(shredded_error(&c)),
+                    Some(c) => Ok(c),
+                    None => Err(no_class(&class)),
+                };
+                let c = match c {
+                    Ok(c) => c,
+                    Err(e) => {
+                        ctx.audit(&admin_entry(
+                            "hold.place",
+                            &class,
+                            false,
+                            e.to_string(),
+                            &rid,
+                        ))?;
+                        return Ok(Err(e));
+                    }
+                };
+                ctx.conn.execute(
+                    "INSERT INTO holds (class, reason, placed_at) VALUES (?1, ?2, ?3)",
+                    params![c.name, reason, t],
+                )?;
+                let id = ctx.conn.last_insert_rowid();
+                let cancelled = ctx.conn.execute(
+                    "UPDATE ceremonies SET state = 'cancelled' WHERE class = ?1 AND state = 'open'",
+                    [&c.name],
+                )?;
+                if cancelled > 0 {
+                    ctx.conn.execute(
+                        "UPDATE classes SET state = 'active' WHERE name = ?1",
+                        [&c.name],
+                    )?;
+                }
+                ctx.audit(&admin_entry(
+                    "hold.place",
+                    &c.name,
+                    true,
+                    format!("hold {id}: {reason}; {cancelled} open ceremony cancelled"),
+                    &rid,
+                ))?;
+                Ok(Ok(proto::HoldInfo {
+                    id: id as u64,
+                    class: c.name,
+                    reason,
+                    placed_at: t,
+                    released_at: 0,
+                    release_reason: String::new(),
+                }))
+            })
+            .await?
+    }
+
+    /// Releases every standing hold on `class`.
+    pub async fn release_hold(
+        &self,
+        request_id: &str,
+        class: String,
+        reason: String,
+    ) -> Result<proto::HoldInfo> {
+        if reason.trim().is_empty() {
+            let e = Error::invalid(
+                "reason",
+                "say why the hold ends, e.g. --reason 'case closed'",
+            );
+            return Err(self
+                .deny("admin".into(), "hold.release", &class, request_id, e)
+                .await);
+        }
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let holds = if load_class(ctx.conn, &class)?.is_none() {
+                    Err(no_class(&class))
+                } else {
+                    let h = standing_holds(ctx.conn, &class)?;
+                    if h.is_empty() {
+                        Err(Error::FailedPrecondition(format!(
+                            "class {class} has no standing legal hold to release"
+                        )))
+                    } else {
+                        Ok(h)
+                    }
+                };
+                let holds = match holds {
+                    Ok(h) => h,
+                    Err(e) => {
+                        ctx.audit(&admin_entry(
+                            "hold.release",
+                            &class,
+                            false,
+                            e.to_string(),
+                            &rid,
+                        ))?;
+                        return Ok(Err(e));
+                    }
+                };
+                ctx.conn.execute(
+                    "UPDATE holds SET released_at = ?2, release_reason = ?3
+                     WHERE class = ?1 AND released_at IS NULL",
+                    params![class, t, reason],
+                )?;
+                let (id, placed_reason) = holds.last().cloned().unwrap_or_default();
+                ctx.audit(&admin_entry(
+                    "hold.release",
+                    &class,
+                    true,
+                    format!("{} hold(s) released: {reason}", holds.len()),
+                    &rid,
+                ))?;
+                Ok(Ok(proto::HoldInfo {
+                    id: id as u64,
+                    class,
+                    reason: placed_reason,
+                    placed_at: 0,
+                    released_at: t,
+                    release_reason: reason,
+                }))
+            })
+            .await?
+    }
+
+    /// The caller's sealed share of `class`.
+    pub async fn export_share(
+        &self,
+        request_id: &str,
+        holder: &HolderCaller,
+        class: String,
+    ) -> Result<proto::ExportShareResponse> {
+        let found = self.store.read(|conn| {
+            let c = load_class(conn, &class)?.ok_or_else(|| no_class(&class))?;
+            if c.state == class_state::SHREDDED {
+                return Err(shredded_error(&c));
+            }
+            conn.query_row(
+                "SELECT sealed FROM class_shares WHERE class = ?1 AND role = ?2",
+                params![class, holder.role],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+            .ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "role {} holds no share of class {class} (its holders are {})",
+                    holder.role,
+                    c.holders.join(", ")
+                ))
+            })
+        });
+        let (allowed, reason) = match &found {
+            Ok(_) => (true, "sealed share exported".to_string()),
+            Err(e) => (false, e.to_string()),
+        };
+        self.audit(Entry {
+            time: now(),
+            actor: holder.actor(),
+            action: "share.export".into(),
+            target: class.clone(),
+            allowed,
+            reason,
+            request_id: request_id.into(),
+        })
+        .await?;
+        Ok(proto::ExportShareResponse {
+            sealed_share: found?,
+            class,
+            role: holder.role.clone(),
+        })
+    }
+
+    /// The unwrapped key of a live class (cached).
+    pub(crate) fn class_key(&self, name: &str) -> Result<Arc<ClassKey>> {
+        if let Some(k) = self
+            .class_keys
+            .read()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+        {
+            return Ok(k);
+        }
+        let (row, wrapped) = self.store.read(|conn| {
+            let c = load_class(conn, name)?.ok_or_else(|| no_class(name))?;
+            let w: Option<Vec<u8>> = conn.query_row(
+                "SELECT wrapped_key FROM classes WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )?;
+            Ok((c, w))
+        })?;
+        let Some(wrapped) = wrapped else {
+            return Err(shredded_error(&row));
+        };
+        let raw = self
+            .root_key
+            .open(&class_key_aad(name, row.generation), &wrapped)
+            .ok_or_else(|| {
+                Error::Tampered(format!(
+                    "the stored key of class {name} failed authentication: the row was altered \
+                     or moved; restore the store from a backup or recover the class from its \
+                     holders' shares"
+                ))
+            })?;
+        let key = Arc::new(ClassKey {
+            generation: row.generation,
+            key: SymmetricKey::from_bytes(&raw)?,
+        });
+        if let Ok(mut m) = self.class_keys.write() {
+            m.insert(name.to_string(), Arc::clone(&key));
+        }
+        Ok(key)
+    }
+
+    /// Forgets a class key held in memory (after a shred or a re-key).
+    pub(crate) fn forget_class_key(&self, name: &str) {
+        if let Ok(mut m) = self.class_keys.write() {
+            m.remove(name);
+        }
+    }
+
+    /// Checks the agent may use `class`; a refusal is audited.
+    async fn envelope_allowed(
+        &self,
+        agent: &Agent,
+        action: &str,
+        class: &str,
+        request_id: &str,
+    ) -> Result<String> {
+        let checked = names::class(class, "class").and_then(|()| {
+            agent
+                .rule_for_class(class)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Error::PermissionDenied(format!(
+                        "agent {:?} may not use class {class:?}: no allow rule `class:{class}` \
+                     (its rules: {})",
+                        agent.name,
+                        agent.allow.join(", ")
+                    ))
+                })
+        });
+        match checked {
+            Ok(rule) => Ok(rule),
+            Err(e) => Err(self.deny(agent.actor(), action, class, request_id, e).await),
+        }
+    }
+
+    /// Makes a data key under `class`, stored wrapped by the class key and
+    /// bound to `context`; returns (id, data key).
+    async fn new_class_data_key(
+        &self,
+        agent: &Agent,
+        action: &str,
+        class: &str,
+        context: &HashMap<String, String>,
+        request_id: &str,
+    ) -> Result<(u64, SymmetricKey)> {
+        let rule = self
+            .envelope_allowed(agent, action, class, request_id)
+            .await?;
+        let ck = match self.class_key(class) {
+            Ok(k) => k,
+            Err(e) => {
+                return Err(self.deny(agent.actor(), action, class, request_id, e).await);
+            }
+        };
+        let dk = SymmetricKey::generate()?;
+        let dk_bytes = Zeroizing::new(dk.expose_bytes().to_vec());
+        let ctx_bytes = canonical_context(context);
+        let class = class.to_string();
+        let actor = agent.actor();
+        let action = action.to_string();
+        let rid = request_id.to_string();
+        let id = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                // The class may have been shredded or re-keyed since the key
+                // was read: the writer's view decides.
+                let live = load_class(ctx.conn, &class)?;
+                let refusal = match &live {
+                    None => Some(no_class(&class)),
+                    Some(c) if c.state == class_state::SHREDDED => Some(shredded_error(c)),
+                    Some(c) if c.generation != ck.generation => Some(Error::Unavailable(
+                        "the class key was just rotated; retry".into(),
+                    )),
+                    _ => None,
+                };
+                if let Some(e) = refusal {
+                    ctx.audit(&Entry {
+                        time: t,
+                        actor,
+                        action,
+                        target: class,
+                        allowed: false,
+                        reason: e.to_string(),
+                        request_id: rid,
+                    })?;
+                    return Ok(Err(e));
+                }
+                ctx.conn.execute(
+                    "INSERT INTO class_data_keys (class, created_at, wrapped) VALUES (?1, ?2, x'')",
+                    params![class, t],
+                )?;
+                let id = ctx.conn.last_insert_rowid() as u64;
+                let wrapped = ck
+                    .key
+                    .seal(&class_data_key_aad(&class, id, &ctx_bytes), &dk_bytes)?;
+                ctx.conn.execute(
+                    "UPDATE class_data_keys SET wrapped = ?2 WHERE id = ?1",
+                    params![id as i64, wrapped],
+                )?;
+                ctx.audit(&Entry {
+                    time: t,
+                    actor,
+                    action,
+                    target: class,
+                    allowed: true,
+                    reason: format!("data key {id} made (rule {rule})"),
+                    request_id: rid,
+                })?;
+                Ok(Ok(id))
+            })
+            .await??;
+        Ok((id, dk))
+    }
+
+    /// Envelope-encrypts `plaintext` under `class`, bound to `context`.
+    pub async fn encrypt(
+        &self,
+        request_id: &str,
+        agent: &Agent,
+        req: proto::EncryptRequest,
+    ) -> Result<proto::EncryptResponse> {
+        if req.plaintext.len() > self.limits.max_value_size {
+            let e = Error::invalid(
+                "plaintext",
+                format!(
+                    "{} bytes is over the limit of {} bytes; encrypt a data key from \
+                     GenerateDataKey locally instead",
+                    req.plaintext.len(),
+                    self.limits.max_value_size
+                ),
+            );
+            return Err(self
+                .deny(agent.actor(), "envelope.encrypt", &req.class, request_id, e)
+                .await);
+        }
+        let plaintext = Zeroizing::new(req.plaintext);
+        let (id, dk) = self
+            .new_class_data_key(
+                agent,
+                "envelope.encrypt",
+                &req.class,
+                &req.context,
+                request_id,
+            )
+            .await?;
+        let sealed = dk.seal(
+            &envelope_aad(&req.class, id, &canonical_context(&req.context)),
+            &plaintext,
+        )?;
+        let mut ciphertext = Vec::with_capacity(12 + sealed.len());
+        ciphertext.extend_from_slice(ENVELOPE_MAGIC);
+        ciphertext.extend_from_slice(&id.to_be_bytes());
+        ciphertext.extend_from_slice(&sealed);
+        Ok(proto::EncryptResponse {
+            ciphertext,
+            key_id: format!("{}/{id}", req.class),
+        })
+    }
+
+    /// A fresh data key under `class`: plaintext, and a reference that
+    /// `Decrypt` turns back into it.
+    pub async fn generate_data_key(
+        &self,
+        request_id: &str,
+        agent: &Agent,
+        req: proto::GenerateDataKeyRequest,
+    ) -> Result<proto::GenerateDataKeyResponse> {
+        let (id, dk) = self
+            .new_class_data_key(
+                agent,
+                "envelope.datakey",
+                &req.class,
+                &req.context,
+                request_id,
+            )
+            .await?;
+        let mut ciphertext = Vec::with_capacity(12);
+        ciphertext.extend_from_slice(DATA_KEY_MAGIC);
+        ciphertext.extend_from_slice(&id.to_be_bytes());
+        Ok(proto::GenerateDataKeyResponse {
+            plaintext_key: dk.expose_bytes().to_vec(),
+            ciphertext,
+        })
+    }
+
+    /// Decrypts a ciphertext from `Encrypt` or a data-key reference from
+    /// `GenerateDataKey`, with the same context.
+    pub async fn decrypt(
+        &self,
+        request_id: &str,
+        agent: &Agent,
+        req: proto::DecryptRequest,
+    ) -> Result<proto::DecryptResponse> {
+        let action = "envelope.decrypt";
+        self.envelope_allowed(agent, action, &req.class, request_id)
+            .await?;
+        let out = self.decrypt_inner(&req);
+        let (allowed, reason) = match &out {
+            Ok((id, _)) => (true, format!("data key {id} used")),
+            Err(e) => (false, e.to_string()),
+        };
+        self.audit(Entry {
+            time: now(),
+            actor: agent.actor(),
+            action: action.into(),
+            target: req.class.clone(),
+            allowed,
+            reason,
+            request_id: request_id.into(),
+        })
+        .await?;
+        let (_, plaintext) = out?;
+        Ok(proto::DecryptResponse {
+            plaintext: plaintext.to_vec(),
+        })
+    }
+
+    fn decrypt_inner(&self, req: &proto::DecryptRequest) -> Result<(u64, Zeroizing<Vec<u8>>)> {
+        let ct = &req.ciphertext;
+        let malformed = || {
+            Error::invalid(
+                "ciphertext",
+                "this is not a tessera envelope ciphertext or data-key reference (it must come \
+                 from Encrypt or GenerateDataKey)",
+            )
+        };
+        if ct.len() < 12 {
+            return Err(malformed());
+        }
+        let (magic, rest) = ct.split_at(4);
+        let id = u64::from_be_bytes(rest[..8].try_into().map_err(|_| malformed())?);
+        let is_data_key = match magic {
+            m if m == DATA_KEY_MAGIC && rest.len() == 8 => true,
+            m if m == ENVELOPE_MAGIC => false,
+            _ => return Err(malformed()),
+        };
+        let (row, wrapped) = self.store.read(|conn| {
+            let c = load_class(conn, &req.class)?.ok_or_else(|| no_class(&req.class))?;
+            let w: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT wrapped FROM class_data_keys WHERE id = ?1 AND class = ?2",
+                    params![id as i64, req.class],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok((c, w))
+        })?;
+        if row.state == class_state::SHREDDED {
+            return Err(shredded_error(&row));
+        }
+        let wrapped = wrapped.ok_or_else(|| {
+            Error::invalid(
+                "ciphertext",
+                format!(
+                    "its data key does not belong to class {} (wrong class, or the ciphertext \
+                     was altered)",
+                    req.class
+                ),
+            )
+        })?;
+        let ck = self.class_key(&req.class)?;
+        let ctx_bytes = canonical_context(&req.context);
+        let wrong = || {
+            Error::invalid(
+                "context",
+                format!(
+                    "the ciphertext does not decrypt under class {} with this encryption \
+                     context: give exactly the context used to encrypt (or the ciphertext was \
+                     altered)",
+                    req.class
+                ),
+            )
+        };
+        let dk_raw = ck
+            .key
+            .open(&class_data_key_aad(&req.class, id, &ctx_bytes), &wrapped)
+            .ok_or_else(wrong)?;
+        if is_data_key {
+            return Ok((id, dk_raw));
+        }
+        let dk = SymmetricKey::from_bytes(&dk_raw)?;
+        let pt = dk
+            .open(&envelope_aad(&req.class, id, &ctx_bytes), &rest[8..])
+            .ok_or_else(wrong)?;
+        Ok((id, pt))
+    }
+}
+
+/// Leading bytes of an `Encrypt` ciphertext.
+pub const ENVELOPE_MAGIC: &[u8; 4] = b"tse1";
+/// Leading bytes of a `GenerateDataKey` reference.
+pub const DATA_KEY_MAGIC: &[u8; 4] = b"tsk1";
+
+fn class_info_of(conn: &Connection, c: ClassRow) -> Result<proto::ClassInfo> {
+    let mut holds_stmt = conn.prepare_cached(
+        "SELECT id, reason, placed_at, released_at, release_reason FROM holds
+         WHERE class = ?1 ORDER BY id",
+    )?;
+    let holds = holds_stmt
+        .query_map([&c.name], |r| {
+            Ok(proto::HoldInfo {
+                id: r.get::<_, i64>(0)? as u64,
+                class: c.name.clone(),
+                reason: r.get(1)?,
+                placed_at: r.get(2)?,
+                released_at: r.get::<_, Option<i64>>(3)?.unwrap_or(0),
+                release_reason: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let ids: Vec<String> = conn
+        .prepare_cached("SELECT id FROM ceremonies WHERE class = ?1 ORDER BY opened_at, id")?
+        .query_map([&c.name], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let ceremonies = ids
+        .iter()
+        .map(|id| crate::ceremony::ceremony_info(conn, id))
+        .collect::<Result<Vec<_>>>()?;
+    let data_keys: i64 = conn.query_row(
+        "SELECT count(*) FROM class_data_keys WHERE class = ?1",
+        [&c.name],
+        |r| r.get(0),
+    )?;
+    Ok(proto::ClassInfo {
+        certificate: c
+            .certificate
+            .as_deref()
+            .map(|t| hex(&tessera_shred::certificate::digest(signed_part(t))))
+            .unwrap_or_default(),
+        name: c.name,
+        retain_seconds: c.retain_secs,
+        deadline: c.deadline,
+        holders: c.holders,
+        threshold: c.threshold as u32,
+        early_threshold: c.early_threshold as u32,
+        state: c.state,
+        key_fingerprint: hex(&c.key_fingerprint),
+        created_at: c.created_at,
+        holds,
+        ceremonies,
+        data_keys: data_keys as u64,
+    })
+}

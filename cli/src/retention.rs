@@ -1,0 +1,789 @@
+//! Subcommands for key holders, retention classes, legal holds, the shred
+//! ceremony, offline share work and envelope encryption.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+
+use serde_json::json;
+use tessera_broker::proto;
+use tessera_shred::certificate;
+use tessera_shred::envelope::{ShareEnvelope, combine_envelopes};
+use tessera_shred::hex;
+use zeroize::Zeroizing;
+
+use crate::client::{CliError, Exit, authed};
+use crate::commands::{admin_token, agent_token, print_json, target, time};
+use crate::holder_key::{HolderKey, age_decrypt};
+use crate::{
+    CertificateCmd, ClassCmd, EnvelopeArgs, Global, HoldCmd, HolderCmd, HolderShareCmd, SharesCmd,
+    ShredCmd,
+};
+
+pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
+    match c {
+        HolderCmd::Init(h) => {
+            let key = HolderKey::generate(&h.role)?;
+            let public = key.public()?;
+            let place = key.save(h.identity_file.as_deref())?;
+            if g.json {
+                print_json(json!({
+                    "role": h.role,
+                    "pubkey": public.to_text(),
+                    "key_fingerprint": public.fingerprint(),
+                    "stored_in": place,
+                }));
+            } else {
+                println!(
+                    "Made the {} holder's keys; private keys are in the {place}.",
+                    h.role
+                );
+                println!("Give this public key to the tessera admin to enrol the role:");
+                println!("  {}", public.to_text());
+                println!(
+                    "  (they run: tessera holder enroll --role {} --pubkey <that key>)",
+                    h.role
+                );
+            }
+        }
+        HolderCmd::Enroll { role, pubkey } => {
+            let token = admin_token(g)?;
+            let info = target(g)
+                .retention()
+                .await?
+                .enroll_holder(authed(proto::EnrollHolderRequest { role, pubkey }, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(holder_json(&info));
+            } else {
+                println!("Enrolled role {} (key {})", info.role, info.key_fingerprint);
+            }
+        }
+        HolderCmd::List => {
+            let token = admin_token(g)?;
+            let r = target(g)
+                .retention()
+                .await?
+                .list_holders(authed(proto::ListHoldersRequest {}, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(
+                    json!({"holders": r.holders.iter().map(holder_json).collect::<Vec<_>>()}),
+                );
+            } else {
+                println!("{:<16} {:<17} {:<20}  CLASSES", "ROLE", "KEY", "ENROLLED");
+                for h in r.holders {
+                    println!(
+                        "{:<16} {:<17} {:<20}  {}",
+                        h.role,
+                        h.key_fingerprint,
+                        time(h.enrolled_at),
+                        h.classes.join(",")
+                    );
+                }
+            }
+        }
+        HolderCmd::Share(HolderShareCmd::Export { holder, class, out }) => {
+            let key = HolderKey::load(&holder.role, holder.identity_file.as_deref())?;
+            let req = key.request(
+                proto::ExportShareRequest {
+                    class: class.clone(),
+                },
+                "ExportShare",
+                &class,
+            )?;
+            let r = target(g)
+                .holders()
+                .await?
+                .export_share(req)
+                .await?
+                .into_inner();
+            tessera_broker::init::write_private_file(&out, r.sealed_share.as_bytes()).map_err(
+                |e| CliError::new(Exit::Precondition, format!("{e}; nothing was written")),
+            )?;
+            if g.json {
+                print_json(json!({"class": r.class, "role": r.role, "file": out}));
+            } else {
+                println!(
+                    "Wrote the {} share of class {} to {} (age-sealed to your key; open it with \
+                     `age -d -i YOUR_KEY_FILE {}`)",
+                    r.role,
+                    r.class,
+                    out.display(),
+                    out.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn holder_json(h: &proto::HolderInfo) -> serde_json::Value {
+    json!({
+        "role": h.role,
+        "age_recipient": h.age_recipient,
+        "key_fingerprint": h.key_fingerprint,
+        "enrolled_at": h.enrolled_at,
+        "classes": h.classes,
+    })
+}
+
+pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let mut client = target(g).retention().await?;
+    match c {
+        ClassCmd::Create {
+            name,
+            retain,
+            holders,
+            threshold,
+            early_threshold,
+        } => {
+            let info = client
+                .create_class(authed(
+                    proto::CreateClassRequest {
+                        name,
+                        retain_seconds: retain.as_secs(),
+                        holders,
+                        threshold,
+                        early_threshold: early_threshold.unwrap_or(0),
+                    },
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(class_json(&info));
+            } else {
+                println!(
+                    "Created class {}: key {} split {} of {} among {}; shred due {}",
+                    info.name,
+                    &info.key_fingerprint[..16],
+                    info.threshold,
+                    info.holders.len(),
+                    info.holders.join(", "),
+                    time(info.deadline)
+                );
+                println!(
+                    "Each holder exports their sealed share with: tessera holder share export \
+                     --role ROLE --class {} --out FILE",
+                    info.name
+                );
+            }
+        }
+        ClassCmd::List => {
+            let r = client
+                .list_classes(authed(proto::ListClassesRequest {}, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(
+                    json!({"classes": r.classes.iter().map(class_json).collect::<Vec<_>>()}),
+                );
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<20} {:>9}  {:<6} HOLDERS",
+                    "NAME", "STATE", "DEADLINE", "THRESHOLD", "HOLDS"
+                );
+                for c in r.classes {
+                    println!(
+                        "{:<20} {:<10} {:<20} {:>9}  {:<6} {}",
+                        c.name,
+                        c.state,
+                        time(c.deadline),
+                        format!("{}/{}", c.threshold, c.holders.len()),
+                        c.holds.iter().filter(|h| h.released_at == 0).count(),
+                        c.holders.join(",")
+                    );
+                }
+            }
+        }
+        ClassCmd::Show { name } => {
+            let c = client
+                .get_class(authed(proto::GetClassRequest { name }, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(class_json(&c));
+            } else {
+                println!("Class {}", c.name);
+                println!("  state:            {}", c.state);
+                println!("  key fingerprint:  {}", c.key_fingerprint);
+                println!("  created:          {}", time(c.created_at));
+                println!("  deadline:         {}", time(c.deadline));
+                println!(
+                    "  holders:          {} (threshold {}, early shred {})",
+                    c.holders.join(", "),
+                    c.threshold,
+                    c.early_threshold
+                );
+                println!("  data keys:        {}", c.data_keys);
+                if !c.certificate.is_empty() {
+                    println!("  certificate:      {}", c.certificate);
+                }
+                for h in &c.holds {
+                    if h.released_at == 0 {
+                        println!(
+                            "  legal hold {}:     {} (since {})",
+                            h.id,
+                            h.reason,
+                            time(h.placed_at)
+                        );
+                    } else {
+                        println!(
+                            "  released hold {}:  {} ({} - {}: {})",
+                            h.id,
+                            h.reason,
+                            time(h.placed_at),
+                            time(h.released_at),
+                            h.release_reason
+                        );
+                    }
+                }
+                for cer in &c.ceremonies {
+                    println!(
+                        "  ceremony {}: {} {} ({} of {} joined: {}), expires {}",
+                        cer.id,
+                        cer.action,
+                        cer.state,
+                        cer.joined.len(),
+                        cer.required,
+                        cer.joined.join(","),
+                        time(cer.expires_at)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn class_json(c: &proto::ClassInfo) -> serde_json::Value {
+    json!({
+        "name": c.name,
+        "state": c.state,
+        "retain_seconds": c.retain_seconds,
+        "deadline": c.deadline,
+        "holders": c.holders,
+        "threshold": c.threshold,
+        "early_threshold": c.early_threshold,
+        "key_fingerprint": c.key_fingerprint,
+        "created_at": c.created_at,
+        "data_keys": c.data_keys,
+        "certificate": c.certificate,
+        "holds": c.holds.iter().map(hold_json).collect::<Vec<_>>(),
+        "ceremonies": c.ceremonies.iter().map(ceremony_json).collect::<Vec<_>>(),
+    })
+}
+
+fn hold_json(h: &proto::HoldInfo) -> serde_json::Value {
+    json!({
+        "id": h.id,
+        "class": h.class,
+        "reason": h.reason,
+        "placed_at": h.placed_at,
+        "released_at": h.released_at,
+        "release_reason": h.release_reason,
+    })
+}
+
+fn ceremony_json(c: &proto::CeremonyInfo) -> serde_json::Value {
+    json!({
+        "id": c.id,
+        "class": c.class,
+        "action": c.action,
+        "state": c.state,
+        "required": c.required,
+        "joined": c.joined,
+        "opened_by": c.opened_by,
+        "reason": c.reason,
+        "opened_at": c.opened_at,
+        "expires_at": c.expires_at,
+        "statement": c.statement,
+    })
+}
+
+pub(crate) async fn hold(g: &Global, c: HoldCmd) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let mut client = target(g).retention().await?;
+    let (placing, class, reason) = match c {
+        HoldCmd::Place { class, reason } => (true, class, reason),
+        HoldCmd::Release { class, reason } => (false, class, reason),
+    };
+    let req = authed(proto::HoldRequest { class, reason }, &token)?;
+    let h = if placing {
+        client.place_hold(req).await?
+    } else {
+        client.release_hold(req).await?
+    }
+    .into_inner();
+    if g.json {
+        print_json(hold_json(&h));
+    } else if placing {
+        println!(
+            "Legal hold {} placed on class {}: {}. No shred can open or finish until it is released.",
+            h.id, h.class, h.reason
+        );
+    } else {
+        println!(
+            "Released the legal holds on class {}: {}",
+            h.class, h.release_reason
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
+    match c {
+        ShredCmd::Open {
+            class,
+            reason,
+            early,
+            expires,
+        } => {
+            let token = admin_token(g)?;
+            let cer = target(g)
+                .retention()
+                .await?
+                .open_shred(authed(
+                    proto::OpenShredRequest {
+                        class,
+                        reason,
+                        early,
+                        expires_seconds: expires.as_secs(),
+                    },
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(ceremony_json(&cer));
+            } else {
+                println!(
+                    "Opened shred ceremony {} for class {} ({}): {} roles must join by {}.",
+                    cer.id,
+                    cer.class,
+                    cer.action,
+                    cer.required,
+                    time(cer.expires_at)
+                );
+                println!(
+                    "Each holder runs: tessera shred join {} --role ROLE",
+                    cer.id
+                );
+            }
+        }
+        ShredCmd::Join {
+            ceremony,
+            holder,
+            yes,
+        } => {
+            let key = HolderKey::load(&holder.role, holder.identity_file.as_deref())?;
+            let mut client = target(g).holders().await?;
+            let cer = client
+                .get_ceremony(key.request(
+                    proto::GetCeremonyRequest {
+                        ceremony: ceremony.clone(),
+                    },
+                    "GetCeremony",
+                    &ceremony,
+                )?)
+                .await?
+                .into_inner();
+            if !g.json {
+                eprintln!("You are asked, as the {} holder, to sign:\n", key.role);
+                for line in cer.statement.lines() {
+                    eprintln!("    {line}");
+                }
+                eprintln!();
+            }
+            if !yes {
+                confirm_signing(&cer)?;
+            }
+            let sig = key.sign(cer.statement.as_bytes())?;
+            let done = client
+                .join_shred(key.request(
+                    proto::JoinShredRequest {
+                        ceremony: ceremony.clone(),
+                        signature: hex(&sig),
+                    },
+                    "JoinShred",
+                    &ceremony,
+                )?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(ceremony_json(&done));
+            } else if done.state == "done" {
+                println!(
+                    "Joined. The quorum is met ({} of {}): the key of class {} is destroyed and \
+                     the destruction certificate is written (tessera shred certificate show \
+                     --class {}).",
+                    done.joined.len(),
+                    done.required,
+                    done.class,
+                    done.class
+                );
+            } else {
+                println!(
+                    "Joined as {}: {} of {} roles have joined ceremony {}.",
+                    key.role,
+                    done.joined.len(),
+                    done.required,
+                    done.id
+                );
+            }
+        }
+        ShredCmd::Confirm { class, holder } => {
+            let key = HolderKey::load(&holder.role, holder.identity_file.as_deref())?;
+            let mut client = target(g).holders().await?;
+            let cert = client
+                .get_certificate(key.request(
+                    proto::GetCertificateRequest {
+                        class: class.clone(),
+                    },
+                    "GetCertificate",
+                    &class,
+                )?)
+                .await?
+                .into_inner();
+            let (signed, _) = certificate::split_file(&cert.certificate)
+                .map_err(|e| CliError::new(Exit::DataLoss, e.to_string()))?;
+            let digest = certificate::digest(signed);
+            let sig = key.sign(certificate::confirmation_text(&digest, &key.role).as_bytes())?;
+            let r = client
+                .confirm_shred(key.request(
+                    proto::ConfirmShredRequest {
+                        class: class.clone(),
+                        signature: hex(&sig),
+                    },
+                    "ConfirmShred",
+                    &class,
+                )?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(certificate_json(&r));
+            } else {
+                println!(
+                    "Confirmed: the {} share of class {class} is destroyed.",
+                    key.role
+                );
+                print_provenance(&r);
+            }
+        }
+        ShredCmd::Certificate(CertificateCmd::Show { class, out }) => {
+            let token = admin_token(g)?;
+            let r = target(g)
+                .retention()
+                .await?
+                .get_certificate(authed(proto::GetCertificateRequest { class }, &token)?)
+                .await?
+                .into_inner();
+            match out {
+                Some(f) => {
+                    std::fs::write(&f, &r.certificate).map_err(|e| {
+                        CliError::new(Exit::Failure, format!("cannot write {}: {e}", f.display()))
+                    })?;
+                    if g.json {
+                        print_json(certificate_json(&r));
+                    } else {
+                        println!("Wrote the certificate to {}", f.display());
+                        print_provenance(&r);
+                    }
+                }
+                None if g.json => print_json(certificate_json(&r)),
+                None => print!("{}", r.certificate),
+            }
+        }
+        ShredCmd::Certificate(CertificateCmd::Verify { file, broker_key }) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                CliError::new(
+                    Exit::InvalidArgument,
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let pin: Option<[u8; 32]> = match broker_key {
+                Some(k) => Some(
+                    tessera_shred::unhex(&k)
+                        .and_then(|v| v.try_into().ok())
+                        .ok_or_else(|| {
+                            CliError::new(
+                                Exit::InvalidArgument,
+                                "invalid broker_key: give the 64 hex digits `tessera status` shows",
+                            )
+                        })?,
+                ),
+                None => None,
+            };
+            let v = certificate::verify(&text, pin.as_ref()).map_err(|e| {
+                CliError::new(
+                    Exit::DataLoss,
+                    format!("the certificate does not verify: {e}"),
+                )
+            })?;
+            let c = &v.certificate;
+            if g.json {
+                print_json(json!({
+                    "valid": true,
+                    "class": c.statement.class,
+                    "key_fingerprint": hex(&c.statement.key_fingerprint),
+                    "ceremony": c.statement.ceremony,
+                    "deadline": c.statement.deadline,
+                    "action": c.statement.action.name(),
+                    "destroyed_at": c.destroyed_at,
+                    "destroyed": c.destroyed,
+                    "joined": c.joins.iter().map(|(r, _)| r).collect::<Vec<_>>(),
+                    "required": c.required,
+                    "threshold": c.key_threshold,
+                    "shares": c.shares,
+                    "confirmed": v.confirmed,
+                    "outstanding": v.outstanding(),
+                    "irrecoverable": v.irrecoverable(),
+                    "broker_key": hex(&c.broker_key),
+                    "broker_key_pinned": pin.is_some(),
+                }));
+            } else {
+                println!(
+                    "Certificate valid: signed by broker key {}{}.",
+                    tessera_shred::holder::fingerprint(&c.broker_key),
+                    if pin.is_some() {
+                        " (the pinned key)"
+                    } else {
+                        " (not pinned: pass --broker-key to check it is your broker's)"
+                    }
+                );
+                println!(
+                    "  class {} key {} ({} of {} shares) destroyed at {} by ceremony {} ({}).",
+                    c.statement.class,
+                    &hex(&c.statement.key_fingerprint)[..16],
+                    c.key_threshold,
+                    c.shares,
+                    time(c.destroyed_at),
+                    c.statement.ceremony,
+                    c.statement.action.name()
+                );
+                println!(
+                    "  joined by {} (needed {}); destroyed: {}.",
+                    c.joins
+                        .iter()
+                        .map(|(r, _)| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    c.required,
+                    c.destroyed
+                );
+                if v.irrecoverable() {
+                    println!(
+                        "  The key is provably irrecoverable: {} of {} offline shares are \
+                         confirmed destroyed, so fewer than {} can remain anywhere.",
+                        v.confirmed.len(),
+                        c.shares,
+                        c.key_threshold
+                    );
+                } else {
+                    println!(
+                        "  Not yet provably irrecoverable: {} offline shares are unconfirmed; \
+                         {} more holders must run `tessera shred confirm`.",
+                        v.outstanding(),
+                        v.outstanding() + 1 - c.key_threshold as usize
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_provenance(r: &proto::CertificateResponse) {
+    if r.irrecoverable {
+        println!(
+            "The key is now provably irrecoverable: fewer than a quorum of shares remain anywhere."
+        );
+    } else {
+        println!(
+            "{} offline shares are not yet confirmed destroyed.",
+            r.outstanding
+        );
+    }
+}
+
+fn certificate_json(r: &proto::CertificateResponse) -> serde_json::Value {
+    json!({
+        "certificate": r.certificate,
+        "outstanding": r.outstanding,
+        "irrecoverable": r.irrecoverable,
+        "broker_key": r.broker_key,
+    })
+}
+
+/// Asks the holder to type the class name before signing (a terminal is
+/// required unless --yes).
+fn confirm_signing(cer: &proto::CeremonyInfo) -> Result<(), CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::new(
+            Exit::Precondition,
+            "not signing: stdin is not a terminal to confirm on; read the statement above and \
+             pass --yes to sign it",
+        ));
+    }
+    eprint!(
+        "Type the class name ({}) to sign, anything else to stop: ",
+        cer.class
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot read the answer: {e}")))?;
+    if line.trim() != cer.class {
+        return Err(CliError::new(Exit::Failure, "not signed; nothing was sent"));
+    }
+    Ok(())
+}
+
+pub(crate) fn shares(g: &Global, c: SharesCmd) -> Result<(), CliError> {
+    let SharesCmd::Combine {
+        files,
+        identity_file,
+        reveal,
+    } = c;
+    let key = combine_files(&files, &identity_file)?;
+    let env_class = key.1;
+    let fp = tessera_shred::key_check(&key.0);
+    if g.json {
+        let mut doc = json!({
+            "class": env_class,
+            "key_fingerprint": hex(&fp),
+            "shares": files.len(),
+        });
+        if reveal {
+            doc["key"] = json!(Zeroizing::new(hex(&key.0)).as_str());
+        }
+        print_json(doc);
+    } else {
+        eprintln!(
+            "The {} shares combine to the key of class {env_class} (fingerprint {}).",
+            files.len(),
+            hex(&fp)
+        );
+        if reveal {
+            println!("{}", Zeroizing::new(hex(&key.0)).as_str());
+        }
+    }
+    Ok(())
+}
+
+/// Reads share files (plain envelopes or age-sealed ones opened with the
+/// given holder keys) and combines them, checked against the fingerprint.
+pub(crate) fn combine_files(
+    files: &[PathBuf],
+    identity_files: &[PathBuf],
+) -> Result<(Zeroizing<Vec<u8>>, String), CliError> {
+    let keys = identity_files
+        .iter()
+        .map(|f| HolderKey::load("", Some(f)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids: Vec<&age::x25519::Identity> = keys.iter().map(HolderKey::identity).collect();
+    let mut envelopes = Vec::new();
+    for f in files {
+        let raw = Zeroizing::new(std::fs::read(f).map_err(|e| {
+            CliError::new(
+                Exit::InvalidArgument,
+                format!("cannot read {}: {e}", f.display()),
+            )
+        })?);
+        let text = if raw.starts_with(b"age-encryption.org")
+            || raw.starts_with(b"-----BEGIN AGE ENCRYPTED FILE-----")
+        {
+            age_decrypt(&raw, &ids).map_err(|e| {
+                CliError::new(
+                    Exit::InvalidArgument,
+                    format!(
+                        "cannot open {} with the given --identity-file keys ({e}); pass the key \
+                         of the holder it was sealed to",
+                        f.display()
+                    ),
+                )
+            })?
+        } else {
+            raw
+        };
+        envelopes.push(
+            ShareEnvelope::parse(&text).map_err(|e| {
+                CliError::new(Exit::InvalidArgument, format!("{}: {e}", f.display()))
+            })?,
+        );
+    }
+    let class = envelopes
+        .first()
+        .map(|e| e.class.clone())
+        .unwrap_or_default();
+    let key = combine_envelopes(&envelopes)
+        .map_err(|e| CliError::new(Exit::InvalidArgument, format!("cannot combine: {e}")))?;
+    Ok((key, class))
+}
+
+fn context(a: &EnvelopeArgs) -> std::collections::HashMap<String, String> {
+    a.context.iter().cloned().collect()
+}
+
+fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
+    let mut buf = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
+    Ok(buf)
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))
+}
+
+pub(crate) async fn encrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError> {
+    let token = agent_token()?;
+    let plaintext = read_stdin()?;
+    let r = target(g)
+        .envelope()
+        .await?
+        .encrypt(authed(
+            proto::EncryptRequest {
+                class: a.class.clone(),
+                plaintext: plaintext.to_vec(),
+                context: context(&a),
+            },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    if g.json {
+        print_json(json!({"class": a.class, "key_id": r.key_id, "ciphertext": hex(&r.ciphertext)}));
+        Ok(())
+    } else {
+        write_stdout(&r.ciphertext)
+    }
+}
+
+pub(crate) async fn decrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError> {
+    let token = agent_token()?;
+    let ciphertext = read_stdin()?;
+    let r = target(g)
+        .envelope()
+        .await?
+        .decrypt(authed(
+            proto::DecryptRequest {
+                class: a.class.clone(),
+                ciphertext: ciphertext.to_vec(),
+                context: context(&a),
+            },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    let plaintext = Zeroizing::new(r.plaintext);
+    write_stdout(&plaintext)
+}
