@@ -346,6 +346,25 @@ impl Server {
         }
     }
 
+    /// Waits (at most 30 s) for the broker to exit by itself; returns its
+    /// exit code, or -1 if a signal ended it (as an abort does).
+    pub fn wait_exit(&mut self) -> i32 {
+        let Some(mut c) = self.child.take() else {
+            return -1;
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().expect("wait serve") {
+                return status.code().unwrap_or(-1);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                panic!("the broker did not exit within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> i32 {
         let Some(mut c) = self.child.take() else {

@@ -1,0 +1,718 @@
+//! End-to-end: retention classes, key holders, legal holds and the quorum
+//! shred ceremony, through the real `tessera` binary, with holder keys in
+//! the real OS keychain and in identity files, shares opened by the Debian
+//! `age` tool, and the database and WAL files scanned after shredding.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tessera_e2e::{World, keychain_available};
+
+/// Makes a holder for `role` (identity file, or the keychain when `file` is
+/// false) and enrols it; returns the identity file if one was used.
+fn holder(w: &World, role: &str, file: bool) -> Option<PathBuf> {
+    let key = w.tmp.path().join(format!("{role}.key"));
+    let made = if file {
+        w.run(&[
+            "holder",
+            "init",
+            "--role",
+            role,
+            "--identity-file",
+            key.to_str().expect("utf-8 path"),
+            "--json",
+        ])
+    } else {
+        w.run(&["holder", "init", "--role", role, "--json"])
+    }
+    .ok()
+    .json();
+    let pubkey = made["pubkey"].as_str().expect("pubkey").to_string();
+    w.run(&["holder", "enroll", "--role", role, "--pubkey", &pubkey])
+        .ok();
+    file.then_some(key)
+}
+
+/// `--identity-file FILE` arguments for a holder (none for the keychain).
+fn id_args(key: &Option<PathBuf>) -> Vec<String> {
+    match key {
+        Some(k) => vec!["--identity-file".into(), k.display().to_string()],
+        None => vec![],
+    }
+}
+
+fn run(w: &World, args: &[String]) -> tessera_e2e::Ran {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.run(&a)
+}
+
+fn strings(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn join(w: &World, ceremony: &str, role: &str, key: &Option<PathBuf>) -> tessera_e2e::Ran {
+    let mut a = strings(&["shred", "join", ceremony, "--role", role, "--yes", "--json"]);
+    a.extend(id_args(key));
+    run(w, &a)
+}
+
+fn class_json(w: &World, class: &str) -> serde_json::Value {
+    w.run(&["class", "show", class, "--json"]).ok().json()
+}
+
+/// Polls `class show` until `pred` holds (the broker's tick is 1 s).
+fn wait_class(w: &World, class: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let c = class_json(w, class);
+        if pred(&c) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "class {class} never reached: {what}; last: {c:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn open_ceremony(c: &serde_json::Value) -> Option<String> {
+    c["ceremonies"]
+        .as_array()?
+        .iter()
+        .find(|x| x["state"] == "open")
+        .and_then(|x| x["id"].as_str())
+        .map(str::to_string)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file of the store (database, WAL, shared memory) as bytes.
+fn store_files(w: &World) -> Vec<(PathBuf, Vec<u8>)> {
+    ["tessera.db", "tessera.db-wal", "tessera.db-shm"]
+        .iter()
+        .map(|f| w.data.join(f))
+        .filter(|p| p.exists())
+        .map(|p| {
+            let b = std::fs::read(&p).expect("read store file");
+            (p, b)
+        })
+        .collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    tessera_shred::unhex(s).expect("hex")
+}
+
+fn age_decrypt(identity: &PathBuf, file: &PathBuf) -> String {
+    let out = Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(identity)
+        .arg(file)
+        .output()
+        .expect("run age (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "age -d failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 share")
+}
+
+fn wrapped_key(w: &World, class: &str) -> Option<Vec<u8>> {
+    let c =
+        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    c.query_row(
+        "SELECT wrapped_key FROM classes WHERE name = ?1",
+        [class],
+        |r| r.get(0),
+    )
+    .expect("class row")
+}
+
+#[test]
+fn whole_shred_story_through_the_binary() {
+    let w = World::new();
+    w.init_passphrase();
+    let server = w.serve(&[]);
+    // Legal keeps its key in the OS keychain (where there is one); the
+    // others in identity files, as separate keychains would.
+    let legal = holder(
+        &w,
+        "legal",
+        !keychain_available("shred story (legal in keychain)"),
+    );
+    let ciso = holder(&w, "ciso", true);
+    let board = holder(&w, "board", true);
+    let holders = w.run(&["holder", "list", "--json"]).ok().json();
+    assert_eq!(holders["holders"].as_array().map(Vec::len), Some(3));
+
+    w.run(&[
+        "class",
+        "create",
+        "sox",
+        "--retain",
+        "12s",
+        "--holders",
+        "legal,ciso,board",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+    let created = class_json(&w, "sox");
+    assert_eq!(created["state"], "active");
+    assert_eq!(created["threshold"], 2);
+    assert_eq!(created["early_threshold"], 3);
+    let fingerprint = created["key_fingerprint"].as_str().expect("fp").to_string();
+
+    // An agent encrypts client data under the class, with a context.
+    let token = w.agent("archiver", "class:sox", "15m");
+    let env = [("TESSERA_TOKEN", token.as_str())];
+    let ct = w
+        .run_with(
+            &[
+                "encrypt",
+                "--class",
+                "sox",
+                "--context",
+                "ledger=2019",
+                "--json",
+            ],
+            Some(b"general ledger 2019"),
+            &env,
+        )
+        .ok()
+        .json();
+    let ciphertext = unhex(ct["ciphertext"].as_str().expect("ciphertext"));
+    let plain = w
+        .run_with(
+            &["decrypt", "--class", "sox", "--context", "ledger=2019"],
+            Some(&ciphertext),
+            &env,
+        )
+        .ok();
+    assert_eq!(plain.stdout, "general ledger 2019");
+    let wrong = w
+        .run_with(
+            &["decrypt", "--class", "sox", "--context", "ledger=2020"],
+            Some(&ciphertext),
+            &env,
+        )
+        .fails_with(7);
+    assert!(wrong.stderr.contains("encryption context"), "{wrong:#?}");
+    let other_agent = w.agent("nosy", "openai/*", "15m");
+    w.run_with(
+        &["decrypt", "--class", "sox", "--context", "ledger=2019"],
+        Some(&ciphertext),
+        &[("TESSERA_TOKEN", other_agent.as_str())],
+    )
+    .fails_with(4);
+
+    // Holders export their sealed shares; Debian's age opens them.
+    let mut sealed = Vec::new();
+    for (role, key) in [("ciso", &ciso), ("board", &board)] {
+        let out = w.tmp.path().join(format!("{role}.share.age"));
+        let mut a = strings(&[
+            "holder", "share", "export", "--role", role, "--class", "sox",
+        ]);
+        a.extend(id_args(key));
+        a.extend(strings(&["--out", out.to_str().expect("path")]));
+        run(&w, &a).ok();
+        let text = age_decrypt(key.as_ref().expect("identity file"), &out);
+        assert!(text.starts_with("tessera-share-v1\nclass: sox\n"), "{text}");
+        assert!(text.contains(&format!("key-fingerprint: {fingerprint}")));
+        assert!(text.contains(&format!("role: {role}\n")));
+        sealed.push((out, text));
+    }
+    // Before shredding, a quorum can recover the class key offline.
+    let ids = [
+        ciso.as_ref().expect("file").display().to_string(),
+        board.as_ref().expect("file").display().to_string(),
+    ];
+    let combined = w
+        .run(&[
+            "shares",
+            "combine",
+            sealed[0].0.to_str().expect("p"),
+            sealed[1].0.to_str().expect("p"),
+            "--identity-file",
+            &ids[0],
+            "--identity-file",
+            &ids[1],
+            "--reveal",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(combined["key_fingerprint"], fingerprint.as_str());
+    let class_key = unhex(combined["key"].as_str().expect("key"));
+    assert_eq!(class_key.len(), 32);
+    // One share, or the same share twice, is refused with a reason.
+    let one = w
+        .run(&[
+            "shares",
+            "combine",
+            sealed[0].0.to_str().expect("p"),
+            "--identity-file",
+            &ids[0],
+        ])
+        .fails_with(7);
+    assert!(one.stderr.contains("needs 2 of 3"), "{one:#?}");
+    let dup = w
+        .run(&[
+            "shares",
+            "combine",
+            sealed[0].0.to_str().expect("p"),
+            sealed[0].0.to_str().expect("p"),
+            "--identity-file",
+            &ids[0],
+        ])
+        .fails_with(7);
+    assert!(dup.stderr.contains("given twice"), "{dup:#?}");
+    // A tampered share is caught by the key check value.
+    let tampered_path = w.tmp.path().join("tampered.share");
+    let (_, text) = &sealed[1];
+    let share_line = text.lines().last().expect("share line");
+    let flipped = {
+        let mut b = share_line.as_bytes().to_vec();
+        let i = "share: ".len() + 2;
+        b[i] = if b[i] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).expect("utf-8")
+    };
+    std::fs::write(&tampered_path, text.replace(share_line, &flipped)).expect("write");
+    let bad = w
+        .run(&[
+            "shares",
+            "combine",
+            sealed[0].0.to_str().expect("p"),
+            tampered_path.to_str().expect("p"),
+            "--identity-file",
+            &ids[0],
+        ])
+        .fails_with(7);
+    assert!(bad.stderr.contains("check value mismatch"), "{bad:#?}");
+    let wrapped = wrapped_key(&w, "sox").expect("wrapped key before shredding");
+
+    // Before the deadline a shred is refused; a legal hold blocks it after.
+    let early = w.run(&["shred", "open", "--class", "sox"]).fails_with(5);
+    assert!(early.stderr.contains("must be kept until"), "{early:#?}");
+    w.run(&[
+        "hold",
+        "place",
+        "--class",
+        "sox",
+        "--reason",
+        "litigation 2026-17",
+    ])
+    .ok();
+    let deadline = created["deadline"].as_i64().expect("deadline");
+    while tessera_broker::init::now() <= deadline + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let held = w.run(&["shred", "open", "--class", "sox"]).fails_with(5);
+    assert!(
+        held.stderr.contains("legal hold") && held.stderr.contains("litigation 2026-17"),
+        "{held:#?}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        open_ceremony(&class_json(&w, "sox")),
+        None,
+        "no ceremony opens while a hold stands"
+    );
+    w.run(&[
+        "hold",
+        "release",
+        "--class",
+        "sox",
+        "--reason",
+        "case closed",
+    ])
+    .ok();
+
+    // The broker opens the ceremony itself now that the deadline passed.
+    wait_class(&w, "sox", "an open ceremony", |c| {
+        open_ceremony(c).is_some()
+    });
+    let ceremony = open_ceremony(&class_json(&w, "sox")).expect("ceremony");
+
+    // A signature by the wrong key is refused; the same role counts once.
+    let r = run(
+        &w,
+        &strings(&["shred", "join", &ceremony, "--role", "board", "--yes"])
+            .into_iter()
+            .chain(id_args(&ciso))
+            .collect::<Vec<_>>(),
+    )
+    .fails_with(4);
+    assert!(r.stderr.contains("enrolled key of role board"), "{r:#?}");
+    let first = join(&w, &ceremony, "legal", &legal).ok().json();
+    assert_eq!(first["state"], "open");
+    let again = join(&w, &ceremony, "legal", &legal).ok().json();
+    assert_eq!(again["joined"].as_array().map(Vec::len), Some(1));
+    let done = join(&w, &ceremony, "ciso", &ciso).ok().json();
+    assert_eq!(done["state"], "done");
+    let shredded = class_json(&w, "sox");
+    assert_eq!(shredded["state"], "shredded");
+    assert_eq!(shredded["data_keys"], 0);
+
+    // No page of the database or WAL holds the key or its wrapped form.
+    for (path, bytes) in store_files(&w) {
+        assert!(
+            !contains(&bytes, &class_key),
+            "{} still holds the class key",
+            path.display()
+        );
+        assert!(
+            !contains(&bytes, &wrapped),
+            "{} still holds the wrapped class key",
+            path.display()
+        );
+    }
+
+    // Decrypting class data now fails, naming the certificate.
+    let refused = w
+        .run_with(
+            &["decrypt", "--class", "sox", "--context", "ledger=2019"],
+            Some(&ciphertext),
+            &env,
+        )
+        .fails_with(5);
+    let digest = shredded["certificate"]
+        .as_str()
+        .expect("certificate digest");
+    assert!(
+        refused.stderr.contains("shredded") && refused.stderr.contains(&digest[..16]),
+        "{refused:#?}"
+    );
+
+    // The certificate verifies offline against the pinned broker key.
+    let broker_key = w.run(&["status", "--json"]).ok().json()["broker_key"]
+        .as_str()
+        .expect("broker key")
+        .to_string();
+    let cert = w.tmp.path().join("sox.cert");
+    w.run(&[
+        "shred",
+        "certificate",
+        "show",
+        "--class",
+        "sox",
+        "--out",
+        cert.to_str().expect("p"),
+    ])
+    .ok();
+    let verified = w
+        .run(&[
+            "shred",
+            "certificate",
+            "verify",
+            cert.to_str().expect("p"),
+            "--broker-key",
+            &broker_key,
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(verified["class"], "sox");
+    assert_eq!(verified["key_fingerprint"], fingerprint.as_str());
+    assert_eq!(verified["irrecoverable"], false);
+    assert_eq!(verified["outstanding"], 3);
+    let text = std::fs::read_to_string(&cert).expect("cert");
+    let forged = w.tmp.path().join("forged.cert");
+    std::fs::write(&forged, text.replace("required: 2", "required: 1")).expect("write");
+    w.run(&[
+        "shred",
+        "certificate",
+        "verify",
+        forged.to_str().expect("p"),
+    ])
+    .fails_with(9);
+    w.run(&[
+        "shred",
+        "certificate",
+        "verify",
+        cert.to_str().expect("p"),
+        "--broker-key",
+        &"00".repeat(32),
+    ])
+    .fails_with(9);
+
+    // Holders confirm destroying their offline shares: once fewer than k
+    // remain anywhere, the certificate says the key is irrecoverable.
+    for (role, key) in [("ciso", &ciso), ("board", &board)] {
+        let mut a = strings(&[
+            "shred", "confirm", "--class", "sox", "--role", role, "--json",
+        ]);
+        a.extend(id_args(key));
+        run(&w, &a).ok();
+    }
+    w.run(&[
+        "shred",
+        "certificate",
+        "show",
+        "--class",
+        "sox",
+        "--out",
+        w.tmp.path().join("sox2.cert").to_str().expect("p"),
+    ])
+    .ok();
+    let verified = w
+        .run(&[
+            "shred",
+            "certificate",
+            "verify",
+            w.tmp.path().join("sox2.cert").to_str().expect("p"),
+            "--broker-key",
+            &broker_key,
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(verified["irrecoverable"], true);
+    assert_eq!(verified["outstanding"], 1);
+
+    // Everything is audited; nothing secret reached the trail or the logs.
+    w.run(&["audit", "verify"]).ok();
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    for action in [
+        "holder.enroll",
+        "class.create",
+        "share.export",
+        "hold.place",
+        "hold.release",
+        "shred.open",
+        "shred.join",
+        "shred.destroy",
+        "shred.confirm",
+        "envelope.encrypt",
+        "envelope.decrypt",
+    ] {
+        assert!(audit.contains(action), "no {action} in the audit trail");
+    }
+    let logs = server.logs();
+    for (_, share_text) in &sealed {
+        let share_hex = share_text
+            .lines()
+            .last()
+            .expect("line")
+            .trim_start_matches("share: ");
+        assert!(!audit.contains(share_hex) && !logs.contains(share_hex));
+    }
+    let key_hex = tessera_shred::hex(&class_key);
+    assert!(!audit.contains(&key_hex) && !logs.contains(&key_hex));
+}
+
+#[test]
+fn early_shred_needs_the_stricter_quorum_and_ceremonies_expire() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
+        .iter()
+        .map(|r| holder(&w, r, true))
+        .collect();
+    w.run(&[
+        "class",
+        "create",
+        "gdpr",
+        "--retain",
+        "1h",
+        "--holders",
+        "legal,ciso,board",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+    // Bad input is refused precisely and changes nothing.
+    let bad = w
+        .run(&[
+            "class",
+            "create",
+            "x",
+            "--retain",
+            "1h",
+            "--holders",
+            "legal,ciso",
+            "--threshold",
+            "3",
+        ])
+        .fails_with(7);
+    assert!(bad.stderr.contains("invalid threshold"), "{bad:#?}");
+    let unenrolled = w
+        .run(&[
+            "class",
+            "create",
+            "y",
+            "--retain",
+            "1h",
+            "--holders",
+            "legal,cfo",
+            "--threshold",
+            "2",
+        ])
+        .fails_with(5);
+    assert!(unenrolled.stderr.contains("cfo"), "{unenrolled:#?}");
+    w.run(&[
+        "shred",
+        "join",
+        "cer_nope",
+        "--role",
+        "legal",
+        "--yes",
+        "--identity-file",
+        keys[0].as_ref().expect("f").to_str().expect("p"),
+    ])
+    .fails_with(3);
+
+    let opened = w
+        .run(&[
+            "shred",
+            "open",
+            "--class",
+            "gdpr",
+            "--early",
+            "--expires",
+            "4s",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(opened["action"], "shred-early");
+    assert_eq!(opened["required"], 3);
+    let id = opened["id"].as_str().expect("id").to_string();
+    w.run(&["shred", "open", "--class", "gdpr", "--early"])
+        .fails_with(5);
+    join(&w, &id, "legal", &keys[0]).ok();
+    let two = join(&w, &id, "ciso", &keys[1]).ok().json();
+    assert_eq!(two["state"], "open", "two of three do not suffice early");
+    assert!(class_json(&w, "gdpr")["key_fingerprint"].is_string());
+    std::thread::sleep(Duration::from_secs(5));
+    let late = join(&w, &id, "board", &keys[2]).fails_with(5);
+    assert!(late.stderr.contains("expired"), "{late:#?}");
+    let c = class_json(&w, "gdpr");
+    assert_eq!(c["state"], "active");
+    assert!(wrapped_key(&w, "gdpr").is_some(), "nothing was destroyed");
+
+    // A hold cancels an open ceremony.
+    let opened = w
+        .run(&["shred", "open", "--class", "gdpr", "--early", "--json"])
+        .ok()
+        .json();
+    let id = opened["id"].as_str().expect("id").to_string();
+    w.run(&[
+        "hold",
+        "place",
+        "--class",
+        "gdpr",
+        "--reason",
+        "regulator inquiry",
+    ])
+    .ok();
+    let cancelled = join(&w, &id, "legal", &keys[0]).fails_with(5);
+    assert!(cancelled.stderr.contains("cancelled"), "{cancelled:#?}");
+    w.run(&["audit", "verify"]).ok();
+}
+
+#[test]
+fn shred_is_crash_safe_at_every_step() {
+    for point in [
+        "shred-before-destroy",
+        "shred-in-destroy",
+        "shred-before-compact",
+        "shred-mid-compact",
+    ] {
+        let w = World::new();
+        w.init_passphrase();
+        let mut s = w.serve_env(
+            &[],
+            &[
+                ("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE),
+                ("TESSERA_FAULT", point),
+            ],
+        );
+        let a = holder(&w, "legal", true);
+        let b = holder(&w, "ciso", true);
+        w.run(&[
+            "class",
+            "create",
+            "c",
+            "--retain",
+            "1h",
+            "--holders",
+            "legal,ciso",
+            "--threshold",
+            "2",
+        ])
+        .ok();
+        let wrapped = wrapped_key(&w, "c").expect("wrapped");
+        let id = w
+            .run(&["shred", "open", "--class", "c", "--early", "--json"])
+            .ok()
+            .json()["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        join(&w, &id, "legal", &a).ok();
+        // The quorum-making join hits the fault: the broker dies mid-way.
+        let r = join(&w, &id, "ciso", &b);
+        assert_ne!(r.code, 0, "{point}: the broker should have aborted: {r:#?}");
+        let status = s.wait_exit();
+        assert_ne!(status, 0, "{point}: broker exit");
+
+        // On disk: either the key is intact and the ceremony open, or the
+        // key is gone and the certificate written. Never a key destroyed
+        // without a certificate.
+        {
+            let c = rusqlite::Connection::open(w.db()).expect("db");
+            let (key, cert, state): (Option<Vec<u8>>, Option<String>, String) = c
+                .query_row(
+                    "SELECT wrapped_key, certificate, state FROM classes WHERE name = 'c'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .expect("class row");
+            match (key.is_some(), cert.is_some()) {
+                (true, false) => assert_eq!(state, "shredding", "{point}"),
+                (false, true) => assert_eq!(state, "shredded", "{point}"),
+                other => panic!("{point}: inconsistent key/certificate state {other:?}"),
+            }
+        }
+
+        // A restart completes the ceremony and the compaction.
+        let _s2 = w.serve(&[]);
+        wait_class(&w, "c", "shredded", |c| c["state"] == "shredded");
+        let start = Instant::now();
+        loop {
+            let files = store_files(&w);
+            let clean = files.iter().all(|(_, b)| !contains(b, &wrapped));
+            if clean {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{point}: the wrapped key is still on disk after restart"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let cert = w.tmp.path().join("c.cert");
+        w.run(&[
+            "shred",
+            "certificate",
+            "show",
+            "--class",
+            "c",
+            "--out",
+            cert.to_str().expect("p"),
+        ])
+        .ok();
+        w.run(&["shred", "certificate", "verify", cert.to_str().expect("p")])
+            .ok();
+        w.run(&["audit", "verify"]).ok();
+    }
+}
