@@ -162,16 +162,18 @@ pub fn signing_key_aad(store_id: &str) -> Vec<u8> {
     aad(&[b"tessera/v1/broker-signing-key", store_id.as_bytes()])
 }
 
-/// An encryption context in canonical form: pairs sorted by key, each part
-/// length-prefixed, so equal maps always give equal bytes.
-pub fn canonical_context(context: &std::collections::HashMap<String, String>) -> Vec<u8> {
+/// The digest of an encryption context: SHA-256 of its canonical form
+/// (pairs sorted by key, each part length-prefixed), so equal maps always
+/// give equal bytes. Stored beside each envelope data key so the key can be
+/// re-wrapped (at a holder handover) without the context itself.
+pub fn context_digest(context: &std::collections::HashMap<String, String>) -> [u8; 32] {
     let mut pairs: Vec<(&String, &String)> = context.iter().collect();
     pairs.sort();
     let parts: Vec<&[u8]> = pairs
         .iter()
         .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()])
         .collect();
-    aad(&parts)
+    sha256(&aad(&parts))
 }
 
 fn aad(parts: &[&[u8]]) -> Vec<u8> {

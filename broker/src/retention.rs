@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::init::now;
 use crate::keys::{
-    SymmetricKey, canonical_context, class_data_key_aad, class_key_aad, envelope_aad, hex,
+    SymmetricKey, class_data_key_aad, class_key_aad, context_digest, envelope_aad, hex,
 };
 use crate::names;
 use crate::proto;
@@ -354,6 +354,121 @@ impl Broker {
                 }))
             })
             .await?
+    }
+
+    /// Hands a role to a new holder: every live class the role holds is
+    /// re-keyed (a new class key, split for the new holder set, envelope
+    /// data keys re-wrapped, the old key destroyed and the store compacted),
+    /// so shares of the old key are worthless. One transaction.
+    pub async fn replace_holder(
+        &self,
+        request_id: &str,
+        role: String,
+        pubkey: String,
+    ) -> Result<(proto::HolderInfo, Vec<String>)> {
+        let parsed = names::role(&role, "role").and_then(|()| {
+            let k = HolderPublicKey::parse(&pubkey)
+                .map_err(|e| Error::invalid("pubkey", e.to_string()))?;
+            k.age_recipient
+                .parse::<age::x25519::Recipient>()
+                .map_err(|_| {
+                    Error::invalid("pubkey", "its age part is not a valid X25519 recipient")
+                })?;
+            Ok(k)
+        });
+        let key = match parsed {
+            Ok(k) => k,
+            Err(e) => {
+                return Err(self
+                    .deny("admin".into(), "holder.replace", &role, request_id, e)
+                    .await);
+            }
+        };
+        let rid = request_id.to_string();
+        let rk = Arc::clone(&self.root_key);
+        let out = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                let refuse = |ctx: &mut crate::store::WriteCtx<'_>, e: Error| -> Result<_> {
+                    ctx.audit(&admin_entry(
+                        "holder.replace",
+                        &role,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    Ok(Err(e))
+                };
+                let (current, _) = holder_keys(ctx.conn, &role)?;
+                let Some(current) = current else {
+                    let e = Error::NotFound(format!(
+                        "role {role:?} has no holder to replace; enrol one with `tessera holder \
+                         enroll`"
+                    ));
+                    return refuse(ctx, e);
+                };
+                if current == key.signing_key {
+                    let e = Error::invalid(
+                        "pubkey",
+                        "this is the role's current key; a replacement needs the new holder's key",
+                    );
+                    return refuse(ctx, e);
+                }
+                ctx.conn.execute(
+                    "INSERT INTO holder_keys_retired (role, signing_key, retired_at)
+                     VALUES (?1, ?2, ?3)",
+                    params![role, &current[..], t],
+                )?;
+                ctx.conn.execute(
+                    "UPDATE holders SET age_recipient = ?2, signing_key = ?3, enrolled_at = ?4
+                     WHERE role = ?1",
+                    params![role, key.age_recipient, &key.signing_key[..], t],
+                )?;
+                let classes: Vec<String> = ctx
+                    .conn
+                    .prepare(
+                        "SELECT c.name FROM classes c JOIN class_shares s ON s.class = c.name
+                         WHERE s.role = ?1 AND c.state != 'shredded' ORDER BY c.name",
+                    )?
+                    .query_map([&role], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for class in &classes {
+                    let summary = rekey_class(ctx.conn, &rk, class)?;
+                    ctx.audit(&admin_entry("class.rekey", class, true, summary, &rid))?;
+                }
+                if !classes.is_empty() {
+                    crate::store::meta_set(ctx.conn, "compact_pending", b"1")?;
+                }
+                ctx.audit(&admin_entry(
+                    "holder.replace",
+                    &role,
+                    true,
+                    format!(
+                        "key {} replaced by {}; {} classes re-keyed",
+                        tessera_shred::holder::fingerprint(&current),
+                        key.fingerprint(),
+                        classes.len()
+                    ),
+                    &rid,
+                ))?;
+                Ok(Ok((
+                    proto::HolderInfo {
+                        role: role.clone(),
+                        age_recipient: key.age_recipient.clone(),
+                        key_fingerprint: key.fingerprint(),
+                        enrolled_at: t,
+                        classes: classes.clone(),
+                    },
+                    classes,
+                )))
+            })
+            .await??;
+        for c in &out.1 {
+            self.forget_class_key(c);
+        }
+        self.compact_if_pending().await?;
+        Ok(out)
     }
 
     /// Every enrolled role with its key fingerprint and classes.
@@ -877,7 +992,7 @@ impl Broker {
         };
         let dk = SymmetricKey::generate()?;
         let dk_bytes = Zeroizing::new(dk.expose_bytes().to_vec());
-        let ctx_bytes = canonical_context(context);
+        let ctx_bytes = context_digest(context);
         let class = class.to_string();
         let actor = agent.actor();
         let action = action.to_string();
@@ -909,17 +1024,19 @@ impl Broker {
                     })?;
                     return Ok(Err(e));
                 }
-                ctx.conn.execute(
-                    "INSERT INTO class_data_keys (class, created_at, wrapped) VALUES (?1, ?2, x'')",
-                    params![class, t],
+                let id: i64 = ctx.conn.query_row(
+                    "SELECT coalesce(max(id), 0) + 1 FROM class_data_keys WHERE class = ?1",
+                    [&class],
+                    |r| r.get(0),
                 )?;
-                let id = ctx.conn.last_insert_rowid() as u64;
+                let id = id as u64;
                 let wrapped = ck
                     .key
                     .seal(&class_data_key_aad(&class, id, &ctx_bytes), &dk_bytes)?;
                 ctx.conn.execute(
-                    "UPDATE class_data_keys SET wrapped = ?2 WHERE id = ?1",
-                    params![id as i64, wrapped],
+                    "INSERT INTO class_data_keys (class, id, created_at, context_digest, wrapped)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![class, id as i64, t, &ctx_bytes[..], wrapped],
                 )?;
                 ctx.audit(&Entry {
                     time: t,
@@ -968,7 +1085,7 @@ impl Broker {
             )
             .await?;
         let sealed = dk.seal(
-            &envelope_aad(&req.class, id, &canonical_context(&req.context)),
+            &envelope_aad(&req.class, id, &context_digest(&req.context)),
             &plaintext,
         )?;
         let mut ciphertext = Vec::with_capacity(12 + sealed.len());
@@ -1083,7 +1200,7 @@ impl Broker {
             )
         })?;
         let ck = self.class_key(&req.class)?;
-        let ctx_bytes = canonical_context(&req.context);
+        let ctx_bytes = context_digest(&req.context);
         let wrong = || {
             Error::invalid(
                 "context",
@@ -1108,6 +1225,90 @@ impl Broker {
             .ok_or_else(wrong)?;
         Ok((id, pt))
     }
+}
+
+/// Re-keys `class` inside a write transaction: a new class key (generation
+/// + 1), its shares sealed to the current holders, every envelope data key
+/// re-wrapped, open ceremonies cancelled. Returns a summary for the audit.
+fn rekey_class(conn: &Connection, rk: &crate::keys::RootKey, class: &str) -> Result<String> {
+    let c = load_class(conn, class)?.ok_or_else(|| no_class(class))?;
+    let wrapped: Vec<u8> = conn
+        .query_row(
+            "SELECT wrapped_key FROM classes WHERE name = ?1",
+            [class],
+            |r| r.get::<_, Option<Vec<u8>>>(0),
+        )?
+        .ok_or_else(|| shredded_error(&c))?;
+    let tampered = || {
+        Error::Tampered(format!(
+            "class {class}'s stored keys failed authentication; nothing was changed"
+        ))
+    };
+    let old = SymmetricKey::from_bytes(
+        &rk.open(&class_key_aad(class, c.generation), &wrapped)
+            .ok_or_else(tampered)?,
+    )?;
+    let new = SymmetricKey::generate()?;
+    let generation = c.generation + 1;
+    let fingerprint = tessera_shred::key_check(new.expose_bytes());
+    let n = c.holders.len();
+    let shares = tessera_shred::split(new.expose_bytes(), c.threshold as usize, n, &mut OsRandom)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    conn.execute("DELETE FROM class_shares WHERE class = ?1", [class])?;
+    for (role, share) in c.holders.iter().zip(shares) {
+        let recipient: String = conn.query_row(
+            "SELECT age_recipient FROM holders WHERE role = ?1",
+            [role],
+            |r| r.get(0),
+        )?;
+        let envelope = ShareEnvelope {
+            class: class.to_string(),
+            key_fingerprint: fingerprint,
+            threshold: c.threshold,
+            shares: n as u8,
+            role: role.clone(),
+            share,
+        };
+        let sealed = seal_to_holder(&recipient, envelope.to_text().as_bytes())?;
+        conn.execute(
+            "INSERT INTO class_shares (class, role, sealed) VALUES (?1, ?2, ?3)",
+            params![class, role, sealed],
+        )?;
+    }
+    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = conn
+        .prepare("SELECT id, context_digest, wrapped FROM class_data_keys WHERE class = ?1")?
+        .query_map([class], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, digest, w) in &rows {
+        let aad = class_data_key_aad(class, *id as u64, digest);
+        let dk = old.open(&aad, w).ok_or_else(tampered)?;
+        conn.execute(
+            "UPDATE class_data_keys SET wrapped = ?3 WHERE class = ?1 AND id = ?2",
+            params![class, id, new.seal(&aad, &dk)?],
+        )?;
+    }
+    let cancelled = conn.execute(
+        "UPDATE ceremonies SET state = 'cancelled' WHERE class = ?1 AND state = 'open'",
+        [class],
+    )?;
+    conn.execute(
+        "UPDATE classes SET wrapped_key = ?2, generation = ?3, key_fingerprint = ?4,
+            state = 'active' WHERE name = ?1",
+        params![
+            class,
+            rk.seal(&class_key_aad(class, generation), new.expose_bytes())?,
+            generation as i64,
+            &fingerprint[..]
+        ],
+    )?;
+    Ok(format!(
+        "key {} replaced by {} (generation {generation}); {} data keys re-wrapped; {} open \
+         ceremony cancelled",
+        &hex(&c.key_fingerprint)[..16],
+        &hex(&fingerprint)[..16],
+        rows.len(),
+        cancelled
+    ))
 }
 
 /// Leading bytes of an `Encrypt` ciphertext.

@@ -364,6 +364,21 @@ impl retention_server::Retention for Services {
         ))
     }
 
+    async fn replace_holder(
+        &self,
+        req: Request<proto::EnrollHolderRequest>,
+    ) -> Result<Response<proto::ReplaceHolderResponse>, Status> {
+        let rid = self
+            .admin(&req, "holder.replace", &req.get_ref().role)
+            .await?;
+        let r = req.into_inner();
+        let (holder, rekeyed) = self.broker.replace_holder(&rid, r.role, r.pubkey).await?;
+        Ok(Response::new(proto::ReplaceHolderResponse {
+            holder: Some(holder),
+            rekeyed,
+        }))
+    }
+
     async fn list_holders(
         &self,
         req: Request<proto::ListHoldersRequest>,

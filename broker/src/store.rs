@@ -111,12 +111,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (class, role)
     ) STRICT;
     CREATE TABLE class_data_keys (
-        id INTEGER PRIMARY KEY,
         class TEXT NOT NULL,
+        id INTEGER NOT NULL,
         created_at INTEGER NOT NULL,
-        wrapped BLOB NOT NULL
+        context_digest BLOB NOT NULL,
+        wrapped BLOB NOT NULL,
+        PRIMARY KEY (class, id)
     ) STRICT;
-    CREATE INDEX class_data_keys_class ON class_data_keys(class);
     CREATE TABLE holds (
         id INTEGER PRIMARY KEY,
         class TEXT NOT NULL,

@@ -140,6 +140,15 @@ pub enum HolderCmd {
         #[arg(long)]
         pubkey: String,
     },
+    /// Hand a role to a new holder; re-keys every class the role holds (admin).
+    Replace {
+        /// The role, e.g. legal.
+        #[arg(long)]
+        role: String,
+        /// The new holder's public key (from their `tessera holder init`).
+        #[arg(long)]
+        pubkey: String,
+    },
     /// Roles, key fingerprints, enrolment times (admin).
     List,
     /// A holder's shares.

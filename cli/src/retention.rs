@@ -59,6 +59,30 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
                 println!("Enrolled role {} (key {})", info.role, info.key_fingerprint);
             }
         }
+        HolderCmd::Replace { role, pubkey } => {
+            let token = admin_token(g)?;
+            let r = target(g)
+                .retention()
+                .await?
+                .replace_holder(authed(proto::EnrollHolderRequest { role, pubkey }, &token)?)
+                .await?
+                .into_inner();
+            let h = r.holder.unwrap_or_default();
+            if g.json {
+                let mut doc = holder_json(&h);
+                doc["rekeyed"] = json!(r.rekeyed);
+                print_json(doc);
+            } else {
+                println!(
+                    "Role {} now belongs to key {}; re-keyed {} classes ({}). Shares of the old \
+                     keys no longer open anything: holders export their new shares.",
+                    h.role,
+                    h.key_fingerprint,
+                    r.rekeyed.len(),
+                    r.rekeyed.join(", ")
+                );
+            }
+        }
         HolderCmd::List => {
             let token = admin_token(g)?;
             let r = target(g)

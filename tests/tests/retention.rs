@@ -716,3 +716,179 @@ fn shred_is_crash_safe_at_every_step() {
         w.run(&["audit", "verify"]).ok();
     }
 }
+
+#[test]
+fn holder_replace_rekeys_and_old_shares_open_nothing() {
+    use tessera_broker::keys::{SymmetricKey, class_data_key_aad};
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
+        .iter()
+        .map(|r| holder(&w, r, true))
+        .collect();
+    w.run(&[
+        "class",
+        "create",
+        "hr",
+        "--retain",
+        "1h",
+        "--holders",
+        "legal,ciso,board",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+    let before = class_json(&w, "hr");
+    let token = w.agent("payroll", "class:hr", "15m");
+    let env = [("TESSERA_TOKEN", token.as_str())];
+    let mut cts = Vec::new();
+    for (ctx, text) in [
+        ("year=2024", "salaries 2024"),
+        ("year=2025", "salaries 2025"),
+    ] {
+        let ct = w
+            .run_with(
+                &["encrypt", "--class", "hr", "--context", ctx, "--json"],
+                Some(text.as_bytes()),
+                &env,
+            )
+            .ok()
+            .json();
+        cts.push((ctx, text, unhex(ct["ciphertext"].as_str().expect("ct"))));
+    }
+    let export = |role: &str, key: &Option<PathBuf>, name: &str| -> PathBuf {
+        let out = w.tmp.path().join(name);
+        let mut a = strings(&[
+            "holder", "share", "export", "--role", role, "--class", "hr", "--out",
+        ]);
+        a.push(out.display().to_string());
+        a.extend(id_args(key));
+        run(&w, &a).ok();
+        out
+    };
+    let combine = |files: &[&PathBuf]| -> serde_json::Value {
+        let mut a = strings(&["shares", "combine", "--reveal", "--json"]);
+        a.extend(files.iter().map(|f| f.display().to_string()));
+        for k in &keys[1..] {
+            a.extend(id_args(k));
+        }
+        run(&w, &a).ok().json()
+    };
+    let old_files = [
+        export("ciso", &keys[1], "ciso.old"),
+        export("board", &keys[2], "board.old"),
+    ];
+    let old = combine(&[&old_files[0], &old_files[1]]);
+    assert_eq!(old["key_fingerprint"], before["key_fingerprint"]);
+    let old_key = unhex(old["key"].as_str().expect("key"));
+    let old_wrapped = wrapped_key(&w, "hr").expect("wrapped");
+
+    // The legal role passes to a new holder.
+    let new_key = w.tmp.path().join("legal-new.key");
+    let made = w
+        .run(&[
+            "holder",
+            "init",
+            "--role",
+            "legal",
+            "--identity-file",
+            new_key.to_str().expect("p"),
+            "--json",
+        ])
+        .ok()
+        .json();
+    let replaced = w
+        .run(&[
+            "holder",
+            "replace",
+            "--role",
+            "legal",
+            "--pubkey",
+            made["pubkey"].as_str().expect("pk"),
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(replaced["rekeyed"], serde_json::json!(["hr"]));
+    let after = class_json(&w, "hr");
+    assert_ne!(after["key_fingerprint"], before["key_fingerprint"]);
+
+    // Data encrypted before the handover still decrypts through the broker.
+    for (ctx, text, ct) in &cts {
+        let r = w
+            .run_with(
+                &["decrypt", "--class", "hr", "--context", ctx],
+                Some(ct),
+                &env,
+            )
+            .ok();
+        assert_eq!(&r.stdout, text);
+    }
+    // The old shares still combine to the old key, which opens no stored
+    // data key; the new shares' key opens them all.
+    let new_files = [
+        export("ciso", &keys[1], "ciso.new"),
+        export("board", &keys[2], "board.new"),
+    ];
+    let new = combine(&[&new_files[0], &new_files[1]]);
+    assert_eq!(new["key_fingerprint"], after["key_fingerprint"]);
+    let old_ck = SymmetricKey::from_bytes(&old_key).expect("key");
+    let new_ck = SymmetricKey::from_bytes(&unhex(new["key"].as_str().expect("key"))).expect("key");
+    let db =
+        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("db");
+    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = db
+        .prepare("SELECT id, context_digest, wrapped FROM class_data_keys WHERE class = 'hr'")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows");
+    assert_eq!(rows.len(), 2);
+    for (id, digest, wrapped) in &rows {
+        let aad = class_data_key_aad("hr", *id as u64, digest);
+        assert!(
+            old_ck.open(&aad, wrapped).is_none(),
+            "the old key opens data key {id}"
+        );
+        assert!(
+            new_ck.open(&aad, wrapped).is_some(),
+            "the new key opens data key {id}"
+        );
+    }
+    for (path, bytes) in store_files(&w) {
+        assert!(
+            !contains(&bytes, &old_wrapped),
+            "{} keeps the old wrapped key",
+            path.display()
+        );
+    }
+    // The replaced holder's key is refused with a precise reason.
+    let r = run(
+        &w,
+        &strings(&[
+            "holder",
+            "share",
+            "export",
+            "--role",
+            "legal",
+            "--class",
+            "hr",
+            "--out",
+            "/dev/null",
+        ])
+        .into_iter()
+        .chain(id_args(&keys[0]))
+        .collect::<Vec<_>>(),
+    )
+    .fails_with(4);
+    assert!(r.stderr.contains("replaced key"), "{r:#?}");
+    let list = w.run(&["holder", "list", "--json"]).ok().json();
+    let legal = list["holders"]
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["role"] == "legal"))
+        .expect("legal");
+    assert_eq!(legal["key_fingerprint"], made["key_fingerprint"]);
+    w.run(&["audit", "verify"]).ok();
+}
