@@ -1227,9 +1227,10 @@ impl Broker {
     }
 }
 
-/// Re-keys `class` inside a write transaction: a new class key (generation
-/// + 1), its shares sealed to the current holders, every envelope data key
-/// re-wrapped, open ceremonies cancelled. Returns a summary for the audit.
+/// Re-keys `class` inside a write transaction: a new class key (the next
+/// generation), its shares sealed to the current holders, every envelope
+/// data key re-wrapped, open ceremonies cancelled. Returns a summary for
+/// the audit.
 fn rekey_class(conn: &Connection, rk: &crate::keys::RootKey, class: &str) -> Result<String> {
     let c = load_class(conn, class)?.ok_or_else(|| no_class(class))?;
     let wrapped: Vec<u8> = conn
