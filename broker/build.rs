@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tessera.v1.EncryptRequest",
             "tessera.v1.DecryptResponse",
             "tessera.v1.GenerateDataKeyResponse",
+            "tessera.v1.RecoverClassRequest",
         ])
         .compile_with_config(config, &protos, &["../proto"])?;
     Ok(())

@@ -68,3 +68,14 @@ impl std::fmt::Debug for GenerateDataKeyResponse {
             .finish()
     }
 }
+
+impl std::fmt::Debug for RecoverClassRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecoverClassRequest")
+            .field("name", &self.name)
+            .field("key_fingerprint", &self.key_fingerprint)
+            .field("data_keys", &self.data_keys.len())
+            .field("shares", &"<redacted>")
+            .finish()
+    }
+}

@@ -471,6 +471,109 @@ impl Broker {
         Ok(out)
     }
 
+    /// Restores a class from an old store's rows and a quorum of decrypted
+    /// holder shares: the shares must combine to the class key named by the
+    /// rows, every data key must open under it, and the class must be new
+    /// to this store. The key is then wrapped by this store's root key.
+    pub async fn recover_class(
+        &self,
+        request_id: &str,
+        req: proto::RecoverClassRequest,
+    ) -> Result<proto::ClassInfo> {
+        let name = req.name.clone();
+        let key = match recover_key(&req) {
+            Ok(k) => k,
+            Err(e) => {
+                return Err(self
+                    .deny("admin".into(), "class.recover", &name, request_id, e)
+                    .await);
+            }
+        };
+        let wrapped = self
+            .root_key
+            .seal(&class_key_aad(&name, req.generation), key.expose_bytes())?;
+        let rid = request_id.to_string();
+        let fingerprint = tessera_shred::unhex(&req.key_fingerprint).unwrap_or_default();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                if load_class(ctx.conn, &req.name)?.is_some() {
+                    let e = Error::AlreadyExists(format!(
+                        "class {:?} already exists in this store; recovery restores a class \
+                         into a store that lacks it",
+                        req.name
+                    ));
+                    ctx.audit(&admin_entry("class.recover", &req.name, false, e.to_string(), &rid))?;
+                    return Ok(Err(e));
+                }
+                let mut enrolled = Vec::new();
+                for h in &req.holder_keys {
+                    let n = ctx.conn.execute(
+                        "INSERT OR IGNORE INTO holders (role, age_recipient, signing_key, enrolled_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![h.role, h.age_recipient, h.signing_key, t],
+                    )?;
+                    if n == 1 {
+                        enrolled.push(h.role.clone());
+                    }
+                }
+                ctx.conn.execute(
+                    "INSERT INTO classes (name, retain_secs, deadline, holders, threshold,
+                        early_threshold, key_fingerprint, generation, wrapped_key, state, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10)",
+                    params![
+                        req.name,
+                        req.retain_seconds as i64,
+                        req.deadline,
+                        req.holders.join(","),
+                        req.threshold as i64,
+                        req.early_threshold as i64,
+                        fingerprint,
+                        req.generation as i64,
+                        wrapped,
+                        req.created_at
+                    ],
+                )?;
+                for s in &req.sealed_shares {
+                    ctx.conn.execute(
+                        "INSERT INTO class_shares (class, role, sealed) VALUES (?1, ?2, ?3)",
+                        params![req.name, s.role, s.sealed],
+                    )?;
+                }
+                for d in &req.data_keys {
+                    ctx.conn.execute(
+                        "INSERT INTO class_data_keys (class, id, created_at, context_digest, wrapped)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![req.name, d.id as i64, d.created_at, d.context_digest, d.wrapped],
+                    )?;
+                }
+                for h in req.holds.iter().filter(|h| h.released_at == 0) {
+                    ctx.conn.execute(
+                        "INSERT INTO holds (class, reason, placed_at) VALUES (?1, ?2, ?3)",
+                        params![req.name, h.reason, h.placed_at],
+                    )?;
+                }
+                ctx.audit(&admin_entry(
+                    "class.recover",
+                    &req.name,
+                    true,
+                    format!(
+                        "class key {} restored from {} holder shares; {} data keys, {} standing \
+                         holds; roles enrolled from the old store: {}",
+                        &req.key_fingerprint[..16.min(req.key_fingerprint.len())],
+                        req.shares.len(),
+                        req.data_keys.len(),
+                        req.holds.iter().filter(|h| h.released_at == 0).count(),
+                        if enrolled.is_empty() { "none".into() } else { enrolled.join(",") }
+                    ),
+                    &rid,
+                ))?;
+                Ok(Ok(()))
+            })
+            .await??;
+        self.class_info(&name)
+    }
+
     /// Every enrolled role with its key fingerprint and classes.
     pub async fn list_holders(&self, request_id: &str) -> Result<Vec<proto::HolderInfo>> {
         let out = self.store.read(|conn| {
@@ -1225,6 +1328,146 @@ impl Broker {
             .ok_or_else(wrong)?;
         Ok((id, pt))
     }
+}
+
+/// Combines the shares of a recovery request and checks the key against
+/// the class rows: same class, the fingerprint the rows name, and every data
+/// key opening under it.
+fn recover_key(req: &proto::RecoverClassRequest) -> Result<SymmetricKey> {
+    names::class(&req.name, "name")?;
+    let envelopes = req
+        .shares
+        .iter()
+        .map(|t| {
+            ShareEnvelope::parse(t.as_bytes()).map_err(|e| Error::invalid("shares", e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(e) = envelopes.iter().find(|e| e.class != req.name) {
+        return Err(Error::invalid(
+            "shares",
+            format!(
+                "the share of role {} belongs to class {}, not {}",
+                e.role, e.class, req.name
+            ),
+        ));
+    }
+    if let Some(e) = envelopes
+        .iter()
+        .find(|e| hex(&e.key_fingerprint) != req.key_fingerprint)
+    {
+        return Err(Error::invalid(
+            "shares",
+            format!(
+                "the share of role {} is of another key of class {} (key {}, the store names \
+                 key {}): it predates a holder handover or comes from another store",
+                e.role,
+                req.name,
+                &hex(&e.key_fingerprint)[..16],
+                &req.key_fingerprint[..16.min(req.key_fingerprint.len())]
+            ),
+        ));
+    }
+    let raw = tessera_shred::envelope::combine_envelopes(&envelopes)
+        .map_err(|e| Error::invalid("shares", e.to_string()))?;
+    let key = SymmetricKey::from_bytes(&raw)?;
+    for d in &req.data_keys {
+        let aad = class_data_key_aad(&req.name, d.id, &d.context_digest);
+        if key.open(&aad, &d.wrapped).is_none() {
+            return Err(Error::Tampered(format!(
+                "data key {} of class {} does not open under the recovered key: the old \
+                 store's row was altered; nothing was restored",
+                d.id, req.name
+            )));
+        }
+    }
+    Ok(key)
+}
+
+/// Reads what `class recover` needs from an old store file, without its
+/// root key: the class row (minus the root-wrapped key), sealed shares,
+/// envelope data keys, holder public keys and holds. None of it is secret
+/// without a quorum of shares.
+pub fn export_class(old_db: &std::path::Path, class: &str) -> Result<proto::RecoverClassRequest> {
+    let conn = Connection::open_with_flags(old_db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| Error::Store(format!("cannot open {}: {e}", old_db.display())))?;
+    let c = load_class(&conn, class)
+        .map_err(|_| {
+            Error::Store(format!(
+                "{} is not a tessera store with classes",
+                old_db.display()
+            ))
+        })?
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "the store {} has no class {class:?}",
+                old_db.display()
+            ))
+        })?;
+    if c.state == class_state::SHREDDED {
+        return Err(shredded_error(&c));
+    }
+    let sealed_shares = conn
+        .prepare("SELECT role, sealed FROM class_shares WHERE class = ?1 ORDER BY role")?
+        .query_map([class], |r| {
+            Ok(proto::SealedShare {
+                role: r.get(0)?,
+                sealed: r.get(1)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let data_keys = conn
+        .prepare(
+            "SELECT id, created_at, context_digest, wrapped FROM class_data_keys
+             WHERE class = ?1 ORDER BY id",
+        )?
+        .query_map([class], |r| {
+            Ok(proto::WrappedDataKey {
+                id: r.get::<_, i64>(0)? as u64,
+                created_at: r.get(1)?,
+                context_digest: r.get(2)?,
+                wrapped: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut holder_keys = Vec::new();
+    for role in &c.holders {
+        if let Some(h) = conn
+            .query_row(
+                "SELECT role, age_recipient, signing_key FROM holders WHERE role = ?1",
+                [role],
+                |r| {
+                    Ok(proto::HolderKey {
+                        role: r.get(0)?,
+                        age_recipient: r.get(1)?,
+                        signing_key: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?
+        {
+            holder_keys.push(h);
+        }
+    }
+    let info = class_info_of(
+        &conn,
+        load_class(&conn, class)?.ok_or_else(|| no_class(class))?,
+    )?;
+    Ok(proto::RecoverClassRequest {
+        name: c.name,
+        retain_seconds: c.retain_secs,
+        deadline: c.deadline,
+        holders: c.holders,
+        threshold: c.threshold as u32,
+        early_threshold: c.early_threshold as u32,
+        key_fingerprint: hex(&c.key_fingerprint),
+        generation: c.generation,
+        created_at: c.created_at,
+        sealed_shares,
+        data_keys,
+        holder_keys,
+        holds: info.holds,
+        shares: Vec::new(),
+    })
 }
 
 /// Re-keys `class` inside a write transaction: a new class key (the next

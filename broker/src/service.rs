@@ -400,6 +400,18 @@ impl retention_server::Retention for Services {
         ))
     }
 
+    async fn recover_class(
+        &self,
+        req: Request<proto::RecoverClassRequest>,
+    ) -> Result<Response<proto::ClassInfo>, Status> {
+        let rid = self
+            .admin(&req, "class.recover", &req.get_ref().name)
+            .await?;
+        Ok(Response::new(
+            self.broker.recover_class(&rid, req.into_inner()).await?,
+        ))
+    }
+
     async fn list_classes(
         &self,
         req: Request<proto::ListClassesRequest>,

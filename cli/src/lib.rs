@@ -193,6 +193,22 @@ pub enum ClassCmd {
         #[arg(long)]
         early_threshold: Option<u32>,
     },
+    /// After losing a root key: restore a class into this store from the old
+    /// store file and a quorum of holder shares.
+    Recover {
+        /// The class.
+        #[arg(long)]
+        class: String,
+        /// The old store's database file (tessera.db).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Share files (repeatable): decrypted, or .age with --identity-file.
+        #[arg(long, value_name = "FILE", required = true)]
+        share: Vec<PathBuf>,
+        /// Holder key files to open age-sealed shares (repeatable).
+        #[arg(long, value_name = "FILE")]
+        identity_file: Vec<PathBuf>,
+    },
     /// Every class: deadline, holders, threshold, state.
     List,
     /// One class with its legal holds and ceremonies.

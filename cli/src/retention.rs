@@ -196,6 +196,33 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                 );
             }
         }
+        ClassCmd::Recover {
+            class,
+            from,
+            share,
+            identity_file,
+        } => {
+            let mut req = tessera_broker::retention::export_class(&from, &class)?;
+            req.shares = read_shares(&share, &identity_file)?
+                .into_iter()
+                .map(|t| String::from_utf8_lossy(&t).into_owned())
+                .collect();
+            let info = client
+                .recover_class(authed(req, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(class_json(&info));
+            } else {
+                println!(
+                    "Recovered class {} (key {}) with {} data keys; its deadline stays {}.",
+                    info.name,
+                    &info.key_fingerprint[..16],
+                    info.data_keys,
+                    time(info.deadline)
+                );
+            }
+        }
         ClassCmd::List => {
             let r = client
                 .list_classes(authed(proto::ListClassesRequest {}, &token)?)
@@ -699,18 +726,18 @@ pub(crate) fn shares(g: &Global, c: SharesCmd) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Reads share files (plain envelopes or age-sealed ones opened with the
-/// given holder keys) and combines them, checked against the fingerprint.
-pub(crate) fn combine_files(
+/// Reads share files: plain `tessera-share-v1` envelopes, or age-sealed
+/// ones opened with the given holder key files.
+pub(crate) fn read_shares(
     files: &[PathBuf],
     identity_files: &[PathBuf],
-) -> Result<(Zeroizing<Vec<u8>>, String), CliError> {
+) -> Result<Vec<Zeroizing<Vec<u8>>>, CliError> {
     let keys = identity_files
         .iter()
         .map(|f| HolderKey::load("", Some(f)))
         .collect::<Result<Vec<_>, _>>()?;
     let ids: Vec<&age::x25519::Identity> = keys.iter().map(HolderKey::identity).collect();
-    let mut envelopes = Vec::new();
+    let mut out = Vec::new();
     for f in files {
         let raw = Zeroizing::new(std::fs::read(f).map_err(|e| {
             CliError::new(
@@ -734,6 +761,18 @@ pub(crate) fn combine_files(
         } else {
             raw
         };
+        out.push(text);
+    }
+    Ok(out)
+}
+
+/// Reads share files and combines them, checked against the fingerprint.
+pub(crate) fn combine_files(
+    files: &[PathBuf],
+    identity_files: &[PathBuf],
+) -> Result<(Zeroizing<Vec<u8>>, String), CliError> {
+    let mut envelopes = Vec::new();
+    for (f, text) in files.iter().zip(read_shares(files, identity_files)?) {
         envelopes.push(
             ShareEnvelope::parse(&text).map_err(|e| {
                 CliError::new(Exit::InvalidArgument, format!("{}: {e}", f.display()))

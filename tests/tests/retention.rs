@@ -892,3 +892,117 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
     assert_eq!(legal["key_fingerprint"], made["key_fingerprint"]);
     w.run(&["audit", "verify"]).ok();
 }
+
+#[test]
+fn class_recover_restores_a_class_into_a_new_store_from_shares() {
+    let a = World::new();
+    a.init_passphrase();
+    let mut sa = a.serve(&[]);
+    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
+        .iter()
+        .map(|r| holder(&a, r, true))
+        .collect();
+    for class in ["tax", "other"] {
+        a.run(&[
+            "class",
+            "create",
+            class,
+            "--retain",
+            "1h",
+            "--holders",
+            "legal,ciso,board",
+            "--threshold",
+            "2",
+        ])
+        .ok();
+    }
+    a.run(&["hold", "place", "--class", "tax", "--reason", "audit 2026"])
+        .ok();
+    let token = a.agent("filer", "class:tax", "15m");
+    let ct = a
+        .run_with(
+            &[
+                "encrypt",
+                "--class",
+                "tax",
+                "--context",
+                "form=1120",
+                "--json",
+            ],
+            Some(b"return 2025"),
+            &[("TESSERA_TOKEN", token.as_str())],
+        )
+        .ok()
+        .json();
+    let ct = unhex(ct["ciphertext"].as_str().expect("ct"));
+    let share = |class: &str, role: usize, name: &str| -> String {
+        let out = a.tmp.path().join(name);
+        let role_name = ["legal", "ciso", "board"][role];
+        let mut args = strings(&[
+            "holder", "share", "export", "--role", role_name, "--class", class, "--out",
+        ]);
+        args.push(out.display().to_string());
+        args.extend(id_args(&keys[role]));
+        run(&a, &args).ok();
+        out.display().to_string()
+    };
+    let s_legal = share("tax", 0, "tax.legal");
+    let s_board = share("tax", 2, "tax.board");
+    let s_other = share("other", 1, "other.ciso");
+    sa.terminate();
+
+    // The root key of store A is lost; store B gets the class back from
+    // A's file and two holders' shares.
+    let b = World::new();
+    b.init_passphrase();
+    let _sb = b.serve(&[]);
+    let old_db = a.db().display().to_string();
+    let ids: Vec<String> = keys.iter().flat_map(id_args).collect();
+    let recover = |shares: &[&str]| -> tessera_e2e::Ran {
+        let mut args = strings(&["class", "recover", "--class", "tax", "--from", &old_db]);
+        for s in shares {
+            args.push("--share".into());
+            args.push((*s).to_string());
+        }
+        args.extend(ids.iter().cloned());
+        run(&b, &args)
+    };
+    let few = recover(&[&s_legal]).fails_with(7);
+    assert!(few.stderr.contains("needs 2 of 3"), "{few:#?}");
+    let mixed = recover(&[&s_legal, &s_other]).fails_with(7);
+    assert!(
+        mixed.stderr.contains("belongs to class other"),
+        "{mixed:#?}"
+    );
+    let dup = recover(&[&s_legal, &s_legal]).fails_with(7);
+    assert!(dup.stderr.contains("twice"), "{dup:#?}");
+    assert_eq!(
+        b.run(&["class", "show", "tax"]).code,
+        3,
+        "nothing was restored by the refused attempts"
+    );
+    let restored = recover(&[&s_legal, &s_board]).ok();
+    assert!(
+        restored.stdout.contains("Recovered class tax"),
+        "{restored:#?}"
+    );
+    let c = class_json(&b, "tax");
+    assert_eq!(c["data_keys"], 1);
+    assert_eq!(
+        c["holds"][0]["reason"], "audit 2026",
+        "legal holds survive recovery"
+    );
+    let token_b = b.agent("filer", "class:tax", "15m");
+    let plain = b
+        .run_with(
+            &["decrypt", "--class", "tax", "--context", "form=1120"],
+            Some(&ct),
+            &[("TESSERA_TOKEN", token_b.as_str())],
+        )
+        .ok();
+    assert_eq!(plain.stdout, "return 2025");
+    recover(&[&s_legal, &s_board]).fails_with(5);
+    let audit = b.run(&["audit", "export"]).ok().stdout;
+    assert!(audit.contains("class.recover"));
+    b.run(&["audit", "verify"]).ok();
+}
