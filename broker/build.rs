@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tessera.v1.DecryptResponse",
             "tessera.v1.GenerateDataKeyResponse",
             "tessera.v1.RecoverClassRequest",
+            "tessera.v1.UnsealRequest",
         ])
         .compile_with_config(config, &protos, &["../proto"])?;
     Ok(())

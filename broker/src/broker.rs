@@ -60,6 +60,25 @@ impl Broker {
     /// Opens and unseals the store in `dir`. Fails, changing nothing, if the
     /// root key cannot be had or does not match the store.
     pub fn open(dir: &DataDir, passphrase: Option<&[u8]>, limits: Limits) -> Result<Self> {
+        Self::open_with(dir, limits, |conn, store_id| {
+            unseal::unseal(conn, store_id, passphrase)
+        })
+    }
+
+    /// Opens the store in `dir` with a root key recombined from operator
+    /// shares; fails, changing nothing, unless it is this store's key.
+    pub fn open_with_key(dir: &DataDir, root_key: RootKey, limits: Limits) -> Result<Self> {
+        Self::open_with(dir, limits, move |conn, _| {
+            unseal::check_root_key(conn, &root_key, Source::Shares)?;
+            Ok(root_key)
+        })
+    }
+
+    fn open_with(
+        dir: &DataDir,
+        limits: Limits,
+        root_key: impl FnOnce(&rusqlite::Connection, &str) -> Result<RootKey>,
+    ) -> Result<Self> {
         let db = dir.db();
         let conn = store::open_rw(&db, false)?;
         let store_id = meta_get(&conn, "store_id")?
@@ -71,7 +90,7 @@ impl Broker {
                 ))
             })?;
         let source = unseal::recorded_source(&conn)?;
-        let root_key = unseal::unseal(&conn, &store_id, passphrase)?;
+        let root_key = root_key(&conn, &store_id)?;
         let admin_token_hash: [u8; 32] = meta_get(&conn, "admin_token_hash")?
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| Error::Store("the store has no admin credential".into()))?;
@@ -274,6 +293,8 @@ impl Broker {
                 audit_records: count("SELECT coalesce(max(seq), 0) FROM audit")?,
                 version: env!("CARGO_PKG_VERSION").into(),
                 broker_key: self.broker_key(),
+                unseal_received: 0,
+                unseal_threshold: 0,
             })
         })
     }

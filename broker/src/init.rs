@@ -63,6 +63,8 @@ pub struct InitOptions {
     pub passphrase: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// Argon2id cost for `Source::Passphrase`.
     pub kdf: KdfParams,
+    /// How to split the root key for `Source::Shares`.
+    pub split: Option<unseal::OperatorSplit>,
 }
 
 /// What `init` made.
@@ -75,6 +77,8 @@ pub struct Initialized {
     pub admin_token_path: PathBuf,
     /// The database file.
     pub db_path: PathBuf,
+    /// For `Source::Shares`: the operator share envelopes, shown once.
+    pub operator_shares: Vec<zeroize::Zeroizing<String>>,
 }
 
 /// Creates a new store. On any failure, nothing is left behind (no database
@@ -92,13 +96,14 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
     let rk = RootKey::generate()?;
     let admin = Token::generate("tsa_")?;
     let result = async {
-        unseal::seal_root_key(
+        let operator_shares = unseal::seal_root_key(
             &conn,
             &store_id,
             &rk,
             opts.source,
             opts.passphrase.as_deref().map(|p| &p[..]),
             opts.kdf,
+            opts.split,
         )?;
         meta_set(&conn, "store_id", store_id.as_bytes())?;
         meta_set(&conn, "admin_token_hash", &admin.hash())?;
@@ -117,19 +122,24 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
                     request_id: String::new(),
                 })
             })
-            .await
+            .await?;
+        Ok(operator_shares)
     }
     .await;
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&db);
-        let _ = std::fs::remove_file(db.with_extension("db-wal"));
-        let _ = std::fs::remove_file(db.with_extension("db-shm"));
-        if let Source::Keychain(which) = opts.source {
-            let _ = unseal::keychain_delete(which, &store_id);
+    let operator_shares = match result {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&db);
+            let _ = std::fs::remove_file(db.with_extension("db-wal"));
+            let _ = std::fs::remove_file(db.with_extension("db-shm"));
+            if let Source::Keychain(which) = opts.source {
+                let _ = unseal::keychain_delete(which, &store_id);
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     Ok(Initialized {
+        operator_shares,
         store_id,
         admin_token: admin,
         admin_token_path: dir.admin_token(),

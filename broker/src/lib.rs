@@ -12,6 +12,7 @@ pub mod audit;
 pub mod broker;
 pub mod ceremony;
 pub mod error;
+pub mod gate;
 pub mod init;
 pub mod keys;
 pub mod lease;

@@ -79,3 +79,11 @@ impl std::fmt::Debug for RecoverClassRequest {
             .finish()
     }
 }
+
+impl std::fmt::Debug for UnsealRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnsealRequest")
+            .field("share", &"<redacted>")
+            .finish()
+    }
+}

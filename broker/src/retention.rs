@@ -161,7 +161,7 @@ pub(crate) fn standing_holds(conn: &Connection, class: &str) -> Result<Vec<(i64,
 
 /// Seals `text` to an age X25519 recipient, ASCII-armored, so that
 /// `age -d -i IDENTITY` opens it.
-pub(crate) fn seal_to_holder(recipient: &str, text: &[u8]) -> Result<String> {
+pub fn seal_to_holder(recipient: &str, text: &[u8]) -> Result<String> {
     let r: age::x25519::Recipient = recipient.parse().map_err(|_| {
         Error::invalid(
             "pubkey",

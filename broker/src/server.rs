@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-use crate::broker::Broker;
 use crate::error::{Error, Result};
+use crate::gate::Gate;
 use crate::proto::{
     admin_server::AdminServer, broker_server::BrokerServer, envelope_server::EnvelopeServer,
     holders_server::HoldersServer, retention_server::RetentionServer,
@@ -84,8 +84,9 @@ impl Running {
     }
 }
 
-/// Starts serving `broker`. Returns once the listeners are bound.
-pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> {
+/// Starts serving the broker behind `gate` (sealed or not). Returns once
+/// the listeners are bound.
+pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     check_listen(&opts)?;
     let uds = bind_socket(&opts.socket, opts.socket_mode)?;
     let tcp = match opts.tcp {
@@ -126,7 +127,7 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let services = Services::new(Arc::clone(&broker));
+    let services = Services::new(Arc::clone(&gate));
     let broker_svc = BrokerServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
     let retention_svc = RetentionServer::new(services.clone());
     let holders_svc = HoldersServer::new(services.clone());
@@ -179,7 +180,7 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
         }));
     }
 
-    let sweeper_broker = Arc::clone(&broker);
+    let sweeper_gate = Arc::clone(&gate);
     let mut sweep_rx = shutdown_rx.clone();
     let sweep_every = opts.sweep_interval;
     let sweeper = tokio::spawn(async move {
@@ -188,6 +189,8 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    // Nothing to sweep while sealed.
+                    let Some(sweeper_broker) = sweeper_gate.broker() else { continue };
                     match sweeper_broker.sweep_expired().await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(expired = n, "swept expired leases"),
@@ -213,7 +216,10 @@ pub async fn start(broker: Arc<Broker>, opts: ListenOptions) -> Result<Running> 
             }
         }
         let _ = sweeper.await;
-        let flushed = broker.flush().await;
+        let flushed = match gate.broker() {
+            Some(b) => b.flush().await,
+            None => Ok(()),
+        };
         let _ = std::fs::remove_file(&socket);
         match first_err {
             Some(e) => Err(e),

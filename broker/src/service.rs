@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use crate::audit::ACTOR_ADMIN;
 use crate::broker::Broker;
 use crate::error::Error;
+use crate::gate::Gate;
 use crate::keys::random_id;
 use crate::lease::Selector;
 use crate::proto::{
@@ -19,16 +20,23 @@ use crate::proto::{
 };
 use crate::retention::HolderCaller;
 
-/// Both services over one shared broker.
+/// Every service over one shared broker (behind its gate).
 #[derive(Clone)]
 pub struct Services {
-    broker: Arc<Broker>,
+    gate: Arc<Gate>,
 }
 
 impl Services {
-    /// Services over `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Services { broker }
+    /// Services over the broker behind `gate`.
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Services { gate }
+    }
+
+    /// The broker, or FAILED_PRECONDITION "sealed".
+    fn broker(&self) -> Result<&Arc<Broker>, Status> {
+        self.gate
+            .broker()
+            .ok_or_else(|| Status::from(self.gate.sealed_error()))
     }
 }
 
@@ -65,7 +73,7 @@ impl Services {
     ) -> Result<String, Status> {
         let rid = request_id(req);
         let token = bearer(req);
-        self.broker
+        self.broker()?
             .authenticate_admin(token.as_deref(), action, target, &rid)
             .await?;
         Ok(rid)
@@ -80,7 +88,7 @@ impl Services {
         let rid = request_id(req);
         let token = bearer(req);
         let agent = self
-            .broker
+            .broker()?
             .authenticate_agent(token.as_deref(), action, target, &rid)
             .await?;
         Ok((rid, agent))
@@ -98,7 +106,7 @@ impl broker_server::Broker for Services {
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .issue(&rid, &agent, r.secret, r.ttl_seconds)
                 .await?,
         ))
@@ -113,7 +121,7 @@ impl broker_server::Broker for Services {
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .renew(&rid, &agent, r.lease_id, r.ttl_seconds)
                 .await?,
         ))
@@ -127,7 +135,7 @@ impl broker_server::Broker for Services {
             .agent(&req, "lease.revoke", &req.get_ref().lease_id)
             .await?;
         let r = req.into_inner();
-        let revoked = self.broker.revoke_own(&rid, &agent, r.lease_id).await?;
+        let revoked = self.broker()?.revoke_own(&rid, &agent, r.lease_id).await?;
         Ok(Response::new(proto::RevokeResponse { revoked }))
     }
 }
@@ -144,7 +152,7 @@ impl admin_server::Admin for Services {
         let mut r = req.into_inner();
         let value = Zeroizing::new(std::mem::take(&mut r.value));
         Ok(Response::new(
-            self.broker.put_secret(&rid, r.name, value).await?,
+            self.broker()?.put_secret(&rid, r.name, value).await?,
         ))
     }
 
@@ -153,7 +161,7 @@ impl admin_server::Admin for Services {
         req: Request<proto::ListSecretsRequest>,
     ) -> Result<Response<proto::ListSecretsResponse>, Status> {
         let rid = self.admin(&req, "secret.list", "*").await?;
-        let secrets = self.broker.list_secrets(&rid).await?;
+        let secrets = self.broker()?.list_secrets(&rid).await?;
         Ok(Response::new(proto::ListSecretsResponse { secrets }))
     }
 
@@ -165,7 +173,7 @@ impl admin_server::Admin for Services {
             .admin(&req, "secret.delete", &req.get_ref().name)
             .await?;
         let (versions_deleted, leases_revoked) = self
-            .broker
+            .broker()?
             .delete_secret(&rid, req.into_inner().name)
             .await?;
         Ok(Response::new(proto::DeleteSecretResponse {
@@ -183,7 +191,7 @@ impl admin_server::Admin for Services {
             .await?;
         let r = req.into_inner();
         let (agent, token) = self
-            .broker
+            .broker()?
             .create_agent(
                 &rid,
                 r.name,
@@ -203,7 +211,7 @@ impl admin_server::Admin for Services {
         req: Request<proto::ListAgentsRequest>,
     ) -> Result<Response<proto::ListAgentsResponse>, Status> {
         let rid = self.admin(&req, "agent.list", "*").await?;
-        let agents = self.broker.list_agents(&rid).await?;
+        let agents = self.broker()?.list_agents(&rid).await?;
         Ok(Response::new(proto::ListAgentsResponse { agents }))
     }
 
@@ -215,7 +223,7 @@ impl admin_server::Admin for Services {
             .admin(&req, "agent.revoke", &req.get_ref().name)
             .await?;
         let leases_revoked = self
-            .broker
+            .broker()?
             .revoke_agent(&rid, req.into_inner().name)
             .await?;
         Ok(Response::new(proto::RevokeAgentResponse { leases_revoked }))
@@ -228,7 +236,7 @@ impl admin_server::Admin for Services {
         let rid = self.admin(&req, "lease.list", "*").await?;
         let r = req.into_inner();
         let leases = self
-            .broker
+            .broker()?
             .list_leases(&rid, &r.agent, &r.secret, r.all, r.limit, &r.after)
             .await?;
         Ok(Response::new(proto::ListLeasesResponse { leases }))
@@ -250,13 +258,13 @@ impl admin_server::Admin for Services {
                     "say which leases to revoke: --lease ID, --agent NAME, --secret NAME or --all",
                 );
                 return Err(self
-                    .broker
+                    .broker()?
                     .deny(ACTOR_ADMIN.into(), "lease.revoke", "*", &rid, e)
                     .await
                     .into());
             }
         };
-        let revoked = self.broker.revoke_leases(&rid, sel).await?;
+        let revoked = self.broker()?.revoke_leases(&rid, sel).await?;
         Ok(Response::new(proto::RevokeLeasesResponse { revoked }))
     }
 
@@ -265,7 +273,7 @@ impl admin_server::Admin for Services {
         req: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
         let rid = self.admin(&req, "audit.verify", "audit").await?;
-        Ok(Response::new(self.broker.verify_audit(&rid).await?))
+        Ok(Response::new(self.broker()?.verify_audit(&rid).await?))
     }
 
     type ExportAuditStream = AuditStream;
@@ -276,7 +284,7 @@ impl admin_server::Admin for Services {
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
         let rid = self.admin(&req, "audit.export", "audit").await?;
         let r = req.into_inner();
-        self.broker
+        self.broker()?
             .audit(crate::agent::admin_entry(
                 "audit.export",
                 "audit",
@@ -286,7 +294,7 @@ impl admin_server::Admin for Services {
             ))
             .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let broker = Arc::clone(&self.broker);
+        let broker = Arc::clone(self.broker()?);
         tokio::spawn(async move {
             let mut from = r.from_seq.max(1);
             loop {
@@ -312,12 +320,30 @@ impl admin_server::Admin for Services {
         )))
     }
 
+    async fn unseal(
+        &self,
+        req: Request<proto::UnsealRequest>,
+    ) -> Result<Response<proto::UnsealResponse>, Status> {
+        Ok(Response::new(self.gate.unseal(&req.get_ref().share).await?))
+    }
+
     async fn status(
         &self,
         req: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusResponse>, Status> {
+        if self.gate.broker().is_none() {
+            let (received, threshold) = self.gate.progress();
+            return Ok(Response::new(proto::StatusResponse {
+                sealed: true,
+                unseal_source: "shares".into(),
+                unseal_received: received,
+                unseal_threshold: threshold,
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            }));
+        }
         let _rid = self.admin(&req, "status", "broker").await?;
-        Ok(Response::new(self.broker.status()?))
+        Ok(Response::new(self.broker()?.status()?))
     }
 }
 
@@ -335,7 +361,7 @@ impl Services {
     ) -> Result<(String, HolderCaller), Status> {
         let rid = request_id(req);
         let holder = self
-            .broker
+            .broker()?
             .authenticate_holder(
                 meta(req, "x-tessera-holder"),
                 meta(req, "x-tessera-holder-time"),
@@ -360,7 +386,7 @@ impl retention_server::Retention for Services {
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker.enroll_holder(&rid, r.role, r.pubkey).await?,
+            self.broker()?.enroll_holder(&rid, r.role, r.pubkey).await?,
         ))
     }
 
@@ -372,7 +398,10 @@ impl retention_server::Retention for Services {
             .admin(&req, "holder.replace", &req.get_ref().role)
             .await?;
         let r = req.into_inner();
-        let (holder, rekeyed) = self.broker.replace_holder(&rid, r.role, r.pubkey).await?;
+        let (holder, rekeyed) = self
+            .broker()?
+            .replace_holder(&rid, r.role, r.pubkey)
+            .await?;
         Ok(Response::new(proto::ReplaceHolderResponse {
             holder: Some(holder),
             rekeyed,
@@ -384,7 +413,7 @@ impl retention_server::Retention for Services {
         req: Request<proto::ListHoldersRequest>,
     ) -> Result<Response<proto::ListHoldersResponse>, Status> {
         let rid = self.admin(&req, "holder.list", "*").await?;
-        let holders = self.broker.list_holders(&rid).await?;
+        let holders = self.broker()?.list_holders(&rid).await?;
         Ok(Response::new(proto::ListHoldersResponse { holders }))
     }
 
@@ -396,7 +425,7 @@ impl retention_server::Retention for Services {
             .admin(&req, "class.create", &req.get_ref().name)
             .await?;
         Ok(Response::new(
-            self.broker.create_class(&rid, req.into_inner()).await?,
+            self.broker()?.create_class(&rid, req.into_inner()).await?,
         ))
     }
 
@@ -408,7 +437,7 @@ impl retention_server::Retention for Services {
             .admin(&req, "class.recover", &req.get_ref().name)
             .await?;
         Ok(Response::new(
-            self.broker.recover_class(&rid, req.into_inner()).await?,
+            self.broker()?.recover_class(&rid, req.into_inner()).await?,
         ))
     }
 
@@ -417,7 +446,7 @@ impl retention_server::Retention for Services {
         req: Request<proto::ListClassesRequest>,
     ) -> Result<Response<proto::ListClassesResponse>, Status> {
         let rid = self.admin(&req, "class.list", "*").await?;
-        let classes = self.broker.list_classes(&rid).await?;
+        let classes = self.broker()?.list_classes(&rid).await?;
         Ok(Response::new(proto::ListClassesResponse { classes }))
     }
 
@@ -427,7 +456,7 @@ impl retention_server::Retention for Services {
     ) -> Result<Response<proto::ClassInfo>, Status> {
         let _rid = self.admin(&req, "class.show", &req.get_ref().name).await?;
         Ok(Response::new(
-            self.broker.class_info(&req.into_inner().name)?,
+            self.broker()?.class_info(&req.into_inner().name)?,
         ))
     }
 
@@ -438,7 +467,7 @@ impl retention_server::Retention for Services {
         let rid = self.admin(&req, "hold.place", &req.get_ref().class).await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker.place_hold(&rid, r.class, r.reason).await?,
+            self.broker()?.place_hold(&rid, r.class, r.reason).await?,
         ))
     }
 
@@ -451,7 +480,7 @@ impl retention_server::Retention for Services {
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker.release_hold(&rid, r.class, r.reason).await?,
+            self.broker()?.release_hold(&rid, r.class, r.reason).await?,
         ))
     }
 
@@ -462,7 +491,7 @@ impl retention_server::Retention for Services {
         let rid = self.admin(&req, "shred.open", &req.get_ref().class).await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .open_shred(
                     &rid,
                     ACTOR_ADMIN,
@@ -483,7 +512,7 @@ impl retention_server::Retention for Services {
             .admin(&req, "shred.certificate", &req.get_ref().class)
             .await?;
         Ok(Response::new(
-            self.broker.certificate(&req.into_inner().class)?,
+            self.broker()?.certificate(&req.into_inner().class)?,
         ))
     }
 }
@@ -498,7 +527,7 @@ impl holders_server::Holders for Services {
             .holder(&req, "ExportShare", &req.get_ref().class)
             .await?;
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .export_share(&rid, &holder, req.into_inner().class)
                 .await?,
         ))
@@ -512,7 +541,7 @@ impl holders_server::Holders for Services {
             .holder(&req, "GetCeremony", &req.get_ref().ceremony)
             .await?;
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .get_ceremony(&rid, &holder, &req.into_inner().ceremony)
                 .await?,
         ))
@@ -527,7 +556,7 @@ impl holders_server::Holders for Services {
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .join_shred(&rid, &holder, r.ceremony, &r.signature)
                 .await?,
         ))
@@ -541,7 +570,7 @@ impl holders_server::Holders for Services {
             .holder(&req, "GetCertificate", &req.get_ref().class)
             .await?;
         Ok(Response::new(
-            self.broker.certificate(&req.into_inner().class)?,
+            self.broker()?.certificate(&req.into_inner().class)?,
         ))
     }
 
@@ -554,7 +583,7 @@ impl holders_server::Holders for Services {
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .confirm_shred(&rid, &holder, r.class, &r.signature)
                 .await?,
         ))
@@ -571,7 +600,9 @@ impl envelope_server::Envelope for Services {
             .agent(&req, "envelope.encrypt", &req.get_ref().class)
             .await?;
         Ok(Response::new(
-            self.broker.encrypt(&rid, &agent, req.into_inner()).await?,
+            self.broker()?
+                .encrypt(&rid, &agent, req.into_inner())
+                .await?,
         ))
     }
 
@@ -583,7 +614,9 @@ impl envelope_server::Envelope for Services {
             .agent(&req, "envelope.decrypt", &req.get_ref().class)
             .await?;
         Ok(Response::new(
-            self.broker.decrypt(&rid, &agent, req.into_inner()).await?,
+            self.broker()?
+                .decrypt(&rid, &agent, req.into_inner())
+                .await?,
         ))
     }
 
@@ -595,7 +628,7 @@ impl envelope_server::Envelope for Services {
             .agent(&req, "envelope.datakey", &req.get_ref().class)
             .await?;
         Ok(Response::new(
-            self.broker
+            self.broker()?
                 .generate_data_key(&rid, &agent, req.into_inner())
                 .await?,
         ))

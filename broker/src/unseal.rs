@@ -1,6 +1,8 @@
-//! Where the root key comes from at start: the OS keychain (default) or a
-//! passphrase (Argon2id wraps the root key). A wrong passphrase or a missing
-//! keychain entry is a clear error that changes nothing.
+//! Where the root key comes from at start: the OS keychain (default), a
+//! passphrase (Argon2id wraps the root key), or k of n operator shares
+//! (Shamir; the broker starts sealed and waits for `tessera unseal`). A
+//! wrong passphrase, a missing keychain entry or a wrong share is a clear
+//! error that changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +28,13 @@ pub enum Source {
     Keychain(KeychainStore),
     /// An Argon2id-derived key from a passphrase wraps the root key.
     Passphrase,
+    /// The root key is split k-of-n among operators; nothing on disk opens
+    /// it. The broker starts sealed until k shares arrive.
+    Shares,
 }
+
+/// The `class` field of an operator share's envelope.
+pub const ROOT_SHARE_CLASS: &str = "tessera-root-key";
 
 /// Which OS credential store holds the root key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +52,7 @@ impl Source {
             Source::Keychain(KeychainStore::SecretService) => "keychain",
             Source::Keychain(KeychainStore::Keyutils) => "keyutils",
             Source::Passphrase => "passphrase",
+            Source::Shares => "shares",
         }
     }
 
@@ -53,6 +62,7 @@ impl Source {
             "keychain" | "secret-service" => Some(Source::Keychain(KeychainStore::SecretService)),
             "keyutils" => Some(Source::Keychain(KeychainStore::Keyutils)),
             "passphrase" => Some(Source::Passphrase),
+            "shares" => Some(Source::Shares),
             _ => None,
         }
     }
@@ -102,7 +112,18 @@ pub fn check_value(rk: &RootKey) -> [u8; 32] {
     rk.mac(&[b"tessera/v1/root-key-check"])
 }
 
-/// Records `rk` with `source` in a freshly created store.
+/// How a root key split among operators is split.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorSplit {
+    /// Shares needed to unseal.
+    pub threshold: u8,
+    /// Shares made.
+    pub shares: u8,
+}
+
+/// Records `rk` with `source` in a freshly created store. For `Shares`,
+/// returns the operator share envelopes (`tessera-share-v1` text), which
+/// exist nowhere else.
 pub fn seal_root_key(
     conn: &Connection,
     store_id: &str,
@@ -110,8 +131,39 @@ pub fn seal_root_key(
     source: Source,
     passphrase: Option<&[u8]>,
     kdf: KdfParams,
-) -> Result<()> {
+    split: Option<OperatorSplit>,
+) -> Result<Vec<Zeroizing<String>>> {
+    let mut operator_shares = Vec::new();
     match source {
+        Source::Shares => {
+            let split = split.ok_or_else(|| {
+                Error::invalid(
+                    "shares",
+                    "give --shares N and --threshold K for --unseal shares",
+                )
+            })?;
+            let (k, n) = (split.threshold as usize, split.shares as usize);
+            tessera_shred::shamir::check_threshold(k, n)
+                .map_err(|e| Error::invalid("threshold", e.to_string()))?;
+            let fingerprint = tessera_shred::key_check(rk.expose_bytes());
+            let shares =
+                tessera_shred::split(rk.expose_bytes(), k, n, &mut crate::retention::OsRandom)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+            for (i, share) in shares.into_iter().enumerate() {
+                let env = tessera_shred::envelope::ShareEnvelope {
+                    class: ROOT_SHARE_CLASS.into(),
+                    key_fingerprint: fingerprint,
+                    threshold: split.threshold,
+                    shares: split.shares,
+                    role: format!("operator-{}", i + 1),
+                    share,
+                };
+                operator_shares.push(env.to_text());
+            }
+            meta_set(conn, "root_key_fingerprint", &fingerprint)?;
+            meta_set(conn, "unseal_threshold", &[split.threshold])?;
+            meta_set(conn, "unseal_shares", &[split.shares])?;
+        }
         Source::Passphrase => {
             let passphrase = passphrase.ok_or_else(|| {
                 Error::invalid(
@@ -143,6 +195,33 @@ pub fn seal_root_key(
     }
     meta_set(conn, "unseal_source", source.name().as_bytes())?;
     meta_set(conn, "root_key_check", &check_value(rk))?;
+    Ok(operator_shares)
+}
+
+/// What a store sealed by operator shares expects: (threshold, shares,
+/// key fingerprint).
+pub fn operator_split(conn: &Connection) -> Result<(u8, u8, [u8; 32])> {
+    let byte = |k: &str| -> Result<u8> {
+        meta_get(conn, k)?
+            .and_then(|v| v.first().copied())
+            .ok_or_else(|| Error::Store(format!("the store lacks {k}; was `init` interrupted?")))
+    };
+    let fp: [u8; 32] = meta_get(conn, "root_key_fingerprint")?
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| Error::Store("the store lacks its root key fingerprint".into()))?;
+    Ok((byte("unseal_threshold")?, byte("unseal_shares")?, fp))
+}
+
+/// Checks that `rk` is this store's root key.
+pub fn check_root_key(conn: &Connection, rk: &RootKey, source: Source) -> Result<()> {
+    let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
+    if !ct_eq(&check, &check_value(rk)) {
+        return Err(Error::FailedPrecondition(format!(
+            "the root key from the {} does not belong to this store (key check failed); \
+             nothing was changed. Is TESSERA_DATA_DIR pointing at the right store?",
+            source.name()
+        )));
+    }
     Ok(())
 }
 
@@ -185,15 +264,15 @@ pub fn unseal(conn: &Connection, store_id: &str, passphrase: Option<&[u8]>) -> R
             SymmetricKey::from_bytes(&raw)?
         }
         Source::Keychain(which) => keychain_get(which, store_id)?,
+        Source::Shares => {
+            return Err(Error::FailedPrecondition(
+                "sealed: this store's root key is split among operators; start `tessera serve` \
+                 and give it the shares with `tessera unseal`"
+                    .into(),
+            ));
+        }
     };
-    let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
-    if !ct_eq(&check, &check_value(&rk)) {
-        return Err(Error::FailedPrecondition(format!(
-            "the root key from the {} does not belong to this store (key check failed); \
-             nothing was changed. Is TESSERA_DATA_DIR pointing at the right store?",
-            source.name()
-        )));
-    }
+    check_root_key(conn, &rk, source)?;
     Ok(rk)
 }
 

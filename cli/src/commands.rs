@@ -28,6 +28,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Lease(c) => lease(g, c).await,
         Command::Audit(c) => audit(g, c).await,
         Command::Status => status(g).await,
+        Command::Unseal(a) => unseal(g, a).await,
         Command::Holder(c) => crate::retention::holder(g, c).await,
         Command::Class(c) => crate::retention::class(g, c).await,
         Command::Hold(c) => crate::retention::hold(g, c).await,
@@ -148,19 +149,61 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
         UnsealArg::Keychain => Source::Keychain(KeychainStore::SecretService),
         UnsealArg::Keyutils => Source::Keychain(KeychainStore::Keyutils),
         UnsealArg::Passphrase => Source::Passphrase,
+        UnsealArg::Shares => Source::Shares,
     };
     let pass = match source {
         Source::Passphrase => Some(passphrase(a.passphrase_file.as_deref(), true)?),
-        Source::Keychain(_) => None,
+        Source::Keychain(_) | Source::Shares => None,
     };
+    let split = match (source, a.shares, a.threshold) {
+        (Source::Shares, Some(n), Some(k)) => {
+            if !a.operator_recipient.is_empty() && a.operator_recipient.len() != n as usize {
+                return Err(CliError::new(
+                    Exit::InvalidArgument,
+                    format!("invalid operator_recipient: give one per share ({n}), or none",),
+                ));
+            }
+            Some(tessera_broker::unseal::OperatorSplit {
+                threshold: k,
+                shares: n,
+            })
+        }
+        (Source::Shares, _, _) => {
+            return Err(CliError::new(
+                Exit::InvalidArgument,
+                "invalid shares: --unseal shares needs --shares N and --threshold K, e.g. \
+                 --shares 5 --threshold 3",
+            ));
+        }
+        (_, None, None) => None,
+        _ => {
+            return Err(CliError::new(
+                Exit::InvalidArgument,
+                "invalid shares: --shares and --threshold go with --unseal shares",
+            ));
+        }
+    };
+    if let Some(d) = &a.share_dir
+        && d.join("operator-1.share").exists()
+    {
+        return Err(CliError::new(
+            Exit::Precondition,
+            format!(
+                "{} already holds operator shares; choose an empty --share-dir",
+                d.display()
+            ),
+        ));
+    }
     let dir = data_dir(g);
     let done = tessera_broker::init::init(InitOptions {
         data_dir: dir.clone(),
         source,
         passphrase: pass,
         kdf: KdfParams::default(),
+        split,
     })
     .await?;
+    let shares = deliver_operator_shares(&done.operator_shares, &a)?;
     if g.json {
         print_json(json!({
             "store": done.db_path,
@@ -168,6 +211,7 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
             "unseal": source.name(),
             "admin_token": done.admin_token.reveal_once(),
             "admin_token_file": done.admin_token_path,
+            "operator_shares": shares,
         }));
     } else {
         println!("Created a tessera store at {}", done.db_path.display());
@@ -177,7 +221,96 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
             done.admin_token_path.display()
         );
         println!("  {}", done.admin_token.reveal_once());
+        if !done.operator_shares.is_empty() {
+            println!(
+                "The root key is split into {} operator shares; `tessera serve` starts sealed \
+                 until enough are given with `tessera unseal`.",
+                done.operator_shares.len()
+            );
+            match &a.share_dir {
+                Some(d) => println!(
+                    "Shares written to {} (hand one to each operator):",
+                    d.display()
+                ),
+                None => println!("Operator shares (shown once; hand one to each operator):"),
+            }
+            for s in &shares {
+                println!("{}", s.as_str().unwrap_or_default());
+            }
+        }
         println!("Next: tessera serve --data-dir {}", dir.root().display());
+    }
+    Ok(())
+}
+
+/// Writes operator shares to --share-dir (age-sealed to the operators'
+/// recipients when given) and returns, per share, its file or its text.
+fn deliver_operator_shares(
+    shares: &[Zeroizing<String>],
+    a: &crate::InitArgs,
+) -> Result<Vec<serde_json::Value>, CliError> {
+    let mut out = Vec::new();
+    for (i, text) in shares.iter().enumerate() {
+        let body: Zeroizing<Vec<u8>> = match a.operator_recipient.get(i) {
+            Some(r) => Zeroizing::new(
+                tessera_broker::retention::seal_to_holder(r, text.as_bytes())?.into_bytes(),
+            ),
+            None => Zeroizing::new(text.as_bytes().to_vec()),
+        };
+        match &a.share_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(|e| {
+                    CliError::new(Exit::Failure, format!("cannot create {}: {e}", d.display()))
+                })?;
+                let f = d.join(format!("operator-{}.share", i + 1));
+                tessera_broker::init::write_private_file(&f, &body)?;
+                out.push(json!(f));
+            }
+            None => out.push(json!(String::from_utf8_lossy(&body))),
+        }
+    }
+    Ok(out)
+}
+
+async fn unseal(g: &Global, a: crate::UnsealArgs) -> Result<(), CliError> {
+    let raw = match &a.file {
+        Some(f) => Zeroizing::new(std::fs::read(f).map_err(|e| {
+            CliError::new(
+                Exit::InvalidArgument,
+                format!("cannot read {}: {e}", f.display()),
+            )
+        })?),
+        None => {
+            let mut b = Zeroizing::new(Vec::new());
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
+            b
+        }
+    };
+    let text = crate::retention::open_share_bytes(raw, &a.identity_file, "the share")?;
+    let r = target(g)
+        .admin()
+        .await?
+        .unseal(proto::UnsealRequest {
+            share: String::from_utf8_lossy(&text).into_owned(),
+        })
+        .await?
+        .into_inner();
+    if g.json {
+        print_json(json!({
+            "sealed": r.sealed,
+            "received": r.received,
+            "threshold": r.threshold,
+            "shares": r.shares,
+        }));
+    } else if r.sealed {
+        println!(
+            "Share accepted: {} of {} received; the broker stays sealed until {} are given.",
+            r.received, r.threshold, r.threshold
+        );
+    } else {
+        println!("Unsealed: the broker is serving.");
     }
     Ok(())
 }
@@ -209,18 +342,37 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     let source = peek_source(&dir)?;
     let pass = match source {
         Source::Passphrase => Some(passphrase(a.passphrase_file.as_deref(), false)?),
-        Source::Keychain(_) => None,
+        Source::Keychain(_) | Source::Shares => None,
     };
     let limits = Limits {
         max_value_size: a.max_value_size,
     };
+    if source == Source::Shares {
+        let gate = tessera_broker::gate::Gate::sealed(&dir, limits)?;
+        let (_, k) = gate.progress();
+        let running = server::start(gate, opts.clone()).await?;
+        tracing::info!(
+            socket = %opts.socket.display(),
+            tcp = ?running.tcp_addr,
+            threshold = k,
+            "tessera broker sealed: waiting for operator shares (tessera unseal)"
+        );
+        server::termination().await;
+        running.stop();
+        running.wait().await?;
+        return Ok(());
+    }
     let d = dir.clone();
     let broker = tokio::task::spawn_blocking(move || {
         Broker::open(&d, pass.as_deref().map(|p| &p[..]), limits)
     })
     .await
     .map_err(|e| CliError::new(Exit::Failure, format!("unseal task failed: {e}")))??;
-    let running = server::start(Arc::new(broker), opts.clone()).await?;
+    let running = server::start(
+        tessera_broker::gate::Gate::unsealed(Arc::new(broker)),
+        opts.clone(),
+    )
+    .await?;
     tracing::info!(
         socket = %opts.socket.display(),
         tcp = ?running.tcp_addr,

@@ -46,6 +46,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         source: Source::Passphrase,
         passphrase: Some(pass_bytes.clone()),
         kdf: KdfParams::default(),
+        split: None,
     })
     .await?;
     println!("    store: {}", done.db_path.display());
@@ -58,7 +59,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::new(Exit::Failure, format!("unseal failed: {e}")))??;
     let running = server::start(
-        Arc::new(broker),
+        tessera_broker::gate::Gate::unsealed(Arc::new(broker)),
         ListenOptions {
             socket: dir.socket(),
             socket_mode: 0o600,

@@ -91,8 +91,10 @@ pub enum Command {
     /// Verify and export the audit trail (admin).
     #[command(subcommand)]
     Audit(AuditCmd),
-    /// Show the broker's state (admin).
+    /// Show the broker's state (admin; while sealed, anyone).
     Status,
+    /// Give one operator share to a broker sealed by operator shares.
+    Unseal(UnsealArgs),
     /// Key holders: make keys, enrol roles, export sealed shares.
     #[command(subcommand)]
     Holder(HolderCmd),
@@ -350,6 +352,9 @@ pub enum UnsealArg {
     Keyutils,
     /// A passphrase (Argon2id); from TESSERA_PASSPHRASE, --passphrase-file or a prompt.
     Passphrase,
+    /// k of n operator shares (Shamir): the broker starts sealed until
+    /// `tessera unseal` has received k of them.
+    Shares,
 }
 
 /// `tessera init`.
@@ -361,6 +366,31 @@ pub struct InitArgs {
     /// Read the passphrase from this file (first line).
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// With --unseal shares: how many operator shares to make.
+    #[arg(long, requires = "threshold")]
+    pub shares: Option<u8>,
+    /// With --unseal shares: how many shares unseal the broker.
+    #[arg(long, requires = "shares")]
+    pub threshold: Option<u8>,
+    /// With --unseal shares: write operator-N.share files (0600) here
+    /// instead of printing the shares.
+    #[arg(long, value_name = "DIR")]
+    pub share_dir: Option<PathBuf>,
+    /// With --unseal shares: seal share N to the Nth age recipient
+    /// (repeatable, one per share) so only that operator can read it.
+    #[arg(long, value_name = "AGE_RECIPIENT")]
+    pub operator_recipient: Vec<String>,
+}
+
+/// `tessera unseal`.
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    /// The operator share file (plain, or age-sealed with --identity-file);
+    /// stdin when absent.
+    pub file: Option<PathBuf>,
+    /// An age identity (or holder key) file that opens a sealed share.
+    #[arg(long, value_name = "FILE")]
+    pub identity_file: Vec<PathBuf>,
 }
 
 /// `tessera serve`.

@@ -726,17 +726,64 @@ pub(crate) fn shares(g: &Global, c: SharesCmd) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The age identities in key files: holder key files, or plain age
+/// identity files (lines `AGE-SECRET-KEY-1…`).
+fn identities(files: &[PathBuf]) -> Result<Vec<age::x25519::Identity>, CliError> {
+    use std::str::FromStr;
+    let mut out = Vec::new();
+    for f in files {
+        let text = Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
+            CliError::new(
+                Exit::InvalidArgument,
+                format!("cannot read --identity-file {}: {e}", f.display()),
+            )
+        })?);
+        let before = out.len();
+        for line in text.lines().filter(|l| l.starts_with("AGE-SECRET-KEY-")) {
+            out.push(age::x25519::Identity::from_str(line.trim()).map_err(|e| {
+                CliError::new(Exit::InvalidArgument, format!("{}: {e}", f.display()))
+            })?);
+        }
+        if out.len() == before {
+            return Err(CliError::new(
+                Exit::InvalidArgument,
+                format!("{} holds no age identity (AGE-SECRET-KEY-1…)", f.display()),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// A share file's text: as is, or opened with age when it is sealed.
+pub(crate) fn open_share_bytes(
+    raw: Zeroizing<Vec<u8>>,
+    identity_files: &[PathBuf],
+    what: &str,
+) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    if !(raw.starts_with(b"age-encryption.org")
+        || raw.starts_with(b"-----BEGIN AGE ENCRYPTED FILE-----"))
+    {
+        return Ok(raw);
+    }
+    let keys = identities(identity_files)?;
+    let ids: Vec<&age::x25519::Identity> = keys.iter().collect();
+    age_decrypt(&raw, &ids).map_err(|e| {
+        CliError::new(
+            Exit::InvalidArgument,
+            format!(
+                "cannot open {what} with the given --identity-file keys ({e}); pass the key it \
+                 was sealed to"
+            ),
+        )
+    })
+}
+
 /// Reads share files: plain `tessera-share-v1` envelopes, or age-sealed
-/// ones opened with the given holder key files.
+/// ones opened with the given key files.
 pub(crate) fn read_shares(
     files: &[PathBuf],
     identity_files: &[PathBuf],
 ) -> Result<Vec<Zeroizing<Vec<u8>>>, CliError> {
-    let keys = identity_files
-        .iter()
-        .map(|f| HolderKey::load("", Some(f)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ids: Vec<&age::x25519::Identity> = keys.iter().map(HolderKey::identity).collect();
     let mut out = Vec::new();
     for f in files {
         let raw = Zeroizing::new(std::fs::read(f).map_err(|e| {
@@ -745,23 +792,11 @@ pub(crate) fn read_shares(
                 format!("cannot read {}: {e}", f.display()),
             )
         })?);
-        let text = if raw.starts_with(b"age-encryption.org")
-            || raw.starts_with(b"-----BEGIN AGE ENCRYPTED FILE-----")
-        {
-            age_decrypt(&raw, &ids).map_err(|e| {
-                CliError::new(
-                    Exit::InvalidArgument,
-                    format!(
-                        "cannot open {} with the given --identity-file keys ({e}); pass the key \
-                         of the holder it was sealed to",
-                        f.display()
-                    ),
-                )
-            })?
-        } else {
-            raw
-        };
-        out.push(text);
+        out.push(open_share_bytes(
+            raw,
+            identity_files,
+            &f.display().to_string(),
+        )?);
     }
     Ok(out)
 }

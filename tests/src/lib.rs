@@ -315,7 +315,8 @@ impl Server {
                 );
             }
             if std::os::unix::net::UnixStream::connect(socket).is_ok()
-                && self.logs().contains("tessera broker ready")
+                && (self.logs().contains("tessera broker ready")
+                    || self.logs().contains("tessera broker sealed"))
             {
                 return;
             }

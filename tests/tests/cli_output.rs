@@ -49,6 +49,11 @@ fn help_texts() {
         &["serve", "--help"],
         &["agent", "create", "--help"],
         &["lease", "revoke", "--help"],
+        &["init", "--help"],
+        &["holder", "--help"],
+        &["class", "create", "--help"],
+        &["shred", "--help"],
+        &["shred", "join", "--help"],
     ] {
         let r = w.run(args).ok();
         out.push_str(&format!("$ tessera {}\n{}\n", args.join(" "), r.stdout));

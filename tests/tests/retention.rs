@@ -1006,3 +1006,159 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
     assert!(audit.contains("class.recover"));
     b.run(&["audit", "verify"]).ok();
 }
+
+#[test]
+fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
+    let w = World::new();
+    // Operators 1 and 2 get age-sealed shares; operator 3's is plain.
+    let mut recipients = Vec::new();
+    let mut op_keys = Vec::new();
+    for i in 1..=3 {
+        let key = w.tmp.path().join(format!("op{i}.key"));
+        let made = w
+            .run(&[
+                "holder",
+                "init",
+                "--role",
+                &format!("op{i}"),
+                "--identity-file",
+                key.to_str().expect("p"),
+                "--json",
+            ])
+            .ok()
+            .json();
+        let pubkey = made["pubkey"].as_str().expect("pk").to_string();
+        recipients.push(pubkey.split(':').nth(1).expect("age part").to_string());
+        op_keys.push(key);
+    }
+    let shares_dir = w.tmp.path().join("shares");
+    let init = w
+        .run(&[
+            "init",
+            "--unseal",
+            "shares",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--share-dir",
+            shares_dir.to_str().expect("p"),
+            "--operator-recipient",
+            &recipients[0],
+            "--operator-recipient",
+            &recipients[1],
+            "--operator-recipient",
+            &recipients[2],
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(init["unseal"], "shares");
+    assert_eq!(init["operator_shares"].as_array().map(Vec::len), Some(3));
+    let share = |i: usize| shares_dir.join(format!("operator-{i}.share"));
+    let sealed_text = std::fs::read_to_string(share(1)).expect("share");
+    assert!(sealed_text.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"));
+    // Debian's age opens an operator's share with the operator's key.
+    let opened = age_decrypt(&op_keys[0], &share(1));
+    assert!(
+        opened.starts_with("tessera-share-v1\nclass: tessera-root-key\n"),
+        "{opened}"
+    );
+
+    let mut s = w.serve_env(&[], &[]);
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert_eq!(status["sealed"], true);
+    let sealed = w
+        .run_with(&["secret", "put", "a/b"], Some(b"v"), &[])
+        .fails_with(5);
+    assert!(sealed.stderr.contains("sealed"), "{sealed:#?}");
+
+    let unseal = |i: usize, key: usize| -> tessera_e2e::Ran {
+        w.run(&[
+            "unseal",
+            share(i).to_str().expect("p"),
+            "--identity-file",
+            op_keys[key].to_str().expect("p"),
+            "--json",
+        ])
+    };
+    let first = unseal(1, 0).ok().json();
+    assert_eq!(
+        (first["sealed"].clone(), first["received"].clone()),
+        (true.into(), 1.into())
+    );
+    let again = unseal(1, 0).fails_with(7);
+    assert!(again.stderr.contains("already given"), "{again:#?}");
+    unseal(2, 0).fails_with(7); // sealed to operator 2, not openable with operator 1's key
+    // A share of another store's root key is refused.
+    let other = World::new();
+    let other_init = other
+        .run(&[
+            "init",
+            "--unseal",
+            "shares",
+            "--shares",
+            "2",
+            "--threshold",
+            "2",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let foreign = w.tmp.path().join("foreign.share");
+    std::fs::write(
+        &foreign,
+        other_init["operator_shares"][0].as_str().expect("text"),
+    )
+    .expect("w");
+    let f = w
+        .run(&["unseal", foreign.to_str().expect("p")])
+        .fails_with(7);
+    assert!(f.stderr.contains("not of this store's root key"), "{f:#?}");
+    let done = unseal(2, 1).ok().json();
+    assert_eq!(done["sealed"], false);
+
+    w.put("db/prod", b"postgres://u:p@h/db");
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert_eq!(status["sealed"], false);
+    assert_eq!(status["unseal_source"], "shares");
+    w.run(&["audit", "verify"]).ok();
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    assert!(audit.contains("unseal.share") && audit.contains("store.unseal"));
+    assert!(
+        audit.contains("already given"),
+        "refused attempts are audited too"
+    );
+
+    // After a restart it is sealed again; a wrong combination resets.
+    s.terminate();
+    let _s2 = w.serve_env(&[], &[]);
+    assert_eq!(w.run(&["status", "--json"]).ok().json()["sealed"], true);
+    let plain3 = age_decrypt(&op_keys[2], &share(3));
+    let tampered = w.tmp.path().join("tampered.share");
+    let line = plain3.lines().last().expect("share line").to_string();
+    let mut bytes = line.clone().into_bytes();
+    let i = "share: ".len();
+    bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+    std::fs::write(
+        &tampered,
+        plain3.replace(&line, &String::from_utf8(bytes).expect("utf-8")),
+    )
+    .expect("write");
+    unseal(1, 0).ok();
+    let wrong = w
+        .run(&["unseal", tampered.to_str().expect("p")])
+        .fails_with(5);
+    assert!(wrong.stderr.contains("reset"), "{wrong:#?}");
+    assert_eq!(w.run(&["status", "--json"]).ok().json()["sealed"], true);
+    unseal(1, 0).ok();
+    w.run(&[
+        "unseal",
+        share(3).to_str().expect("p"),
+        "--identity-file",
+        op_keys[2].to_str().expect("p"),
+    ])
+    .ok();
+    let got = w.run(&["secret", "list", "--json"]).ok().json();
+    assert_eq!(got["secrets"][0]["name"], "db/prod");
+}
