@@ -15,6 +15,7 @@ use tessera_broker::unseal::{KdfParams, Source};
 use zeroize::Zeroizing;
 
 use crate::client::{CliError, Exit, Target, authed};
+use crate::holder_key::HolderKey;
 
 fn step(n: u32, what: &str) {
     println!("\n[{n}] {what}");
@@ -24,6 +25,233 @@ fn masked(v: &[u8]) -> String {
     let s = String::from_utf8_lossy(v);
     let head: String = s.chars().take(6).collect();
     format!("{head}… ({} bytes)", v.len())
+}
+
+/// Steps 10-16: three key holders, a retention class split 2 of 3, data
+/// encrypted under it, a refused early shred, a legal hold, the ceremony
+/// the broker opens at the deadline, two holders joining, the key
+/// destroyed, and the certificate checked offline.
+async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliError> {
+    let mut retention = target.retention().await?;
+    let mut holders = target.holders().await?;
+    let mut envelope = target.envelope().await?;
+    let mut admin = target.admin().await?;
+
+    step(
+        10,
+        "tessera holder init / enroll: legal, compliance and ciso make keys and are enrolled",
+    );
+    let mut keys = Vec::new();
+    for role in ["legal", "compliance", "ciso"] {
+        // Real holders keep these in their own keychains; the demo keeps
+        // them in memory.
+        let key = HolderKey::generate(role)?;
+        let pubkey = key.public()?.to_text();
+        let info = retention
+            .enroll_holder(authed(
+                proto::EnrollHolderRequest {
+                    role: role.into(),
+                    pubkey,
+                },
+                admin_token,
+            )?)
+            .await?
+            .into_inner();
+        println!("    {:<11} key {}", info.role, info.key_fingerprint);
+        keys.push(key);
+    }
+
+    step(
+        11,
+        "tessera class create sox-demo --retain 3s --holders legal,compliance,ciso --threshold 2",
+    );
+    let class = retention
+        .create_class(authed(
+            proto::CreateClassRequest {
+                name: "sox-demo".into(),
+                retain_seconds: 3,
+                holders: vec!["legal".into(), "compliance".into(), "ciso".into()],
+                threshold: 2,
+                early_threshold: 0,
+            },
+            admin_token,
+        )?)
+        .await?
+        .into_inner();
+    println!(
+        "    class key {} split 2 of 3; each share sealed to its holder with age",
+        &class.key_fingerprint[..16]
+    );
+
+    step(12, "agent archiver: Encrypt(sox-demo, ledger 2019)");
+    let created = admin
+        .create_agent(authed(
+            proto::CreateAgentRequest {
+                name: "archiver".into(),
+                allow: vec!["class:sox-demo".into()],
+                max_ttl_seconds: 900,
+                max_lifetime_seconds: 3600,
+            },
+            admin_token,
+        )?)
+        .await?
+        .into_inner();
+    let archiver = Zeroizing::new(created.token.clone());
+    let context: std::collections::HashMap<String, String> =
+        [("ledger".to_string(), "2019".to_string())].into();
+    let ct = envelope
+        .encrypt(authed(
+            proto::EncryptRequest {
+                class: "sox-demo".into(),
+                plaintext: b"general ledger FY2019".to_vec(),
+                context: context.clone(),
+            },
+            &archiver,
+        )?)
+        .await?
+        .into_inner();
+    println!(
+        "    ciphertext of {} bytes, data key {}",
+        ct.ciphertext.len(),
+        ct.key_id
+    );
+
+    step(
+        13,
+        "tessera shred open --class sox-demo (before the deadline)",
+    );
+    let open = |early: bool| proto::OpenShredRequest {
+        class: "sox-demo".into(),
+        reason: "retention ended".into(),
+        early,
+        expires_seconds: 0,
+    };
+    if let Err(s) = retention
+        .open_shred(authed(open(false), admin_token)?)
+        .await
+    {
+        println!("    {:?}: {}", s.code(), s.message());
+    }
+
+    step(
+        14,
+        "tessera hold place --class sox-demo --reason 'litigation 2026-17'",
+    );
+    retention
+        .place_hold(authed(
+            proto::HoldRequest {
+                class: "sox-demo".into(),
+                reason: "litigation 2026-17".into(),
+            },
+            admin_token,
+        )?)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    if let Err(s) = retention
+        .open_shred(authed(open(false), admin_token)?)
+        .await
+    {
+        println!("    after the deadline, {:?}: {}", s.code(), s.message());
+    }
+    retention
+        .release_hold(authed(
+            proto::HoldRequest {
+                class: "sox-demo".into(),
+                reason: "case closed".into(),
+            },
+            admin_token,
+        )?)
+        .await?;
+    println!("    hold released: case closed");
+
+    step(
+        15,
+        "the broker opens the ceremony; legal and ciso run `tessera shred join`",
+    );
+    let ceremony = loop {
+        let c = retention
+            .get_class(authed(
+                proto::GetClassRequest {
+                    name: "sox-demo".into(),
+                },
+                admin_token,
+            )?)
+            .await?
+            .into_inner();
+        if let Some(cer) = c.ceremonies.into_iter().find(|c| c.state == "open") {
+            break cer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "    ceremony {} opened by {}; statement:",
+        ceremony.id, ceremony.opened_by
+    );
+    for line in ceremony.statement.lines() {
+        println!("      {line}");
+    }
+    for key in [&keys[0], &keys[2]] {
+        let sig = key.sign(ceremony.statement.as_bytes())?;
+        let joined = holders
+            .join_shred(key.request(
+                proto::JoinShredRequest {
+                    ceremony: ceremony.id.clone(),
+                    signature: tessera_shred::hex(&sig),
+                },
+                "JoinShred",
+                &ceremony.id,
+            )?)
+            .await?
+            .into_inner();
+        println!(
+            "    {} joined: {} of {}, ceremony {}",
+            key.role,
+            joined.joined.len(),
+            joined.required,
+            joined.state
+        );
+    }
+
+    step(
+        16,
+        "after the shred: Decrypt is refused; the certificate verifies offline",
+    );
+    match envelope
+        .decrypt(authed(
+            proto::DecryptRequest {
+                class: "sox-demo".into(),
+                ciphertext: ct.ciphertext,
+                context,
+            },
+            &archiver,
+        )?)
+        .await
+    {
+        Ok(_) => println!("    unexpectedly decrypted"),
+        Err(s) => println!("    {:?}: {}", s.code(), s.message()),
+    }
+    let cert = retention
+        .get_certificate(authed(
+            proto::GetCertificateRequest {
+                class: "sox-demo".into(),
+            },
+            admin_token,
+        )?)
+        .await?
+        .into_inner();
+    let pin: Option<[u8; 32]> =
+        tessera_shred::unhex(&cert.broker_key).and_then(|k| k.try_into().ok());
+    let v = tessera_shred::certificate::verify(&cert.certificate, pin.as_ref())
+        .map_err(|e| CliError::new(Exit::DataLoss, e.to_string()))?;
+    println!(
+        "    certificate valid: key {} destroyed ({}), signed by broker key {}; {} offline \
+         shares still to be confirmed destroyed",
+        &class.key_fingerprint[..16],
+        v.certificate.destroyed,
+        tessera_shred::holder::fingerprint(&v.certificate.broker_key),
+        v.outstanding()
+    );
+    Ok(())
 }
 
 /// Runs the walk-through; every step goes over gRPC to the broker.
@@ -186,7 +414,9 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         Err(s) => println!("    {:?}: {}", s.code(), s.message()),
     }
 
-    step(10, "tessera audit verify");
+    shred_ceremony(&target, &admin_token).await?;
+
+    step(17, "tessera audit verify");
     let v = admin
         .verify_audit(authed(proto::VerifyAuditRequest {}, &admin_token)?)
         .await?
