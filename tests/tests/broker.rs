@@ -368,7 +368,15 @@ fn tcp_listen_rules() {
 fn demo_walks_through_the_main_job() {
     let w = World::new();
     let r = w.run(&["demo"]).ok();
-    for expect in ["PermissionDenied", "FailedPrecondition", "intact"] {
+    for expect in [
+        "PermissionDenied",
+        "FailedPrecondition",
+        "intact",
+        "under legal hold",
+        "ceremony done",
+        "was shredded",
+        "certificate valid",
+    ] {
         assert!(
             r.stdout.contains(expect),
             "demo output lacks {expect}: {r:#?}"
