@@ -60,11 +60,16 @@ impl From<Status> for CliError {
         // that went away mid-call) arrive as statuses whose text is the
         // transport's, which tells a person nothing: say what to check.
         let m = s.message();
-        if m.starts_with("h2 protocol error") || m.contains("transport error") {
+        let below_grpc = m.starts_with("h2 protocol error")
+            || m.contains("transport error")
+            || (s.code() == Code::Cancelled && m.contains("operation was canceled"));
+        if below_grpc {
             return CliError::new(
                 Exit::Unavailable,
                 format!(
-                    "the connection to the broker failed below gRPC ({m}); check that                      --addr / TESSERA_ADDR points at a running broker, with https:// and                      --tls-ca if it serves TLS"
+                    "the connection to the broker failed below gRPC ({m}); check that --addr / \
+                     TESSERA_ADDR points at a running broker, with https:// and --tls-ca if it \
+                     serves TLS"
                 ),
             );
         }
