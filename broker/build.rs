@@ -26,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tessera.v1.GenerateDataKeyResponse",
             "tessera.v1.RecoverClassRequest",
             "tessera.v1.UnsealRequest",
+            "tessera.v1.RotateNowRequest",
         ])
         .compile_with_config(config, &protos, &["../proto"])?;
     Ok(())

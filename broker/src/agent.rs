@@ -240,7 +240,7 @@ impl Broker {
                         params![t, id],
                     )?;
                 }
-                let leases = revoke_active(ctx.conn, Scope::Agent(id), t)?;
+                let leases = revoke_active(ctx, Scope::Agent(id), t)?;
                 ctx.audit(&admin_entry(
                     "agent.revoke",
                     &name,

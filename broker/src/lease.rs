@@ -15,7 +15,7 @@ use crate::init::now;
 use crate::keys::lease_id;
 use crate::names;
 use crate::proto::{Lease, LeaseInfo};
-use crate::store::lease_state;
+use crate::store::{NewEvent, WriteCtx, lease_state};
 
 /// Leases expired per sweep transaction.
 pub const SWEEP_BATCH: usize = 1000;
@@ -233,7 +233,7 @@ impl Broker {
                 };
                 l.expires_at = (t + ttl as i64).min(l.renewable_until);
                 ctx.conn.execute(
-                    "UPDATE leases SET expires_at = ?1 WHERE id = ?2",
+                    "UPDATE leases SET expires_at = ?1, warned = 0 WHERE id = ?2",
                     params![l.expires_at, lease_id],
                 )?;
                 ctx.audit(&agent_entry(
@@ -283,7 +283,7 @@ impl Broker {
                     ))?;
                     return Ok(Err(e));
                 }
-                let n = revoke_active(ctx.conn, Scope::Id(&lease_id), t)?;
+                let n = revoke_active(ctx, Scope::Id(&lease_id), t)?;
                 ctx.audit(&agent_entry(
                     &actor,
                     ACTION,
@@ -385,7 +385,7 @@ impl Broker {
                     Selector::Secret(name) => (format!("secret:{name}"), Scope::Secret(name)),
                     Selector::All => ("*".to_string(), Scope::All),
                 };
-                let n = revoke_active(ctx.conn, scope, t)?;
+                let n = revoke_active(ctx, scope, t)?;
                 ctx.audit(&admin_entry(
                     ACTION,
                     &target,
@@ -445,34 +445,74 @@ pub(crate) enum Scope<'a> {
     Agent(i64),
     /// Every active lease on this secret.
     Secret(&'a str),
+    /// Every active lease on one version of a secret (it was retired).
+    Version(&'a str, u64),
     /// Every active lease.
     All,
 }
 
 /// Marks the active leases in `scope` revoked at `t`, in the caller's
-/// transaction; returns how many. The one place a revoke is written.
-pub(crate) fn revoke_active(conn: &rusqlite::Connection, scope: Scope<'_>, t: i64) -> Result<u64> {
+/// transaction, and records one `lease.revoked` event for watchers;
+/// returns how many. The one place a revoke is written.
+pub(crate) fn revoke_active(ctx: &mut WriteCtx<'_>, scope: Scope<'_>, t: i64) -> Result<u64> {
     let r = lease_state::REVOKED;
-    let n = match scope {
-        Scope::Id(id) => conn
-            .prepare_cached(
-                "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND id = ?3",
-            )?
-            .execute(params![r, t, id])?,
-        Scope::Agent(id) => conn
-            .prepare_cached(
+    let conn = ctx.conn;
+    let (n, ev) = match scope {
+        Scope::Id(id) => {
+            let owner: Option<(i64, String)> = conn
+                .prepare_cached("SELECT agent_id, secret FROM leases WHERE id = ?1 AND state = 0")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let n = conn
+                .prepare_cached(
+                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND id = ?3",
+                )?
+                .execute(params![r, t, id])?;
+            let (agent, secret) = owner.unzip();
+            (n, (agent, secret.unwrap_or_default(), 0, id.to_string()))
+        }
+        Scope::Agent(id) => (
+            conn.prepare_cached(
                 "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND agent_id = ?3",
             )?
             .execute(params![r, t, id])?,
-        Scope::Secret(name) => conn
-            .prepare_cached(
+            (Some(id), String::new(), 0, String::new()),
+        ),
+        Scope::Secret(name) => (
+            conn.prepare_cached(
                 "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND secret = ?3",
             )?
             .execute(params![r, t, name])?,
-        Scope::All => conn
-            .prepare_cached("UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0")?
-            .execute(params![r, t])?,
+            (None, name.to_string(), 0, String::new()),
+        ),
+        Scope::Version(name, version) => (
+            conn.prepare_cached(
+                "UPDATE leases SET state = ?1, ended_at = ?2
+                 WHERE state = 0 AND secret = ?3 AND version = ?4",
+            )?
+            .execute(params![r, t, name, version as i64])?,
+            (None, name.to_string(), version, String::new()),
+        ),
+        Scope::All => (
+            conn.prepare_cached("UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0")?
+                .execute(params![r, t])?,
+            (None, String::new(), 0, String::new()),
+        ),
     };
+    if n > 0 {
+        let (agent_id, secret, version, lease_id) = ev;
+        let detail = format!("{n} lease(s) revoked");
+        ctx.event(&NewEvent {
+            time: t,
+            kind: "lease.revoked",
+            secret: &secret,
+            version,
+            lease_id: &lease_id,
+            agent_id,
+            expires_at: 0,
+            detail: &detail,
+        })?;
+    }
     Ok(n as u64)
 }
 

@@ -87,3 +87,13 @@ impl std::fmt::Debug for UnsealRequest {
             .finish()
     }
 }
+
+impl std::fmt::Debug for RotateNowRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotateNowRequest")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .field("generate", &self.generate)
+            .finish()
+    }
+}

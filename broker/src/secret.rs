@@ -69,25 +69,28 @@ impl Broker {
                 let current: Option<i64> = ctx
                     .conn
                     .query_row(
-                        "SELECT current_version FROM secrets WHERE name = ?1",
+                        "SELECT max(version) FROM secret_versions WHERE name = ?1",
                         [&name],
                         |r| r.get(0),
                     )
-                    .optional()?;
+                    .optional()?
+                    .flatten();
                 let version = current.map_or(1, |v| v as u64 + 1);
                 let wrapped = rk_wrap.seal(&data_key_aad(&name, version), dk.expose_bytes())?;
                 let ct = dk.seal(&value_aad(&name, version), &value)?;
                 ctx.conn.execute(
-                    "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![name, version as i64, t, wrapped, ct],
+                    "INSERT INTO secrets (name, current_version, created_at, updated_at)
+                     VALUES (?1, 0, ?2, ?2)
+                     ON CONFLICT (name) DO NOTHING",
+                    params![name, t],
                 )?;
                 ctx.conn.execute(
-                    "INSERT INTO secrets (name, current_version, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?3)
-                     ON CONFLICT (name) DO UPDATE SET current_version = ?2, updated_at = ?3",
-                    params![name, version as i64, t],
+                    "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext,
+                        state, source)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 'admin')",
+                    params![name, version as i64, t, wrapped, ct],
                 )?;
+                crate::rotation::activate_version(ctx, &name, version, t)?;
                 ctx.audit(&Entry {
                     time: t,
                     actor: ACTOR_ADMIN.into(),
@@ -161,7 +164,7 @@ impl Broker {
                     ))?;
                     return Ok(Err(e));
                 }
-                let leases = revoke_active(ctx.conn, Scope::Secret(&name), t)?;
+                let leases = revoke_active(ctx, Scope::Secret(&name), t)?;
                 ctx.audit(&Entry {
                     time: t,
                     actor: ACTOR_ADMIN.into(),
@@ -234,7 +237,7 @@ impl Broker {
     }
 
     /// Forgets cached rows after a put or delete commits.
-    fn invalidate_current(&self) {
+    pub(crate) fn invalidate_current(&self) {
         self.current_gen.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut c) = self.current_rows.write() {
             c.clear();

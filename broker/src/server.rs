@@ -37,6 +37,8 @@ pub struct ListenOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How often expired leases are swept.
     pub sweep_interval: Duration,
+    /// Whether this broker runs scheduled rotations itself.
+    pub scheduler: bool,
 }
 
 /// Checks the listen options before anything is opened.
@@ -183,6 +185,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     let sweeper_gate = Arc::clone(&gate);
     let mut sweep_rx = shutdown_rx.clone();
     let sweep_every = opts.sweep_interval;
+    let scheduler = opts.scheduler;
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -198,6 +201,9 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
                     }
                     if let Err(e) = sweeper_broker.retention_tick().await {
                         tracing::warn!(error = %e, "retention work failed; will retry");
+                    }
+                    if let Err(e) = sweeper_broker.rotation_tick(scheduler).await {
+                        tracing::warn!(error = %e, "rotation work failed; will retry");
                     }
                 }
                 _ = sweep_rx.changed() => break,

@@ -97,6 +97,21 @@ impl Services {
 
 #[tonic::async_trait]
 impl broker_server::Broker for Services {
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        req: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (_rid, agent) = self.agent(&req, "watch", "events").await?;
+        let rx = self
+            .broker()?
+            .watch(agent, req.into_inner().after_event_id)?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn issue(
         &self,
         req: Request<proto::IssueRequest>,
@@ -141,6 +156,7 @@ impl broker_server::Broker for Services {
 }
 
 type AuditStream = Pin<Box<dyn Stream<Item = Result<proto::AuditRecord, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl admin_server::Admin for Services {
@@ -154,6 +170,92 @@ impl admin_server::Admin for Services {
         Ok(Response::new(
             self.broker()?.put_secret(&rid, r.name, value).await?,
         ))
+    }
+
+    async fn show_secret(
+        &self,
+        req: Request<proto::ShowSecretRequest>,
+    ) -> Result<Response<proto::SecretDetail>, Status> {
+        let rid = self.admin(&req, "secret.show", &req.get_ref().name).await?;
+        Ok(Response::new(
+            self.broker()?
+                .show_secret(&rid, &req.into_inner().name)
+                .await?,
+        ))
+    }
+
+    async fn configure_secret(
+        &self,
+        req: Request<proto::ConfigureSecretRequest>,
+    ) -> Result<Response<proto::SecretDetail>, Status> {
+        let rid = self
+            .admin(&req, "secret.config", &req.get_ref().name)
+            .await?;
+        Ok(Response::new(
+            self.broker()?
+                .configure_secret(&rid, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn rotate_now(
+        &self,
+        req: Request<proto::RotateNowRequest>,
+    ) -> Result<Response<proto::RotationResult>, Status> {
+        let rid = self
+            .admin(&req, "secret.rotate", &req.get_ref().name)
+            .await?;
+        Ok(Response::new(
+            self.broker()?.rotate_now(&rid, req.into_inner()).await?,
+        ))
+    }
+
+    async fn schedule_rotation(
+        &self,
+        req: Request<proto::ScheduleRotationRequest>,
+    ) -> Result<Response<proto::SecretDetail>, Status> {
+        let rid = self
+            .admin(&req, "rotate.schedule", &req.get_ref().name)
+            .await?;
+        Ok(Response::new(
+            self.broker()?
+                .schedule_rotation(&rid, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn unschedule_rotation(
+        &self,
+        req: Request<proto::ShowSecretRequest>,
+    ) -> Result<Response<proto::SecretDetail>, Status> {
+        let rid = self
+            .admin(&req, "rotate.unschedule", &req.get_ref().name)
+            .await?;
+        Ok(Response::new(
+            self.broker()?
+                .unschedule_rotation(&rid, req.into_inner().name)
+                .await?,
+        ))
+    }
+
+    async fn rotation_status(
+        &self,
+        req: Request<proto::RotationStatusRequest>,
+    ) -> Result<Response<proto::RotationStatusResponse>, Status> {
+        let _rid = self.admin(&req, "rotate.status", "*").await?;
+        Ok(Response::new(proto::RotationStatusResponse {
+            secrets: self.broker()?.rotation_status()?,
+        }))
+    }
+
+    async fn rotate_due(
+        &self,
+        req: Request<proto::RotateDueRequest>,
+    ) -> Result<Response<proto::RotateDueResponse>, Status> {
+        let rid = self.admin(&req, "rotate.due", "*").await?;
+        Ok(Response::new(proto::RotateDueResponse {
+            results: self.broker()?.rotate_due(&rid, ACTOR_ADMIN).await?,
+        }))
     }
 
     async fn list_secrets(

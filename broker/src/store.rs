@@ -155,6 +155,54 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (class, role)
     ) STRICT;
     ",
+    // 3: rotation (version states, overlap, schedules, locks) and durable
+    // events for Watch.
+    "
+    ALTER TABLE secret_versions ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+    ALTER TABLE secret_versions ADD COLUMN source TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE secret_versions ADD COLUMN retire_at INTEGER;
+    ALTER TABLE secret_versions ADD COLUMN due_at INTEGER;
+    ALTER TABLE secret_versions ADD COLUMN archived_class TEXT;
+    ALTER TABLE secret_versions ADD COLUMN archived_key INTEGER;
+    UPDATE secret_versions SET state = 'retired'
+     WHERE version < (SELECT current_version FROM secrets s WHERE s.name = secret_versions.name);
+    CREATE UNIQUE INDEX secret_versions_due ON secret_versions(name, due_at)
+     WHERE due_at IS NOT NULL;
+    CREATE INDEX secret_versions_retire ON secret_versions(retire_at)
+     WHERE state = 'overlapping';
+    ALTER TABLE secrets ADD COLUMN overlap_secs INTEGER NOT NULL DEFAULT 3600;
+    ALTER TABLE secrets ADD COLUMN class TEXT;
+    ALTER TABLE secrets ADD COLUMN generator TEXT;
+    ALTER TABLE secrets ADD COLUMN rotate_cmd TEXT;
+    ALTER TABLE secrets ADD COLUMN verify_cmd TEXT;
+    ALTER TABLE secrets ADD COLUMN value_via TEXT NOT NULL DEFAULT 'stdin';
+    ALTER TABLE secrets ADD COLUMN cmd_timeout INTEGER NOT NULL DEFAULT 30;
+    ALTER TABLE secrets ADD COLUMN schedule TEXT;
+    ALTER TABLE secrets ADD COLUMN schedule_tz TEXT;
+    ALTER TABLE secrets ADD COLUMN jitter_secs INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE secrets ADD COLUMN next_due INTEGER;
+    ALTER TABLE secrets ADD COLUMN last_result TEXT;
+    ALTER TABLE secrets ADD COLUMN last_run_at INTEGER;
+    ALTER TABLE secrets ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX secrets_next_due ON secrets(next_due) WHERE next_due IS NOT NULL;
+    CREATE TABLE rotation_locks (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        time INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        secret TEXT NOT NULL DEFAULT '',
+        version INTEGER NOT NULL DEFAULT 0,
+        lease_id TEXT NOT NULL DEFAULT '',
+        agent_id INTEGER,
+        expires_at INTEGER NOT NULL DEFAULT 0,
+        detail TEXT NOT NULL DEFAULT ''
+    ) STRICT;
+    ALTER TABLE leases ADD COLUMN warned INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// Lease states as stored.
@@ -273,11 +321,57 @@ impl WriteCtx<'_> {
     pub fn audit(&mut self, entry: &Entry) -> Result<()> {
         self.chain.append(self.conn, entry)
     }
+
+    /// Appends a durable event for `Watch`, in this transaction; watchers
+    /// are woken once the transaction commits.
+    pub fn event(&mut self, e: &NewEvent<'_>) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO events (time, kind, secret, version, lease_id, agent_id, expires_at,
+                                     detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                e.time,
+                e.kind,
+                e.secret,
+                e.version as i64,
+                e.lease_id,
+                e.agent_id,
+                e.expires_at,
+                e.detail
+            ])?;
+        self.chain.emitted = true;
+        Ok(())
+    }
+}
+
+/// An event to record for `Watch`.
+#[derive(Debug, Default)]
+pub struct NewEvent<'a> {
+    /// When.
+    pub time: i64,
+    /// `secret.rotated`, `lease.revoked` or `lease.expiring`.
+    pub kind: &'a str,
+    /// The secret concerned.
+    pub secret: &'a str,
+    /// Its version (for rotations).
+    pub version: u64,
+    /// The lease concerned, if one.
+    pub lease_id: &'a str,
+    /// The agent whose lease it is, if one.
+    pub agent_id: Option<i64>,
+    /// For `lease.expiring`.
+    pub expires_at: i64,
+    /// A short text for people.
+    pub detail: &'a str,
 }
 
 struct Chain {
     key: SymmetricKey,
     head: Head,
+    /// Whether the current batch wrote an event.
+    emitted: bool,
 }
 
 impl Chain {
@@ -360,6 +454,7 @@ pub struct Store {
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     writer: mpsc::Sender<Cmd>,
+    events: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Store {
@@ -374,6 +469,7 @@ impl Store {
         let chain = Chain {
             head: current_head(&conn)?,
             key: audit_key,
+            emitted: false,
         };
         let mut rs = Vec::new();
         for _ in 0..readers.max(1) {
@@ -406,16 +502,23 @@ impl Store {
             })
             .map_err(|e| Error::Internal(format!("cannot start the checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel::<Cmd>(8192);
+        let (events_tx, events_rx) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
             .name("tessera-writer".into())
-            .spawn(move || writer_loop(conn, chain, rx))
+            .spawn(move || writer_loop(conn, chain, rx, events_tx))
             .map_err(|e| Error::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Store {
             path: path.to_path_buf(),
             readers: rs,
             next_reader: AtomicUsize::new(0),
             writer: tx,
+            events: events_rx,
         })
+    }
+
+    /// Changes whenever a committed transaction wrote an event.
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.clone()
     }
 
     /// The database file.
@@ -536,7 +639,12 @@ fn last_row_head(conn: &Connection) -> Result<Head> {
         .unwrap_or_default())
 }
 
-fn writer_loop(mut conn: Connection, mut chain: Chain, mut rx: mpsc::Receiver<Cmd>) {
+fn writer_loop(
+    mut conn: Connection,
+    mut chain: Chain,
+    mut rx: mpsc::Receiver<Cmd>,
+    events: tokio::sync::watch::Sender<u64>,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut held: Option<Cmd> = None;
     loop {
@@ -565,7 +673,11 @@ fn writer_loop(mut conn: Connection, mut chain: Chain, mut rx: mpsc::Receiver<Cm
                 Err(_) => break,
             }
         }
+        chain.emitted = false;
         let (done, committed) = run_batch(&mut conn, &mut chain, &mut batch);
+        if committed.is_ok() && chain.emitted {
+            events.send_modify(|n| *n += 1);
+        }
         if committed.is_err() {
             // The transaction rolled back, so the in-memory head is ahead
             // of the file: reload it.

@@ -24,7 +24,15 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Demo => crate::demo::run(g.json).await,
         Command::Secret(c) => secret(g, c).await,
         Command::Agent(c) => agent(g, c).await,
+        Command::Get(a) if a.watch => crate::rotation::get_watch(g, a).await,
         Command::Get(a) => get(g, a).await,
+        Command::Rotate(a) => crate::rotation::rotate(g, a).await,
+        Command::Run(a) => {
+            // The command's own exit status becomes ours (its leases are
+            // revoked by then).
+            let code = crate::run::run(g, a).await?;
+            std::process::exit(code)
+        }
         Command::Lease(c) => lease(g, c).await,
         Command::Audit(c) => audit(g, c).await,
         Command::Status => status(g).await,
@@ -337,6 +345,7 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
         tcp: a.listen,
         tls: a.tls_cert.clone().zip(a.tls_key.clone()),
         sweep_interval: a.sweep_interval,
+        scheduler: !a.no_scheduler,
     };
     server::check_listen(&opts)?;
     let source = peek_source(&dir)?;
@@ -421,6 +430,20 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
             } else {
                 println!("Stored {} version {}", info.name, info.current_version);
             }
+        }
+        SecretCmd::Show { name } => {
+            let d = admin
+                .show_secret(authed(proto::ShowSecretRequest { name }, &token)?)
+                .await?
+                .into_inner();
+            crate::rotation::print_detail(g, &d);
+        }
+        SecretCmd::Config(a) => {
+            let d = admin
+                .configure_secret(authed(crate::rotation::config_request(a), &token)?)
+                .await?
+                .into_inner();
+            crate::rotation::print_detail(g, &d);
         }
         SecretCmd::List => {
             let r = admin

@@ -294,6 +294,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
             tcp: None,
             tls: None,
             sweep_interval: Duration::from_secs(1),
+            scheduler: true,
         },
     )
     .await?;

@@ -9,6 +9,8 @@ mod commands;
 pub mod demo;
 pub mod holder_key;
 mod retention;
+mod rotation;
+mod run;
 
 use std::path::PathBuf;
 
@@ -85,6 +87,11 @@ pub enum Command {
     Agent(AgentCmd),
     /// Fetch a secret as an agent (token from TESSERA_TOKEN); value to stdout.
     Get(GetArgs),
+    /// Rotate secrets now, on a schedule, or whatever is due (admin).
+    Rotate(RotateArgs),
+    /// Run a command with secrets in its environment, following rotations
+    /// (agent; TESSERA_TOKEN).
+    Run(RunArgs),
     /// List and revoke leases (admin).
     #[command(subcommand)]
     Lease(LeaseCmd),
@@ -428,6 +435,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "human")]
     pub log_format: LogFormat,
+    /// Do not run scheduled rotations in this broker (leave them to
+    /// `tessera rotate --due` from cron or a systemd timer).
+    #[arg(long)]
+    pub no_scheduler: bool,
 }
 
 /// How logs are written to stderr.
@@ -457,6 +468,129 @@ pub enum SecretCmd {
         /// Secret name.
         name: String,
     },
+    /// Versions with states, rotation settings and schedule; never values.
+    Show {
+        /// Secret name.
+        name: String,
+    },
+    /// Rotation settings: overlap window, retention class, generator,
+    /// rotation and verify commands (run directly, no shell).
+    Config(SecretConfigArgs),
+}
+
+/// `tessera secret config`.
+#[derive(Debug, Args)]
+pub struct SecretConfigArgs {
+    /// Secret name.
+    pub name: String,
+    /// How long the previous version stays valid after a rotation, e.g. 1h.
+    #[arg(long, value_parser = parse_duration)]
+    pub overlap: Option<std::time::Duration>,
+    /// Archive retired versions under this retention class ('-' to clear).
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Generate new values: alnum:N, hex:N, base64:N or a template like
+    /// 'sk-{alnum:48}' ('-' to clear).
+    #[arg(long, value_name = "SPEC")]
+    pub generate: Option<String>,
+    /// Program that prints the new value (absolute path; the current value
+    /// reaches it on stdin or in TESSERA_CURRENT_VALUE, never in argv).
+    #[arg(long, value_name = "PATH")]
+    pub rotate_cmd: Option<String>,
+    /// An argument for --rotate-cmd (repeatable).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub rotate_arg: Vec<String>,
+    /// Remove the rotation command.
+    #[arg(long, conflicts_with = "rotate_cmd")]
+    pub no_rotate_cmd: bool,
+    /// Program that must exit 0 for a new value before it is activated (it
+    /// gets the value on stdin or in TESSERA_NEW_VALUE).
+    #[arg(long, value_name = "PATH")]
+    pub verify_cmd: Option<String>,
+    /// An argument for --verify-cmd (repeatable).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub verify_arg: Vec<String>,
+    /// Remove the verify command.
+    #[arg(long, conflicts_with = "verify_cmd")]
+    pub no_verify_cmd: bool,
+    /// How commands receive values: stdin or env.
+    #[arg(long, value_name = "stdin|env")]
+    pub value_via: Option<String>,
+    /// How long a command may run before it is killed, e.g. 30s.
+    #[arg(long, value_parser = parse_duration)]
+    pub cmd_timeout: Option<std::time::Duration>,
+}
+
+/// `tessera run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// VAR=secret/name (repeatable): the secret's value goes into VAR.
+    #[arg(long, value_name = "VAR=SECRET", required = true)]
+    pub env: Vec<String>,
+    /// When a value is rotated or its lease revoked: restart the command,
+    /// send it a signal (signal:HUP, signal:USR1…), or ignore.
+    #[arg(
+        long,
+        default_value = "restart",
+        value_name = "restart|signal:NAME|ignore"
+    )]
+    pub on_rotate: String,
+    /// The command and its arguments (after --).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// `tessera rotate`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RotateArgs {
+    /// Rotate every secret whose schedule is due (for cron or a systemd
+    /// timer; works with or without a running broker); exit 1 if any failed.
+    #[arg(long)]
+    pub due: bool,
+    #[allow(missing_docs)]
+    #[command(subcommand)]
+    pub cmd: Option<RotateCmd>,
+}
+
+/// `tessera rotate …`.
+#[derive(Debug, Subcommand)]
+pub enum RotateCmd {
+    /// Rotate one secret now.
+    Now {
+        /// Secret name.
+        name: String,
+        /// Take the new value from stdin.
+        #[arg(long)]
+        from_stdin: bool,
+        /// Generate the new value with this spec (this time only).
+        #[arg(long, value_name = "SPEC", conflicts_with = "from_stdin")]
+        generate: Option<String>,
+    },
+    /// Rotate on a schedule: an interval or a 5-field cron expression.
+    Schedule {
+        /// Secret name.
+        name: String,
+        /// Interval, e.g. 30d.
+        #[arg(long, value_parser = parse_duration, conflicts_with = "cron")]
+        every: Option<std::time::Duration>,
+        /// Cron expression, e.g. '0 3 * * 1' (minute hour day month weekday).
+        #[arg(long)]
+        cron: Option<String>,
+        /// Time zone for --cron, e.g. Europe/Berlin [default: UTC]
+        #[arg(long)]
+        tz: Option<String>,
+        /// Random delay added to each due time, up to this, e.g. 10m.
+        #[arg(long, value_parser = parse_duration)]
+        jitter: Option<std::time::Duration>,
+    },
+    /// Take a secret off its schedule.
+    Unschedule {
+        /// Secret name.
+        name: String,
+    },
+    /// Every schedule with its next due time and last result.
+    Status,
 }
 
 /// `tessera agent …`.
@@ -493,6 +627,9 @@ pub struct GetArgs {
     /// Lease lifetime (capped by the agent's maximum) [default: the agent's maximum]
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<std::time::Duration>,
+    /// Keep running: print the value again (one line each) whenever it is rotated.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 /// `tessera lease …`.

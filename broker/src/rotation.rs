@@ -1,0 +1,1461 @@
+//! Rotation: every new value is a new version, active at once; the previous
+//! version keeps working for the secret's overlap window, then is retired
+//! (its leases revoked, its value archived under the secret's retention
+//! class or destroyed). New values come from the admin, the broker's
+//! generator, or a rotation command (run directly, no shell; checked by an
+//! optional verify command before activation). Rotations run on a schedule
+//! (an interval or a cron expression) from the broker's scheduler or from
+//! `tessera rotate --due`; a lock row with an expiry keeps two runners from
+//! rotating one secret twice, and a missed schedule rotates once.
+//!
+//! Crash safety: a new value is stored as a `pending` version before
+//! anything else happens; a pending version left by a crash is verified and
+//! activated (or marked failed) by the next runner, and the unique
+//! (secret, due time) index means one due time never makes two versions.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use zeroize::Zeroizing;
+
+use crate::agent::admin_entry;
+use crate::audit::{ACTOR_SYSTEM, Entry};
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::generate::Generator;
+use crate::init::{now, rfc3339};
+use crate::keys::{SymmetricKey, class_data_key_aad, data_key_aad, random_id, value_aad};
+use crate::lease::{Scope, revoke_active};
+use crate::names;
+use crate::proto;
+use crate::store::{NewEvent, WriteCtx};
+
+/// Version states as stored.
+pub mod version_state {
+    /// Stored, not yet verified and activated.
+    pub const PENDING: &str = "pending";
+    /// What `Issue` hands out.
+    pub const ACTIVE: &str = "active";
+    /// The previous version, still valid until its `retire_at`.
+    pub const OVERLAPPING: &str = "overlapping";
+    /// Past its overlap; leases revoked, value destroyed.
+    pub const RETIRED: &str = "retired";
+    /// Past its overlap; value kept under the secret's retention class.
+    pub const ARCHIVED: &str = "archived";
+    /// A rotation that failed verification; value destroyed.
+    pub const FAILED: &str = "failed";
+}
+
+/// Longest overlap window (30 days).
+pub const MAX_OVERLAP_SECS: u64 = 30 * 24 * 3600;
+/// Longest command timeout (10 minutes).
+pub const MAX_CMD_TIMEOUT_SECS: u64 = 600;
+/// Longest wait before retrying a failed scheduled rotation.
+const MAX_BACKOFF_SECS: i64 = 3600;
+
+/// Test hook, as in `ceremony`: `TESSERA_FAULT=<point>` aborts at
+/// `rotate-after-value`, `rotate-after-pending`, `rotate-after-verify` or
+/// `rotate-in-activate`.
+fn fault(point: &str) {
+    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p == point) {
+        eprintln!("TESSERA_FAULT: aborting at {point}");
+        std::process::abort();
+    }
+}
+
+/// Marks `version` of `name` active (it must be stored already), moves the
+/// previous active version into its overlap window, and records a
+/// `secret.rotated` event. In the caller's transaction.
+pub(crate) fn activate_version(
+    ctx: &mut WriteCtx<'_>,
+    name: &str,
+    version: u64,
+    t: i64,
+) -> Result<()> {
+    let overlap: i64 = ctx
+        .conn
+        .query_row(
+            "SELECT overlap_secs FROM secrets WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(3600);
+    ctx.conn.execute(
+        "UPDATE secret_versions SET state = 'overlapping', retire_at = ?3
+         WHERE name = ?1 AND state = 'active' AND version != ?2",
+        params![name, version as i64, t + overlap],
+    )?;
+    ctx.conn.execute(
+        "UPDATE secret_versions SET state = 'active', retire_at = NULL
+         WHERE name = ?1 AND version = ?2",
+        params![name, version as i64],
+    )?;
+    ctx.conn.execute(
+        "UPDATE secrets SET current_version = ?2, updated_at = ?3 WHERE name = ?1",
+        params![name, version as i64, t],
+    )?;
+    ctx.event(&NewEvent {
+        time: t,
+        kind: "secret.rotated",
+        secret: name,
+        version,
+        detail: &format!(
+            "version {version} is active; the previous one stays valid for {overlap}s"
+        ),
+        ..Default::default()
+    })
+}
+
+/// How a rotation gets its value.
+pub enum ValueSource {
+    /// Given by the admin.
+    Given(Zeroizing<Vec<u8>>),
+    /// A generator spec for this rotation only.
+    Generate(String),
+    /// Whatever the secret is configured with (generator or command).
+    Configured,
+}
+
+/// A secret's rotation settings.
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    generator: Option<String>,
+    rotate_cmd: Option<Vec<String>>,
+    verify_cmd: Option<Vec<String>>,
+    value_via: String,
+    cmd_timeout: u64,
+    schedule: Option<String>,
+    schedule_tz: Option<String>,
+    jitter: u64,
+}
+
+fn argv(json: Option<String>) -> Option<Vec<String>> {
+    json.and_then(|j| serde_json::from_str(&j).ok())
+}
+
+fn load_settings(conn: &Connection, name: &str) -> Result<Option<Settings>> {
+    Ok(conn
+        .query_row(
+            "SELECT generator, rotate_cmd, verify_cmd, value_via, cmd_timeout, schedule,
+                    schedule_tz, jitter_secs
+             FROM secrets WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(Settings {
+                    generator: r.get(0)?,
+                    rotate_cmd: argv(r.get(1)?),
+                    verify_cmd: argv(r.get(2)?),
+                    value_via: r.get(3)?,
+                    cmd_timeout: r.get::<_, i64>(4)? as u64,
+                    schedule: r.get(5)?,
+                    schedule_tz: r.get(6)?,
+                    jitter: r.get::<_, i64>(7)? as u64,
+                })
+            },
+        )
+        .optional()?)
+}
+
+fn no_secret(name: &str) -> Error {
+    Error::NotFound(format!(
+        "no secret named {name:?}; store a first value with `tessera secret put {name}`"
+    ))
+}
+
+/// A parsed schedule.
+pub enum Schedule {
+    /// Every so many seconds.
+    Every(u64),
+    /// A 5-field cron expression in a time zone.
+    Cron(Box<croner::Cron>, chrono_tz::Tz),
+}
+
+impl Schedule {
+    /// Parses the stored form (`every:SECS` or `cron:EXPR`) and zone.
+    pub fn parse(stored: &str, tz: Option<&str>) -> Result<Self> {
+        if let Some(secs) = stored.strip_prefix("every:") {
+            let secs: u64 = secs
+                .parse()
+                .map_err(|_| Error::invalid("every", "the interval is not a number of seconds"))?;
+            if secs == 0 {
+                return Err(Error::invalid(
+                    "every",
+                    "the interval must be positive, e.g. --every 30d",
+                ));
+            }
+            return Ok(Schedule::Every(secs));
+        }
+        let expr = stored.strip_prefix("cron:").unwrap_or(stored);
+        if expr.split_whitespace().count() != 5 {
+            return Err(Error::invalid(
+                "cron",
+                format!(
+                    "{expr:?} is not a 5-field cron expression (minute hour day-of-month month \
+                     day-of-week), e.g. '0 3 * * 1'"
+                ),
+            ));
+        }
+        let cron: croner::Cron = expr
+            .parse()
+            .map_err(|e| Error::invalid("cron", format!("{expr:?} does not parse: {e}")))?;
+        let tz: chrono_tz::Tz = match tz {
+            None | Some("") | Some("UTC") => chrono_tz::UTC,
+            Some(z) => z.parse().map_err(|_| {
+                Error::invalid(
+                    "tz",
+                    format!("{z:?} is not an IANA time zone, e.g. Europe/Berlin or UTC"),
+                )
+            })?,
+        };
+        Ok(Schedule::Cron(Box::new(cron), tz))
+    }
+
+    /// The first slot strictly after `t`.
+    pub fn next_after(&self, t: i64) -> Result<i64> {
+        match self {
+            Schedule::Every(secs) => Ok(t + *secs as i64),
+            Schedule::Cron(cron, tz) => {
+                let at = chrono::DateTime::from_timestamp(t, 0)
+                    .ok_or_else(|| Error::Internal("time out of range".into()))?
+                    .with_timezone(tz);
+                let next = cron
+                    .find_next_occurrence(&at, false)
+                    .map_err(|e| Error::invalid("cron", format!("no next occurrence: {e}")))?;
+                Ok(next.timestamp())
+            }
+        }
+    }
+}
+
+/// A random delay in `[0, jitter]` seconds.
+fn jitter_secs(jitter: u64) -> i64 {
+    if jitter == 0 {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    let _ = crate::keys::fill_random(&mut b);
+    (u64::from_be_bytes(b) % (jitter + 1)) as i64
+}
+
+/// Who holds a rotation lock: host, process id, and a random part.
+fn lock_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        random_id("").unwrap_or_default()
+    )
+}
+
+/// Whether a lock's owner is a dead process on this host.
+fn owner_is_dead(owner: &str) -> bool {
+    let mut parts = owner.split(':');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let here = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    host == here && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Takes the rotation lock on `name` for `owner` unless another live
+/// runner holds it. Returns whether it was taken.
+fn take_lock(conn: &Connection, name: &str, owner: &str, ttl: i64, t: i64) -> Result<bool> {
+    let held: Option<(String, i64)> = conn
+        .query_row(
+            "SELECT owner, expires_at FROM rotation_locks WHERE name = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((o, exp)) = held
+        && o != owner
+        && exp > t
+        && !owner_is_dead(&o)
+    {
+        return Ok(false);
+    }
+    conn.execute(
+        "INSERT INTO rotation_locks (name, owner, expires_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at",
+        params![name, owner, t + ttl],
+    )?;
+    Ok(true)
+}
+
+fn release_lock(conn: &Connection, name: &str, owner: &str) -> Result<()> {
+    conn.execute(
+        "DELETE FROM rotation_locks WHERE name = ?1 AND owner = ?2",
+        params![name, owner],
+    )?;
+    Ok(())
+}
+
+/// Runs a rotation or verify command directly (no shell), giving it `input`
+/// on stdin or in `env_name`, and returns its stdout. Fails on a missing
+/// program, a non-zero exit, a timeout or output over `max_out` bytes.
+/// Its stderr is logged with any secret value in it masked.
+fn run_command(
+    argv: &[String],
+    input: &[u8],
+    via_env: bool,
+    env_name: &str,
+    timeout: Duration,
+    max_out: usize,
+    secrets: &[&[u8]],
+) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+    let Some(program) = argv.first() else {
+        return Err("no command configured".into());
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if via_env {
+        cmd.env(env_name, String::from_utf8_lossy(input).as_ref());
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("the command {program:?} does not exist (give a full path to a program)")
+        } else {
+            format!("the command {program:?} could not start: {e}")
+        }
+    })?;
+    let mut stdin = child.stdin.take();
+    let input = Zeroizing::new(if via_env { Vec::new() } else { input.to_vec() });
+    let writer = std::thread::spawn(move || {
+        if let Some(si) = stdin.as_mut() {
+            let _ = si.write_all(&input);
+        }
+    });
+    let read_limited = |r: Option<Box<dyn Read + Send>>, limit: usize| {
+        std::thread::spawn(move || {
+            let mut buf = Zeroizing::new(Vec::new());
+            if let Some(r) = r {
+                let _ = r.take(limit as u64 + 1).read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = read_limited(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        max_out,
+    );
+    let err = read_limited(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        64 * 1024,
+    );
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if start.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("cannot wait for {program:?}: {e}")),
+        }
+    };
+    let _ = writer.join();
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    let mut shown = String::from_utf8_lossy(&stderr).into_owned();
+    for s in secrets {
+        let s = String::from_utf8_lossy(s);
+        let s = s.trim();
+        if !s.is_empty() {
+            shown = shown.replace(s, "[redacted]");
+        }
+    }
+    for line in shown.lines().filter(|l| !l.trim().is_empty()).take(20) {
+        tracing::warn!(command = %program, stderr = %line, "rotation command wrote to stderr");
+    }
+    let Some(status) = status else {
+        return Err(format!(
+            "the command {program:?} did not finish within {}s and was killed",
+            timeout.as_secs()
+        ));
+    };
+    if !status.success() {
+        return Err(format!("the command {program:?} failed ({status})"));
+    }
+    if stdout.len() > max_out {
+        return Err(format!(
+            "the command {program:?} printed more than the {max_out}-byte value limit"
+        ));
+    }
+    Ok(stdout)
+}
+
+/// Trims one trailing newline (what `echo` adds) from a command's output.
+fn trim_newline(mut v: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+    if v.last() == Some(&b'\n') {
+        v.pop();
+        if v.last() == Some(&b'\r') {
+            v.pop();
+        }
+    }
+    v
+}
+
+impl Broker {
+    /// Versions with states, settings and schedule of `name`.
+    pub async fn show_secret(&self, request_id: &str, name: &str) -> Result<proto::SecretDetail> {
+        let out = self.store.read(|conn| secret_detail(conn, name));
+        self.audit(admin_entry(
+            "secret.show",
+            name,
+            out.is_ok(),
+            match &out {
+                Ok(d) => format!("{} versions shown", d.versions.len()),
+                Err(e) => e.to_string(),
+            },
+            request_id,
+        ))
+        .await?;
+        out
+    }
+
+    /// Changes rotation settings of `name`.
+    pub async fn configure_secret(
+        &self,
+        request_id: &str,
+        req: proto::ConfigureSecretRequest,
+    ) -> Result<proto::SecretDetail> {
+        let name = req.name.clone();
+        let checked = (|| {
+            names::secret(&req.name, "name")?;
+            if let Some(o) = req.overlap_seconds
+                && o > MAX_OVERLAP_SECS
+            {
+                return Err(Error::invalid(
+                    "overlap",
+                    "the overlap may be at most 30 days",
+                ));
+            }
+            if let Some(g) = req.generate.as_deref()
+                && g != "-"
+            {
+                Generator::parse(g)?;
+            }
+            if let Some(c) = req.class.as_deref()
+                && c != "-"
+            {
+                names::class(c, "class")?;
+                let exists = self
+                    .store
+                    .read(|conn| crate::retention::load_class(conn, c))?
+                    .is_some_and(|c| c.state != crate::retention::class_state::SHREDDED);
+                if !exists {
+                    return Err(Error::FailedPrecondition(format!(
+                        "no live retention class {c:?}; create it with `tessera class create`"
+                    )));
+                }
+            }
+            if let Some(v) = req.value_via.as_deref()
+                && v != "stdin"
+                && v != "env"
+            {
+                return Err(Error::invalid("value_via", "use stdin or env"));
+            }
+            if let Some(t) = req.cmd_timeout_seconds
+                && (t == 0 || t > MAX_CMD_TIMEOUT_SECS)
+            {
+                return Err(Error::invalid(
+                    "cmd_timeout",
+                    "the command timeout must be 1 s to 10 min",
+                ));
+            }
+            for (set, cmd, field) in [
+                (req.set_rotate_cmd, &req.rotate_cmd, "rotate_cmd"),
+                (req.set_verify_cmd, &req.verify_cmd, "verify_cmd"),
+            ] {
+                if set
+                    && let Some(p) = cmd.first()
+                    && !p.starts_with('/')
+                {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "{p:?} is not an absolute path; commands run without a shell, give /path/to/program"
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = checked {
+            return Err(self
+                .deny("admin".into(), "secret.config", &name, request_id, e)
+                .await);
+        }
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                if load_settings(ctx.conn, &req.name)?.is_none() {
+                    let e = no_secret(&req.name);
+                    ctx.audit(&admin_entry(
+                        "secret.config",
+                        &req.name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    return Ok(Err(e));
+                }
+                let mut changed = Vec::new();
+                let c = ctx.conn;
+                if let Some(o) = req.overlap_seconds {
+                    c.execute(
+                        "UPDATE secrets SET overlap_secs = ?2 WHERE name = ?1",
+                        params![req.name, o as i64],
+                    )?;
+                    changed.push(format!("overlap {o}s"));
+                }
+                let opt = |v: &str| if v == "-" { None } else { Some(v.to_string()) };
+                if let Some(cl) = req.class.as_deref() {
+                    c.execute(
+                        "UPDATE secrets SET class = ?2 WHERE name = ?1",
+                        params![req.name, opt(cl)],
+                    )?;
+                    changed.push(format!("class {cl}"));
+                }
+                if let Some(g) = req.generate.as_deref() {
+                    c.execute(
+                        "UPDATE secrets SET generator = ?2 WHERE name = ?1",
+                        params![req.name, opt(g)],
+                    )?;
+                    changed.push(format!("generator {g}"));
+                }
+                let json = |v: &Vec<String>| {
+                    if v.is_empty() {
+                        None
+                    } else {
+                        serde_json::to_string(v).ok()
+                    }
+                };
+                if req.set_rotate_cmd {
+                    c.execute(
+                        "UPDATE secrets SET rotate_cmd = ?2 WHERE name = ?1",
+                        params![req.name, json(&req.rotate_cmd)],
+                    )?;
+                    changed.push(format!("rotate command {:?}", req.rotate_cmd.first()));
+                }
+                if req.set_verify_cmd {
+                    c.execute(
+                        "UPDATE secrets SET verify_cmd = ?2 WHERE name = ?1",
+                        params![req.name, json(&req.verify_cmd)],
+                    )?;
+                    changed.push(format!("verify command {:?}", req.verify_cmd.first()));
+                }
+                if let Some(v) = req.value_via.as_deref() {
+                    c.execute(
+                        "UPDATE secrets SET value_via = ?2 WHERE name = ?1",
+                        params![req.name, v],
+                    )?;
+                    changed.push(format!("value via {v}"));
+                }
+                if let Some(t) = req.cmd_timeout_seconds {
+                    c.execute(
+                        "UPDATE secrets SET cmd_timeout = ?2 WHERE name = ?1",
+                        params![req.name, t as i64],
+                    )?;
+                    changed.push(format!("command timeout {t}s"));
+                }
+                ctx.audit(&admin_entry(
+                    "secret.config",
+                    &req.name,
+                    true,
+                    changed.join("; "),
+                    &rid,
+                ))?;
+                Ok(Ok(secret_detail(ctx.conn, &req.name)?))
+            })
+            .await?
+    }
+
+    /// Puts `name` on a schedule: every `every` seconds, or a cron
+    /// expression in `tz`, plus up to `jitter` seconds.
+    pub async fn schedule_rotation(
+        &self,
+        request_id: &str,
+        req: proto::ScheduleRotationRequest,
+    ) -> Result<proto::SecretDetail> {
+        let stored = match (req.every_seconds, req.cron.trim()) {
+            (0, "") => Err(Error::invalid(
+                "schedule",
+                "give --every DURATION (e.g. 30d) or --cron 'MIN HOUR DOM MON DOW'",
+            )),
+            (s, "") => Ok(format!("every:{s}")),
+            (0, c) => Ok(format!("cron:{c}")),
+            _ => Err(Error::invalid(
+                "schedule",
+                "give --every or --cron, not both",
+            )),
+        };
+        let tz = (!req.tz.is_empty()).then(|| req.tz.clone());
+        let parsed = stored.and_then(|s| {
+            let sch = Schedule::parse(&s, tz.as_deref())?;
+            let first = sch.next_after(now())?;
+            Ok((s, first))
+        });
+        let (stored, first) = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(self
+                    .deny("admin".into(), "rotate.schedule", &req.name, request_id, e)
+                    .await);
+            }
+        };
+        let rid = request_id.to_string();
+        let jitter = req.jitter_seconds;
+        self.store
+            .write(move |ctx| {
+                let Some(s) = load_settings(ctx.conn, &req.name)? else {
+                    let e = no_secret(&req.name);
+                    ctx.audit(&admin_entry(
+                        "rotate.schedule",
+                        &req.name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    return Ok(Err(e));
+                };
+                if s.generator.is_none() && s.rotate_cmd.is_none() {
+                    let e = Error::FailedPrecondition(format!(
+                        "{} has no way to make new values on its own: configure one first with \
+                         `tessera secret config {} --generate SPEC` or `--rotate-cmd PATH`",
+                        req.name, req.name
+                    ));
+                    ctx.audit(&admin_entry(
+                        "rotate.schedule",
+                        &req.name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    return Ok(Err(e));
+                }
+                let due = first + jitter_secs(jitter);
+                ctx.conn.execute(
+                    "UPDATE secrets SET schedule = ?2, schedule_tz = ?3, jitter_secs = ?4,
+                        next_due = ?5 WHERE name = ?1",
+                    params![req.name, stored, tz, jitter as i64, due],
+                )?;
+                ctx.audit(&admin_entry(
+                    "rotate.schedule",
+                    &req.name,
+                    true,
+                    format!("{stored} (jitter {jitter}s); next due {}", rfc3339(due)),
+                    &rid,
+                ))?;
+                Ok(Ok(secret_detail(ctx.conn, &req.name)?))
+            })
+            .await?
+    }
+
+    /// Takes `name` off its schedule.
+    pub async fn unschedule_rotation(
+        &self,
+        request_id: &str,
+        name: String,
+    ) -> Result<proto::SecretDetail> {
+        let rid = request_id.to_string();
+        self.store
+            .write(move |ctx| {
+                if load_settings(ctx.conn, &name)?.is_none() {
+                    let e = no_secret(&name);
+                    ctx.audit(&admin_entry(
+                        "rotate.unschedule",
+                        &name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    return Ok(Err(e));
+                }
+                ctx.conn.execute(
+                    "UPDATE secrets SET schedule = NULL, schedule_tz = NULL, next_due = NULL
+                     WHERE name = ?1",
+                    [&name],
+                )?;
+                ctx.audit(&admin_entry(
+                    "rotate.unschedule",
+                    &name,
+                    true,
+                    "schedule removed".into(),
+                    &rid,
+                ))?;
+                Ok(Ok(secret_detail(ctx.conn, &name)?))
+            })
+            .await?
+    }
+
+    /// Every scheduled secret.
+    pub fn rotation_status(&self) -> Result<Vec<proto::SecretDetail>> {
+        self.store.read(|conn| {
+            let names: Vec<String> = conn
+                .prepare("SELECT name FROM secrets WHERE schedule IS NOT NULL ORDER BY name")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            names.iter().map(|n| secret_detail(conn, n)).collect()
+        })
+    }
+
+    /// Rotates `name` now (an admin's request).
+    pub async fn rotate_now(
+        &self,
+        request_id: &str,
+        req: proto::RotateNowRequest,
+    ) -> Result<proto::RotationResult> {
+        let source = if !req.value.is_empty() {
+            ValueSource::Given(Zeroizing::new(req.value))
+        } else if !req.generate.is_empty() {
+            ValueSource::Generate(req.generate)
+        } else {
+            ValueSource::Configured
+        };
+        self.rotate(request_id, "admin", &req.name, source, None, &lock_owner())
+            .await
+    }
+
+    /// Rotates every secret that is due (scheduler and `rotate --due`);
+    /// resumes rotations a crash left pending.
+    pub async fn rotate_due(
+        &self,
+        request_id: &str,
+        actor: &str,
+    ) -> Result<Vec<proto::RotationResult>> {
+        let owner = lock_owner();
+        let mut results = Vec::new();
+        for (name, version) in self.pending_versions()? {
+            results.push(
+                self.resume_pending(request_id, actor, &name, version, &owner)
+                    .await,
+            );
+        }
+        let due: Vec<(String, i64)> = self.store.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, next_due FROM secrets WHERE next_due IS NOT NULL AND next_due <= ?1
+                 ORDER BY next_due",
+            )?;
+            let rows = stmt.query_map([now()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })?;
+        for (name, slot) in due {
+            let r = self
+                .rotate(
+                    request_id,
+                    actor,
+                    &name,
+                    ValueSource::Configured,
+                    Some(slot),
+                    &owner,
+                )
+                .await;
+            results.push(r.unwrap_or_else(|e| proto::RotationResult {
+                name: name.clone(),
+                outcome: "failed".into(),
+                version: 0,
+                message: e.to_string(),
+                due_at: slot,
+            }));
+        }
+        Ok(results)
+    }
+
+    fn pending_versions(&self) -> Result<Vec<(String, u64)>> {
+        self.store.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, version FROM secret_versions WHERE state = 'pending' ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    /// One rotation: lock, value, pending version, verify, activate.
+    pub async fn rotate(
+        &self,
+        request_id: &str,
+        actor: &str,
+        name: &str,
+        source: ValueSource,
+        due: Option<i64>,
+        owner: &str,
+    ) -> Result<proto::RotationResult> {
+        let settings = match self.store.read(|conn| load_settings(conn, name))? {
+            Some(s) => s,
+            None => {
+                let e = no_secret(name);
+                return Err(self
+                    .deny(actor.into(), "secret.rotate", name, request_id, e)
+                    .await);
+            }
+        };
+        let ttl = (settings.cmd_timeout as i64) * 2 + 30;
+        // The lock, and (for a scheduled run) a check that the slot is still due.
+        let (n, o) = (name.to_string(), owner.to_string());
+        let locked = self
+            .store
+            .write(move |ctx| {
+                let t = now();
+                if let Some(slot) = due {
+                    let next: Option<i64> = ctx
+                        .conn
+                        .query_row("SELECT next_due FROM secrets WHERE name = ?1", [&n], |r| {
+                            r.get(0)
+                        })
+                        .optional()?
+                        .flatten();
+                    if next != Some(slot) {
+                        return Ok(false);
+                    }
+                }
+                take_lock(ctx.conn, &n, &o, ttl, t)
+            })
+            .await?;
+        if !locked {
+            return Ok(proto::RotationResult {
+                name: name.into(),
+                outcome: "skipped".into(),
+                version: 0,
+                message: "another runner holds the rotation lock, or the slot was already served"
+                    .into(),
+                due_at: due.unwrap_or(0),
+            });
+        }
+        let (value, label) = match self.new_value(name, &settings, source).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.record_failure(request_id, actor, name, &settings, owner, &e)
+                    .await?;
+                return Err(e);
+            }
+        };
+        fault("rotate-after-value");
+        let version = match self
+            .store_pending(request_id, actor, name, &value, &label, due)
+            .await?
+        {
+            Some(v) => v,
+            None => {
+                let (n, o) = (name.to_string(), owner.to_string());
+                self.store
+                    .write(move |ctx| release_lock(ctx.conn, &n, &o))
+                    .await?;
+                return Ok(proto::RotationResult {
+                    name: name.into(),
+                    outcome: "skipped".into(),
+                    version: 0,
+                    message: "this due time was already rotated".into(),
+                    due_at: due.unwrap_or(0),
+                });
+            }
+        };
+        fault("rotate-after-pending");
+        self.verify_and_activate(
+            request_id, actor, name, version, value, &settings, owner, due,
+        )
+        .await
+    }
+
+    async fn new_value(
+        &self,
+        name: &str,
+        s: &Settings,
+        source: ValueSource,
+    ) -> Result<(Zeroizing<Vec<u8>>, String)> {
+        let limit = self.limits.max_value_size;
+        let (value, label) = match source {
+            ValueSource::Given(v) => (v, "admin".to_string()),
+            ValueSource::Generate(spec) => (
+                Generator::parse(&spec)?.generate()?,
+                format!("generator {spec}"),
+            ),
+            ValueSource::Configured => {
+                if let Some(cmd) = s.rotate_cmd.clone() {
+                    let current = self.read_current(name)?.value;
+                    let via_env = s.value_via == "env";
+                    let timeout = Duration::from_secs(s.cmd_timeout);
+                    let out = tokio::task::spawn_blocking(move || {
+                        run_command(
+                            &cmd,
+                            &current,
+                            via_env,
+                            "TESSERA_CURRENT_VALUE",
+                            timeout,
+                            limit,
+                            &[&current],
+                        )
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("rotation task: {e}")))?
+                    .map_err(|m| {
+                        Error::FailedPrecondition(format!(
+                            "rotation command failed: {m}; the current version stays active"
+                        ))
+                    })?;
+                    (trim_newline(out), "command".to_string())
+                } else if let Some(spec) = &s.generator {
+                    (
+                        Generator::parse(spec)?.generate()?,
+                        format!("generator {spec}"),
+                    )
+                } else {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{name} has no way to make a new value: give one (`tessera rotate now \
+                         {name} --from-stdin`), or configure `--generate SPEC` or `--rotate-cmd PATH`"
+                    )));
+                }
+            }
+        };
+        if value.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "the new value is empty (the rotation command printed nothing); the current \
+                 version stays active"
+                    .into(),
+            ));
+        }
+        if value.len() > limit {
+            return Err(Error::invalid(
+                "value",
+                format!(
+                    "the new value is {} bytes, over the limit of {limit}",
+                    value.len()
+                ),
+            ));
+        }
+        Ok((value, label))
+    }
+
+    /// Stores `value` as a pending version; `None` if this due time already
+    /// has a version (another runner got there first).
+    async fn store_pending(
+        &self,
+        request_id: &str,
+        actor: &str,
+        name: &str,
+        value: &Zeroizing<Vec<u8>>,
+        label: &str,
+        due: Option<i64>,
+    ) -> Result<Option<u64>> {
+        let dk = SymmetricKey::generate()?;
+        let rk = std::sync::Arc::clone(&self.root_key);
+        let (n, v, l, a, rid) = (
+            name.to_string(),
+            value.clone(),
+            label.to_string(),
+            actor.to_string(),
+            request_id.to_string(),
+        );
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                if let Some(slot) = due {
+                    let done: Option<i64> = ctx.conn.query_row(
+                        "SELECT version FROM secret_versions WHERE name = ?1 AND due_at = ?2",
+                        params![n, slot], |r| r.get(0)).optional()?;
+                    if done.is_some() {
+                        return Ok(None);
+                    }
+                }
+                let version: i64 = ctx.conn.query_row(
+                    "SELECT coalesce(max(version), 0) + 1 FROM secret_versions WHERE name = ?1",
+                    [&n], |r| r.get(0))?;
+                let version = version as u64;
+                let wrapped = rk.seal(&data_key_aad(&n, version), dk.expose_bytes())?;
+                let ct = dk.seal(&value_aad(&n, version), &v)?;
+                ctx.conn.execute(
+                    "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext,
+                        state, source, due_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
+                    params![n, version as i64, t, wrapped, ct, l, due],
+                )?;
+                ctx.audit(&Entry {
+                    time: t,
+                    actor: a,
+                    action: "secret.rotate".into(),
+                    target: n,
+                    allowed: true,
+                    reason: format!("version {version} stored as pending ({l})"),
+                    request_id: rid,
+                })?;
+                Ok(Some(version))
+            })
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn verify_and_activate(
+        &self,
+        request_id: &str,
+        actor: &str,
+        name: &str,
+        version: u64,
+        value: Zeroizing<Vec<u8>>,
+        s: &Settings,
+        owner: &str,
+        due: Option<i64>,
+    ) -> Result<proto::RotationResult> {
+        if let Some(cmd) = s.verify_cmd.clone() {
+            let via_env = s.value_via == "env";
+            let timeout = Duration::from_secs(s.cmd_timeout);
+            let v = value.clone();
+            let verified = tokio::task::spawn_blocking(move || {
+                run_command(
+                    &cmd,
+                    &v,
+                    via_env,
+                    "TESSERA_NEW_VALUE",
+                    timeout,
+                    64 * 1024,
+                    &[&v],
+                )
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("verify task: {e}")))?;
+            if let Err(m) = verified {
+                let e = Error::FailedPrecondition(format!(
+                    "the verify command rejected version {version}: {m}; the current version \
+                     stays active"
+                ));
+                let (n, rid, a, msg) = (
+                    name.to_string(),
+                    request_id.to_string(),
+                    actor.to_string(),
+                    e.to_string(),
+                );
+                self.store
+                    .write(move |ctx| {
+                        ctx.conn.execute(
+                            "UPDATE secret_versions SET state = 'failed', wrapped_key = x'',
+                                ciphertext = x'' WHERE name = ?1 AND version = ?2",
+                            params![n, version as i64],
+                        )?;
+                        ctx.audit(&Entry {
+                            time: now(),
+                            actor: a,
+                            action: "secret.verify".into(),
+                            target: n,
+                            allowed: false,
+                            reason: msg,
+                            request_id: rid,
+                        })
+                    })
+                    .await?;
+                self.record_failure(request_id, actor, name, s, owner, &e)
+                    .await?;
+                return Err(e);
+            }
+        }
+        fault("rotate-after-verify");
+        let (n, o, rid, a) = (
+            name.to_string(),
+            owner.to_string(),
+            request_id.to_string(),
+            actor.to_string(),
+        );
+        let (sched, tz, jitter) = (s.schedule.clone(), s.schedule_tz.clone(), s.jitter);
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                activate_version(ctx, &n, version, t)?;
+                fault("rotate-in-activate");
+                let next = match &sched {
+                    Some(sc) => Some(
+                        Schedule::parse(sc, tz.as_deref())?.next_after(t)? + jitter_secs(jitter),
+                    ),
+                    None => None,
+                };
+                ctx.conn.execute(
+                    "UPDATE secrets SET next_due = ?2, last_result = ?3, last_run_at = ?4,
+                        failures = 0 WHERE name = ?1",
+                    params![n, next, format!("ok: version {version}"), t],
+                )?;
+                release_lock(ctx.conn, &n, &o)?;
+                ctx.audit(&Entry {
+                    time: t,
+                    actor: a,
+                    action: "secret.rotate".into(),
+                    target: n.clone(),
+                    allowed: true,
+                    reason: format!(
+                        "version {version} active{}",
+                        next.map(|d| format!("; next due {}", rfc3339(d)))
+                            .unwrap_or_default()
+                    ),
+                    request_id: rid,
+                })?;
+                Ok(())
+            })
+            .await?;
+        self.invalidate_current();
+        Ok(proto::RotationResult {
+            name: name.into(),
+            outcome: "rotated".into(),
+            version,
+            message: format!("version {version} is active"),
+            due_at: due.unwrap_or(0),
+        })
+    }
+
+    /// A failed rotation: audited, the lock released, and (for a scheduled
+    /// secret) a retry after a growing delay.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_failure(
+        &self,
+        request_id: &str,
+        actor: &str,
+        name: &str,
+        s: &Settings,
+        owner: &str,
+        e: &Error,
+    ) -> Result<()> {
+        let (n, o, rid, a, msg) = (
+            name.to_string(),
+            owner.to_string(),
+            request_id.to_string(),
+            actor.to_string(),
+            e.to_string(),
+        );
+        let scheduled = s.schedule.is_some();
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                let failures: i64 = ctx.conn.query_row(
+                    "SELECT failures FROM secrets WHERE name = ?1",
+                    [&n],
+                    |r| r.get(0),
+                )?;
+                let backoff = (60i64 << failures.min(6)).min(MAX_BACKOFF_SECS);
+                // A scheduled secret keeps its slot (so the retry serves the
+                // same due time) but is retried after the backoff.
+                let retry = scheduled.then_some(t + backoff);
+                ctx.conn.execute(
+                    "UPDATE secrets SET failures = failures + 1, last_result = ?2, last_run_at = ?3,
+                        next_due = coalesce(?4, next_due) WHERE name = ?1",
+                    params![n, format!("failed: {msg}"), t, retry],
+                )?;
+                release_lock(ctx.conn, &n, &o)?;
+                ctx.audit(&Entry {
+                    time: t,
+                    actor: a,
+                    action: "secret.rotate".into(),
+                    target: n,
+                    allowed: false,
+                    reason: format!(
+                        "{msg}{}",
+                        retry
+                            .map(|r| format!("; retry at {}", rfc3339(r)))
+                            .unwrap_or_default()
+                    ),
+                    request_id: rid,
+                })
+            })
+            .await
+    }
+
+    /// Finishes a rotation a crash left pending: verify (if configured) and
+    /// activate, or mark it failed.
+    async fn resume_pending(
+        &self,
+        request_id: &str,
+        actor: &str,
+        name: &str,
+        version: u64,
+        owner: &str,
+    ) -> proto::RotationResult {
+        let fail = |m: String| proto::RotationResult {
+            name: name.into(),
+            outcome: "failed".into(),
+            version,
+            message: m,
+            due_at: 0,
+        };
+        let settings = match self.store.read(|conn| load_settings(conn, name)) {
+            Ok(Some(s)) => s,
+            Ok(None) => return fail("the secret no longer exists".into()),
+            Err(e) => return fail(e.to_string()),
+        };
+        let ttl = (settings.cmd_timeout as i64) * 2 + 30;
+        let (n, o) = (name.to_string(), owner.to_string());
+        let row = self
+            .store
+            .write(move |ctx| {
+                if !take_lock(ctx.conn, &n, &o, ttl, now())? {
+                    return Ok(None);
+                }
+                Ok(ctx
+                    .conn
+                    .query_row(
+                        "SELECT wrapped_key, ciphertext, due_at, state FROM secret_versions
+                     WHERE name = ?1 AND version = ?2",
+                        params![n, version as i64],
+                        |r| {
+                            Ok((
+                                r.get::<_, Vec<u8>>(0)?,
+                                r.get::<_, Vec<u8>>(1)?,
+                                r.get::<_, Option<i64>>(2)?,
+                                r.get::<_, String>(3)?,
+                            ))
+                        },
+                    )
+                    .optional()?)
+            })
+            .await;
+        let (wrapped, ct, due, state) = match row {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return proto::RotationResult {
+                    name: name.into(),
+                    outcome: "skipped".into(),
+                    version,
+                    message: "another runner is finishing this rotation".into(),
+                    due_at: 0,
+                };
+            }
+            Err(e) => return fail(e.to_string()),
+        };
+        if state != version_state::PENDING {
+            let (n, o) = (name.to_string(), owner.to_string());
+            let _ = self
+                .store
+                .write(move |ctx| release_lock(ctx.conn, &n, &o))
+                .await;
+            return proto::RotationResult {
+                name: name.into(),
+                outcome: "skipped".into(),
+                version,
+                message: "already finished".into(),
+                due_at: due.unwrap_or(0),
+            };
+        }
+        let value = match self.open_value(name, version, &wrapped, &ct) {
+            Ok(v) => v,
+            Err(e) => return fail(e.to_string()),
+        };
+        tracing::info!(secret = %name, version, "resuming a rotation left pending");
+        self.verify_and_activate(
+            request_id, actor, name, version, value, &settings, owner, due,
+        )
+        .await
+        .unwrap_or_else(|e| fail(e.to_string()))
+    }
+
+    /// Periodic rotation work: retire versions past their overlap, warn of
+    /// leases about to expire, and (when `scheduler` is set) rotate what is
+    /// due and resume pending rotations.
+    pub async fn rotation_tick(&self, scheduler: bool) -> Result<()> {
+        self.retire_due().await?;
+        self.warn_expiring().await?;
+        if scheduler {
+            for r in self.rotate_due("scheduler", ACTOR_SYSTEM).await? {
+                match r.outcome.as_str() {
+                    "rotated" => {
+                        tracing::info!(secret = %r.name, version = r.version, "scheduled rotation done")
+                    }
+                    "failed" => {
+                        tracing::warn!(secret = %r.name, error = %r.message, "scheduled rotation failed")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn retire_due(&self) -> Result<()> {
+        let due: Vec<(String, u64, Option<String>)> = self.store.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT v.name, v.version, s.class FROM secret_versions v
+                 JOIN secrets s ON s.name = v.name
+                 WHERE v.state = 'overlapping' AND v.retire_at <= ?1 LIMIT 100",
+            )?;
+            let rows = stmt.query_map([now()], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })?;
+        for (name, version, class) in due {
+            let ck = match &class {
+                Some(c) => self.class_key(c).ok(),
+                None => None,
+            };
+            let rk = std::sync::Arc::clone(&self.root_key);
+            self.store
+                .write(move |ctx| {
+                    let t = now();
+                    let leases = revoke_active(ctx, Scope::Version(&name, version), t)?;
+                    let (wrapped, archived): (Vec<u8>, Option<(String, u64)>) = match (&class, &ck) {
+                        (Some(c), Some(ck)) => {
+                            let w: Vec<u8> = ctx.conn.query_row(
+                                "SELECT wrapped_key FROM secret_versions WHERE name = ?1 AND version = ?2",
+                                params![name, version as i64], |r| r.get(0))?;
+                            let dk = rk.open(&data_key_aad(&name, version), &w).ok_or_else(|| {
+                                Error::Tampered(format!("version {version} of {name} failed authentication"))
+                            })?;
+                            let id: i64 = ctx.conn.query_row(
+                                "SELECT coalesce(max(id), 0) + 1 FROM class_data_keys WHERE class = ?1",
+                                [c], |r| r.get(0))?;
+                            let digest = archive_digest(&name, version);
+                            let sealed = ck.key.seal(&class_data_key_aad(c, id as u64, &digest), &dk)?;
+                            ctx.conn.execute(
+                                "INSERT INTO class_data_keys (class, id, created_at, context_digest, wrapped)
+                                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                                params![c, id, t, &digest[..], sealed],
+                            )?;
+                            (Vec::new(), Some((c.clone(), id as u64)))
+                        }
+                        _ => (Vec::new(), None),
+                    };
+                    match &archived {
+                        Some((c, id)) => ctx.conn.execute(
+                            "UPDATE secret_versions SET state = 'archived', wrapped_key = ?3,
+                                archived_class = ?4, archived_key = ?5 WHERE name = ?1 AND version = ?2",
+                            params![name, version as i64, wrapped, c, *id as i64],
+                        )?,
+                        None => ctx.conn.execute(
+                            "UPDATE secret_versions SET state = 'retired', wrapped_key = x'',
+                                ciphertext = x'' WHERE name = ?1 AND version = ?2",
+                            params![name, version as i64],
+                        )?,
+                    };
+                    ctx.audit(&Entry {
+                        time: t,
+                        actor: ACTOR_SYSTEM.into(),
+                        action: "secret.retire".into(),
+                        target: name.clone(),
+                        allowed: true,
+                        reason: format!(
+                            "version {version} past its overlap: {leases} leases revoked; {}",
+                            match &archived {
+                                Some((c, id)) => format!("archived under class {c} (data key {id})"),
+                                None => "value destroyed".into(),
+                            }
+                        ),
+                        request_id: "rotation".into(),
+                    })
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn warn_expiring(&self) -> Result<()> {
+        const WARN_SECS: i64 = 30;
+        let soon: Vec<(String, i64, String, i64)> = self.store.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, agent_id, secret, expires_at FROM leases
+                 WHERE state = 0 AND warned = 0 AND expires_at <= ?1 LIMIT 1000",
+            )?;
+            let rows = stmt.query_map([now() + WARN_SECS], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })?;
+        if soon.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .write(move |ctx| {
+                let t = now();
+                for (id, agent, secret, exp) in &soon {
+                    ctx.conn
+                        .execute("UPDATE leases SET warned = 1 WHERE id = ?1", [id])?;
+                    ctx.event(&NewEvent {
+                        time: t,
+                        kind: "lease.expiring",
+                        secret,
+                        lease_id: id,
+                        agent_id: Some(*agent),
+                        expires_at: *exp,
+                        detail: "renew it or fetch a new lease",
+                        ..Default::default()
+                    })?;
+                }
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// The context digest an archived secret version's data key is bound to.
+pub fn archive_digest(name: &str, version: u64) -> [u8; 32] {
+    crate::keys::sha256(format!("tessera/v1/archived-version\0{name}\0{version}").as_bytes())
+}
+
+fn secret_detail(conn: &Connection, name: &str) -> Result<proto::SecretDetail> {
+    let d = conn
+        .query_row(
+            "SELECT name, current_version, overlap_secs, class, generator, rotate_cmd, verify_cmd,
+                    value_via, cmd_timeout, schedule, schedule_tz, jitter_secs, next_due,
+                    last_result, last_run_at, failures, created_at, updated_at
+             FROM secrets WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(proto::SecretDetail {
+                    name: r.get(0)?,
+                    current_version: r.get::<_, i64>(1)? as u64,
+                    overlap_seconds: r.get::<_, i64>(2)? as u64,
+                    class: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                    generate: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                    rotate_cmd: argv(r.get(5)?).unwrap_or_default(),
+                    verify_cmd: argv(r.get(6)?).unwrap_or_default(),
+                    value_via: r.get(7)?,
+                    cmd_timeout_seconds: r.get::<_, i64>(8)? as u64,
+                    schedule: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                    schedule_tz: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
+                    jitter_seconds: r.get::<_, i64>(11)? as u64,
+                    next_due: r.get::<_, Option<i64>>(12)?.unwrap_or(0),
+                    last_result: r.get::<_, Option<String>>(13)?.unwrap_or_default(),
+                    last_run_at: r.get::<_, Option<i64>>(14)?.unwrap_or(0),
+                    failures: r.get::<_, i64>(15)? as u32,
+                    versions: Vec::new(),
+                    created_at: r.get(16)?,
+                    updated_at: r.get(17)?,
+                })
+            },
+        )
+        .optional()?
+        .ok_or_else(|| no_secret(name))?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT version, state, created_at, source, retire_at, due_at, archived_class
+         FROM secret_versions WHERE name = ?1 ORDER BY version",
+    )?;
+    let versions = stmt
+        .query_map([name], |r| {
+            Ok(proto::VersionInfo {
+                version: r.get::<_, i64>(0)? as u64,
+                state: r.get(1)?,
+                created_at: r.get(2)?,
+                source: r.get(3)?,
+                retire_at: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+                due_at: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+                archived_class: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(proto::SecretDetail { versions, ..d })
+}

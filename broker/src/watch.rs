@@ -1,0 +1,130 @@
+//! `Watch`: a server stream of the events in an agent's scope. Events are
+//! rows in the store, written in the same transaction as the change they
+//! report, so a client that reconnects (even after a broker restart) and
+//! gives the last id it saw misses nothing. The writer wakes watchers after
+//! each commit that wrote an event; a watcher then reads the new rows from
+//! its cursor. A one-second poll also picks up events written by another
+//! process (`tessera rotate --due` without a running broker).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::params;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::agent::Agent;
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::proto;
+
+/// Events read per query.
+const PAGE: i64 = 256;
+
+struct Row {
+    event: proto::Event,
+    agent_id: Option<i64>,
+}
+
+/// Whether `agent` may see `e`.
+fn in_scope(agent: &Agent, e: &Row) -> bool {
+    match (e.event.kind.as_str(), e.agent_id) {
+        ("secret.rotated", _) => agent.rule_for(&e.event.secret).is_some(),
+        (_, Some(id)) => id == agent.id,
+        // A revoke by secret, version or of everything.
+        (_, None) => e.event.secret.is_empty() || agent.rule_for(&e.event.secret).is_some(),
+    }
+}
+
+impl Broker {
+    fn events_after(&self, cursor: u64) -> Result<Vec<Row>> {
+        self.store.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, time, kind, secret, version, lease_id, agent_id, expires_at, detail
+                 FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![cursor as i64, PAGE], |r| {
+                Ok(Row {
+                    event: proto::Event {
+                        id: r.get::<_, i64>(0)? as u64,
+                        time: r.get(1)?,
+                        kind: r.get(2)?,
+                        secret: r.get(3)?,
+                        version: r.get::<_, i64>(4)? as u64,
+                        lease_id: r.get(5)?,
+                        expires_at: r.get(7)?,
+                        detail: r.get(8)?,
+                    },
+                    agent_id: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn agent_revoked(&self, id: i64) -> Result<bool> {
+        self.store.read(|conn| {
+            let r: Option<i64> = conn
+                .prepare_cached("SELECT revoked_at FROM agents WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))?;
+            Ok(r.is_some())
+        })
+    }
+
+    /// Starts a watch for `agent` after event `after` (0: from now on).
+    pub fn watch(
+        self: &Arc<Self>,
+        agent: Arc<Agent>,
+        after: u64,
+    ) -> Result<mpsc::Receiver<Result<proto::Event, Status>>> {
+        let mut cursor = if after == 0 {
+            self.store.read(|conn| {
+                Ok(
+                    conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
+                        r.get::<_, i64>(0)
+                    })? as u64,
+                )
+            })?
+        } else {
+            after
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let broker = Arc::clone(self);
+        let mut wake = self.store.subscribe_events();
+        tokio::spawn(async move {
+            loop {
+                let page = match broker.events_after(cursor) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let full = page.len() as i64 == PAGE;
+                for row in page {
+                    cursor = row.event.id;
+                    if in_scope(&agent, &row) && tx.send(Ok(row.event)).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                if broker.agent_revoked(agent.id).unwrap_or(false) {
+                    let e = Error::Unauthenticated(format!(
+                        "the token of agent {:?} was revoked; the watch ends",
+                        agent.name
+                    ));
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

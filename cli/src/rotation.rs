@@ -1,0 +1,381 @@
+//! Subcommands for rotation (`rotate …`, `secret show|config`) and for
+//! agents that follow rotations (`get --watch`).
+
+use std::io::{IsTerminal, Read, Write};
+use std::sync::Arc;
+
+use serde_json::json;
+use tessera_broker::broker::{Limits, peek_source};
+use tessera_broker::proto;
+use tessera_broker::unseal::Source;
+use zeroize::Zeroizing;
+
+use crate::client::{CliError, Exit, authed};
+use crate::commands::{admin_token, agent_token, data_dir, print_json, target, time};
+use crate::{GetArgs, Global, RotateArgs, RotateCmd, SecretConfigArgs};
+
+/// The gRPC request for `secret config`.
+pub(crate) fn config_request(a: SecretConfigArgs) -> proto::ConfigureSecretRequest {
+    let cmd = |path: Option<String>, args: Vec<String>| -> Vec<String> {
+        path.into_iter().chain(args).collect()
+    };
+    proto::ConfigureSecretRequest {
+        name: a.name,
+        overlap_seconds: a.overlap.map(|d| d.as_secs()),
+        class: a.class,
+        generate: a.generate,
+        set_rotate_cmd: a.rotate_cmd.is_some() || a.no_rotate_cmd,
+        rotate_cmd: cmd(a.rotate_cmd, a.rotate_arg),
+        set_verify_cmd: a.verify_cmd.is_some() || a.no_verify_cmd,
+        verify_cmd: cmd(a.verify_cmd, a.verify_arg),
+        value_via: a.value_via,
+        cmd_timeout_seconds: a.cmd_timeout.map(|d| d.as_secs()),
+    }
+}
+
+fn detail_json(d: &proto::SecretDetail) -> serde_json::Value {
+    json!({
+        "name": d.name,
+        "current_version": d.current_version,
+        "overlap_seconds": d.overlap_seconds,
+        "class": d.class,
+        "generate": d.generate,
+        "rotate_cmd": d.rotate_cmd,
+        "verify_cmd": d.verify_cmd,
+        "value_via": d.value_via,
+        "cmd_timeout_seconds": d.cmd_timeout_seconds,
+        "schedule": d.schedule,
+        "schedule_tz": d.schedule_tz,
+        "jitter_seconds": d.jitter_seconds,
+        "next_due": d.next_due,
+        "last_result": d.last_result,
+        "last_run_at": d.last_run_at,
+        "failures": d.failures,
+        "created_at": d.created_at,
+        "updated_at": d.updated_at,
+        "versions": d.versions.iter().map(|v| json!({
+            "version": v.version,
+            "state": v.state,
+            "created_at": v.created_at,
+            "source": v.source,
+            "retire_at": v.retire_at,
+            "due_at": v.due_at,
+            "archived_class": v.archived_class,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints a secret's versions and settings.
+pub(crate) fn print_detail(g: &Global, d: &proto::SecretDetail) {
+    if g.json {
+        print_json(detail_json(d));
+        return;
+    }
+    println!("Secret {} (current version {})", d.name, d.current_version);
+    println!("  overlap:     {}s", d.overlap_seconds);
+    if !d.class.is_empty() {
+        println!("  archived under class {}", d.class);
+    }
+    if !d.generate.is_empty() {
+        println!("  generator:   {}", d.generate);
+    }
+    if !d.rotate_cmd.is_empty() {
+        println!(
+            "  rotate cmd:  {} (value via {})",
+            d.rotate_cmd.join(" "),
+            d.value_via
+        );
+    }
+    if !d.verify_cmd.is_empty() {
+        println!("  verify cmd:  {}", d.verify_cmd.join(" "));
+    }
+    if d.schedule.is_empty() {
+        println!("  schedule:    none");
+    } else {
+        println!(
+            "  schedule:    {}{} (jitter {}s); next due {}",
+            d.schedule,
+            if d.schedule_tz.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", d.schedule_tz)
+            },
+            d.jitter_seconds,
+            time(d.next_due)
+        );
+    }
+    if !d.last_result.is_empty() {
+        println!("  last result: {} ({})", d.last_result, time(d.last_run_at));
+    }
+    println!(
+        "  {:>7}  {:<36} {:<20}  SOURCE",
+        "VERSION", "STATE", "CREATED"
+    );
+    for v in &d.versions {
+        let state = match v.state.as_str() {
+            "overlapping" => format!(
+                "overlapping until {}",
+                time(v.retire_at).trim_end_matches('Z')
+            ),
+            "archived" => format!("archived ({})", v.archived_class),
+            s => s.to_string(),
+        };
+        println!(
+            "  {:>7}  {:<36} {:<20}  {}",
+            v.version,
+            state,
+            time(v.created_at),
+            v.source
+        );
+    }
+}
+
+fn result_json(r: &proto::RotationResult) -> serde_json::Value {
+    json!({
+        "name": r.name,
+        "outcome": r.outcome,
+        "version": r.version,
+        "message": r.message,
+        "due_at": r.due_at,
+    })
+}
+
+pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
+    if a.due {
+        return rotate_due(g).await;
+    }
+    let Some(cmd) = a.cmd else {
+        return Err(CliError::new(
+            Exit::Usage,
+            "say what to rotate: `tessera rotate now NAME`, `rotate schedule`, `rotate status` \
+             or `rotate --due`",
+        ));
+    };
+    let token = admin_token(g)?;
+    let mut admin = target(g).admin().await?;
+    match cmd {
+        RotateCmd::Now {
+            name,
+            from_stdin,
+            generate,
+        } => {
+            let mut value = Zeroizing::new(Vec::new());
+            if from_stdin {
+                if std::io::stdin().is_terminal() {
+                    eprintln!("Reading the new value of {name} from stdin; end with Ctrl-D.");
+                }
+                std::io::stdin()
+                    .read_to_end(&mut value)
+                    .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
+                if value.is_empty() {
+                    return Err(CliError::new(
+                        Exit::InvalidArgument,
+                        "invalid value: stdin was empty; nothing was changed",
+                    ));
+                }
+            }
+            let r = admin
+                .rotate_now(authed(
+                    proto::RotateNowRequest {
+                        name,
+                        value: std::mem::take(&mut *value),
+                        generate: generate.unwrap_or_default(),
+                    },
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(result_json(&r));
+            } else {
+                println!("{}: {}", r.name, r.message);
+            }
+        }
+        RotateCmd::Schedule {
+            name,
+            every,
+            cron,
+            tz,
+            jitter,
+        } => {
+            let d = admin
+                .schedule_rotation(authed(
+                    proto::ScheduleRotationRequest {
+                        name,
+                        every_seconds: every.map_or(0, |d| d.as_secs()),
+                        cron: cron.unwrap_or_default(),
+                        tz: tz.unwrap_or_default(),
+                        jitter_seconds: jitter.map_or(0, |d| d.as_secs()),
+                    },
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(detail_json(&d));
+            } else {
+                println!(
+                    "{} rotates on {}; next due {}",
+                    d.name,
+                    d.schedule,
+                    time(d.next_due)
+                );
+            }
+        }
+        RotateCmd::Unschedule { name } => {
+            let d = admin
+                .unschedule_rotation(authed(proto::ShowSecretRequest { name }, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(detail_json(&d));
+            } else {
+                println!("{} is no longer scheduled", d.name);
+            }
+        }
+        RotateCmd::Status => {
+            let r = admin
+                .rotation_status(authed(proto::RotationStatusRequest {}, &token)?)
+                .await?
+                .into_inner();
+            if g.json {
+                print_json(
+                    json!({"secrets": r.secrets.iter().map(detail_json).collect::<Vec<_>>()}),
+                );
+            } else {
+                println!(
+                    "{:<32} {:<24} {:<20}  LAST RESULT",
+                    "SECRET", "SCHEDULE", "NEXT DUE"
+                );
+                for d in r.secrets {
+                    println!(
+                        "{:<32} {:<24} {:<20}  {}",
+                        d.name,
+                        d.schedule,
+                        time(d.next_due),
+                        d.last_result
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rotate --due`: through the running broker, or, when none answers,
+/// in this process on the store itself.
+async fn rotate_due(g: &Global) -> Result<(), CliError> {
+    let results = match target(g).admin().await {
+        Ok(mut admin) => {
+            let token = admin_token(g)?;
+            admin
+                .rotate_due(authed(proto::RotateDueRequest {}, &token)?)
+                .await?
+                .into_inner()
+                .results
+        }
+        Err(e) if e.exit == Exit::Unavailable && g.addr.is_none() => {
+            let dir = data_dir(g);
+            let source = peek_source(&dir)?;
+            let pass = match source {
+                Source::Passphrase => match std::env::var("TESSERA_PASSPHRASE") {
+                    Ok(p) if !p.is_empty() => Some(Zeroizing::new(p.into_bytes())),
+                    _ => {
+                        return Err(CliError::new(
+                            Exit::Precondition,
+                            "no broker is running and this store is sealed with a passphrase: \
+                             set TESSERA_PASSPHRASE for `rotate --due`",
+                        ));
+                    }
+                },
+                Source::Shares => {
+                    return Err(CliError::new(
+                        Exit::Precondition,
+                        "no broker is running and this store's root key is split among \
+                         operators: start `tessera serve` and unseal it",
+                    ));
+                }
+                Source::Keychain(_) => None,
+            };
+            let d = dir.clone();
+            let broker = tokio::task::spawn_blocking(move || {
+                tessera_broker::Broker::open(&d, pass.as_deref().map(|p| &p[..]), Limits::default())
+            })
+            .await
+            .map_err(|e| CliError::new(Exit::Failure, format!("unseal task failed: {e}")))??;
+            let broker = Arc::new(broker);
+            let r = broker.rotate_due("rotate-due", "admin").await?;
+            broker.flush().await?;
+            r
+        }
+        Err(e) => return Err(e),
+    };
+    let failed = results.iter().filter(|r| r.outcome == "failed").count();
+    if g.json {
+        print_json(
+            json!({"results": results.iter().map(result_json).collect::<Vec<_>>(), "failed": failed}),
+        );
+    } else if results.is_empty() {
+        println!("nothing is due");
+    } else {
+        for r in &results {
+            println!("{:<8} {}: {}", r.outcome, r.name, r.message);
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::new(
+            Exit::Failure,
+            format!("{failed} rotation(s) failed; their current versions stay active"),
+        ));
+    }
+    Ok(())
+}
+
+/// `get NAME --watch`: print the value, then again on each rotation.
+pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
+    let token = agent_token()?;
+    let mut broker = target(g).broker().await?;
+    let issue = |name: String| proto::IssueRequest {
+        secret: name,
+        ttl_seconds: a.ttl.map_or(0, |d| d.as_secs()),
+    };
+    let mut stream = broker
+        .watch(authed(proto::WatchRequest { after_event_id: 0 }, &token)?)
+        .await?
+        .into_inner();
+    let print = |lease: &proto::Lease| -> Result<(), CliError> {
+        let value = Zeroizing::new(lease.value.clone());
+        let mut out = std::io::stdout().lock();
+        if g.json {
+            let doc = json!({
+                "lease_id": lease.lease_id,
+                "secret": lease.secret,
+                "version": lease.version,
+                "value": String::from_utf8_lossy(&value),
+                "expires_at": lease.expires_at,
+            });
+            writeln!(out, "{doc}")
+        } else {
+            out.write_all(&value).and_then(|()| out.write_all(b"\n"))
+        }
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))
+    };
+    let lease = broker
+        .issue(authed(issue(a.name.clone()), &token)?)
+        .await?
+        .into_inner();
+    print(&lease)?;
+    let mut version = lease.version;
+    while let Some(ev) = stream.message().await? {
+        if ev.kind == "secret.rotated" && ev.secret == a.name && ev.version > version {
+            let lease = broker
+                .issue(authed(issue(a.name.clone()), &token)?)
+                .await?
+                .into_inner();
+            version = lease.version;
+            print(&lease)?;
+        }
+    }
+    Ok(())
+}
