@@ -4,7 +4,8 @@
 # 1. Installs what a fresh Debian machine lacks (apt-get when root, or sudo):
 #    dbus, gnome-keyring, libsecret-tools, age, openssl (test certificates),
 #    nodejs + npm, and the npm package shamir-secret-sharing (tests/interop:
-#    an independent Shamir implementation tessera's shares must match).
+#    an independent Shamir implementation tessera's shares must match),
+#    systemd (for `systemd-analyze verify` of deploy/systemd).
 # 2. Inside a private D-Bus session with a throw-away HOME and an unlocked
 #    gnome-keyring (the real OS keychain), runs:
 #    cargo fmt --check, cargo clippy --all-targets -D warnings,
@@ -21,6 +22,8 @@ if [[ -z "${TESSERA_TEST_SESSION:-}" ]]; then
     command -v openssl >/dev/null || missing+=(openssl)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
+    # systemd-analyze verifies the units in deploy/systemd.
+    command -v systemd-analyze >/dev/null || missing+=(systemd)
     if ((${#missing[@]})); then
         echo "==> installing ${missing[*]}"
         if [[ $(id -u) == 0 ]]; then

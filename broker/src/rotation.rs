@@ -396,13 +396,13 @@ fn run_command(
             timeout.as_secs()
         ));
     };
-    if !status.success() {
-        return Err(format!("the command {program:?} failed ({status})"));
-    }
     if stdout.len() > max_out {
         return Err(format!(
             "the command {program:?} printed more than the {max_out}-byte value limit"
         ));
+    }
+    if !status.success() {
+        return Err(format!("the command {program:?} failed ({status})"));
     }
     Ok(stdout)
 }

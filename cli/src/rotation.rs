@@ -198,6 +198,12 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
             tz,
             jitter,
         } => {
+            if every.is_some_and(|d| d.as_secs() == 0) {
+                return Err(CliError::new(
+                    Exit::InvalidArgument,
+                    "invalid every: the interval must be positive (at least 1s), e.g. --every 30d",
+                ));
+            }
             let d = admin
                 .schedule_rotation(authed(
                     proto::ScheduleRotationRequest {

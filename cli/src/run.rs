@@ -173,7 +173,9 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
                     let revoked = ev.kind == "lease.revoked" && (ev.lease_id == b.lease.lease_id
                         || (ev.lease_id.is_empty() && (ev.secret.is_empty() || ev.secret == b.secret)));
                     if rotated || revoked {
-                        b.lease = issue(&mut broker, &token, &b.secret).await?;
+                        let old = std::mem::replace(&mut b.lease, issue(&mut broker, &token, &b.secret).await?);
+                        // The old value is no longer in use: give its lease back.
+                        let _ = broker.revoke(authed(proto::RevokeRequest { lease_id: old.lease_id }, &token)?).await;
                         any = true;
                     }
                 }

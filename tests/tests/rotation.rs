@@ -1,0 +1,677 @@
+//! End-to-end: rotation with overlap windows, generators and commands,
+//! schedules run by the broker and by `tessera rotate --due`, crash safety,
+//! `Watch`, `tessera get --watch` and `tessera run`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tessera_broker::proto;
+use tessera_e2e::{PASSPHRASE, World, authed};
+
+fn show(w: &World, name: &str) -> serde_json::Value {
+    w.run(&["secret", "show", name, "--json"]).ok().json()
+}
+
+fn states(d: &serde_json::Value) -> Vec<(u64, String)> {
+    d["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_u64().expect("version"),
+                v["state"].as_str().expect("state").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn script(w: &World, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = w.tmp.path().join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p.display().to_string()
+}
+
+#[test]
+fn old_leases_work_through_the_overlap_then_are_revoked() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("openai/prod", b"sk-old");
+    w.run(&["secret", "config", "openai/prod", "--overlap", "3s"])
+        .ok();
+    let token = w.agent("gw", "openai/*", "15m");
+    let old = w.get("openai/prod", &token).ok();
+    let old_lease = w
+        .run_with(
+            &["get", "openai/prod", "--json"],
+            None,
+            &[("TESSERA_TOKEN", token.as_str())],
+        )
+        .ok()
+        .json();
+    assert_eq!(old.stdout, "sk-old");
+
+    let r = w
+        .run_with(
+            &["rotate", "now", "openai/prod", "--from-stdin", "--json"],
+            Some(b"sk-new"),
+            &[],
+        )
+        .ok()
+        .json();
+    assert_eq!(r["outcome"], "rotated");
+    assert_eq!(r["version"], 2);
+    // Issue hands out the new value; the old lease still renews.
+    assert_eq!(w.get("openai/prod", &token).ok().stdout, "sk-new");
+    let d = show(&w, "openai/prod");
+    assert_eq!(
+        states(&d),
+        vec![(1, "overlapping".into()), (2, "active".into())]
+    );
+    rt().block_on(async {
+        let mut c = w.broker_client().await;
+        c.renew(authed(
+            proto::RenewRequest {
+                lease_id: old_lease["lease_id"].as_str().expect("id").into(),
+                ttl_seconds: 60,
+            },
+            &token,
+        ))
+        .await
+        .expect("the old lease renews during the overlap");
+    });
+    // After the window: version 1 retired, its leases revoked.
+    wait_for("version 1 to retire", 15, || {
+        states(&show(&w, "openai/prod"))[0].1 == "retired"
+    });
+    let leases = w
+        .run(&[
+            "lease",
+            "list",
+            "--all",
+            "--secret",
+            "openai/prod",
+            "--json",
+        ])
+        .ok()
+        .json();
+    for l in leases["leases"].as_array().expect("leases") {
+        let expect = if l["version"] == 1 {
+            "revoked"
+        } else {
+            "active"
+        };
+        assert_eq!(l["state"], expect, "{l}");
+    }
+    rt().block_on(async {
+        let mut c = w.broker_client().await;
+        let e = c
+            .renew(authed(
+                proto::RenewRequest {
+                    lease_id: old_lease["lease_id"].as_str().expect("id").into(),
+                    ttl_seconds: 60,
+                },
+                &token,
+            ))
+            .await
+            .expect_err("revoked after the overlap");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    });
+    // The retired value is gone from the store files (secure_delete).
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    assert!(audit.contains("secret.retire"));
+    w.run(&["audit", "verify"]).ok();
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn bad_rotation_input_is_refused_and_changes_nothing() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("db/prod", b"pw-1");
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["rotate", "schedule", "db/prod", "--cron", "61 * * * *"],
+            7,
+            "invalid cron",
+        ),
+        (
+            &["rotate", "schedule", "db/prod", "--cron", "0 3 * *"],
+            7,
+            "5-field",
+        ),
+        (
+            &["rotate", "schedule", "db/prod", "--every", "0s"],
+            7,
+            "positive",
+        ),
+        (
+            &["secret", "config", "db/prod", "--generate", "uuid:4"],
+            7,
+            "unknown generator",
+        ),
+        (
+            &["secret", "config", "db/prod", "--rotate-cmd", "rotate.sh"],
+            7,
+            "absolute path",
+        ),
+        (
+            &["rotate", "schedule", "db/prod", "--every", "1h"],
+            5,
+            "no way to make new values",
+        ),
+        (&["rotate", "now", "nope/none"], 3, "no secret"),
+        (
+            &[
+                "rotate",
+                "schedule",
+                "db/prod",
+                "--cron",
+                "0 3 * * 1",
+                "--tz",
+                "Mars/Base",
+            ],
+            7,
+            "time zone",
+        ),
+    ];
+    for (args, code, text) in cases {
+        let r = w.run(args).fails_with(*code);
+        assert!(r.stderr.contains(text), "{args:?}: {r:#?}");
+    }
+    // Commands that fail leave the current version active.
+    let empty = script(&w, "empty.sh", "exit 0");
+    let huge = script(&w, "huge.sh", "head -c 70000 /dev/zero | tr '\\0' x");
+    let missing = w.tmp.path().join("missing.sh").display().to_string();
+    let bad_verify = script(&w, "reject.sh", "exit 3");
+    for (cmd, verify, text) in [
+        (&empty, None, "printed nothing"),
+        (&huge, None, "more than"),
+        (&missing, None, "does not exist"),
+        (&empty, Some(&bad_verify), "printed nothing"),
+    ] {
+        let mut a = vec!["secret", "config", "db/prod", "--rotate-cmd", cmd.as_str()];
+        if let Some(v) = verify {
+            a.extend(["--verify-cmd", v.as_str()]);
+        }
+        w.run(&a).ok();
+        let r = w.run(&["rotate", "now", "db/prod"]);
+        assert_ne!(r.code, 0, "{r:#?}");
+        assert!(r.stderr.contains(text), "{cmd}: {r:#?}");
+    }
+    let ok_cmd = script(&w, "new.sh", "cat >/dev/null; echo pw-2");
+    w.run(&[
+        "secret",
+        "config",
+        "db/prod",
+        "--rotate-cmd",
+        &ok_cmd,
+        "--verify-cmd",
+        &bad_verify,
+    ])
+    .ok();
+    let r = w.run(&["rotate", "now", "db/prod"]).fails_with(5);
+    assert!(r.stderr.contains("verify command rejected"), "{r:#?}");
+    let d = show(&w, "db/prod");
+    assert_eq!(d["current_version"], 1, "nothing was activated");
+    assert!(
+        states(&d).iter().all(|(v, s)| *v == 1 || s == "failed"),
+        "{d:#}"
+    );
+    let token = w.agent("app", "db/*", "15m");
+    assert_eq!(w.get("db/prod", &token).ok().stdout, "pw-1");
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    assert!(audit.contains("secret.verify") && !audit.contains("pw-2"));
+}
+
+#[test]
+fn rotation_and_verify_commands_get_values_off_argv() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("github/bot", b"ghp-current");
+    let seen = w.tmp.path().join("seen");
+    let rotate = script(
+        &w,
+        "rotate.sh",
+        &format!(
+            "cur=$(cat); echo \"$cur\" > {seen}.stdin; echo \"$@\" > {seen}.argv; \
+             echo 'leaked ghp-current' >&2; echo ghp-next",
+            seen = seen.display()
+        ),
+    );
+    let verify = script(
+        &w,
+        "verify.sh",
+        &format!("echo \"$TESSERA_NEW_VALUE\" > {}.verify", seen.display()),
+    );
+    w.run(&[
+        "secret",
+        "config",
+        "github/bot",
+        "--rotate-cmd",
+        &rotate,
+        "--rotate-arg",
+        "--org",
+        "--rotate-arg",
+        "acme",
+        "--verify-cmd",
+        &verify,
+        "--value-via",
+        "env",
+    ])
+    .ok();
+    let r = w
+        .run(&["rotate", "now", "github/bot", "--json"])
+        .ok()
+        .json();
+    assert_eq!(r["version"], 2);
+    let read = |ext: &str| {
+        std::fs::read_to_string(format!("{}.{ext}", seen.display())).unwrap_or_default()
+    };
+    assert_eq!(
+        read("argv").trim(),
+        "--org acme",
+        "only configured args reach argv"
+    );
+    assert_eq!(read("verify").trim(), "ghp-next");
+    // With --value-via env the rotation command gets the current value in
+    // TESSERA_CURRENT_VALUE, not on stdin.
+    assert_eq!(read("stdin").trim(), "");
+    let token = w.agent("bot", "github/*", "15m");
+    assert_eq!(w.get("github/bot", &token).ok().stdout, "ghp-next");
+}
+
+#[test]
+fn rotate_due_from_two_processes_rotates_once_and_missed_slots_rotate_once() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&["--no-scheduler"]);
+    w.put("api/key", b"k0");
+    let slow = script(&w, "slow.sh", "cat >/dev/null; sleep 1; echo k-$$");
+    w.run(&["secret", "config", "api/key", "--rotate-cmd", &slow])
+        .ok();
+    w.run(&["rotate", "schedule", "api/key", "--every", "3s"])
+        .ok();
+    // The broker is down for several slots.
+    s.terminate();
+    std::thread::sleep(Duration::from_secs(8));
+    let back = tessera_broker::init::now();
+    let env = [("TESSERA_PASSPHRASE", PASSPHRASE)];
+    let spawn = || {
+        let mut c = w.command();
+        c.args(["rotate", "--due", "--json"])
+            .env("TESSERA_PASSPHRASE", PASSPHRASE);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("spawn rotate --due")
+    };
+    let (a, b) = (spawn(), spawn());
+    let outs = [
+        a.wait_with_output().expect("a"),
+        b.wait_with_output().expect("b"),
+    ];
+    let mut rotated = 0;
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        rotated += doc["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .filter(|r| r["outcome"] == "rotated")
+            .count();
+    }
+    assert_eq!(
+        rotated, 1,
+        "two runners, several missed slots: exactly one rotation"
+    );
+    // A re-run serves no slot of the downtime again.
+    let again = w
+        .run_with(&["rotate", "--due", "--json"], None, &env)
+        .ok()
+        .json();
+    for r in again["results"].as_array().expect("results") {
+        assert!(
+            r["due_at"].as_i64().expect("due") > back,
+            "a missed slot was served twice: {again}"
+        );
+    }
+    let _s2 = w.serve(&["--no-scheduler"]);
+    let d = show(&w, "api/key");
+    let for_downtime = d["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter(|v| v["due_at"].as_i64().is_some_and(|t| t > 0 && t <= back))
+        .count();
+    assert_eq!(for_downtime, 1, "missed slots rotate once: {d:#}");
+    assert!(d["last_result"].as_str().expect("r").starts_with("ok"));
+    let status = w.run(&["rotate", "status", "--json"]).ok().json();
+    assert_eq!(status["secrets"][0]["name"], "api/key");
+    assert!(status["secrets"][0]["next_due"].as_i64().expect("due") > 0);
+}
+
+#[test]
+fn the_broker_scheduler_rotates_and_a_failing_command_retries_later() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("svc/token", b"t0");
+    w.run(&[
+        "secret",
+        "config",
+        "svc/token",
+        "--generate",
+        "tok-{hex:8}",
+        "--overlap",
+        "1h",
+    ])
+    .ok();
+    w.run(&["rotate", "schedule", "svc/token", "--every", "2s"])
+        .ok();
+    wait_for("a scheduled rotation", 20, || {
+        show(&w, "svc/token")["current_version"].as_u64() >= Some(2)
+    });
+    let fail = script(&w, "fail.sh", "echo 'provider down' >&2; exit 1");
+    w.run(&["secret", "config", "svc/token", "--rotate-cmd", &fail])
+        .ok();
+    let before = show(&w, "svc/token")["current_version"]
+        .as_u64()
+        .expect("v");
+    wait_for("a failed attempt", 20, || {
+        show(&w, "svc/token")["last_result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("failed"))
+    });
+    let d = show(&w, "svc/token");
+    assert_eq!(
+        d["current_version"].as_u64(),
+        Some(before),
+        "the failure changed nothing"
+    );
+    assert!(d["failures"].as_u64() >= Some(1));
+    // The retry waits (backoff), rather than hammering every tick.
+    assert!(d["next_due"].as_i64().expect("due") >= tessera_broker::init::now() + 30);
+}
+
+#[test]
+fn a_crash_at_any_rotation_step_neither_loses_nor_doubles_a_version() {
+    for point in [
+        "rotate-after-value",
+        "rotate-after-pending",
+        "rotate-after-verify",
+        "rotate-in-activate",
+    ] {
+        let w = World::new();
+        w.init_passphrase();
+        let mut s = w.serve(&["--no-scheduler"]);
+        w.put("k/v", b"v0");
+        let ok = script(&w, "verify.sh", "cat >/dev/null; exit 0");
+        w.run(&[
+            "secret",
+            "config",
+            "k/v",
+            "--generate",
+            "alnum:12",
+            "--verify-cmd",
+            &ok,
+            "--cmd-timeout",
+            "2s",
+        ])
+        .ok();
+        w.run(&["rotate", "schedule", "k/v", "--every", "1s"]).ok();
+        s.terminate();
+        std::thread::sleep(Duration::from_millis(1500));
+        let crashed = w.run_with(
+            &["rotate", "--due"],
+            None,
+            &[("TESSERA_PASSPHRASE", PASSPHRASE), ("TESSERA_FAULT", point)],
+        );
+        assert_ne!(crashed.code, 0, "{point}: {crashed:#?}");
+        // A re-run completes (or rolls back) what the crash left.
+        let rerun = w
+            .run_with(
+                &["rotate", "--due", "--json"],
+                None,
+                &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+            )
+            .ok()
+            .json();
+        let _s2 = w.serve(&["--no-scheduler"]);
+        let d = show(&w, "k/v");
+        let st = states(&d);
+        let active: Vec<_> = st.iter().filter(|(_, s)| s == "active").collect();
+        assert_eq!(active.len(), 1, "{point}: {st:?} / {rerun}");
+        assert!(
+            st.iter().all(|(_, s)| s != "pending"),
+            "{point}: nothing stays pending: {st:?}"
+        );
+        // One due time, at most one version.
+        let mut dues: Vec<i64> = d["versions"]
+            .as_array()
+            .expect("v")
+            .iter()
+            .filter_map(|v| v["due_at"].as_i64().filter(|d| *d > 0))
+            .collect();
+        let n = dues.len();
+        dues.dedup();
+        assert_eq!(dues.len(), n, "{point}: two versions for one due time");
+        assert_eq!(
+            d["current_version"], 2,
+            "{point}: the crashed rotation was completed once"
+        );
+        let token = w.agent("a", "k/*", "15m");
+        assert_eq!(w.get("k/v", &token).ok().stdout.len(), 12, "{point}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_rotations_and_resumes_after_a_restart() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("openai/prod", b"a");
+    w.put("stripe/live", b"x");
+    let token = w.agent("gw", "openai/*", "15m");
+    let mut c = w.broker_client().await;
+    let mut stream = c
+        .watch(authed(proto::WatchRequest { after_event_id: 0 }, &token))
+        .await
+        .expect("watch")
+        .into_inner();
+    w.run_with(
+        &["rotate", "now", "stripe/live", "--from-stdin"],
+        Some(b"y"),
+        &[],
+    )
+    .ok();
+    w.run_with(
+        &["rotate", "now", "openai/prod", "--from-stdin"],
+        Some(b"b"),
+        &[],
+    )
+    .ok();
+    let ev = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event in time")
+        .expect("stream")
+        .expect("event");
+    assert_eq!(
+        (ev.kind.as_str(), ev.secret.as_str(), ev.version),
+        ("secret.rotated", "openai/prod", 2),
+        "out-of-scope events are not sent"
+    );
+    let last = ev.id;
+    drop(stream);
+    s.terminate();
+    let _s2 = w.serve(&[]);
+    w.run_with(
+        &["rotate", "now", "openai/prod", "--from-stdin"],
+        Some(b"c"),
+        &[],
+    )
+    .ok();
+    let mut c = w.broker_client().await;
+    let mut stream = c
+        .watch(authed(
+            proto::WatchRequest {
+                after_event_id: last,
+            },
+            &token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let ev = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event in time")
+        .expect("stream")
+        .expect("event");
+    assert_eq!(
+        (ev.kind.as_str(), ev.version),
+        ("secret.rotated", 3),
+        "nothing missed"
+    );
+    // Revoking the agent's leases reaches its watch too.
+    w.get("openai/prod", &token).ok();
+    w.run(&["lease", "revoke", "--agent", "gw"]).ok();
+    let ev = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event in time")
+        .expect("stream")
+        .expect("event");
+    assert_eq!(ev.kind, "lease.revoked");
+}
+
+#[test]
+fn tessera_run_restarts_its_command_with_the_new_value() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("openai/prod", b"sk-one");
+    let token = w.agent("gw", "openai/*", "15m");
+    let out = w.tmp.path().join("child.out");
+    let child = script(
+        &w,
+        "child.sh",
+        &format!(
+            "echo \"start $OPENAI_API_KEY token=${{TESSERA_TOKEN:-none}} args=$*\" >> {out}; \
+             trap 'echo term >> {out}; exit 7' TERM; while true; do sleep 0.1; done",
+            out = out.display()
+        ),
+    );
+    let mut run = w.command();
+    run.args([
+        "run",
+        "--env",
+        "OPENAI_API_KEY=openai/prod",
+        "--",
+        &child,
+        "plain-arg",
+    ])
+    .env("TESSERA_TOKEN", &token)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut run = run.spawn().expect("spawn tessera run");
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_for("the child to start", 20, || read().contains("start sk-one"));
+    assert!(read().contains("token=none args=plain-arg"), "{}", read());
+    w.run_with(
+        &["rotate", "now", "openai/prod", "--from-stdin"],
+        Some(b"sk-two"),
+        &[],
+    )
+    .ok();
+    wait_for("the restart with the new value", 20, || {
+        read().contains("start sk-two")
+    });
+    assert!(
+        read().contains("term"),
+        "the old child got SIGTERM: {}",
+        read()
+    );
+    // SIGTERM to `tessera run` reaches the child; run exits with its status.
+    let pid = run.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = run.wait().expect("wait run");
+    assert_eq!(status.code(), Some(7));
+    let leases = w
+        .run(&["lease", "list", "--agent", "gw", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        leases["leases"].as_array().map(Vec::len),
+        Some(0),
+        "its leases were revoked"
+    );
+    assert!(
+        !Path::new(&out).exists() || !read().contains("sk-one args"),
+        "values never in argv"
+    );
+}
+
+#[test]
+fn deploy_units_verify() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze is missing; scripts/test.sh installs systemd"
+        );
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().expect("tmp");
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let bin = tessera_e2e::bin();
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(&units).expect("units") {
+        let p = e.expect("entry").path();
+        let text = std::fs::read_to_string(&p).expect("unit");
+        let dest = dir.path().join(p.file_name().expect("name"));
+        std::fs::write(
+            &dest,
+            text.replace("/usr/local/bin/tessera", &bin.display().to_string()),
+        )
+        .expect("write");
+        files.push(dest);
+    }
+    let r = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .args(&files)
+        .output()
+        .expect("systemd-analyze verify");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success() && err.trim().is_empty(), "{err}");
+    let cron = std::fs::read_to_string(units.join("../cron/tessera")).expect("cron line");
+    assert!(cron.contains("tessera rotate --due"));
+}
