@@ -28,6 +28,7 @@ struct Args {
     tessera: PathBuf,
     startup_leases: Option<u64>,
     rounds: usize,
+    watchers: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -37,6 +38,7 @@ fn parse_args() -> Args {
         tessera: default_tessera(),
         startup_leases: None,
         rounds: 1,
+        watchers: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -49,6 +51,9 @@ fn parse_args() -> Args {
             "--seconds" => a.seconds = val().parse().unwrap_or_else(|_| usage("--seconds N")),
             "--tessera" => a.tessera = PathBuf::from(val()),
             "--rounds" => a.rounds = val().parse().unwrap_or_else(|_| usage("--rounds N")),
+            "--watchers" => {
+                a.watchers = Some(val().parse().unwrap_or_else(|_| usage("--watchers N")))
+            }
             "--startup-leases" => {
                 a.startup_leases = Some(
                     val()
@@ -69,7 +74,7 @@ fn usage(problem: &str) -> ! {
     }
     eprintln!(
         "usage: tessera-loadgen [--clients 64] [--seconds 10] [--rounds 1] [--tessera PATH] \
-         [--startup-leases N]"
+         [--startup-leases N] [--watchers N]"
     );
     std::process::exit(2)
 }
@@ -393,6 +398,112 @@ async fn startup(a: &Args, n: u64) {
     );
 }
 
+/// Opens `n` Watch streams (100 per connection); each reports the time it
+/// sees a `secret.rotated` event.
+async fn open_watchers(
+    socket: &Path,
+    token: &str,
+    n: usize,
+) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut ch = None;
+    for i in 0..n {
+        if i % 100 == 0 {
+            ch = Some(channel(socket).await.expect("connect"));
+        }
+        let mut c = BrokerClient::new(ch.clone().expect("channel"));
+        let mut stream = c
+            .watch(authed(proto::WatchRequest { after_event_id: 0 }, token))
+            .await
+            .expect("watch")
+            .into_inner();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(ev)) = stream.message().await {
+                if ev.kind == "secret.rotated" && tx.send(Instant::now()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+async fn watchers(a: &Args, n: usize) {
+    let (b, _) = start(&a.tessera, init(&a.tessera)).await;
+    let token = setup(&b).await;
+    let admin_token = std::fs::read_to_string(b.data().join("admin.token")).expect("admin token");
+    let admin_token = admin_token.trim().to_string();
+    println!(
+        "tessera watch fan-out: {n} watchers; Issue with {} clients, {} s per phase, {} round(s)",
+        a.clients, a.seconds, a.rounds
+    );
+    let before: Vec<f64> = {
+        let mut v = Vec::new();
+        for _ in 0..a.rounds.max(1) {
+            v.push(report(
+                "Issue",
+                &drive(&b.socket(), &token, a.clients, a.seconds, Call::Issue).await,
+            ));
+        }
+        v
+    };
+    let t = Instant::now();
+    let mut rx = open_watchers(&b.socket(), &token, n).await;
+    println!("{n} watchers connected in {} ms", t.elapsed().as_millis());
+    let mut admin = AdminClient::new(channel(&b.socket()).await.expect("connect"));
+    let mut fanout = Vec::new();
+    for i in 0..5 {
+        let t0 = Instant::now();
+        admin
+            .rotate_now(authed(
+                proto::RotateNowRequest {
+                    name: "bench/key".into(),
+                    value: format!("sk-bench-rotated-{i}").into_bytes(),
+                    generate: String::new(),
+                },
+                &admin_token,
+            ))
+            .await
+            .expect("rotate");
+        let mut last = t0;
+        for _ in 0..n {
+            match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                Ok(Some(at)) => last = last.max(at),
+                _ => panic!("not every watcher saw rotation {i} within 10 s"),
+            }
+        }
+        let ms = (last - t0).as_secs_f64() * 1e3;
+        println!("rotation {i}: all {n} watchers notified {ms:.1} ms after the rotation request");
+        fanout.push(ms);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    fanout.sort_by(f64::total_cmp);
+    let mut after = Vec::new();
+    for _ in 0..a.rounds.max(1) {
+        after.push(report(
+            "Issue+W",
+            &drive(&b.socket(), &token, a.clients, a.seconds, Call::Issue).await,
+        ));
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut before, mut after) = (before, after);
+    let (b0, a0) = (med(&mut before), med(&mut after));
+    println!(
+        "fan-out to {n} watchers: median {:.1} ms, max {:.1} ms (rotation request to last delivery)",
+        fanout[fanout.len() / 2],
+        fanout[fanout.len() - 1]
+    );
+    println!(
+        "Issue without watchers {b0:.0} req/s, with {n} watchers {a0:.0} req/s: {:+.1}%",
+        100.0 * (a0 - b0) / b0.max(1.0)
+    );
+    println!("broker RSS with {n} watchers: {} MiB", rss_kib(b.child.id()) / 1024);
+}
+
 #[tokio::main]
 async fn main() {
     let a = parse_args();
@@ -402,8 +513,9 @@ async fn main() {
             a.tessera.display()
         ));
     }
-    match a.startup_leases {
-        Some(n) => startup(&a, n).await,
-        None => load(&a).await,
+    match (a.startup_leases, a.watchers) {
+        (Some(n), _) => startup(&a, n).await,
+        (None, Some(n)) => watchers(&a, n).await,
+        (None, None) => load(&a).await,
     }
 }

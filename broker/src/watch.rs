@@ -3,7 +3,7 @@
 //! report, so a client that reconnects (even after a broker restart) and
 //! gives the last id it saw misses nothing. The writer wakes watchers after
 //! each commit that wrote an event; a watcher then reads the new rows from
-//! its cursor. A one-second poll also picks up events written by another
+//! its cursor. A slow poll also picks up events written by another
 //! process (`tessera rotate --due` without a running broker).
 
 use std::sync::Arc;
@@ -20,6 +20,11 @@ use crate::proto;
 
 /// Events read per query.
 const PAGE: i64 = 256;
+
+/// How often a watcher looks for events without being woken: only events
+/// written by another process (`rotate --due` on the store while this
+/// broker runs) need it.
+const POLL: Duration = Duration::from_secs(5);
 
 struct Row {
     event: proto::Event,
@@ -120,7 +125,7 @@ impl Broker {
                 }
                 tokio::select! {
                     _ = wake.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(POLL) => {}
                     _ = tx.closed() => return,
                 }
             }
