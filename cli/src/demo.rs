@@ -27,7 +27,113 @@ fn masked(v: &[u8]) -> String {
     format!("{head}… ({} bytes)", v.len())
 }
 
-/// Steps 10-16: three key holders, a retention class split 2 of 3, data
+/// Steps 10-11: a rotation under a live lease: the agent's watch hears of
+/// it, the old lease keeps working through the overlap window, then is
+/// revoked.
+async fn rotation_under_lease(
+    target: &Target,
+    admin_token: &str,
+    agent_token: &str,
+) -> Result<(), CliError> {
+    let mut admin = target.admin().await?;
+    let mut agent = target.broker().await?;
+    step(
+        10,
+        "tessera secret config openai/prod --overlap 2s --generate 'sk-{alnum:32}'; \
+         tessera rotate now openai/prod (the agent holds a lease and watches)",
+    );
+    let mut events = agent
+        .watch(authed(proto::WatchRequest { after_event_id: 0 }, agent_token)?)
+        .await?
+        .into_inner();
+    let held = agent
+        .issue(authed(
+            proto::IssueRequest {
+                secret: "openai/prod".into(),
+                ttl_seconds: 300,
+            },
+            agent_token,
+        )?)
+        .await?
+        .into_inner();
+    println!("    agent holds lease {} on version {}", held.lease_id, held.version);
+    admin
+        .configure_secret(authed(
+            proto::ConfigureSecretRequest {
+                name: "openai/prod".into(),
+                overlap_seconds: Some(2),
+                generate: Some("sk-{alnum:32}".into()),
+                ..Default::default()
+            },
+            admin_token,
+        )?)
+        .await?;
+    let r = admin
+        .rotate_now(authed(
+            proto::RotateNowRequest {
+                name: "openai/prod".into(),
+                value: Vec::new(),
+                generate: String::new(),
+            },
+            admin_token,
+        )?)
+        .await?
+        .into_inner();
+    println!("    rotated: {}", r.message);
+    if let Ok(Ok(Some(ev))) =
+        tokio::time::timeout(Duration::from_secs(5), events.message()).await
+    {
+        println!("    Watch: {} {} version {}", ev.kind, ev.secret, ev.version);
+    }
+    let renew = |id: String| proto::RenewRequest {
+        lease_id: id,
+        ttl_seconds: 60,
+    };
+    agent
+        .renew(authed(renew(held.lease_id.clone()), agent_token)?)
+        .await?;
+    println!("    the old lease still renews during the overlap window");
+    let fresh = agent
+        .issue(authed(
+            proto::IssueRequest {
+                secret: "openai/prod".into(),
+                ttl_seconds: 300,
+            },
+            agent_token,
+        )?)
+        .await?
+        .into_inner();
+    println!(
+        "    a new Issue gets version {}: {}",
+        fresh.version,
+        masked(&fresh.value)
+    );
+
+    step(11, "after the overlap: version 1 is retired and its lease revoked");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    match agent
+        .renew(authed(renew(held.lease_id.clone()), agent_token)?)
+        .await
+    {
+        Ok(_) => println!("    unexpectedly renewed"),
+        Err(s) => println!("    {:?}: {}", s.code(), s.message()),
+    }
+    let d = admin
+        .show_secret(authed(
+            proto::ShowSecretRequest {
+                name: "openai/prod".into(),
+            },
+            admin_token,
+        )?)
+        .await?
+        .into_inner();
+    for v in d.versions {
+        println!("    version {}: {} ({})", v.version, v.state, v.source);
+    }
+    Ok(())
+}
+
+/// Steps 12-18: three key holders, a retention class split 2 of 3, data
 /// encrypted under it, a refused early shred, a legal hold, the ceremony
 /// the broker opens at the deadline, two holders joining, the key
 /// destroyed, and the certificate checked offline.
@@ -37,8 +143,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
     let mut envelope = target.envelope().await?;
     let mut admin = target.admin().await?;
 
-    step(
-        10,
+    step(12,
         "tessera holder init / enroll: legal, compliance and ciso make keys and are enrolled",
     );
     let mut keys = Vec::new();
@@ -61,8 +166,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         keys.push(key);
     }
 
-    step(
-        11,
+    step(13,
         "tessera class create sox-demo --retain 3s --holders legal,compliance,ciso --threshold 2",
     );
     let class = retention
@@ -83,7 +187,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         &class.key_fingerprint[..16]
     );
 
-    step(12, "agent archiver: Encrypt(sox-demo, ledger 2019)");
+    step(14, "agent archiver: Encrypt(sox-demo, ledger 2019)");
     let created = admin
         .create_agent(authed(
             proto::CreateAgentRequest {
@@ -116,8 +220,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         ct.key_id
     );
 
-    step(
-        13,
+    step(15,
         "tessera shred open --class sox-demo (before the deadline)",
     );
     let open = |early: bool| proto::OpenShredRequest {
@@ -133,8 +236,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         println!("    {:?}: {}", s.code(), s.message());
     }
 
-    step(
-        14,
+    step(16,
         "tessera hold place --class sox-demo --reason 'litigation 2026-17'",
     );
     retention
@@ -164,8 +266,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         .await?;
     println!("    hold released: case closed");
 
-    step(
-        15,
+    step(17,
         "the broker opens the ceremony; legal and ciso run `tessera shred join`",
     );
     let ceremony = loop {
@@ -212,8 +313,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         );
     }
 
-    step(
-        16,
+    step(18,
         "after the shred: Decrypt is refused; the certificate verifies offline",
     );
     match envelope
@@ -415,9 +515,10 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         Err(s) => println!("    {:?}: {}", s.code(), s.message()),
     }
 
+    rotation_under_lease(&target, &admin_token, &agent_token).await?;
     shred_ceremony(&target, &admin_token).await?;
 
-    step(17, "tessera audit verify");
+    step(19, "tessera audit verify");
     let v = admin
         .verify_audit(authed(proto::VerifyAuditRequest {}, &admin_token)?)
         .await?

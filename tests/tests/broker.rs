@@ -376,6 +376,9 @@ fn demo_walks_through_the_main_job() {
         "ceremony done",
         "was shredded",
         "certificate valid",
+        "Watch: secret.rotated openai/prod version 2",
+        "the old lease still renews",
+        "version 1: retired",
     ] {
         assert!(
             r.stdout.contains(expect),
