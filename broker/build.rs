@@ -27,6 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tessera.v1.RecoverClassRequest",
             "tessera.v1.UnsealRequest",
             "tessera.v1.RotateNowRequest",
+            "tessera.v1.RekeyRootRequest",
+            "tessera.v1.RekeyRootResponse",
         ])
         .compile_with_config(config, &protos, &["../proto"])?;
     Ok(())

@@ -501,7 +501,10 @@ async fn watchers(a: &Args, n: usize) {
         "Issue without watchers {b0:.0} req/s, with {n} watchers {a0:.0} req/s: {:+.1}%",
         100.0 * (a0 - b0) / b0.max(1.0)
     );
-    println!("broker RSS with {n} watchers: {} MiB", rss_kib(b.child.id()) / 1024);
+    println!(
+        "broker RSS with {n} watchers: {} MiB",
+        rss_kib(b.child.id()) / 1024
+    );
 }
 
 #[tokio::main]

@@ -35,7 +35,8 @@ impl Default for Limits {
 /// The running broker.
 pub struct Broker {
     pub(crate) store: Store,
-    pub(crate) root_key: Arc<RootKey>,
+    pub(crate) root_key: Arc<RootKeys>,
+    pub(crate) store_id: String,
     pub(crate) audit_key: SymmetricKey,
     pub(crate) fingerprint_key: SymmetricKey,
     admin_token_hash: [u8; 32],
@@ -53,6 +54,56 @@ pub struct Broker {
     pub(crate) class_keys: RwLock<HashMap<String, Arc<crate::retention::ClassKey>>>,
 }
 
+/// The root key in use, swappable by `rekey root` without a restart. Jobs
+/// that wrap keys read it inside the writer, so every row written after a
+/// rekey commits uses the new key; reads also try the previous key, so a
+/// read that raced the swap still succeeds.
+pub struct RootKeys {
+    current: RwLock<Arc<RootKey>>,
+    previous: RwLock<Option<Arc<RootKey>>>,
+}
+
+impl RootKeys {
+    fn new(k: RootKey) -> Self {
+        RootKeys {
+            current: RwLock::new(Arc::new(k)),
+            previous: RwLock::new(None),
+        }
+    }
+
+    /// The current root key.
+    pub fn current(&self) -> Arc<RootKey> {
+        match self.current.read() {
+            Ok(k) => Arc::clone(&k),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// Seals under the current key.
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        self.current().seal(aad, plaintext)
+    }
+
+    /// Opens with the current key, else the previous one.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        self.current().open(aad, sealed).or_else(|| {
+            let prev = self.previous.read().ok()?.clone()?;
+            prev.open(aad, sealed)
+        })
+    }
+
+    /// Makes `new` current, keeping the old key for reads in flight.
+    pub(crate) fn swap(&self, new: Arc<RootKey>) {
+        let old = match self.current.write() {
+            Ok(mut k) => std::mem::replace(&mut *k, new),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), new),
+        };
+        if let Ok(mut p) = self.previous.write() {
+            *p = Some(old);
+        }
+    }
+}
+
 /// Most agents kept in the token cache before it is cleared.
 pub(crate) const AGENT_CACHE_MAX: usize = 10_000;
 
@@ -61,7 +112,16 @@ impl Broker {
     /// root key cannot be had or does not match the store.
     pub fn open(dir: &DataDir, passphrase: Option<&[u8]>, limits: Limits) -> Result<Self> {
         Self::open_with(dir, limits, |conn, store_id| {
-            unseal::unseal(conn, store_id, passphrase)
+            let rk = unseal::unseal(conn, store_id, passphrase)?;
+            // A rekey that crashed after its commit left the previous
+            // generation's keychain entry behind: remove it now.
+            if let Source::Keychain(which) = unseal::recorded_source(conn)? {
+                let generation = unseal::root_generation(conn)?;
+                if generation > 1 {
+                    let _ = unseal::root_item_gen(which, store_id, generation - 1).delete();
+                }
+            }
+            Ok(rk)
         })
     }
 
@@ -101,12 +161,22 @@ impl Broker {
             .map(|n| n.get())
             .unwrap_or(2)
             .clamp(2, 8);
-        let store = Store::start(&db, conn, audit_key(&root_key), readers)?;
+        let audit_key = stable_key(&conn, &store_id, &root_key, "audit")
+            .unwrap_or_else(|| Ok(audit_key(&root_key)))?;
+        let fingerprint_key = stable_key(&conn, &store_id, &root_key, "fingerprint")
+            .unwrap_or_else(|| Ok(root_key.derive("token-fingerprint")))?;
+        let store = Store::start(
+            &db,
+            conn,
+            SymmetricKey::from_bytes(audit_key.expose_bytes())?,
+            readers,
+        )?;
         Ok(Broker {
             store,
-            audit_key: audit_key(&root_key),
-            fingerprint_key: root_key.derive("token-fingerprint"),
-            root_key: Arc::new(root_key),
+            audit_key,
+            fingerprint_key,
+            root_key: Arc::new(RootKeys::new(root_key)),
+            store_id,
             admin_token_hash,
             agents: RwLock::new(HashMap::new()),
             limits,
@@ -348,6 +418,32 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<audit::Record> {
         prev_hash: h(r.get(8)?),
         hash: h(r.get(9)?),
     })
+}
+
+/// A key that must outlive root key rotations (the audit chain's, the token
+/// fingerprints'): derived from the first root key, and after a `rekey root`
+/// kept in `meta` wrapped by the current one. `None` before any rekey.
+fn stable_key(
+    conn: &rusqlite::Connection,
+    store_id: &str,
+    rk: &RootKey,
+    which: &str,
+) -> Option<Result<SymmetricKey>> {
+    let sealed = meta_get(conn, &format!("{which}_key_wrapped")).ok()??;
+    Some(
+        rk.open(&stable_key_aad(store_id, which), &sealed)
+            .ok_or_else(|| {
+                Error::Tampered(format!(
+                    "the stored {which} key failed authentication; restore the store from a backup"
+                ))
+            })
+            .and_then(|raw| SymmetricKey::from_bytes(&raw)),
+    )
+}
+
+/// AAD of a stable key wrapped by the root key.
+pub(crate) fn stable_key_aad(store_id: &str, which: &str) -> Vec<u8> {
+    format!("tessera/v1/stable-key/{which}/{store_id}").into_bytes()
 }
 
 /// Reads the broker's signing key, sealed by the root key in `meta`, making

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod lease;
 pub mod names;
 pub mod proto;
+pub mod rekey;
 pub mod retention;
 pub mod rotation;
 pub mod secret;

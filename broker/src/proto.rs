@@ -97,3 +97,24 @@ impl std::fmt::Debug for RotateNowRequest {
             .finish()
     }
 }
+
+impl std::fmt::Debug for RekeyRootRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RekeyRootRequest")
+            .field("passphrase", &"<redacted>")
+            .field("shares", &self.shares)
+            .field("threshold", &self.threshold)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RekeyRootResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RekeyRootResponse")
+            .field("generation", &self.generation)
+            .field("versions_rewrapped", &self.versions_rewrapped)
+            .field("classes_rewrapped", &self.classes_rewrapped)
+            .field("operator_shares", &"<redacted>")
+            .finish()
+    }
+}

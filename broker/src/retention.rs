@@ -489,9 +489,7 @@ impl Broker {
                     .await);
             }
         };
-        let wrapped = self
-            .root_key
-            .seal(&class_key_aad(&name, req.generation), key.expose_bytes())?;
+        let rk = Arc::clone(&self.root_key);
         let rid = request_id.to_string();
         let fingerprint = tessera_shred::unhex(&req.key_fingerprint).unwrap_or_default();
         self.store
@@ -517,6 +515,8 @@ impl Broker {
                         enrolled.push(h.role.clone());
                     }
                 }
+                let wrapped =
+                    rk.seal(&class_key_aad(&req.name, req.generation), key.expose_bytes())?;
                 ctx.conn.execute(
                     "INSERT INTO classes (name, retain_secs, deadline, holders, threshold,
                         early_threshold, key_fingerprint, generation, wrapped_key, state, created_at)
@@ -647,9 +647,7 @@ impl Broker {
                 seal_to_holder(recipient, envelope.to_text().as_bytes())?,
             ));
         }
-        let wrapped = self
-            .root_key
-            .seal(&class_key_aad(&name, 1), class_key.expose_bytes())?;
+        let rk = Arc::clone(&self.root_key);
         let roles: Vec<String> = recipients.into_iter().map(|(r, _)| r).collect();
         let rid = request_id.to_string();
         let retain = req.retain_seconds;
@@ -665,6 +663,7 @@ impl Broker {
                     ctx.audit(&admin_entry("class.create", &name, false, e.to_string(), &rid))?;
                     return Ok(Err(e));
                 }
+                let wrapped = rk.seal(&class_key_aad(&name, 1), class_key.expose_bytes())?;
                 ctx.conn.execute(
                     "INSERT INTO classes (name, retain_secs, deadline, holders, threshold,
                         early_threshold, key_fingerprint, generation, wrapped_key, state, created_at)
@@ -1474,7 +1473,7 @@ pub fn export_class(old_db: &std::path::Path, class: &str) -> Result<proto::Reco
 /// generation), its shares sealed to the current holders, every envelope
 /// data key re-wrapped, open ceremonies cancelled. Returns a summary for
 /// the audit.
-fn rekey_class(conn: &Connection, rk: &crate::keys::RootKey, class: &str) -> Result<String> {
+fn rekey_class(conn: &Connection, rk: &crate::broker::RootKeys, class: &str) -> Result<String> {
     let c = load_class(conn, class)?.ok_or_else(|| no_class(class))?;
     let wrapped: Vec<u8> = conn
         .query_row(

@@ -248,6 +248,16 @@ impl admin_server::Admin for Services {
         }))
     }
 
+    async fn rekey_root(
+        &self,
+        req: Request<proto::RekeyRootRequest>,
+    ) -> Result<Response<proto::RekeyRootResponse>, Status> {
+        let rid = self.admin(&req, "root.rekey", "root-key").await?;
+        Ok(Response::new(
+            self.broker()?.rekey_root(&rid, req.into_inner()).await?,
+        ))
+    }
+
     async fn rotate_due(
         &self,
         req: Request<proto::RotateDueRequest>,

@@ -549,6 +549,18 @@ impl Store {
         &self,
         f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.write_then(f, |_| {}).await
+    }
+
+    /// Like [`Store::write`], and `on_commit(committed)` runs on the writer
+    /// thread right after the commit (or rollback), before the next batch
+    /// starts: for in-memory state that must change exactly when the
+    /// transaction does (the root key after a rekey).
+    pub async fn write_then<T: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
+        on_commit: impl FnOnce(bool) + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(move |ctx: Option<&mut WriteCtx<'_>>| {
             let out = match ctx {
@@ -560,6 +572,7 @@ impl Store {
             };
             let ok = out.is_ok();
             let done: Completion = Box::new(move |committed: Result<()>| {
+                on_commit(ok && committed.is_ok());
                 // A job's own failure explains itself best; otherwise the
                 // commit decides.
                 let _ = tx.send(match out {

@@ -142,24 +142,8 @@ pub fn seal_root_key(
                     "give --shares N and --threshold K for --unseal shares",
                 )
             })?;
-            let (k, n) = (split.threshold as usize, split.shares as usize);
-            tessera_shred::shamir::check_threshold(k, n)
-                .map_err(|e| Error::invalid("threshold", e.to_string()))?;
-            let fingerprint = tessera_shred::key_check(rk.expose_bytes());
-            let shares =
-                tessera_shred::split(rk.expose_bytes(), k, n, &mut crate::retention::OsRandom)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-            for (i, share) in shares.into_iter().enumerate() {
-                let env = tessera_shred::envelope::ShareEnvelope {
-                    class: ROOT_SHARE_CLASS.into(),
-                    key_fingerprint: fingerprint,
-                    threshold: split.threshold,
-                    shares: split.shares,
-                    role: format!("operator-{}", i + 1),
-                    share,
-                };
-                operator_shares.push(env.to_text());
-            }
+            let (shares, fingerprint) = split_root_key(rk, split)?;
+            operator_shares = shares;
             meta_set(conn, "root_key_fingerprint", &fingerprint)?;
             meta_set(conn, "unseal_threshold", &[split.threshold])?;
             meta_set(conn, "unseal_shares", &[split.shares])?;
@@ -196,6 +180,33 @@ pub fn seal_root_key(
     meta_set(conn, "unseal_source", source.name().as_bytes())?;
     meta_set(conn, "root_key_check", &check_value(rk))?;
     Ok(operator_shares)
+}
+
+/// Splits `rk` into operator share envelopes; returns them and the key's
+/// fingerprint (its check value).
+pub fn split_root_key(
+    rk: &RootKey,
+    split: OperatorSplit,
+) -> Result<(Vec<Zeroizing<String>>, [u8; 32])> {
+    let (k, n) = (split.threshold as usize, split.shares as usize);
+    tessera_shred::shamir::check_threshold(k, n)
+        .map_err(|e| Error::invalid("threshold", e.to_string()))?;
+    let fingerprint = tessera_shred::key_check(rk.expose_bytes());
+    let shares = tessera_shred::split(rk.expose_bytes(), k, n, &mut crate::retention::OsRandom)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, share) in shares.into_iter().enumerate() {
+        let env = tessera_shred::envelope::ShareEnvelope {
+            class: ROOT_SHARE_CLASS.into(),
+            key_fingerprint: fingerprint,
+            threshold: split.threshold,
+            shares: split.shares,
+            role: format!("operator-{}", i + 1),
+            share,
+        };
+        out.push(env.to_text());
+    }
+    Ok((out, fingerprint))
 }
 
 /// What a store sealed by operator shares expects: (threshold, shares,
@@ -263,7 +274,10 @@ pub fn unseal(conn: &Connection, store_id: &str, passphrase: Option<&[u8]>) -> R
                 .ok_or(Error::WrongPassphrase)?;
             SymmetricKey::from_bytes(&raw)?
         }
-        Source::Keychain(which) => keychain_get(which, store_id)?,
+        Source::Keychain(which) => {
+            let raw = root_item_gen(which, store_id, root_generation(conn)?).read()?;
+            SymmetricKey::from_bytes(&raw)?
+        }
         Source::Shares => {
             return Err(Error::FailedPrecondition(
                 "sealed: this store's root key is split among operators; start `tessera serve` \
@@ -371,21 +385,57 @@ impl KeychainItem {
 }
 
 fn root_item(which: KeychainStore, store_id: &str) -> KeychainItem {
+    root_item_gen(which, store_id, 1)
+}
+
+/// The keychain item of root key generation `generation` (1 is the key
+/// `init` made; `rekey root` makes the next).
+pub fn root_item_gen(which: KeychainStore, store_id: &str, generation: u64) -> KeychainItem {
     KeychainItem {
         store: which,
         service: KEYCHAIN_SERVICE.into(),
-        user: keychain_user(store_id),
+        user: if generation <= 1 {
+            keychain_user(store_id)
+        } else {
+            format!("{}/{generation}", keychain_user(store_id))
+        },
         what: "root key",
     }
 }
 
-fn keychain_set(which: KeychainStore, store_id: &str, rk: &RootKey) -> Result<()> {
-    root_item(which, store_id).write(Zeroizing::new(rk.expose_bytes().to_vec()))
+/// The store's root key generation (1 until the first `rekey root`).
+pub fn root_generation(conn: &Connection) -> Result<u64> {
+    Ok(meta_get(conn, "root_key_generation")?
+        .and_then(|v| v.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(1))
 }
 
-fn keychain_get(which: KeychainStore, store_id: &str) -> Result<RootKey> {
-    let raw = root_item(which, store_id).read()?;
-    SymmetricKey::from_bytes(&raw)
+/// The AAD of a passphrase-wrapped root key.
+pub fn passphrase_aad(store_id: &str) -> Vec<u8> {
+    root_aad(store_id)
+}
+
+/// Wraps `rk` under a passphrase: returns (salt, params, wrapped).
+pub fn wrap_with_passphrase(
+    store_id: &str,
+    rk: &RootKey,
+    passphrase: &[u8],
+    kdf: KdfParams,
+) -> Result<([u8; 16], Vec<u8>, Vec<u8>)> {
+    let mut salt = [0u8; 16];
+    crate::keys::fill_random(&mut salt)?;
+    let kek = kek_from_passphrase(passphrase, &salt, kdf)?;
+    let wrapped = kek.seal(&root_aad(store_id), rk.expose_bytes())?;
+    let mut params = Vec::new();
+    for v in [kdf.m_kib, kdf.t, kdf.p] {
+        params.extend_from_slice(&v.to_be_bytes());
+    }
+    Ok((salt, params, wrapped))
+}
+
+fn keychain_set(which: KeychainStore, store_id: &str, rk: &RootKey) -> Result<()> {
+    root_item(which, store_id).write(Zeroizing::new(rk.expose_bytes().to_vec()))
 }
 
 /// Removes this store's root key from the keychain (used when `init` fails

@@ -27,6 +27,9 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Get(a) if a.watch => crate::rotation::get_watch(g, a).await,
         Command::Get(a) => get(g, a).await,
         Command::Rotate(a) => crate::rotation::rotate(g, a).await,
+        Command::Rekey(crate::RekeyCmd::Root { shares, threshold }) => {
+            rekey_root(g, shares, threshold).await
+        }
         Command::Run(a) => {
             // The command's own exit status becomes ours (its leases are
             // revoked by then).
@@ -278,6 +281,52 @@ fn deliver_operator_shares(
         }
     }
     Ok(out)
+}
+
+async fn rekey_root(
+    g: &Global,
+    shares: Option<u32>,
+    threshold: Option<u32>,
+) -> Result<(), CliError> {
+    let token = admin_token(g)?;
+    let pass = match std::env::var("TESSERA_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => Zeroizing::new(p.into_bytes()),
+        _ => Zeroizing::new(Vec::new()),
+    };
+    let r = target(g)
+        .admin()
+        .await?
+        .rekey_root(authed(
+            proto::RekeyRootRequest {
+                passphrase: pass.to_vec(),
+                shares: shares.unwrap_or(0),
+                threshold: threshold.unwrap_or(0),
+            },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    if g.json {
+        print_json(json!({
+            "generation": r.generation,
+            "versions_rewrapped": r.versions_rewrapped,
+            "classes_rewrapped": r.classes_rewrapped,
+            "operator_shares": r.operator_shares,
+        }));
+    } else {
+        println!(
+            "Root key generation {}: {} data keys and {} class keys re-wrapped; no value was \
+             re-encrypted.",
+            r.generation, r.versions_rewrapped, r.classes_rewrapped
+        );
+        if !r.operator_shares.is_empty() {
+            println!("New operator shares (shown once; the old ones no longer unseal this store):");
+            for s in &r.operator_shares {
+                println!("{s}");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn unseal(g: &Global, a: crate::UnsealArgs) -> Result<(), CliError> {

@@ -43,7 +43,10 @@ async fn rotation_under_lease(
          tessera rotate now openai/prod (the agent holds a lease and watches)",
     );
     let mut events = agent
-        .watch(authed(proto::WatchRequest { after_event_id: 0 }, agent_token)?)
+        .watch(authed(
+            proto::WatchRequest { after_event_id: 0 },
+            agent_token,
+        )?)
         .await?
         .into_inner();
     let held = agent
@@ -56,7 +59,10 @@ async fn rotation_under_lease(
         )?)
         .await?
         .into_inner();
-    println!("    agent holds lease {} on version {}", held.lease_id, held.version);
+    println!(
+        "    agent holds lease {} on version {}",
+        held.lease_id, held.version
+    );
     admin
         .configure_secret(authed(
             proto::ConfigureSecretRequest {
@@ -80,10 +86,11 @@ async fn rotation_under_lease(
         .await?
         .into_inner();
     println!("    rotated: {}", r.message);
-    if let Ok(Ok(Some(ev))) =
-        tokio::time::timeout(Duration::from_secs(5), events.message()).await
-    {
-        println!("    Watch: {} {} version {}", ev.kind, ev.secret, ev.version);
+    if let Ok(Ok(Some(ev))) = tokio::time::timeout(Duration::from_secs(5), events.message()).await {
+        println!(
+            "    Watch: {} {} version {}",
+            ev.kind, ev.secret, ev.version
+        );
     }
     let renew = |id: String| proto::RenewRequest {
         lease_id: id,
@@ -109,7 +116,10 @@ async fn rotation_under_lease(
         masked(&fresh.value)
     );
 
-    step(11, "after the overlap: version 1 is retired and its lease revoked");
+    step(
+        11,
+        "after the overlap: version 1 is retired and its lease revoked",
+    );
     tokio::time::sleep(Duration::from_millis(3500)).await;
     match agent
         .renew(authed(renew(held.lease_id.clone()), agent_token)?)
@@ -143,7 +153,8 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
     let mut envelope = target.envelope().await?;
     let mut admin = target.admin().await?;
 
-    step(12,
+    step(
+        12,
         "tessera holder init / enroll: legal, compliance and ciso make keys and are enrolled",
     );
     let mut keys = Vec::new();
@@ -166,7 +177,8 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         keys.push(key);
     }
 
-    step(13,
+    step(
+        13,
         "tessera class create sox-demo --retain 3s --holders legal,compliance,ciso --threshold 2",
     );
     let class = retention
@@ -220,7 +232,8 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         ct.key_id
     );
 
-    step(15,
+    step(
+        15,
         "tessera shred open --class sox-demo (before the deadline)",
     );
     let open = |early: bool| proto::OpenShredRequest {
@@ -236,7 +249,8 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         println!("    {:?}: {}", s.code(), s.message());
     }
 
-    step(16,
+    step(
+        16,
         "tessera hold place --class sox-demo --reason 'litigation 2026-17'",
     );
     retention
@@ -266,7 +280,8 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         .await?;
     println!("    hold released: case closed");
 
-    step(17,
+    step(
+        17,
         "the broker opens the ceremony; legal and ciso run `tessera shred join`",
     );
     let ceremony = loop {
@@ -313,7 +328,8 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         );
     }
 
-    step(18,
+    step(
+        18,
         "after the shred: Decrypt is refused; the certificate verifies offline",
     );
     match envelope

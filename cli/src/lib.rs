@@ -92,6 +92,9 @@ pub enum Command {
     /// Run a command with secrets in its environment, following rotations
     /// (agent; TESSERA_TOKEN).
     Run(RunArgs),
+    /// Rotate the root key (admin).
+    #[command(subcommand)]
+    Rekey(RekeyCmd),
     /// List and revoke leases (admin).
     #[command(subcommand)]
     Lease(LeaseCmd),
@@ -519,6 +522,22 @@ pub struct SecretConfigArgs {
     /// How long a command may run before it is killed, e.g. 30s.
     #[arg(long, value_parser = parse_duration)]
     pub cmd_timeout: Option<std::time::Duration>,
+}
+
+/// `tessera rekey …`.
+#[derive(Debug, Subcommand)]
+pub enum RekeyCmd {
+    /// A new root key in the configured unseal source; every data key is
+    /// re-wrapped (values are not re-encrypted). Passphrase stores read
+    /// TESSERA_PASSPHRASE; operator-share stores print new shares.
+    Root {
+        /// For an operator-share store: how many new shares.
+        #[arg(long, requires = "threshold")]
+        shares: Option<u32>,
+        /// For an operator-share store: how many unseal.
+        #[arg(long, requires = "shares")]
+        threshold: Option<u32>,
+    },
 }
 
 /// `tessera run`.

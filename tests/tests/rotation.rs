@@ -675,3 +675,130 @@ fn deploy_units_verify() {
     let cron = std::fs::read_to_string(units.join("../cron/tessera")).expect("cron line");
     assert!(cron.contains("tessera rotate --due"));
 }
+
+#[test]
+fn rekey_root_rewraps_everything_and_survives_a_crash_at_each_step() {
+    for fault in ["", "rekey-before-commit", "rekey-after-commit"] {
+        let w = World::new();
+        w.init_passphrase();
+        let mut s = w.serve(&[]);
+        w.put("a/one", b"value-1");
+        w.put("a/one", b"value-2");
+        let k = w.tmp.path().join("legal.key");
+        for role in ["legal", "ciso"] {
+            let key = w.tmp.path().join(format!("{role}.key"));
+            let made = w
+                .run(&[
+                    "holder",
+                    "init",
+                    "--role",
+                    role,
+                    "--identity-file",
+                    key.to_str().expect("p"),
+                    "--json",
+                ])
+                .ok()
+                .json();
+            w.run(&[
+                "holder",
+                "enroll",
+                "--role",
+                role,
+                "--pubkey",
+                made["pubkey"].as_str().expect("pk"),
+            ])
+            .ok();
+        }
+        let _ = k;
+        w.run(&[
+            "class",
+            "create",
+            "c",
+            "--retain",
+            "1h",
+            "--holders",
+            "legal,ciso",
+            "--threshold",
+            "2",
+        ])
+        .ok();
+        let token = w.agent("app", "a/*", "15m");
+        let env_agent = w.agent("arch", "class:c", "15m");
+        let ct = w
+            .run_with(
+                &["encrypt", "--class", "c", "--json"],
+                Some(b"archived"),
+                &[("TESSERA_TOKEN", env_agent.as_str())],
+            )
+            .ok()
+            .json();
+        let ct = tessera_shred::unhex(ct["ciphertext"].as_str().expect("ct")).expect("hex");
+        let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
+        if !fault.is_empty() {
+            // Restart the broker with the fault armed.
+            s.terminate();
+            s = w.serve_env(
+                &[],
+                &[("TESSERA_PASSPHRASE", PASSPHRASE), ("TESSERA_FAULT", fault)],
+            );
+        }
+        let r = w.run_with(&["rekey", "root", "--json"], None, &pass);
+        if fault.is_empty() {
+            let doc = r.ok().json();
+            assert_eq!(doc["generation"], 2);
+            assert_eq!(doc["versions_rewrapped"], 2);
+            assert_eq!(doc["classes_rewrapped"], 1);
+            // Serving goes on with the new key before any restart.
+            assert_eq!(w.get("a/one", &token).ok().stdout, "value-2");
+            s.terminate();
+        } else {
+            assert_ne!(r.code, 0, "{fault}: the broker should have died: {r:#?}");
+            assert_ne!(s.wait_exit(), 0);
+        }
+        // After a restart everything opens, with whichever key is current.
+        let _s2 = w.serve(&[]);
+        assert_eq!(w.get("a/one", &token).ok().stdout, "value-2", "{fault}");
+        let plain = w
+            .run_with(
+                &["decrypt", "--class", "c"],
+                Some(&ct),
+                &[("TESSERA_TOKEN", env_agent.as_str())],
+            )
+            .ok();
+        assert_eq!(plain.stdout, "archived", "{fault}");
+        w.run(&["audit", "verify"]).ok();
+        // A re-run completes the rotation (or rotates again).
+        let again = w
+            .run_with(&["rekey", "root", "--json"], None, &pass)
+            .ok()
+            .json();
+        assert!(again["generation"].as_u64() >= Some(2), "{fault}: {again}");
+        assert_eq!(w.get("a/one", &token).ok().stdout, "value-2");
+        w.run(&["audit", "verify"]).ok();
+        // The wrong passphrase is refused and changes nothing.
+        w.run_with(
+            &["rekey", "root"],
+            None,
+            &[("TESSERA_PASSPHRASE", "not the passphrase")],
+        )
+        .fails_with(5);
+    }
+}
+
+#[test]
+fn rekey_root_in_the_keychain() {
+    if !tessera_e2e::keychain_available("rekey_root_in_the_keychain") {
+        return;
+    }
+    let w = World::new();
+    w.run(&["init"]).ok();
+    let mut s = w.serve_env(&[], &[]);
+    w.put("k/one", b"kept");
+    let token = w.agent("app", "k/*", "15m");
+    let r = w.run(&["rekey", "root", "--json"]).ok().json();
+    assert_eq!(r["generation"], 2);
+    s.terminate();
+    let _s = w.serve_env(&[], &[]);
+    assert_eq!(w.get("k/one", &token).ok().stdout, "kept");
+    w.run(&["audit", "verify"]).ok();
+}
