@@ -802,3 +802,102 @@ fn rekey_root_in_the_keychain() {
     assert_eq!(w.get("k/one", &token).ok().stdout, "kept");
     w.run(&["audit", "verify"]).ok();
 }
+
+#[test]
+fn retired_versions_are_archived_under_the_class_and_die_with_its_shred() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let mut keys = Vec::new();
+    for role in ["legal", "ciso"] {
+        let key = w.tmp.path().join(format!("{role}.key"));
+        let made = w
+            .run(&[
+                "holder",
+                "init",
+                "--role",
+                role,
+                "--identity-file",
+                key.to_str().expect("p"),
+                "--json",
+            ])
+            .ok()
+            .json();
+        w.run(&[
+            "holder",
+            "enroll",
+            "--role",
+            role,
+            "--pubkey",
+            made["pubkey"].as_str().expect("pk"),
+        ])
+        .ok();
+        keys.push(key);
+    }
+    w.run(&[
+        "class",
+        "create",
+        "sox",
+        "--retain",
+        "1h",
+        "--holders",
+        "legal,ciso",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+    w.put("bank/api", b"old-credential");
+    w.run(&[
+        "secret",
+        "config",
+        "bank/api",
+        "--class",
+        "sox",
+        "--overlap",
+        "1s",
+    ])
+    .ok();
+    w.run_with(
+        &["rotate", "now", "bank/api", "--from-stdin"],
+        Some(b"new-credential"),
+        &[],
+    )
+    .ok();
+    wait_for("version 1 to be archived", 15, || {
+        states(&show(&w, "bank/api"))[0].1 == "archived"
+    });
+    let d = show(&w, "bank/api");
+    assert_eq!(d["versions"][0]["archived_class"], "sox");
+    let c = w.run(&["class", "show", "sox", "--json"]).ok().json();
+    assert_eq!(
+        c["data_keys"], 1,
+        "the archived version's data key is under the class"
+    );
+    // Shredding the class destroys the archived version's key with it.
+    let id = w
+        .run(&["shred", "open", "--class", "sox", "--early", "--json"])
+        .ok()
+        .json()["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    for (role, key) in ["legal", "ciso"].iter().zip(&keys) {
+        w.run(&[
+            "shred",
+            "join",
+            &id,
+            "--role",
+            role,
+            "--yes",
+            "--identity-file",
+            key.to_str().expect("p"),
+        ])
+        .ok();
+    }
+    let c = w.run(&["class", "show", "sox", "--json"]).ok().json();
+    assert_eq!(c["state"], "shredded");
+    assert_eq!(c["data_keys"], 0);
+    // The current version is untouched.
+    let token = w.agent("app", "bank/*", "15m");
+    assert_eq!(w.get("bank/api", &token).ok().stdout, "new-credential");
+}
