@@ -37,6 +37,7 @@ pub struct Broker {
     pub(crate) store: Store,
     pub(crate) root_key: Arc<RootKeys>,
     pub(crate) store_id: String,
+    pub(crate) rekey_lock: tokio::sync::Mutex<()>,
     pub(crate) audit_key: SymmetricKey,
     pub(crate) fingerprint_key: SymmetricKey,
     admin_token_hash: [u8; 32],
@@ -61,6 +62,7 @@ pub struct Broker {
 pub struct RootKeys {
     current: RwLock<Arc<RootKey>>,
     previous: RwLock<Option<Arc<RootKey>>>,
+    swapped: std::sync::atomic::AtomicBool,
 }
 
 impl RootKeys {
@@ -68,6 +70,7 @@ impl RootKeys {
         RootKeys {
             current: RwLock::new(Arc::new(k)),
             previous: RwLock::new(None),
+            swapped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -101,6 +104,15 @@ impl RootKeys {
         if let Ok(mut p) = self.previous.write() {
             *p = Some(old);
         }
+        self.swapped
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a swap happened since the last call (a rekey job that failed
+    /// before its swap must not be undone).
+    pub(crate) fn generation_swapped(&self) -> bool {
+        self.swapped
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 }
 
@@ -177,6 +189,7 @@ impl Broker {
             fingerprint_key,
             root_key: Arc::new(RootKeys::new(root_key)),
             store_id,
+            rekey_lock: tokio::sync::Mutex::new(()),
             admin_token_hash,
             agents: RwLock::new(HashMap::new()),
             limits,

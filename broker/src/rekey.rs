@@ -38,6 +38,8 @@ impl Broker {
         request_id: &str,
         req: proto::RekeyRootRequest,
     ) -> Result<proto::RekeyRootResponse> {
+        // One rekey at a time: two would both write the next generation.
+        let _one = self.rekey_lock.lock().await;
         let passphrase = Zeroizing::new(req.passphrase);
         let store_id = self.store_id.clone();
         let generation = self.store.read(unseal::root_generation)?;
@@ -117,6 +119,7 @@ impl Broker {
         let handle = Arc::clone(&self.root_key);
         let swap_handle = Arc::clone(&self.root_key);
         let new_for_swap = RootKey::from_bytes(&new_bytes)?;
+        let old_for_undo = self.root_key.current();
         let audit_bytes = Zeroizing::new(self.audit_key.expose_bytes().to_vec());
         let fingerprint_bytes = Zeroizing::new(self.fingerprint_key.expose_bytes().to_vec());
         let rid = request_id.to_string();
@@ -126,6 +129,13 @@ impl Broker {
             .write_then(
                 move |ctx| {
                     let c = ctx.conn;
+                    if unseal::root_generation(c)? != generation {
+                        return Err(Error::FailedPrecondition(
+                            "the root key was rotated meanwhile; nothing was changed, run \
+                             `tessera rekey root` again if another rotation is wanted"
+                                .into(),
+                        ));
+                    }
                     let tampered = |what: String| {
                         Error::Tampered(format!(
                             "{what} failed authentication under the current root key; nothing \
@@ -198,11 +208,17 @@ impl Broker {
                         ),
                         &rid,
                     ))?;
+                    // Jobs later in this batch must already seal with the
+                    // new key (the re-wrap above cannot see their rows); if
+                    // the batch rolls back, the hook below swaps back.
+                    handle.swap(Arc::new(new_for_swap));
                     Ok((rows.len() as u64, classes.len() as u64))
                 },
                 move |committed| {
-                    if committed {
-                        swap_handle.swap(Arc::new(new_for_swap));
+                    let swapped = swap_handle.generation_swapped();
+                    if !committed && swapped {
+                        swap_handle.swap(old_for_undo);
+                        let _ = swap_handle.generation_swapped();
                     }
                 },
             )

@@ -52,6 +52,9 @@ pub mod version_state {
 pub const MAX_OVERLAP_SECS: u64 = 30 * 24 * 3600;
 /// Longest command timeout (10 minutes).
 pub const MAX_CMD_TIMEOUT_SECS: u64 = 600;
+/// Longest rotation interval and jitter accepted (10 years, 30 days).
+const MAX_EVERY_SECS: u64 = 10 * 366 * 24 * 3600;
+const MAX_JITTER_SECS: u64 = 30 * 24 * 3600;
 /// Longest wait before retrying a failed scheduled rotation.
 const MAX_BACKOFF_SECS: i64 = 3600;
 
@@ -237,7 +240,7 @@ fn jitter_secs(jitter: u64) -> i64 {
     }
     let mut b = [0u8; 8];
     let _ = crate::keys::fill_random(&mut b);
-    (u64::from_be_bytes(b) % (jitter + 1)) as i64
+    (u64::from_be_bytes(b) % jitter.saturating_add(1).max(1)) as i64
 }
 
 /// Who holds a rotation lock: host, process id, and a random part.
@@ -314,6 +317,8 @@ fn run_command(
         return Err("no command configured".into());
     };
     let mut cmd = Command::new(program);
+    // Its own process group, so a timeout kills whatever it started too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.args(&argv[1..])
         .env_clear()
         .env(
@@ -368,6 +373,10 @@ fn run_command(
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
             Ok(None) if start.elapsed() >= timeout => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &format!("-{}", child.id())])
+                    .stderr(Stdio::null())
+                    .status();
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
@@ -380,7 +389,7 @@ fn run_command(
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
     let mut shown = String::from_utf8_lossy(&stderr).into_owned();
-    for s in secrets {
+    for s in secrets.iter().chain(std::iter::once(&&stdout[..])) {
         let s = String::from_utf8_lossy(s);
         let s = s.trim();
         if !s.is_empty() {
@@ -606,6 +615,10 @@ impl Broker {
                 "schedule",
                 "give --every DURATION (e.g. 30d) or --cron 'MIN HOUR DOM MON DOW'",
             )),
+            (s, "") if s > MAX_EVERY_SECS => Err(Error::invalid(
+                "every",
+                "the interval may be at most 10 years",
+            )),
             (s, "") => Ok(format!("every:{s}")),
             (0, c) => Ok(format!("cron:{c}")),
             _ => Err(Error::invalid(
@@ -614,6 +627,16 @@ impl Broker {
             )),
         };
         let tz = (!req.tz.is_empty()).then(|| req.tz.clone());
+        let stored = stored.and_then(|s| {
+            if req.jitter_seconds > MAX_JITTER_SECS {
+                Err(Error::invalid(
+                    "jitter",
+                    "the jitter may be at most 30 days",
+                ))
+            } else {
+                Ok(s)
+            }
+        });
         let parsed = stored.and_then(|s| {
             let sch = Schedule::parse(&s, tz.as_deref())?;
             let first = sch.next_after(now())?;
@@ -817,6 +840,7 @@ impl Broker {
         let ttl = (settings.cmd_timeout as i64) * 2 + 30;
         // The lock, and (for a scheduled run) a check that the slot is still due.
         let (n, o) = (name.to_string(), owner.to_string());
+        let (sched, tz) = (settings.schedule.clone(), settings.schedule_tz.clone());
         let locked = self
             .store
             .write(move |ctx| {
@@ -830,6 +854,26 @@ impl Broker {
                         .optional()?
                         .flatten();
                     if next != Some(slot) {
+                        return Ok(false);
+                    }
+                    let served: Option<i64> = ctx
+                        .conn
+                        .query_row(
+                            "SELECT version FROM secret_versions WHERE name = ?1 AND due_at = ?2",
+                            params![n, slot],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if served.is_some() {
+                        // The slot has its version (a crash came between
+                        // serving it and moving on): move on now.
+                        if let Some(sc) = &sched {
+                            let next = Schedule::parse(sc, tz.as_deref())?.next_after(t)?;
+                            ctx.conn.execute(
+                                "UPDATE secrets SET next_due = ?2 WHERE name = ?1",
+                                params![n, next],
+                            )?;
+                        }
                         return Ok(false);
                     }
                 }
@@ -849,7 +893,7 @@ impl Broker {
         let (value, label) = match self.new_value(name, &settings, source).await {
             Ok(v) => v,
             Err(e) => {
-                self.record_failure(request_id, actor, name, &settings, owner, &e)
+                self.record_failure(request_id, actor, name, &settings, owner, due, &e)
                     .await?;
                 return Err(e);
             }
@@ -1051,7 +1095,8 @@ impl Broker {
                     .write(move |ctx| {
                         ctx.conn.execute(
                             "UPDATE secret_versions SET state = 'failed', wrapped_key = x'',
-                                ciphertext = x'' WHERE name = ?1 AND version = ?2",
+                                ciphertext = x'' WHERE name = ?1 AND version = ?2
+                                AND state = 'pending'",
                             params![n, version as i64],
                         )?;
                         ctx.audit(&Entry {
@@ -1065,7 +1110,7 @@ impl Broker {
                         })
                     })
                     .await?;
-                self.record_failure(request_id, actor, name, s, owner, &e)
+                self.record_failure(request_id, actor, name, s, owner, due, &e)
                     .await?;
                 return Err(e);
             }
@@ -1078,9 +1123,53 @@ impl Broker {
             actor.to_string(),
         );
         let (sched, tz, jitter) = (s.schedule.clone(), s.schedule_tz.clone(), s.jitter);
-        self.store
+        let outcome = self
+            .store
             .write(move |ctx| {
                 let t = now();
+                // Only a version still pending, and newer than the current
+                // one, becomes current: a `secret put` or another runner may
+                // have moved on meanwhile.
+                let (state, current): (Option<String>, i64) = (
+                    ctx.conn
+                        .query_row(
+                            "SELECT state FROM secret_versions WHERE name = ?1 AND version = ?2",
+                            params![n, version as i64],
+                            |r| r.get(0),
+                        )
+                        .optional()?,
+                    ctx.conn.query_row(
+                        "SELECT current_version FROM secrets WHERE name = ?1",
+                        [&n],
+                        |r| r.get(0),
+                    )?,
+                );
+                if state.as_deref() != Some(version_state::PENDING) {
+                    release_lock(ctx.conn, &n, &o)?;
+                    return Ok(Some(format!("version {version} was already finished")));
+                }
+                if current >= version as i64 {
+                    ctx.conn.execute(
+                        "UPDATE secret_versions SET state = 'failed', wrapped_key = x'',
+                            ciphertext = x'' WHERE name = ?1 AND version = ?2",
+                        params![n, version as i64],
+                    )?;
+                    release_lock(ctx.conn, &n, &o)?;
+                    let why = format!(
+                        "version {version} was superseded by version {current} before it could \
+                         be activated; it was discarded"
+                    );
+                    ctx.audit(&Entry {
+                        time: t,
+                        actor: a,
+                        action: "secret.rotate".into(),
+                        target: n.clone(),
+                        allowed: false,
+                        reason: why.clone(),
+                        request_id: rid,
+                    })?;
+                    return Ok(Some(why));
+                }
                 activate_version(ctx, &n, version, t)?;
                 fault("rotate-in-activate");
                 let next = match &sched {
@@ -1108,9 +1197,18 @@ impl Broker {
                     ),
                     request_id: rid,
                 })?;
-                Ok(())
+                Ok(None)
             })
             .await?;
+        if let Some(why) = outcome {
+            return Ok(proto::RotationResult {
+                name: name.into(),
+                outcome: "skipped".into(),
+                version,
+                message: why,
+                due_at: due.unwrap_or(0),
+            });
+        }
         self.invalidate_current();
         Ok(proto::RotationResult {
             name: name.into(),
@@ -1131,6 +1229,7 @@ impl Broker {
         name: &str,
         s: &Settings,
         owner: &str,
+        due: Option<i64>,
         e: &Error,
     ) -> Result<()> {
         let (n, o, rid, a, msg) = (
@@ -1140,7 +1239,9 @@ impl Broker {
             actor.to_string(),
             e.to_string(),
         );
-        let scheduled = s.schedule.is_some();
+        // Only a run that served a slot retries on the schedule's behalf; a
+        // refused manual rotation leaves the schedule alone.
+        let scheduled = s.schedule.is_some() && due.is_some();
         self.store
             .write(move |ctx| {
                 let t = now();
@@ -1300,11 +1401,22 @@ impl Broker {
         })?;
         for (name, version, class) in due {
             let ck = match &class {
-                Some(c) => self.class_key(c).ok(),
+                Some(c) => match self.class_key(c) {
+                    Ok(k) => Some(k),
+                    // Shredded (or gone): nothing to archive under; destroy.
+                    Err(Error::FailedPrecondition(_) | Error::NotFound(_)) => None,
+                    Err(e) => {
+                        tracing::warn!(secret = %name, version, error = %e,
+                            "cannot archive a retired version now; will retry");
+                        continue;
+                    }
+                },
                 None => None,
             };
             let rk = std::sync::Arc::clone(&self.root_key);
-            self.store
+            let label = name.clone();
+            let retired = self
+                .store
                 .write(move |ctx| {
                     let t = now();
                     let leases = revoke_active(ctx, Scope::Version(&name, version), t)?;
@@ -1358,7 +1470,11 @@ impl Broker {
                         request_id: "rotation".into(),
                     })
                 })
-                .await?;
+                .await;
+            if let Err(e) = retired {
+                tracing::warn!(secret = %label, version, error = %e,
+                    "could not retire a version past its overlap; will retry");
+            }
         }
         Ok(())
     }

@@ -124,7 +124,15 @@ impl Broker {
                     return;
                 }
                 tokio::select! {
-                    _ = wake.changed() => {}
+                    changed = wake.changed() => {
+                        // The writer is gone (shutting down): end the watch.
+                        if changed.is_err() {
+                            let _ = tx.send(Err(Status::unavailable(
+                                "the broker is shutting down; reconnect with after_event_id",
+                            ))).await;
+                            return;
+                        }
+                    }
                     _ = tokio::time::sleep(POLL) => {}
                     _ = tx.closed() => return,
                 }

@@ -83,7 +83,9 @@ fn spawn(args: &RunArgs, bindings: &[Binding]) -> Result<Child, CliError> {
         )
     })?;
     let mut cmd = Command::new(program);
-    cmd.args(rest).env_remove("TESSERA_TOKEN");
+    cmd.args(rest)
+        .env_remove("TESSERA_TOKEN")
+        .kill_on_drop(true);
     for b in bindings {
         let v = Zeroizing::new(String::from_utf8_lossy(&b.lease.value).into_owned());
         cmd.env(&b.var, v.as_str());
@@ -171,7 +173,9 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
                 for b in &mut bindings {
                     let rotated = ev.kind == "secret.rotated" && ev.secret == b.secret && ev.version > b.lease.version;
                     let revoked = ev.kind == "lease.revoked" && (ev.lease_id == b.lease.lease_id
-                        || (ev.lease_id.is_empty() && (ev.secret.is_empty() || ev.secret == b.secret)));
+                        || (ev.lease_id.is_empty()
+                            && (ev.secret.is_empty() || ev.secret == b.secret)
+                            && (ev.version == 0 || ev.version == b.lease.version)));
                     if rotated || revoked {
                         let old = std::mem::replace(&mut b.lease, issue(&mut broker, &token, &b.secret).await?);
                         // The old value is no longer in use: give its lease back.
