@@ -201,6 +201,17 @@ fn holder_keys(conn: &Connection, role: &str) -> Result<(Option<SigningKey>, Vec
     Ok((current.and_then(|k| k.try_into().ok()), retired))
 }
 
+/// Checks a role name and parses a holder's public key (`holder enroll` and
+/// `holder replace`), including its age recipient.
+fn parse_holder_key(role: &str, pubkey: &str) -> Result<HolderPublicKey> {
+    names::role(role, "role")?;
+    let k = HolderPublicKey::parse(pubkey).map_err(|e| Error::invalid("pubkey", e.to_string()))?;
+    k.age_recipient
+        .parse::<age::x25519::Recipient>()
+        .map_err(|_| Error::invalid("pubkey", "its age part is not a valid X25519 recipient"))?;
+    Ok(k)
+}
+
 /// Judges a signature by a role: Ok with the current key, or the precise
 /// reason it is refused (unenrolled role, replaced key, bad signature).
 pub(crate) fn judge_role_signature(
@@ -291,17 +302,7 @@ impl Broker {
         role: String,
         pubkey: String,
     ) -> Result<proto::HolderInfo> {
-        let parsed = names::role(&role, "role").and_then(|()| {
-            let k = HolderPublicKey::parse(&pubkey)
-                .map_err(|e| Error::invalid("pubkey", e.to_string()))?;
-            k.age_recipient
-                .parse::<age::x25519::Recipient>()
-                .map_err(|_| {
-                    Error::invalid("pubkey", "its age part is not a valid X25519 recipient")
-                })?;
-            Ok(k)
-        });
-        let key = match parsed {
+        let key = match parse_holder_key(&role, &pubkey) {
             Ok(k) => k,
             Err(e) => {
                 return Err(self
@@ -366,17 +367,7 @@ impl Broker {
         role: String,
         pubkey: String,
     ) -> Result<(proto::HolderInfo, Vec<String>)> {
-        let parsed = names::role(&role, "role").and_then(|()| {
-            let k = HolderPublicKey::parse(&pubkey)
-                .map_err(|e| Error::invalid("pubkey", e.to_string()))?;
-            k.age_recipient
-                .parse::<age::x25519::Recipient>()
-                .map_err(|_| {
-                    Error::invalid("pubkey", "its age part is not a valid X25519 recipient")
-                })?;
-            Ok(k)
-        });
-        let key = match parsed {
+        let key = match parse_holder_key(&role, &pubkey) {
             Ok(k) => k,
             Err(e) => {
                 return Err(self

@@ -384,6 +384,16 @@ fn rotate_due_from_two_processes_rotates_once_and_missed_slots_rotate_once() {
         .filter(|v| v["due_at"].as_i64().is_some_and(|t| t > 0 && t <= back))
         .count();
     assert_eq!(for_downtime, 1, "missed slots rotate once: {d:#}");
+    // With a broker running, `rotate --due` goes through it, and exits 1
+    // when a rotation fails.
+    let fail = script(&w, "fail.sh", "exit 1");
+    w.run(&["secret", "config", "api/key", "--rotate-cmd", &fail])
+        .ok();
+    wait_for("the next slot", 20, || {
+        show(&w, "api/key")["next_due"].as_i64() <= Some(tessera_broker::init::now())
+    });
+    let r = w.run(&["rotate", "--due", "--json"]).fails_with(1);
+    assert!(r.stdout.contains("\"failed\":1"), "{r:#?}");
     assert!(d["last_result"].as_str().expect("r").starts_with("ok"));
     let status = w.run(&["rotate", "status", "--json"]).ok().json();
     assert_eq!(status["secrets"][0]["name"], "api/key");
@@ -943,4 +953,72 @@ fn retired_versions_are_archived_under_the_class_and_die_with_its_shred() {
     // The current version is untouched.
     let token = w.agent("app", "bank/*", "15m");
     assert_eq!(w.get("bank/api", &token).ok().stdout, "new-credential");
+}
+
+#[test]
+fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("gh/token", b"ghp-1");
+    let token = w.agent("bot", "gh/*", "15m");
+    let out = w.tmp.path().join("watch.out");
+    let mut watch = w.command();
+    watch
+        .args(["get", "gh/token", "--watch"])
+        .env("TESSERA_TOKEN", &token)
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .stderr(std::process::Stdio::null());
+    let mut watch = watch.spawn().expect("spawn get --watch");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_for("the first value", 20, || read(&out) == "ghp-1\n");
+    w.run_with(
+        &["rotate", "now", "gh/token", "--from-stdin"],
+        Some(b"ghp-2"),
+        &[],
+    )
+    .ok();
+    wait_for("the rotated value", 20, || read(&out) == "ghp-1\nghp-2\n");
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // --on-rotate signal:HUP: the command keeps running and gets SIGHUP.
+    let log = w.tmp.path().join("hup.out");
+    let child = script(
+        &w,
+        "hup.sh",
+        &format!(
+            "echo start >> {log}; trap 'echo hup >> {log}' HUP; trap 'exit 0' TERM; \
+             while true; do sleep 0.1; done",
+            log = log.display()
+        ),
+    );
+    let mut run = w.command();
+    run.args([
+        "run",
+        "--env",
+        "T=gh/token",
+        "--on-rotate",
+        "signal:HUP",
+        "--",
+        &child,
+    ])
+    .env("TESSERA_TOKEN", &token)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut run = run.spawn().expect("spawn run");
+    wait_for("the child", 20, || read(&log).contains("start"));
+    w.run_with(
+        &["rotate", "now", "gh/token", "--from-stdin"],
+        Some(b"ghp-3"),
+        &[],
+    )
+    .ok();
+    wait_for("SIGHUP", 20, || read(&log).contains("hup"));
+    assert_eq!(read(&log).matches("start").count(), 1, "not restarted");
+    std::process::Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert_eq!(run.wait().expect("run").code(), Some(0));
 }
