@@ -19,6 +19,7 @@ use tessera_shred::certificate::{self, Certificate};
 use crate::audit::{ACTOR_SYSTEM, Entry};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
+use crate::fault;
 use crate::init::{now, rfc3339};
 use crate::keys::{fill_random, hex, random_id};
 use crate::proto;
@@ -42,17 +43,6 @@ pub mod state {
 
 /// Longest a ceremony may stay open (30 days).
 pub const MAX_EXPIRY_SECS: u64 = 30 * 24 * 3600;
-
-/// Test hook: with `TESSERA_FAULT=<point>` the broker aborts at that point
-/// (as `kill -9` would), so tests can show each step is crash-safe. Points:
-/// `shred-before-destroy`, `shred-in-destroy`, `shred-before-compact`,
-/// `shred-mid-compact`.
-fn fault(point: &str) {
-    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p == point) {
-        eprintln!("TESSERA_FAULT: aborting at {point}");
-        std::process::abort();
-    }
-}
 
 struct CeremonyRow {
     id: String,

@@ -459,15 +459,15 @@ pub(crate) fn revoke_active(ctx: &mut WriteCtx<'_>, scope: Scope<'_>, t: i64) ->
     let conn = ctx.conn;
     let (n, ev) = match scope {
         Scope::Id(id) => {
+            // One statement: revoke, and learn whose lease it was for the event.
             let owner: Option<(i64, String)> = conn
-                .prepare_cached("SELECT agent_id, secret FROM leases WHERE id = ?1 AND state = 0")?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let n = conn
                 .prepare_cached(
-                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND id = ?3",
+                    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND id = ?3
+                     RETURNING agent_id, secret",
                 )?
-                .execute(params![r, t, id])?;
+                .query_row(params![r, t, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let n = usize::from(owner.is_some());
             let (agent, secret) = owner.unzip();
             (n, (agent, secret.unwrap_or_default(), 0, id.to_string()))
         }

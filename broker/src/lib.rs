@@ -7,6 +7,17 @@
 
 #![forbid(unsafe_code)]
 
+/// Test hook for crash safety: with `TESSERA_FAULT=<point>` the process
+/// aborts at that point, as `kill -9` would, so tests can show each step of
+/// a multi-step operation is safe to interrupt. Points: `shred-*` in
+/// `ceremony`, `rotate-*` in `rotation`, `rekey-*` in `rekey`.
+pub(crate) fn fault(point: &str) {
+    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p == point) {
+        eprintln!("TESSERA_FAULT: aborting at {point}");
+        std::process::abort();
+    }
+}
+
 pub mod agent;
 pub mod audit;
 pub mod broker;

@@ -19,17 +19,11 @@ use zeroize::Zeroizing;
 use crate::agent::admin_entry;
 use crate::broker::{Broker, stable_key_aad};
 use crate::error::{Error, Result};
+use crate::fault;
 use crate::keys::{RootKey, class_key_aad, data_key_aad, signing_key_aad};
 use crate::proto;
 use crate::store::{meta_get, meta_set};
 use crate::unseal::{self, KdfParams, OperatorSplit, Source};
-
-fn fault(point: &str) {
-    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p == point) {
-        eprintln!("TESSERA_FAULT: aborting at {point}");
-        std::process::abort();
-    }
-}
 
 impl Broker {
     /// Rotates the root key (see the module doc).

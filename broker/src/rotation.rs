@@ -24,6 +24,7 @@ use crate::agent::admin_entry;
 use crate::audit::{ACTOR_SYSTEM, Entry};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
+use crate::fault;
 use crate::generate::Generator;
 use crate::init::{now, rfc3339};
 use crate::keys::{SymmetricKey, class_data_key_aad, data_key_aad, random_id, value_aad};
@@ -57,16 +58,6 @@ const MAX_EVERY_SECS: u64 = 10 * 366 * 24 * 3600;
 const MAX_JITTER_SECS: u64 = 30 * 24 * 3600;
 /// Longest wait before retrying a failed scheduled rotation.
 const MAX_BACKOFF_SECS: i64 = 3600;
-
-/// Test hook, as in `ceremony`: `TESSERA_FAULT=<point>` aborts at
-/// `rotate-after-value`, `rotate-after-pending`, `rotate-after-verify` or
-/// `rotate-in-activate`.
-fn fault(point: &str) {
-    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p == point) {
-        eprintln!("TESSERA_FAULT: aborting at {point}");
-        std::process::abort();
-    }
-}
 
 /// Marks `version` of `name` active (it must be stored already), moves the
 /// previous active version into its overlap window, and records a
@@ -243,13 +234,18 @@ fn jitter_secs(jitter: u64) -> i64 {
     (u64::from_be_bytes(b) % jitter.saturating_add(1).max(1)) as i64
 }
 
+/// This machine's host name (empty if unknown).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Who holds a rotation lock: host, process id, and a random part.
 fn lock_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
     format!(
-        "{host}:{}:{}",
+        "{}:{}:{}",
+        hostname(),
         std::process::id(),
         random_id("").unwrap_or_default()
     )
@@ -261,10 +257,7 @@ fn owner_is_dead(owner: &str) -> bool {
     let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
         return false;
     };
-    let here = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    host == here && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    host == hostname() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Takes the rotation lock on `name` for `owner` unless another live
