@@ -366,10 +366,16 @@ fn run_command(
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
             Ok(None) if start.elapsed() >= timeout => {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &format!("-{}", child.id())])
-                    .stderr(Stdio::null())
-                    .status();
+                // The whole group the command leads (never our own: it was
+                // started with process_group(0)).
+                if let Ok(pgid) = i32::try_from(child.id())
+                    && pgid > 1
+                {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pgid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
