@@ -448,6 +448,27 @@ enum Cmd {
 /// Most jobs applied in one transaction.
 const MAX_BATCH: usize = 1024;
 
+/// How often the checkpoint thread copies committed WAL frames into the
+/// database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Past this size the writer finishes the checkpoint itself between two
+/// batches, so the next transaction starts the WAL over from its beginning.
+/// Under steady load the checkpoint thread alone never catches up with the
+/// writer (new frames land while it copies), and the WAL would grow without
+/// bound: a growing file costs a block allocation and an inode write per
+/// commit, and disk space. Also the size the WAL is truncated to afterwards.
+const WAL_RESTART_BYTES: u64 = 8 << 20;
+
+/// How many batches pass between two looks at the WAL's size.
+const WAL_CHECK_BATCHES: u32 = 32;
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
 /// An open, unsealed store: the writer and the readers.
 pub struct Store {
     path: PathBuf,
@@ -484,7 +505,10 @@ impl Store {
         // Checkpoints run on their own connection and thread so the writer
         // never stalls on one mid-batch (a PASSIVE checkpoint does not block
         // writers); the writer only appends to the WAL.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16384;")?;
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16384;
+             PRAGMA journal_size_limit = {WAL_RESTART_BYTES};"
+        ))?;
         let checkpointer = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -494,7 +518,7 @@ impl Store {
             .name("tessera-checkpoint".into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    std::thread::sleep(CHECKPOINT_EVERY);
                     if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
                         tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
                     }
@@ -503,9 +527,10 @@ impl Store {
             .map_err(|e| Error::Internal(format!("cannot start the checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel::<Cmd>(8192);
         let (events_tx, events_rx) = tokio::sync::watch::channel(0u64);
+        let wal = wal_path(path);
         std::thread::Builder::new()
             .name("tessera-writer".into())
-            .spawn(move || writer_loop(conn, chain, rx, events_tx))
+            .spawn(move || writer_loop(conn, chain, rx, events_tx, wal))
             .map_err(|e| Error::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Store {
             path: path.to_path_buf(),
@@ -657,9 +682,11 @@ fn writer_loop(
     mut chain: Chain,
     mut rx: mpsc::Receiver<Cmd>,
     events: tokio::sync::watch::Sender<u64>,
+    wal: PathBuf,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut held: Option<Cmd> = None;
+    let mut batches: u32 = 0;
     loop {
         let first = match held.take() {
             Some(c) => c,
@@ -700,6 +727,24 @@ fn writer_loop(
         }
         for d in done {
             d(committed.as_ref().map(|_| ()).map_err(commit_failed));
+        }
+        batches = batches.wrapping_add(1);
+        if batches % WAL_CHECK_BATCHES == 0 {
+            restart_wal_if_large(&conn, &wal);
+        }
+    }
+}
+
+/// Copies what the checkpoint thread has not yet copied (usually the last
+/// few milliseconds of commits) when the WAL has grown past
+/// [`WAL_RESTART_BYTES`]; with every frame in the database file, the next
+/// write transaction starts the WAL over. PASSIVE never waits: if readers
+/// hold old snapshots, it tries again after later batches.
+fn restart_wal_if_large(conn: &Connection, wal: &Path) {
+    let large = std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_RESTART_BYTES);
+    if large {
+        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
         }
     }
 }
@@ -763,4 +808,54 @@ fn run_batch(
     }
     .and_then(|()| tx.commit().map_err(Error::from));
     (done, outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Under writes that never pause, the WAL is started over once it passes
+    /// its limit instead of growing with every commit.
+    #[test]
+    fn the_wal_stays_bounded_under_steady_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tessera.db");
+        let conn = open_rw(&path, true).unwrap();
+        let store =
+            Arc::new(Store::start(&path, conn, SymmetricKey::generate().unwrap(), 1).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        const VALUE: usize = 8 << 10;
+        // Many writers at once, so the writer always has the next batch
+        // queued: four times the limit in values alone.
+        let per_writer = 4 * WAL_RESTART_BYTES as usize / VALUE / 32 + 1;
+        rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for w in 0..32 {
+                let store = Arc::clone(&store);
+                set.spawn(async move {
+                    for i in 0..per_writer {
+                        store
+                            .write(move |ctx| {
+                                // A changed value: SQLite skips pages whose
+                                // bytes stay the same.
+                                meta_set(ctx.conn, &format!("t{w}.{}", i % 4), &[i as u8; VALUE])
+                            })
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap();
+            }
+        });
+        let wal = std::fs::metadata(wal_path(&path)).unwrap().len();
+        assert!(
+            wal <= 2 * WAL_RESTART_BYTES,
+            "the WAL grew to {wal} bytes under steady writes"
+        );
+    }
 }
