@@ -729,7 +729,7 @@ fn writer_loop(
             d(committed.as_ref().map(|_| ()).map_err(commit_failed));
         }
         batches = batches.wrapping_add(1);
-        if batches % WAL_CHECK_BATCHES == 0 {
+        if batches.is_multiple_of(WAL_CHECK_BATCHES) {
             restart_wal_if_large(&conn, &wal);
         }
     }
@@ -742,10 +742,8 @@ fn writer_loop(
 /// hold old snapshots, it tries again after later batches.
 fn restart_wal_if_large(conn: &Connection, wal: &Path) {
     let large = std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_RESTART_BYTES);
-    if large {
-        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
-            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-        }
+    if large && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
     }
 }
 
@@ -819,14 +817,15 @@ mod tests {
     /// its limit instead of growing with every commit.
     #[test]
     fn the_wal_stays_bounded_under_steady_writes() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("tessera.db");
-        let conn = open_rw(&path, true).unwrap();
-        let store =
-            Arc::new(Store::start(&path, conn, SymmetricKey::generate().unwrap(), 1).unwrap());
+        let conn = open_rw(&path, true).expect("new store");
+        let store = Arc::new(
+            Store::start(&path, conn, SymmetricKey::generate().expect("key"), 1).expect("start"),
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
-            .unwrap();
+            .expect("runtime");
         const VALUE: usize = 8 << 10;
         // Many writers at once, so the writer always has the next batch
         // queued: four times the limit in values alone.
@@ -844,15 +843,15 @@ mod tests {
                                 meta_set(ctx.conn, &format!("t{w}.{}", i % 4), &[i as u8; VALUE])
                             })
                             .await
-                            .unwrap();
+                            .expect("write");
                     }
                 });
             }
             while let Some(r) = set.join_next().await {
-                r.unwrap();
+                r.expect("writer task");
             }
         });
-        let wal = std::fs::metadata(wal_path(&path)).unwrap().len();
+        let wal = std::fs::metadata(wal_path(&path)).expect("WAL").len();
         assert!(
             wal <= 2 * WAL_RESTART_BYTES,
             "the WAL grew to {wal} bytes under steady writes"
