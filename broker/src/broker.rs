@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use zeroize::Zeroizing;
 
 use crate::agent::Agent;
@@ -276,7 +276,22 @@ impl Broker {
     }
 
     /// Walks the whole audit chain and its stored head.
-    pub async fn verify_audit(&self, request_id: &str) -> Result<proto::VerifyAuditResponse> {
+    pub async fn verify_audit(
+        &self,
+        request_id: &str,
+        checkpoints: &[String],
+    ) -> Result<proto::VerifyAuditResponse> {
+        // Checkpoints are checked first: a bad one is the caller's mistake.
+        let n = checkpoints.len();
+        let checkpoints = checkpoints
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                crate::checkpoint::verify(text, &self.signing_public).map_err(|e| {
+                    Error::invalid("checkpoint", format!("{e} (checkpoint {} of {n})", i + 1))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let verdict = self.store.read(|conn| {
             let mut v = audit::Verifier::new(&self.audit_key);
             let mut stmt = conn.prepare(
@@ -288,7 +303,16 @@ impl Broker {
                 v.push(&row_to_record(r)?);
             }
             let head = meta_get(conn, "audit_head")?.and_then(|h| store::parse_head(&h));
-            Ok(v.finish(head))
+            let verdict = v.finish(head);
+            if !matches!(verdict, Verdict::Intact { .. }) {
+                return Ok(verdict);
+            }
+            for cp in &checkpoints {
+                if let Some(broken) = check_checkpoint(conn, cp)? {
+                    return Ok(broken);
+                }
+            }
+            Ok(verdict)
         })?;
         let resp = match verdict {
             Verdict::Intact { records } => proto::VerifyAuditResponse {
@@ -324,6 +348,40 @@ impl Broker {
             })
             .await?;
         Ok(resp)
+    }
+
+    /// Appends an `audit.checkpoint` record and returns the trail's head
+    /// after it, signed with the broker's key, to be kept off the machine.
+    pub async fn checkpoint_audit(&self, request_id: &str) -> Result<proto::AuditCheckpoint> {
+        let request_id = request_id.to_string();
+        let head = self
+            .store
+            .write(move |ctx| {
+                ctx.audit(&Entry {
+                    time: now(),
+                    actor: ACTOR_ADMIN.into(),
+                    action: "audit.checkpoint".into(),
+                    target: "audit".into(),
+                    allowed: true,
+                    reason: "signed checkpoint of the trail, this record included".into(),
+                    request_id,
+                })?;
+                Ok(ctx.audit_head())
+            })
+            .await?;
+        let cp = crate::checkpoint::Checkpoint {
+            broker_key: self.signing_public,
+            seq: head.0,
+            hash: head.1,
+            time: now(),
+        };
+        let text = cp.sign(&self.signing_key).map_err(Error::Internal)?;
+        Ok(proto::AuditCheckpoint {
+            text,
+            seq: cp.seq,
+            hash: hex(&cp.hash),
+            time: cp.time,
+        })
     }
 
     /// Audit records from `from_seq` (and at or after `since`), at most
@@ -410,6 +468,43 @@ impl Broker {
         dk.open(&crate::keys::value_aad(name, version), ciphertext)
             .ok_or_else(tampered)
     }
+}
+
+/// Whether the trail still holds the record `cp` was signed over.
+fn check_checkpoint(
+    conn: &rusqlite::Connection,
+    cp: &crate::checkpoint::Checkpoint,
+) -> Result<Option<Verdict>> {
+    let hash: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT hash FROM audit WHERE seq = ?1",
+            [cp.seq as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let problem = match hash {
+        Some(h) if h[..] == cp.hash[..] => return Ok(None),
+        Some(_) => format!(
+            "it differs from the signed checkpoint of {}: the trail was rewritten from here on",
+            time_text(cp.time)
+        ),
+        None => format!(
+            "the trail ends before it, but a checkpoint signed {} covers it: the store was \
+             rolled back to an older copy or its newest records were removed",
+            time_text(cp.time)
+        ),
+    };
+    Ok(Some(Verdict::Broken {
+        seq: cp.seq,
+        problem,
+    }))
+}
+
+fn time_text(t: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
+    )
+    .to_string()
 }
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> Result<audit::Record> {

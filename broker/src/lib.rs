@@ -22,6 +22,7 @@ pub mod agent;
 pub mod audit;
 pub mod broker;
 pub mod ceremony;
+pub mod checkpoint;
 pub mod error;
 pub mod gate;
 pub mod generate;

@@ -385,7 +385,18 @@ impl admin_server::Admin for Services {
         req: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
         let rid = self.admin(&req, "audit.verify", "audit").await?;
-        Ok(Response::new(self.broker()?.verify_audit(&rid).await?))
+        let checkpoints = req.into_inner().checkpoints;
+        Ok(Response::new(
+            self.broker()?.verify_audit(&rid, &checkpoints).await?,
+        ))
+    }
+
+    async fn checkpoint_audit(
+        &self,
+        req: Request<proto::CheckpointAuditRequest>,
+    ) -> Result<Response<proto::AuditCheckpoint>, Status> {
+        let rid = self.admin(&req, "audit.checkpoint", "audit").await?;
+        Ok(Response::new(self.broker()?.checkpoint_audit(&rid).await?))
     }
 
     type ExportAuditStream = AuditStream;

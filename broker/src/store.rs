@@ -322,6 +322,12 @@ impl WriteCtx<'_> {
         self.chain.append(self.conn, entry)
     }
 
+    /// The audit trail's head as of this point of the transaction: the last
+    /// record's sequence number and hash.
+    pub fn audit_head(&self) -> (u64, [u8; 32]) {
+        (self.chain.head.seq, self.chain.head.hash)
+    }
+
     /// Appends a durable event for `Watch`, in this transaction; watchers
     /// are woken once the transaction commits.
     pub fn event(&mut self, e: &NewEvent<'_>) -> Result<()> {

@@ -765,9 +765,20 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
     let token = admin_token(g)?;
     let mut admin = target(g).admin().await?;
     match c {
-        AuditCmd::Verify => {
+        AuditCmd::Verify { checkpoints } => {
+            let checkpoints = checkpoints
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(p).map_err(|e| {
+                        CliError::new(
+                            Exit::Usage,
+                            format!("cannot read the checkpoint {}: {e}", p.display()),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let r = admin
-                .verify_audit(authed(proto::VerifyAuditRequest {}, &token)?)
+                .verify_audit(authed(proto::VerifyAuditRequest { checkpoints }, &token)?)
                 .await?
                 .into_inner();
             if g.json {
@@ -782,6 +793,37 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
             }
             if !r.ok {
                 return Err(CliError::new(Exit::AuditBroken, r.problem));
+            }
+        }
+        AuditCmd::Checkpoint { out } => {
+            let cp = admin
+                .checkpoint_audit(authed(proto::CheckpointAuditRequest {}, &token)?)
+                .await?
+                .into_inner();
+            match &out {
+                Some(path) => std::fs::write(path, &cp.text).map_err(|e| {
+                    CliError::new(
+                        Exit::Failure,
+                        format!("cannot write {}: {e}", path.display()),
+                    )
+                })?,
+                None if !g.json => print!("{}", cp.text),
+                None => {}
+            }
+            if g.json {
+                print_json(json!({
+                    "seq": cp.seq,
+                    "hash": cp.hash,
+                    "time": time(cp.time),
+                    "checkpoint": cp.text,
+                    "file": out.as_ref().map(|p| p.display().to_string()),
+                }));
+            } else if let Some(path) = &out {
+                println!(
+                    "Checkpoint of audit record {} written to {}; keep a copy off this machine",
+                    cp.seq,
+                    path.display()
+                );
             }
         }
         AuditCmd::Export { since, from_seq } => {

@@ -536,7 +536,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
 
     step(19, "tessera audit verify");
     let v = admin
-        .verify_audit(authed(proto::VerifyAuditRequest {}, &admin_token)?)
+        .verify_audit(authed(proto::VerifyAuditRequest::default(), &admin_token)?)
         .await?
         .into_inner();
     println!(

@@ -690,7 +690,20 @@ pub enum LeaseCmd {
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Check the hash chain; exit 8 if it is broken.
-    Verify,
+    Verify {
+        /// A signed checkpoint (from `audit checkpoint`) the trail must
+        /// still reach; catches a store rolled back to an older copy.
+        /// Repeatable.
+        #[arg(long = "checkpoint", value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Sign the trail's head with the broker's key, to keep off the machine
+    /// (run it from cron or a timer and ship the files elsewhere).
+    Checkpoint {
+        /// Write the checkpoint here instead of to stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Write records as JSON lines (for a SIEM).
     Export {
         /// Only records at or after this time (RFC 3339, e.g. 2026-01-01T00:00:00Z).

@@ -275,3 +275,82 @@ fn secrets_and_tokens_never_leak() {
         }
     }
 }
+
+/// Copies the store's files (database and, if present, WAL) from `from` to
+/// `to`, for a broker that is stopped.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    for suffix in ["", "-wal"] {
+        let src = std::path::PathBuf::from(format!("{}{suffix}", from.display()));
+        let dst = std::path::PathBuf::from(format!("{}{suffix}", to.display()));
+        if src.exists() {
+            std::fs::copy(&src, &dst).expect("copy the store");
+        } else {
+            let _ = std::fs::remove_file(&dst);
+        }
+    }
+}
+
+/// A store rolled back to an older copy has an intact trail of its own;
+/// a signed checkpoint taken later, kept elsewhere, catches it. Checkpoints
+/// from another broker and altered checkpoints are refused.
+#[test]
+fn a_signed_checkpoint_catches_a_store_rolled_back_to_an_older_copy() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("s/one", b"v1");
+    s.terminate();
+    let old = w.tmp.path().join("old-copy.db");
+    copy_store(&w.db(), &old);
+
+    let mut s = w.serve(&[]);
+    w.put("s/two", b"v2");
+    let cp = w.tmp.path().join("checkpoint.txt");
+    let cp_arg = cp.to_str().expect("utf-8 path");
+    let r = w
+        .run(&["audit", "checkpoint", "--out", cp_arg, "--json"])
+        .ok();
+    let seq = r.json()["seq"].as_u64().expect("seq");
+    let text = std::fs::read_to_string(&cp).expect("checkpoint written");
+    assert!(text.starts_with("tessera-audit-checkpoint-v1\n"), "{text}");
+    // The trail still reaches it, also after more records.
+    w.put("s/three", b"v3");
+    w.run(&["audit", "verify", "--checkpoint", cp_arg]).ok();
+
+    // An altered checkpoint is the caller's mistake: INVALID_ARGUMENT (exit 7).
+    let forged = w.tmp.path().join("forged.txt");
+    std::fs::write(&forged, text.replace(&format!("seq: {seq}"), "seq: 1")).expect("write");
+    let r = w
+        .run(&[
+            "audit",
+            "verify",
+            "--checkpoint",
+            forged.to_str().expect("utf-8"),
+        ])
+        .fails_with(7);
+    assert!(r.stderr.contains("altered after signing"), "{r:#?}");
+    s.terminate();
+
+    // Roll the whole store back to the older copy: its own chain is intact.
+    copy_store(&old, &w.db());
+    let _s = w.serve(&[]);
+    w.run(&["audit", "verify"]).ok();
+    let r = w
+        .run(&["audit", "verify", "--checkpoint", cp_arg, "--json"])
+        .fails_with(8);
+    assert_eq!(r.json()["first_bad_seq"].as_u64(), Some(seq), "{r:#?}");
+    let problem = r.json()["problem"].as_str().unwrap_or_default().to_string();
+    assert!(
+        problem.contains("rolled back to an older copy"),
+        "{problem}"
+    );
+
+    // A checkpoint signed by another broker is refused as such.
+    let other = World::new();
+    other.init_passphrase();
+    let _o = other.serve(&[]);
+    let r = other
+        .run(&["audit", "verify", "--checkpoint", cp_arg])
+        .fails_with(7);
+    assert!(r.stderr.contains("signed by another broker"), "{r:#?}");
+}
