@@ -534,13 +534,31 @@ pub async fn run(json: bool) -> Result<(), CliError> {
     rotation_under_lease(&target, &admin_token, &agent_token).await?;
     shred_ceremony(&target, &admin_token).await?;
 
-    step(19, "tessera audit verify");
-    let v = admin
-        .verify_audit(authed(proto::VerifyAuditRequest::default(), &admin_token)?)
+    step(
+        19,
+        "tessera audit checkpoint && tessera audit verify --checkpoint",
+    );
+    let cp = admin
+        .checkpoint_audit(authed(proto::CheckpointAuditRequest {}, &admin_token)?)
         .await?
         .into_inner();
     println!(
-        "    {} ({} records, hash-chained; no value or token in any of them)",
+        "    checkpoint of record {} signed by the broker (keep it off the machine: it \
+         catches a store rolled back to an older copy)",
+        cp.seq
+    );
+    let v = admin
+        .verify_audit(authed(
+            proto::VerifyAuditRequest {
+                checkpoints: vec![cp.text],
+            },
+            &admin_token,
+        )?)
+        .await?
+        .into_inner();
+    println!(
+        "    {} ({} records, hash-chained, reaching the checkpoint; no value or token in any \
+         of them)",
         if v.ok { "intact" } else { "BROKEN" },
         v.records
     );

@@ -379,6 +379,7 @@ fn demo_walks_through_the_main_job() {
         "Watch: secret.rotated openai/prod version 2",
         "the old lease still renews",
         "version 1: retired",
+        "reaching the checkpoint",
     ] {
         assert!(
             r.stdout.contains(expect),
