@@ -53,6 +53,9 @@ pub struct Broker {
     /// Unwrapped class keys in use; a shred removes its entry (and the key
     /// is zeroized when the last user drops it).
     pub(crate) class_keys: RwLock<HashMap<String, Arc<crate::retention::ClassKey>>>,
+    /// Set when the broker stops serving: open `Watch` streams end (they
+    /// would otherwise hold the graceful shutdown open forever).
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// The root key in use, swappable by `rekey root` without a restart. Jobs
@@ -199,7 +202,14 @@ impl Broker {
             signing_key,
             signing_public,
             class_keys: RwLock::new(HashMap::new()),
+            stopping: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Ends every open `Watch` stream (with UNAVAILABLE, so clients
+    /// reconnect), for a graceful shutdown.
+    pub fn stop_watches(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// The broker's Ed25519 public key (hex), which signs certificates.

@@ -182,6 +182,17 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         }));
     }
 
+    // A shutdown ends open watches, or the drain would wait on them forever.
+    let watch_gate = Arc::clone(&gate);
+    let mut watch_rx = shutdown_rx.clone();
+    tokio::spawn(async move {
+        if watch_rx.wait_for(|stop| *stop).await.is_ok()
+            && let Some(b) = watch_gate.broker()
+        {
+            b.stop_watches();
+        }
+    });
+
     let sweeper_gate = Arc::clone(&gate);
     let mut sweep_rx = shutdown_rx.clone();
     let sweep_every = opts.sweep_interval;

@@ -95,6 +95,9 @@ impl Services {
     }
 }
 
+/// Response header of `Watch`: the event id the stream starts after.
+pub const EVENT_CURSOR: &str = "tessera-event-cursor";
+
 #[tonic::async_trait]
 impl broker_server::Broker for Services {
     type WatchStream = EventStream;
@@ -104,12 +107,15 @@ impl broker_server::Broker for Services {
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (_rid, agent) = self.agent(&req, "watch", "events").await?;
-        let rx = self
+        let (rx, cursor) = self
             .broker()?
             .watch(agent, req.into_inner().after_event_id)?;
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let mut resp = Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::WatchStream
+        );
+        resp.metadata_mut()
+            .insert(EVENT_CURSOR, tonic::metadata::MetadataValue::from(cursor));
+        Ok(resp)
     }
 
     async fn issue(

@@ -76,12 +76,13 @@ impl Broker {
         })
     }
 
-    /// Starts a watch for `agent` after event `after` (0: from now on).
+    /// Starts a watch for `agent` after event `after` (0: from now on);
+    /// returns the stream and the id it starts after.
     pub fn watch(
         self: &Arc<Self>,
         agent: Arc<Agent>,
         after: u64,
-    ) -> Result<mpsc::Receiver<Result<proto::Event, Status>>> {
+    ) -> Result<(mpsc::Receiver<Result<proto::Event, Status>>, u64)> {
         let mut cursor = if after == 0 {
             self.store.read(|conn| {
                 Ok(
@@ -93,9 +94,11 @@ impl Broker {
         } else {
             after
         };
+        let start = cursor;
         let (tx, rx) = mpsc::channel(64);
         let broker = Arc::clone(self);
         let mut wake = self.store.subscribe_events();
+        let mut stopping = self.stopping.subscribe();
         tokio::spawn(async move {
             loop {
                 let page = match broker.events_after(cursor) {
@@ -135,9 +138,15 @@ impl Broker {
                     }
                     _ = tokio::time::sleep(POLL) => {}
                     _ = tx.closed() => return,
+                    _ = async { drop(stopping.wait_for(|s| *s).await) } => {
+                        let _ = tx.send(Err(Status::unavailable(
+                            "the broker is shutting down; reconnect with after_event_id",
+                        ))).await;
+                        return;
+                    }
                 }
             }
         });
-        Ok(rx)
+        Ok((rx, start))
     }
 }

@@ -56,13 +56,12 @@ struct Binding {
     var: String,
     secret: String,
     lease: proto::Lease,
+    /// The lease was revoked, expired or rotated away and a new one could
+    /// not be fetched yet (the broker was away).
+    stale: bool,
 }
 
-async fn issue(
-    broker: &mut tessera_broker::proto::broker_client::BrokerClient<Channel>,
-    token: &str,
-    secret: &str,
-) -> Result<proto::Lease, CliError> {
+async fn issue(broker: &mut Broker, token: &str, secret: &str) -> Result<proto::Lease, CliError> {
     Ok(broker
         .issue(authed(
             proto::IssueRequest {
@@ -100,33 +99,94 @@ fn signal(child: &Child, sig: Signal) {
     }
 }
 
+/// How long `run` waits before trying to resume a lost watch, at most.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+type Broker = tessera_broker::proto::broker_client::BrokerClient<Channel>;
+
 /// Runs the command; returns its exit code (128 + signal if killed).
+/// Whatever ends it (the command's exit, or `run` failing on its own), the
+/// leases it holds are given back.
 pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let token = agent_token()?;
     let on_rotate = parse_on_rotate(&args.on_rotate)?;
     let mut broker = target(g).broker().await?;
-    let mut events = broker
+    let events = broker
         .watch(authed(proto::WatchRequest { after_event_id: 0 }, &token)?)
-        .await?
-        .into_inner();
+        .await?;
+    // Where to resume from if the watch is lost before any event arrives.
+    let cursor = events
+        .metadata()
+        .get(tessera_broker::service::EVENT_CURSOR)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let events = events.into_inner();
     let mut bindings = Vec::new();
-    for e in &args.env {
-        let (var, secret) = e.split_once('=').ok_or_else(|| {
-            CliError::new(
-                Exit::InvalidArgument,
-                format!(
-                    "invalid env {e:?}: write VAR=secret/name, e.g. OPENAI_API_KEY=openai/prod"
-                ),
-            )
-        })?;
-        let lease = issue(&mut broker, &token, secret).await?;
-        bindings.push(Binding {
-            var: var.to_string(),
-            secret: secret.to_string(),
-            lease,
-        });
+    let outcome = async {
+        for e in &args.env {
+            let (var, secret) = e.split_once('=').ok_or_else(|| {
+                CliError::new(
+                    Exit::InvalidArgument,
+                    format!(
+                        "invalid env {e:?}: write VAR=secret/name, e.g. OPENAI_API_KEY=openai/prod"
+                    ),
+                )
+            })?;
+            let lease = issue(&mut broker, &token, secret).await?;
+            bindings.push(Binding {
+                var: var.to_string(),
+                secret: secret.to_string(),
+                lease,
+                stale: false,
+            });
+        }
+        let child = spawn(&args, &bindings)?;
+        let watch = (events, cursor);
+        supervise(
+            &mut broker,
+            &token,
+            on_rotate,
+            &args,
+            &mut bindings,
+            child,
+            watch,
+        )
+        .await
     }
-    let mut child = spawn(&args, &bindings)?;
+    .await;
+    // The command is gone (on an error it was killed when dropped).
+    for b in &bindings {
+        let _ = broker
+            .revoke(authed(
+                proto::RevokeRequest {
+                    lease_id: b.lease.lease_id.clone(),
+                },
+                &token,
+            )?)
+            .await;
+    }
+    outcome
+}
+
+/// Whether a failed call may succeed later: the broker is away (restarting,
+/// unreachable), as opposed to a refusal.
+fn transient(e: &CliError) -> bool {
+    e.exit == Exit::Unavailable
+}
+
+/// Keeps the command running until it exits: renews, follows `Watch`
+/// (resuming it from the last event after the broker comes back), forwards
+/// signals.
+async fn supervise(
+    broker: &mut Broker,
+    token: &str,
+    on_rotate: OnRotate,
+    args: &RunArgs,
+    bindings: &mut [Binding],
+    mut child: Child,
+    (events, cursor): (tonic::Streaming<proto::Event>, u64),
+) -> Result<i32, CliError> {
     let renew_every = bindings
         .iter()
         .map(|b| (b.lease.expires_at - b.lease.issued_at).max(2) as u64 / 2)
@@ -138,7 +198,19 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot watch SIGTERM: {e}")))?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot watch SIGINT: {e}")))?;
+    let mut events = Some(events);
+    let mut last_event = cursor;
+    let mut backoff = Duration::from_secs(1);
+    let resume = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(resume);
     let status = loop {
+        let watching = events.is_some();
+        let next_event = async {
+            match events.as_mut() {
+                Some(s) => s.message().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             status = child.wait() => {
                 break status.map_err(|e| CliError::new(Exit::Failure, format!("cannot wait for the command: {e}")))?;
@@ -147,62 +219,114 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
             _ = int.recv() => signal(&child, Signal::SIGINT),
             _ = renew.tick() => {
                 let mut any = false;
-                for b in &mut bindings {
-                    let renewed = broker.renew(authed(proto::RenewRequest {
-                        lease_id: b.lease.lease_id.clone(), ttl_seconds: 0,
-                    }, &token)?).await;
-                    match renewed {
-                        Ok(r) => b.lease.expires_at = r.into_inner().expires_at,
-                        Err(s) => {
-                            // Past its lifetime, or revoked: fetch a new lease.
-                            tracing_note(&format!("lease on {} could not be renewed ({}); fetching a new one", b.secret, s.message()));
-                            b.lease = issue(&mut broker, &token, &b.secret).await?;
-                            any = true;
+                for b in bindings.iter_mut() {
+                    if !b.stale {
+                        let renewed = broker.renew(authed(proto::RenewRequest {
+                            lease_id: b.lease.lease_id.clone(), ttl_seconds: 0,
+                        }, token)?).await;
+                        match renewed {
+                            Ok(r) => b.lease.expires_at = r.into_inner().expires_at,
+                            Err(s) => {
+                                let e = CliError::from(s);
+                                if transient(&e) {
+                                    tracing_note(&format!("cannot renew the lease on {} ({}); the command keeps its value, retrying", b.secret, e.message));
+                                    continue;
+                                }
+                                // Past its lifetime, or revoked: fetch a new lease.
+                                tracing_note(&format!("lease on {} could not be renewed ({}); fetching a new one", b.secret, e.message));
+                                b.stale = true;
+                            }
                         }
                     }
+                    any |= refresh(broker, token, b).await?;
                 }
                 if any {
-                    child = changed(child, on_rotate, &args, &bindings).await?;
+                    child = changed(child, on_rotate, args, bindings).await?;
                 }
             }
-            ev = events.message() => {
-                let Some(ev) = ev? else {
-                    return Err(CliError::new(Exit::Unavailable, "the broker ended the watch"));
+            _ = &mut resume, if !watching => {
+                match broker.watch(authed(proto::WatchRequest { after_event_id: last_event }, token)?).await {
+                    Ok(s) => {
+                        tracing_note("the watch resumed");
+                        events = Some(s.into_inner());
+                        backoff = Duration::from_secs(1);
+                    }
+                    Err(s) => {
+                        let e = CliError::from(s);
+                        if !transient(&e) {
+                            return Err(e);
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        resume.as_mut().reset(tokio::time::Instant::now() + backoff);
+                    }
+                }
+            }
+            ev = next_event => {
+                let ev = match ev {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) | Err(_) => {
+                        // The broker went away (a restart, most often): the
+                        // command keeps its values; resume after the last
+                        // event seen, so nothing said meanwhile is missed.
+                        tracing_note(&format!("the watch ended; retrying in {}s", backoff.as_secs()));
+                        events = None;
+                        resume.as_mut().reset(tokio::time::Instant::now() + backoff);
+                        continue;
+                    }
                 };
+                last_event = last_event.max(ev.id);
                 let mut any = false;
-                for b in &mut bindings {
+                for b in bindings.iter_mut() {
                     let rotated = ev.kind == "secret.rotated" && ev.secret == b.secret && ev.version > b.lease.version;
                     let revoked = ev.kind == "lease.revoked" && (ev.lease_id == b.lease.lease_id
                         || (ev.lease_id.is_empty()
                             && (ev.secret.is_empty() || ev.secret == b.secret)
                             && (ev.version == 0 || ev.version == b.lease.version)));
-                    if rotated || revoked {
-                        let old = std::mem::replace(&mut b.lease, issue(&mut broker, &token, &b.secret).await?);
-                        // The old value is no longer in use: give its lease back.
-                        let _ = broker.revoke(authed(proto::RevokeRequest { lease_id: old.lease_id }, &token)?).await;
-                        any = true;
-                    }
+                    b.stale |= rotated || revoked;
+                    any |= refresh(broker, token, b).await?;
                 }
                 if any {
-                    child = changed(child, on_rotate, &args, &bindings).await?;
+                    child = changed(child, on_rotate, args, bindings).await?;
                 }
             }
         }
     };
-    for b in &bindings {
-        let _ = broker
-            .revoke(authed(
-                proto::RevokeRequest {
-                    lease_id: b.lease.lease_id.clone(),
-                },
-                &token,
-            )?)
-            .await;
-    }
     use std::os::unix::process::ExitStatusExt;
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// Replaces a stale binding's lease with a new one and gives the old one
+/// back; true if the value the command sees changed. While the broker is
+/// away the binding stays stale and is retried at the next renewal.
+async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bool, CliError> {
+    if !b.stale {
+        return Ok(false);
+    }
+    let lease = match issue(broker, token, &b.secret).await {
+        Ok(l) => l,
+        Err(e) if transient(&e) => {
+            tracing_note(&format!(
+                "cannot fetch a new lease on {} ({}); retrying",
+                b.secret, e.message
+            ));
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let old = std::mem::replace(&mut b.lease, lease);
+    b.stale = false;
+    // The old value is no longer in use: give its lease back.
+    let _ = broker
+        .revoke(authed(
+            proto::RevokeRequest {
+                lease_id: old.lease_id,
+            },
+            token,
+        )?)
+        .await;
+    Ok(true)
 }
 
 fn tracing_note(m: &str) {

@@ -1022,3 +1022,75 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
         .expect("kill");
     assert_eq!(run.wait().expect("run").code(), Some(0));
 }
+
+/// `tessera run` keeps its command running while the broker restarts,
+/// resumes its watch after the last event it saw (a rotation made once the
+/// broker is back still reaches the command), and when it fails on its own
+/// it stops the command and gives back every lease it holds.
+#[test]
+fn tessera_run_rides_out_a_broker_restart_and_cleans_up_when_it_fails() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("svc/a", b"a-one");
+    w.put("svc/b", b"b-one");
+    let token = w.agent("gw", "svc/*", "15m");
+    let out = w.tmp.path().join("child.out");
+    let child = script(
+        &w,
+        "child.sh",
+        &format!(
+            "echo \"start $A $B\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
+            out = out.display()
+        ),
+    );
+    let notes = w.tmp.path().join("run.err");
+    let mut run = w.command();
+    run.args(["run", "--env", "A=svc/a", "--env", "B=svc/b", "--", &child])
+        .env("TESSERA_TOKEN", &token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&notes).expect("notes file"));
+    let mut run = run.spawn().expect("spawn tessera run");
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_for("the child to start", 20, || {
+        read().contains("start a-one b-one")
+    });
+
+    s.terminate();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        run.try_wait().expect("try_wait").is_none(),
+        "tessera run gave up while the broker was away"
+    );
+    let _s = w.serve(&[]);
+    w.run_with(
+        &["rotate", "now", "svc/a", "--from-stdin"],
+        Some(b"a-two"),
+        &[],
+    )
+    .ok();
+    let start = Instant::now();
+    while !read().contains("start a-two b-one") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the rotation never reached the command; run said: {}",
+            std::fs::read_to_string(&notes).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Deleting svc/b revokes its lease; no new one can be had, so run fails
+    // (NOT_FOUND), stops the command and gives back the lease on svc/a.
+    w.run(&["secret", "rm", "svc/b"]).ok();
+    let status = run.wait().expect("wait run");
+    assert_eq!(status.code(), Some(3), "run exits NOT_FOUND");
+    let leases = w
+        .run(&["lease", "list", "--agent", "gw", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        leases["leases"].as_array().map(Vec::len),
+        Some(0),
+        "every lease was given back: {leases}"
+    );
+}
