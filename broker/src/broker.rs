@@ -293,7 +293,13 @@ impl Broker {
     ) -> Result<proto::VerifyAuditResponse> {
         // Checkpoints are checked first: a bad one is the caller's mistake.
         let n = checkpoints.len();
-        let checkpoints = checkpoints
+        if n > MAX_CHECKPOINTS {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("give at most {MAX_CHECKPOINTS} checkpoints at once (got {n})"),
+            ));
+        }
+        let mut checkpoints = checkpoints
             .iter()
             .enumerate()
             .map(|(i, text)| {
@@ -302,6 +308,8 @@ impl Broker {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // The earliest checkpoint the trail fails is where it diverged.
+        checkpoints.sort_by_key(|cp| cp.seq);
         let verdict = self.store.read(|conn| {
             let mut v = audit::Verifier::new(&self.audit_key);
             let mut stmt = conn.prepare(
@@ -480,6 +488,9 @@ impl Broker {
     }
 }
 
+/// Most checkpoints one `audit verify` checks.
+const MAX_CHECKPOINTS: usize = 64;
+
 /// Whether the trail still holds the record `cp` was signed over.
 fn check_checkpoint(
     conn: &rusqlite::Connection,
@@ -493,9 +504,10 @@ fn check_checkpoint(
         )
         .optional()?;
     let problem = match hash {
-        Some(h) if h[..] == cp.hash[..] => return Ok(None),
+        Some(h) if ct_eq(&h, &cp.hash) => return Ok(None),
         Some(_) => format!(
-            "it differs from the signed checkpoint of {}: the trail was rewritten from here on",
+            "it differs from the checkpoint signed {}, so the trail differs at or before it: \
+             the store was rolled back to an older copy (and written since) or rewritten",
             time_text(cp.time)
         ),
         None => format!(

@@ -13,6 +13,9 @@ use crate::keys::{hex, unhex};
 /// First line of every checkpoint.
 pub const HEADER: &str = "tessera-audit-checkpoint-v1";
 
+/// A checkpoint is about 330 bytes; anything far longer is something else.
+pub const MAX_LEN: usize = 4096;
+
 /// A checkpoint's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -52,10 +55,16 @@ impl Checkpoint {
 /// Errors are one sentence for a person.
 pub fn verify(text: &str, pinned: &[u8; 32]) -> Result<Checkpoint, String> {
     let bad = |what: &str| format!("it is not a tessera audit checkpoint ({what})");
-    let (body, sig_line) = text
-        .trim_end_matches('\n')
-        .rsplit_once('\n')
-        .ok_or_else(|| bad("too short"))?;
+    if text.len() > MAX_LEN {
+        return Err(bad(&format!("longer than {MAX_LEN} bytes")));
+    }
+    // A copy that went through Windows keeps its meaning.
+    let text = text.replace("\r\n", "\n");
+    let text = text.trim_end_matches('\n');
+    if text.lines().count() != 6 {
+        return Err(bad("it should have 6 lines, the last one its signature"));
+    }
+    let (body, sig_line) = text.rsplit_once('\n').ok_or_else(|| bad("too short"))?;
     let body = format!("{body}\n");
     let mut lines = body.lines();
     if lines.next() != Some(HEADER) {
@@ -85,7 +94,8 @@ pub fn verify(text: &str, pinned: &[u8; 32]) -> Result<Checkpoint, String> {
     let sig = sig_line
         .strip_prefix("signature: ")
         .and_then(unhex)
-        .ok_or_else(|| bad("no signature line"))?;
+        .filter(|s| s.len() == 64)
+        .ok_or_else(|| bad("the last line is not a 64-byte signature in hex"))?;
     let cp = Checkpoint {
         broker_key,
         seq,
@@ -134,7 +144,7 @@ mod tests {
             time: 1_800_000_000,
         };
         let text = cp.sign(&pkcs8).expect("sign");
-        assert_eq!(verify(&text, &public), Ok(cp));
+        assert_eq!(verify(&text, &public), Ok(cp.clone()));
         let altered = text.replace("seq: 42", "seq: 43");
         assert!(
             verify(&altered, &public)
@@ -148,5 +158,46 @@ mod tests {
                 .contains("another broker")
         );
         assert!(verify("hello\n", &public).is_err());
+        // CRLF line ends are read as LF.
+        assert_eq!(verify(&text.replace('\n', "\r\n"), &public), Ok(cp));
+    }
+
+    /// No edit of a checkpoint (a byte changed, removed or added anywhere)
+    /// panics, and none verifies.
+    #[test]
+    fn every_edit_of_a_checkpoint_is_refused_without_panicking() {
+        let (pkcs8, public) = keypair();
+        let text = Checkpoint {
+            broker_key: public,
+            seq: 7,
+            hash: [3; 32],
+            time: 1_800_000_000,
+        }
+        .sign(&pkcs8)
+        .expect("sign");
+        let bytes = text.as_bytes();
+        for i in 0..bytes.len() {
+            for edit in 0..3 {
+                let mut b = bytes.to_vec();
+                match edit {
+                    0 => b[i] ^= 0x01,
+                    1 => {
+                        b.remove(i);
+                    }
+                    _ => b.insert(i, b'0'),
+                }
+                let Ok(edited) = String::from_utf8(b) else {
+                    continue;
+                };
+                // Removing the final newline changes nothing that is signed.
+                if edited.trim_end_matches('\n') == text.trim_end_matches('\n') {
+                    continue;
+                }
+                assert!(
+                    verify(&edited, &public).is_err(),
+                    "edit {edit} at byte {i} verified"
+                );
+            }
+        }
     }
 }

@@ -466,9 +466,6 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// commit, and disk space. Also the size the WAL is truncated to afterwards.
 const WAL_RESTART_BYTES: u64 = 8 << 20;
 
-/// How many batches pass between two looks at the WAL's size.
-const WAL_CHECK_BATCHES: u32 = 32;
-
 fn wal_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
     p.push("-wal");
@@ -692,7 +689,6 @@ fn writer_loop(
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut held: Option<Cmd> = None;
-    let mut batches: u32 = 0;
     loop {
         let first = match held.take() {
             Some(c) => c,
@@ -734,10 +730,8 @@ fn writer_loop(
         for d in done {
             d(committed.as_ref().map(|_| ()).map_err(commit_failed));
         }
-        batches = batches.wrapping_add(1);
-        if batches.is_multiple_of(WAL_CHECK_BATCHES) {
-            restart_wal_if_large(&conn, &wal);
-        }
+        // A stat costs little next to the commit's sync.
+        restart_wal_if_large(&conn, &wal);
     }
 }
 
@@ -748,8 +742,15 @@ fn writer_loop(
 /// hold old snapshots, it tries again after later batches.
 fn restart_wal_if_large(conn: &Connection, wal: &Path) {
     let large = std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_RESTART_BYTES);
-    if large && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
-        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+    if !large {
+        return;
+    }
+    // (busy, frames in the WAL, frames copied); busy when the checkpoint
+    // thread holds the lock: the next batch tries again.
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+        Ok(0) => {}
+        Ok(_) => tracing::debug!("WAL checkpoint busy; will retry"),
+        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
     }
 }
 

@@ -768,14 +768,7 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
         AuditCmd::Verify { checkpoints } => {
             let checkpoints = checkpoints
                 .iter()
-                .map(|p| {
-                    std::fs::read_to_string(p).map_err(|e| {
-                        CliError::new(
-                            Exit::Usage,
-                            format!("cannot read the checkpoint {}: {e}", p.display()),
-                        )
-                    })
-                })
+                .map(|p| read_checkpoint(p))
                 .collect::<Result<Vec<_>, _>>()?;
             let r = admin
                 .verify_audit(authed(proto::VerifyAuditRequest { checkpoints }, &token)?)
@@ -814,7 +807,7 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                 print_json(json!({
                     "seq": cp.seq,
                     "hash": cp.hash,
-                    "time": time(cp.time),
+                    "time": cp.time,
                     "checkpoint": cp.text,
                     "file": out.as_ref().map(|p| p.display().to_string()),
                 }));
@@ -854,6 +847,31 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// A checkpoint file: the signed text, or the JSON line `audit checkpoint
+/// --json` prints (as saved from a log), whose `checkpoint` field holds it.
+fn read_checkpoint(path: &std::path::Path) -> Result<String, CliError> {
+    use std::io::Read;
+    let unreadable = |e: &dyn std::fmt::Display| {
+        CliError::new(
+            Exit::Usage,
+            format!("cannot read the checkpoint {}: {e}", path.display()),
+        )
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(|e| unreadable(&e))?
+        .take(64 * 1024)
+        .read_to_string(&mut text)
+        .map_err(|e| unreadable(&e))?;
+    if !text.trim_start().starts_with('{') {
+        return Ok(text);
+    }
+    serde_json::from_str::<serde_json::Value>(text.trim())
+        .ok()
+        .and_then(|v| v["checkpoint"].as_str().map(str::to_owned))
+        .ok_or_else(|| unreadable(&"a JSON line without a \"checkpoint\" field"))
 }
 
 async fn status(g: &Global) -> Result<(), CliError> {

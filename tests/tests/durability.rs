@@ -313,9 +313,19 @@ fn a_signed_checkpoint_catches_a_store_rolled_back_to_an_older_copy() {
     let seq = r.json()["seq"].as_u64().expect("seq");
     let text = std::fs::read_to_string(&cp).expect("checkpoint written");
     assert!(text.starts_with("tessera-audit-checkpoint-v1\n"), "{text}");
+    // The JSON line (as a log keeps it) is a checkpoint file too.
+    let line = w.tmp.path().join("checkpoint.json");
+    std::fs::write(&line, r.stdout.trim()).expect("write");
     // The trail still reaches it, also after more records.
     w.put("s/three", b"v3");
     w.run(&["audit", "verify", "--checkpoint", cp_arg]).ok();
+    w.run(&[
+        "audit",
+        "verify",
+        "--checkpoint",
+        line.to_str().expect("utf-8"),
+    ])
+    .ok();
 
     // An altered checkpoint is the caller's mistake: INVALID_ARGUMENT (exit 7).
     let forged = w.tmp.path().join("forged.txt");
@@ -344,6 +354,16 @@ fn a_signed_checkpoint_catches_a_store_rolled_back_to_an_older_copy() {
         problem.contains("rolled back to an older copy"),
         "{problem}"
     );
+    // Written past the checkpoint's record since the rollback: still caught.
+    for i in 0..(seq + 2) {
+        w.put(&format!("s/after-{i}"), b"v");
+    }
+    let r = w
+        .run(&["audit", "verify", "--checkpoint", cp_arg, "--json"])
+        .fails_with(8);
+    assert_eq!(r.json()["first_bad_seq"].as_u64(), Some(seq), "{r:#?}");
+    let problem = r.json()["problem"].as_str().unwrap_or_default().to_string();
+    assert!(problem.contains("differs at or before it"), "{problem}");
 
     // A checkpoint signed by another broker is refused as such.
     let other = World::new();
