@@ -770,6 +770,7 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                 .iter()
                 .map(|p| read_checkpoint(p))
                 .collect::<Result<Vec<_>, _>>()?;
+            let given = checkpoints.len();
             let r = admin
                 .verify_audit(authed(proto::VerifyAuditRequest { checkpoints }, &token)?)
                 .await?
@@ -781,8 +782,14 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                     "first_bad_seq": if r.ok { serde_json::Value::Null } else { r.first_bad_seq.into() },
                     "problem": if r.ok { serde_json::Value::Null } else { r.problem.clone().into() },
                 }));
-            } else if r.ok {
+            } else if r.ok && given == 0 {
                 println!("Audit trail intact: {} records verified", r.records);
+            } else if r.ok {
+                println!(
+                    "Audit trail intact: {} records verified, reaching {given} signed checkpoint{}",
+                    r.records,
+                    if given == 1 { "" } else { "s" }
+                );
             }
             if !r.ok {
                 return Err(CliError::new(Exit::AuditBroken, r.problem));

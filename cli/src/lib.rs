@@ -98,7 +98,7 @@ pub enum Command {
     /// List and revoke leases (admin).
     #[command(subcommand)]
     Lease(LeaseCmd),
-    /// Verify and export the audit trail (admin).
+    /// Verify, checkpoint and export the audit trail (admin).
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Show the broker's state (admin; while sealed, anyone).

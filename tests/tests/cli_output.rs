@@ -17,7 +17,8 @@ fn transcript(w: &World, steps: &[Step<'_>]) -> String {
         out.push_str(&redact_tokens(&r.stderr));
         out.push_str(&format!("[exit {}]\n\n", r.code));
     }
-    out
+    // The temp dir differs from run to run.
+    out.replace(&w.tmp.path().display().to_string(), "$TMP")
 }
 
 /// Replaces each freshly minted `tsr_` token (64 hex digits) with a marker,
@@ -54,6 +55,8 @@ fn help_texts() {
         &["class", "create", "--help"],
         &["shred", "--help"],
         &["shred", "join", "--help"],
+        &["audit", "--help"],
+        &["audit", "verify", "--help"],
     ] {
         let r = w.run(args).ok();
         out.push_str(&format!("$ tessera {}\n{}\n", args.join(" "), r.stdout));
@@ -71,6 +74,9 @@ fn admin_and_agent_session() {
         w.agent("gw", "openai/*", "15m")
     };
     let agent_env: &[(&str, &str)] = &[("TESSERA_TOKEN", &token)];
+    let file = |name: &str| w.tmp.path().join(name).display().to_string();
+    let (cp, garbage, missing) = (file("cp.txt"), file("garbage.txt"), file("missing.txt"));
+    std::fs::write(&garbage, "tessera-audit-checkpoint-v1\nseq: 1\n").expect("write");
     let text = transcript(
         &w,
         &[
@@ -108,6 +114,10 @@ fn admin_and_agent_session() {
             (&["get", "openai/prod"], None, agent_env),
             (&["secret", "rm", "openai/dev"], None, &[]),
             (&["audit", "verify"], None, &[]),
+            (&["audit", "checkpoint", "--out", &cp], None, &[]),
+            (&["audit", "verify", "--checkpoint", &cp], None, &[]),
+            (&["audit", "verify", "--checkpoint", &garbage], None, &[]),
+            (&["audit", "verify", "--checkpoint", &missing], None, &[]),
         ],
     );
     insta::assert_snapshot!("admin_and_agent_session", text);
