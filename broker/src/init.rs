@@ -123,6 +123,14 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
                 })
             })
             .await?;
+        // Leave everything in the database file and an empty WAL, so the
+        // new store is complete in one file (to copy, or to compare).
+        store
+            .maintain(|conn| {
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))?;
+                Ok(())
+            })
+            .await?;
         Ok(operator_shares)
     }
     .await;
