@@ -127,7 +127,9 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
         // new store is complete in one file (to copy, or to compare).
         store
             .maintain(|conn| {
-                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))?;
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                })?;
                 Ok(())
             })
             .await?;
