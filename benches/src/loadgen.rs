@@ -413,7 +413,7 @@ async fn open_watchers(
         }
         let mut c = BrokerClient::new(ch.clone().expect("channel"));
         let mut stream = c
-            .watch(authed(proto::WatchRequest { after_event_id: 0 }, token))
+            .watch(authed(proto::WatchRequest::default(), token))
             .await
             .expect("watch")
             .into_inner();

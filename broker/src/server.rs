@@ -64,6 +64,9 @@ pub fn check_listen(opts: &ListenOptions) -> Result<()> {
     Ok(())
 }
 
+/// How long a shutdown waits for open requests before stopping anyway.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A broker being served: lets the caller stop it and learn where it is.
 pub struct Running {
     shutdown: watch::Sender<bool>,
@@ -223,15 +226,37 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     });
 
     let socket = opts.socket.clone();
+    let mut stop_rx = shutdown_rx.clone();
     let done = tokio::spawn(async move {
-        let mut first_err = None;
-        for t in tasks {
-            match t.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => first_err = first_err.or(Some(Error::Io(format!("server: {e}")))),
-                Err(e) => first_err = first_err.or(Some(Error::Internal(format!("server: {e}")))),
+        let servers = async {
+            let mut first_err = None;
+            for t in tasks {
+                match t.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => first_err = first_err.or(Some(Error::Io(format!("server: {e}")))),
+                    Err(e) => {
+                        first_err = first_err.or(Some(Error::Internal(format!("server: {e}"))))
+                    }
+                }
             }
-        }
+            first_err
+        };
+        // A client that never finishes its request must not hold the
+        // shutdown open for ever.
+        let deadline = async {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(DRAIN_DEADLINE).await;
+        };
+        let first_err = tokio::select! {
+            e = servers => e,
+            () = deadline => {
+                tracing::warn!(
+                    seconds = DRAIN_DEADLINE.as_secs(),
+                    "requests still open after the drain deadline; stopping anyway"
+                );
+                None
+            }
+        };
         let _ = sweeper.await;
         let flushed = match gate.broker() {
             Some(b) => b.flush().await,

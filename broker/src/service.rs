@@ -107,9 +107,8 @@ impl broker_server::Broker for Services {
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (_rid, agent) = self.agent(&req, "watch", "events").await?;
-        let (rx, cursor) = self
-            .broker()?
-            .watch(agent, req.into_inner().after_event_id)?;
+        let r = req.into_inner();
+        let (rx, cursor) = self.broker()?.watch(agent, r.after_event_id, r.resume)?;
         let mut resp = Response::new(
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::WatchStream
         );

@@ -82,8 +82,9 @@ impl Broker {
         self: &Arc<Self>,
         agent: Arc<Agent>,
         after: u64,
+        resume: bool,
     ) -> Result<(mpsc::Receiver<Result<proto::Event, Status>>, u64)> {
-        let mut cursor = if after == 0 {
+        let mut cursor = if after == 0 && !resume {
             self.store.read(|conn| {
                 Ok(
                     conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
@@ -111,8 +112,13 @@ impl Broker {
                 let full = page.len() as i64 == PAGE;
                 for row in page {
                     cursor = row.event.id;
-                    if in_scope(&agent, &row) && tx.send(Ok(row.event)).await.is_err() {
-                        return;
+                    if in_scope(&agent, &row) {
+                        // A client that stops reading must not hold a
+                        // shutdown open.
+                        tokio::select! {
+                            sent = tx.send(Ok(row.event)) => if sent.is_err() { return },
+                            _ = async { drop(stopping.wait_for(|s| *s).await) } => return,
+                        }
                     }
                 }
                 if full {
@@ -139,9 +145,9 @@ impl Broker {
                     _ = tokio::time::sleep(POLL) => {}
                     _ = tx.closed() => return,
                     _ = async { drop(stopping.wait_for(|s| *s).await) } => {
-                        let _ = tx.send(Err(Status::unavailable(
+                        let _ = tx.try_send(Err(Status::unavailable(
                             "the broker is shutting down; reconnect with after_event_id",
-                        ))).await;
+                        )));
                         return;
                     }
                 }

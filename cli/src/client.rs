@@ -127,7 +127,13 @@ impl Target {
             )
         };
         let mut ep = Endpoint::from_shared(addr.clone()).map_err(|e| bad(&e))?;
-        ep = ep.connect_timeout(Duration::from_secs(5));
+        // Keepalive pings notice a broker that vanished without closing the
+        // connection (a long watch, `tessera run`).
+        ep = ep
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         if addr.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.tls_ca {

@@ -43,10 +43,7 @@ async fn rotation_under_lease(
          tessera rotate now openai/prod (the agent holds a lease and watches)",
     );
     let mut events = agent
-        .watch(authed(
-            proto::WatchRequest { after_event_id: 0 },
-            agent_token,
-        )?)
+        .watch(authed(proto::WatchRequest::default(), agent_token)?)
         .await?
         .into_inner();
     let held = agent

@@ -346,7 +346,7 @@ pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
         ttl_seconds: a.ttl.map_or(0, |d| d.as_secs()),
     };
     let mut stream = broker
-        .watch(authed(proto::WatchRequest { after_event_id: 0 }, &token)?)
+        .watch(authed(proto::WatchRequest::default(), &token)?)
         .await?
         .into_inner();
     let print = |lease: &proto::Lease| -> Result<(), CliError> {

@@ -112,7 +112,7 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let on_rotate = parse_on_rotate(&args.on_rotate)?;
     let mut broker = target(g).broker().await?;
     let events = broker
-        .watch(authed(proto::WatchRequest { after_event_id: 0 }, &token)?)
+        .watch(authed(proto::WatchRequest::default(), &token)?)
         .await?;
     // Where to resume from if the watch is lost before any event arrives.
     let cursor = events
@@ -170,9 +170,10 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
 }
 
 /// Whether a failed call may succeed later: the broker is away (restarting,
-/// unreachable), as opposed to a refusal.
+/// unreachable) or restarted sealed and waits for its operators, as opposed
+/// to a refusal.
 fn transient(e: &CliError) -> bool {
-    e.exit == Exit::Unavailable
+    e.exit == Exit::Unavailable || (e.exit == Exit::Precondition && e.message.contains("sealed:"))
 }
 
 /// Keeps the command running until it exits: renews, follows `Watch`
@@ -245,11 +246,11 @@ async fn supervise(
                 }
             }
             _ = &mut resume, if !watching => {
-                match broker.watch(authed(proto::WatchRequest { after_event_id: last_event }, token)?).await {
+                let req = proto::WatchRequest { after_event_id: last_event, resume: true };
+                match broker.watch(authed(req, token)?).await {
                     Ok(s) => {
                         tracing_note("the watch resumed");
                         events = Some(s.into_inner());
-                        backoff = Duration::from_secs(1);
                     }
                     Err(s) => {
                         let e = CliError::from(s);
@@ -275,6 +276,7 @@ async fn supervise(
                     }
                 };
                 last_event = last_event.max(ev.id);
+                backoff = Duration::from_secs(1);
                 let mut any = false;
                 for b in bindings.iter_mut() {
                     let rotated = ev.kind == "secret.rotated" && ev.secret == b.secret && ev.version > b.lease.version;

@@ -534,7 +534,7 @@ async fn watch_sees_rotations_and_resumes_after_a_restart() {
     let token = w.agent("gw", "openai/*", "15m");
     let mut c = w.broker_client().await;
     let mut stream = c
-        .watch(authed(proto::WatchRequest { after_event_id: 0 }, &token))
+        .watch(authed(proto::WatchRequest::default(), &token))
         .await
         .expect("watch")
         .into_inner();
@@ -575,6 +575,7 @@ async fn watch_sees_rotations_and_resumes_after_a_restart() {
         .watch(authed(
             proto::WatchRequest {
                 after_event_id: last,
+                resume: false,
             },
             &token,
         ))
@@ -604,7 +605,7 @@ async fn watch_sees_rotations_and_resumes_after_a_restart() {
     let short = w.agent("short", "openai/*", "10s");
     let mut c = w.broker_client().await;
     let mut stream = c
-        .watch(authed(proto::WatchRequest { after_event_id: 0 }, &short))
+        .watch(authed(proto::WatchRequest::default(), &short))
         .await
         .expect("watch")
         .into_inner();
