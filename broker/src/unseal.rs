@@ -161,14 +161,7 @@ pub fn seal_root_key(
                     "use at least 8 characters (a long random phrase is best)",
                 ));
             }
-            let mut salt = [0u8; 16];
-            crate::keys::fill_random(&mut salt)?;
-            let kek = kek_from_passphrase(passphrase, &salt, kdf)?;
-            let wrapped = kek.seal(&root_aad(store_id), rk.expose_bytes())?;
-            let mut params = Vec::new();
-            for v in [kdf.m_kib, kdf.t, kdf.p] {
-                params.extend_from_slice(&v.to_be_bytes());
-            }
+            let (salt, params, wrapped) = wrap_with_passphrase(store_id, rk, passphrase, kdf)?;
             meta_set(conn, "kdf_salt", &salt)?;
             meta_set(conn, "kdf_params", &params)?;
             meta_set(conn, "wrapped_root_key", &wrapped)?;

@@ -260,6 +260,32 @@ impl World {
         r.json()["token"].as_str().expect("token").to_string()
     }
 
+    /// Makes a holder for `role` (an identity file in the temp dir, or the
+    /// keychain when `file` is false) and enrols it; returns the identity
+    /// file if one was used.
+    pub fn holder(&self, role: &str, file: bool) -> Option<PathBuf> {
+        let key = self.tmp.path().join(format!("{role}.key"));
+        let made = if file {
+            self.run(&[
+                "holder",
+                "init",
+                "--role",
+                role,
+                "--identity-file",
+                key.to_str().expect("utf-8 path"),
+                "--json",
+            ])
+        } else {
+            self.run(&["holder", "init", "--role", role, "--json"])
+        }
+        .ok()
+        .json();
+        let pubkey = made["pubkey"].as_str().expect("pubkey").to_string();
+        self.run(&["holder", "enroll", "--role", role, "--pubkey", &pubkey])
+            .ok();
+        file.then_some(key)
+    }
+
     /// `tessera get NAME` as the agent with `token`.
     pub fn get(&self, name: &str, token: &str) -> Ran {
         self.run_with(&["get", name], None, &[("TESSERA_TOKEN", token)])

@@ -9,31 +9,6 @@ use std::time::{Duration, Instant};
 
 use tessera_e2e::{World, keychain_available};
 
-/// Makes a holder for `role` (identity file, or the keychain when `file` is
-/// false) and enrols it; returns the identity file if one was used.
-fn holder(w: &World, role: &str, file: bool) -> Option<PathBuf> {
-    let key = w.tmp.path().join(format!("{role}.key"));
-    let made = if file {
-        w.run(&[
-            "holder",
-            "init",
-            "--role",
-            role,
-            "--identity-file",
-            key.to_str().expect("utf-8 path"),
-            "--json",
-        ])
-    } else {
-        w.run(&["holder", "init", "--role", role, "--json"])
-    }
-    .ok()
-    .json();
-    let pubkey = made["pubkey"].as_str().expect("pubkey").to_string();
-    w.run(&["holder", "enroll", "--role", role, "--pubkey", &pubkey])
-        .ok();
-    file.then_some(key)
-}
-
 /// `--identity-file FILE` arguments for a holder (none for the keychain).
 fn id_args(key: &Option<PathBuf>) -> Vec<String> {
     match key {
@@ -142,13 +117,12 @@ fn whole_shred_story_through_the_binary() {
     let server = w.serve(&[]);
     // Legal keeps its key in the OS keychain (where there is one); the
     // others in identity files, as separate keychains would.
-    let legal = holder(
-        &w,
+    let legal = w.holder(
         "legal",
         !keychain_available("shred story (legal in keychain)"),
     );
-    let ciso = holder(&w, "ciso", true);
-    let board = holder(&w, "board", true);
+    let ciso = w.holder("ciso", true);
+    let board = w.holder("board", true);
     let holders = w.run(&["holder", "list", "--json"]).ok().json();
     assert_eq!(holders["holders"].as_array().map(Vec::len), Some(3));
 
@@ -515,7 +489,7 @@ fn early_shred_needs_the_stricter_quorum_and_ceremonies_expire() {
     let _s = w.serve(&[]);
     let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
         .iter()
-        .map(|r| holder(&w, r, true))
+        .map(|r| w.holder(r, true))
         .collect();
     w.run(&[
         "class",
@@ -636,8 +610,8 @@ fn shred_is_crash_safe_at_every_step() {
                 ("TESSERA_FAULT", point),
             ],
         );
-        let a = holder(&w, "legal", true);
-        let b = holder(&w, "ciso", true);
+        let a = w.holder("legal", true);
+        let b = w.holder("ciso", true);
         w.run(&[
             "class",
             "create",
@@ -725,7 +699,7 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
     let _s = w.serve(&[]);
     let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
         .iter()
-        .map(|r| holder(&w, r, true))
+        .map(|r| w.holder(r, true))
         .collect();
     w.run(&[
         "class",
@@ -900,7 +874,7 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
     let mut sa = a.serve(&[]);
     let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
         .iter()
-        .map(|r| holder(&a, r, true))
+        .map(|r| a.holder(r, true))
         .collect();
     for class in ["tax", "other"] {
         a.run(&[

@@ -738,32 +738,9 @@ fn rekey_root_rewraps_everything_and_survives_a_crash_at_each_step() {
         let mut s = w.serve(&[]);
         w.put("a/one", b"value-1");
         w.put("a/one", b"value-2");
-        let k = w.tmp.path().join("legal.key");
         for role in ["legal", "ciso"] {
-            let key = w.tmp.path().join(format!("{role}.key"));
-            let made = w
-                .run(&[
-                    "holder",
-                    "init",
-                    "--role",
-                    role,
-                    "--identity-file",
-                    key.to_str().expect("p"),
-                    "--json",
-                ])
-                .ok()
-                .json();
-            w.run(&[
-                "holder",
-                "enroll",
-                "--role",
-                role,
-                "--pubkey",
-                made["pubkey"].as_str().expect("pk"),
-            ])
-            .ok();
+            w.holder(role, true);
         }
-        let _ = k;
         w.run(&[
             "class",
             "create",
@@ -864,29 +841,7 @@ fn retired_versions_are_archived_under_the_class_and_die_with_its_shred() {
     let _s = w.serve(&[]);
     let mut keys = Vec::new();
     for role in ["legal", "ciso"] {
-        let key = w.tmp.path().join(format!("{role}.key"));
-        let made = w
-            .run(&[
-                "holder",
-                "init",
-                "--role",
-                role,
-                "--identity-file",
-                key.to_str().expect("p"),
-                "--json",
-            ])
-            .ok()
-            .json();
-        w.run(&[
-            "holder",
-            "enroll",
-            "--role",
-            role,
-            "--pubkey",
-            made["pubkey"].as_str().expect("pk"),
-        ])
-        .ok();
-        keys.push(key);
+        keys.push(w.holder(role, true).expect("identity file"));
     }
     w.run(&[
         "class",
