@@ -56,6 +56,10 @@ struct Binding {
     var: String,
     secret: String,
     lease: proto::Lease,
+    /// When `lease` was fetched, by this machine's clock: with the broker's
+    /// `issued_at`, it tells the broker's time now without trusting that
+    /// the two clocks agree.
+    fetched: tokio::time::Instant,
     /// The lease was revoked, expired or rotated away and a new one could
     /// not be fetched yet (the broker was away).
     stale: bool,
@@ -110,6 +114,9 @@ type Broker = tessera_broker::proto::broker_client::BrokerClient<Channel>;
 pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let token = agent_token()?;
     let on_rotate = parse_on_rotate(&args.on_rotate)?;
+    // Before anything else, so a SIGTERM or SIGINT that arrives while the
+    // leases are fetched is not lost: it reaches the command once started.
+    let signals = Signals::install()?;
     let mut broker = target(g).broker().await?;
     let events = broker
         .watch(authed(proto::WatchRequest::default(), &token)?)
@@ -138,6 +145,7 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
                 var: var.to_string(),
                 secret: secret.to_string(),
                 lease,
+                fetched: tokio::time::Instant::now(),
                 stale: false,
             });
         }
@@ -151,6 +159,7 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
             &mut bindings,
             child,
             watch,
+            signals,
         )
         .await
     }
@@ -176,9 +185,68 @@ fn transient(e: &CliError) -> bool {
     e.exit == Exit::Unavailable || (e.exit == Exit::Precondition && e.message.contains("sealed:"))
 }
 
+/// SIGTERM and SIGINT, caught from the start of `run` and forwarded to the
+/// command.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, CliError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind, name| {
+            signal(kind)
+                .map_err(|e| CliError::new(Exit::Failure, format!("cannot watch {name}: {e}")))
+        };
+        Ok(Signals {
+            term: watch(SignalKind::terminate(), "SIGTERM")?,
+            int: watch(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+}
+
+/// How soon a binding left without a lease (the broker was away) is tried
+/// again.
+const STALE_RETRY_SECS: u64 = 5;
+
+/// When to renew next: halfway through the shortest remaining lease, so a
+/// lease replaced by one with a shorter TTL is renewed in time, and never
+/// sooner than a second from now.
+fn next_renewal(bindings: &[Binding]) -> tokio::time::Instant {
+    let secs = bindings
+        .iter()
+        .map(|b| {
+            if b.stale {
+                return STALE_RETRY_SECS;
+            }
+            let broker_now = b.lease.issued_at + b.fetched.elapsed().as_secs() as i64;
+            (b.lease.expires_at - broker_now).max(2) as u64 / 2
+        })
+        .min()
+        .unwrap_or(60);
+    tokio::time::Instant::now() + Duration::from_secs(secs.max(1))
+}
+
+/// Whether `ev` (a revocation) ended `lease`. A revocation of all leases
+/// of an agent or a secret covers only leases that existed when it was
+/// made: one replayed on resume does not end a lease fetched since.
+fn revokes(ev: &proto::Event, secret: &str, lease: &proto::Lease) -> bool {
+    if ev.kind != "lease.revoked" {
+        return false;
+    }
+    if !ev.lease_id.is_empty() {
+        return ev.lease_id == lease.lease_id;
+    }
+    (ev.secret.is_empty() || ev.secret == secret)
+        && (ev.version == 0 || ev.version == lease.version)
+        && ev.time >= lease.issued_at
+}
+
 /// Keeps the command running until it exits: renews, follows `Watch`
 /// (resuming it from the last event after the broker comes back), forwards
 /// signals.
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     broker: &mut Broker,
     token: &str,
@@ -187,18 +255,10 @@ async fn supervise(
     bindings: &mut [Binding],
     mut child: Child,
     (events, cursor): (tonic::Streaming<proto::Event>, u64),
+    Signals { mut term, mut int }: Signals,
 ) -> Result<i32, CliError> {
-    let renew_every = bindings
-        .iter()
-        .map(|b| (b.lease.expires_at - b.lease.issued_at).max(2) as u64 / 2)
-        .min()
-        .unwrap_or(60);
-    let mut renew = tokio::time::interval(Duration::from_secs(renew_every.max(1)));
-    renew.tick().await;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| CliError::new(Exit::Failure, format!("cannot watch SIGTERM: {e}")))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| CliError::new(Exit::Failure, format!("cannot watch SIGINT: {e}")))?;
+    let renew = tokio::time::sleep_until(next_renewal(bindings));
+    tokio::pin!(renew);
     let mut events = Some(events);
     let mut last_event = cursor;
     let mut backoff = Duration::from_secs(1);
@@ -218,7 +278,7 @@ async fn supervise(
             }
             _ = term.recv() => signal(&child, Signal::SIGTERM),
             _ = int.recv() => signal(&child, Signal::SIGINT),
-            _ = renew.tick() => {
+            _ = &mut renew => {
                 let mut any = false;
                 for b in bindings.iter_mut() {
                     if !b.stale {
@@ -226,7 +286,13 @@ async fn supervise(
                             lease_id: b.lease.lease_id.clone(), ttl_seconds: 0,
                         }, token)?).await;
                         match renewed {
-                            Ok(r) => b.lease.expires_at = r.into_inner().expires_at,
+                            Ok(r) => {
+                                let r = r.into_inner();
+                                b.lease.expires_at = r.expires_at;
+                                // At its maximum lifetime the lease cannot be
+                                // extended again: replace it before it ends.
+                                b.stale = r.expires_at >= r.renewable_until;
+                            }
                             Err(s) => {
                                 let e = CliError::from(s);
                                 if transient(&e) {
@@ -244,6 +310,7 @@ async fn supervise(
                 if any {
                     child = changed(child, on_rotate, args, bindings).await?;
                 }
+                renew.as_mut().reset(next_renewal(bindings));
             }
             _ = &mut resume, if !watching => {
                 let req = proto::WatchRequest { after_event_id: last_event, resume: true };
@@ -280,16 +347,13 @@ async fn supervise(
                 let mut any = false;
                 for b in bindings.iter_mut() {
                     let rotated = ev.kind == "secret.rotated" && ev.secret == b.secret && ev.version > b.lease.version;
-                    let revoked = ev.kind == "lease.revoked" && (ev.lease_id == b.lease.lease_id
-                        || (ev.lease_id.is_empty()
-                            && (ev.secret.is_empty() || ev.secret == b.secret)
-                            && (ev.version == 0 || ev.version == b.lease.version)));
-                    b.stale |= rotated || revoked;
+                    b.stale |= rotated || revokes(&ev, &b.secret, &b.lease);
                     any |= refresh(broker, token, b).await?;
                 }
                 if any {
                     child = changed(child, on_rotate, args, bindings).await?;
                 }
+                renew.as_mut().reset(next_renewal(bindings));
             }
         }
     };
@@ -300,8 +364,10 @@ async fn supervise(
 }
 
 /// Replaces a stale binding's lease with a new one and gives the old one
-/// back; true if the value the command sees changed. While the broker is
-/// away the binding stays stale and is retried at the next renewal.
+/// back; true if the value the command sees changed (a new lease on the
+/// same value, after a revocation or at the end of a lease's lifetime,
+/// leaves the command alone). While the broker is away the binding stays
+/// stale and is retried at the next renewal.
 async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bool, CliError> {
     if !b.stale {
         return Ok(false);
@@ -318,7 +384,9 @@ async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bo
         Err(e) => return Err(e),
     };
     let old = std::mem::replace(&mut b.lease, lease);
+    b.fetched = tokio::time::Instant::now();
     b.stale = false;
+    let changed = old.value != b.lease.value;
     // The old value is no longer in use: give its lease back.
     let _ = broker
         .revoke(authed(
@@ -328,7 +396,7 @@ async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bo
             token,
         )?)
         .await;
-    Ok(true)
+    Ok(changed)
 }
 
 fn tracing_note(m: &str) {
@@ -359,5 +427,76 @@ async fn changed(
             }
             spawn(args, bindings)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(id: &str, issued_at: i64, expires_at: i64) -> proto::Lease {
+        proto::Lease {
+            lease_id: id.into(),
+            secret: "svc/a".into(),
+            version: 2,
+            issued_at,
+            expires_at,
+            ..Default::default()
+        }
+    }
+
+    fn revoked(lease_id: &str, secret: &str, version: u64, time: i64) -> proto::Event {
+        proto::Event {
+            kind: "lease.revoked".into(),
+            lease_id: lease_id.into(),
+            secret: secret.into(),
+            version,
+            time,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_bulk_revocation_covers_only_leases_that_existed_when_it_was_made() {
+        let l = lease("lse_1", 100, 200);
+        // All of the agent's leases, or all on its secret, at or after issue.
+        assert!(revokes(&revoked("", "", 0, 100), "svc/a", &l));
+        assert!(revokes(&revoked("", "svc/a", 0, 150), "svc/a", &l));
+        assert!(revokes(&revoked("", "svc/a", 2, 150), "svc/a", &l));
+        // Replayed on resume: made before this lease was issued.
+        assert!(!revokes(&revoked("", "", 0, 99), "svc/a", &l));
+        // Another secret, another version.
+        assert!(!revokes(&revoked("", "svc/b", 0, 150), "svc/a", &l));
+        assert!(!revokes(&revoked("", "svc/a", 1, 150), "svc/a", &l));
+        // One lease, by id, whatever the time.
+        assert!(revokes(&revoked("lse_1", "svc/a", 0, 10), "svc/a", &l));
+        assert!(!revokes(&revoked("lse_2", "svc/a", 0, 150), "svc/a", &l));
+        let mut rotated = revoked("", "", 0, 150);
+        rotated.kind = "secret.rotated".into();
+        assert!(!revokes(&rotated, "svc/a", &l));
+    }
+
+    #[test]
+    fn renewal_comes_halfway_through_the_shortest_remaining_lease() {
+        let binding = |ttl: i64, stale: bool| Binding {
+            var: "A".into(),
+            secret: "svc/a".into(),
+            lease: lease("lse_1", 1_000, 1_000 + ttl),
+            fetched: tokio::time::Instant::now(),
+            stale,
+        };
+        let in_secs = |bs: &[Binding]| {
+            next_renewal(bs)
+                .duration_since(tokio::time::Instant::now())
+                .as_secs_f64()
+                .round() as u64
+        };
+        assert_eq!(in_secs(&[binding(900, false)]), 450);
+        // A lease replaced by a shorter one brings the renewal forward.
+        assert_eq!(in_secs(&[binding(900, false), binding(60, false)]), 30);
+        // A binding without a lease is retried soon; an ending lease, in a
+        // second at the least.
+        assert_eq!(in_secs(&[binding(900, true)]), STALE_RETRY_SECS);
+        assert_eq!(in_secs(&[binding(0, false)]), 1);
     }
 }

@@ -1050,3 +1050,84 @@ fn tessera_run_rides_out_a_broker_restart_and_cleans_up_when_it_fails() {
         "every lease was given back: {leases}"
     );
 }
+
+/// `tessera run` keeps a live lease for as long as its command runs: a
+/// lease that reaches its maximum lifetime is replaced before it ends, and a
+/// revocation of all the agent's leases is answered with a new lease. The
+/// value is the same, so the command is not restarted.
+#[test]
+fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("svc/a", b"a-one");
+    let r = w
+        .run(&[
+            "agent",
+            "create",
+            "brief",
+            "--allow",
+            "svc/*",
+            "--max-ttl",
+            "2s",
+            "--max-lifetime",
+            "3s",
+            "--json",
+        ])
+        .ok();
+    let token = r.json()["token"].as_str().expect("token").to_string();
+    let out = w.tmp.path().join("child.out");
+    let child = script(
+        &w,
+        "child.sh",
+        &format!(
+            "echo \"start $A\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
+            out = out.display()
+        ),
+    );
+    let mut run = w.command();
+    run.args(["run", "--env", "A=svc/a", "--", &child])
+        .env("TESSERA_TOKEN", &token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut run = run.spawn().expect("spawn tessera run");
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_for("the child to start", 20, || read().contains("start a-one"));
+    let active = || {
+        let l = w
+            .run(&["lease", "list", "--agent", "brief", "--json"])
+            .ok()
+            .json();
+        l["leases"]
+            .as_array()
+            .expect("leases")
+            .iter()
+            .map(|l| l["lease_id"].as_str().expect("id").to_string())
+            .collect::<Vec<_>>()
+    };
+    let first = active();
+    assert_eq!(first.len(), 1, "one lease: {first:?}");
+    // Past two lifetimes of the first lease, run holds a live, newer one.
+    std::thread::sleep(Duration::from_secs(7));
+    let later = active();
+    assert_eq!(later.len(), 1, "one live lease: {later:?}");
+    assert_ne!(later, first, "the lease was replaced before its end");
+    // Revoking everything the agent holds: run fetches a new lease.
+    w.run(&["lease", "revoke", "--agent", "brief"]).ok();
+    wait_for("a new lease after the revocation", 20, || {
+        let now = active();
+        now.len() == 1 && now != later
+    });
+    assert_eq!(
+        read().matches("start").count(),
+        1,
+        "never restarted: {}",
+        read()
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert_eq!(run.wait().expect("run").code(), Some(0));
+    assert!(active().is_empty(), "its lease was given back");
+}
