@@ -9,7 +9,8 @@
 # 2. Inside a private D-Bus session with a throw-away HOME and an unlocked
 #    gnome-keyring (the real OS keychain), runs:
 #    cargo fmt --check, cargo clippy --all-targets -D warnings,
-#    cargo doc -D warnings, cargo test --workspace --locked.
+#    cargo doc -D warnings, the macOS type-check (scripts/check-macos.sh),
+#    cargo test --workspace --locked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +70,7 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked -q
+bash scripts/check-macos.sh
 echo "==> cargo test"
 cargo build --locked -p tessera-cli --bin tessera
 cargo test --workspace --locked

@@ -236,8 +236,9 @@ fn jitter_secs(jitter: u64) -> i64 {
 
 /// This machine's host name (empty if unknown).
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
         .unwrap_or_default()
 }
 
@@ -257,7 +258,16 @@ fn owner_is_dead(owner: &str) -> bool {
     let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
         return false;
     };
-    host == hostname() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    // Signal 0 only asks whether the process exists (EPERM: it does, as
+    // another user's). Without a known host name nothing can be told.
+    !host.is_empty()
+        && host == hostname()
+        && pid > 0
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH)
 }
 
 /// Takes the rotation lock on `name` for `owner` unless another live
@@ -1573,4 +1583,30 @@ fn secret_detail(conn: &Connection, name: &str) -> Result<proto::SecretDetail> {
         })?
         .collect::<rusqlite::Result<_>>()?;
     Ok(proto::SecretDetail { versions, ..d })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rotation lock is taken over only from a process of this host that
+    /// no longer exists.
+    #[test]
+    fn only_a_dead_local_owner_loses_its_lock() {
+        let host = hostname();
+        assert!(!host.is_empty(), "this host has a name");
+        let me = format!("{host}:{}:x", std::process::id());
+        assert!(!owner_is_dead(&me), "a live process keeps its lock");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        assert!(owner_is_dead(&format!("{host}:{pid}:x")));
+        assert!(!owner_is_dead(&format!("{host}-elsewhere:{pid}:x")));
+        assert!(!owner_is_dead(&format!(":{pid}:x")));
+        assert!(!owner_is_dead(&format!("{host}:not-a-pid:x")));
+        assert!(!owner_is_dead(&format!("{host}:0:x")));
+        assert!(!owner_is_dead("garbage"));
+    }
 }

@@ -39,8 +39,9 @@ pub const ROOT_SHARE_CLASS: &str = "tessera-root-key";
 /// Which OS credential store holds the root key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeychainStore {
-    /// Secret Service over D-Bus (gnome-keyring, KWallet).
-    SecretService,
+    /// The OS keychain: on Linux the Secret Service over D-Bus
+    /// (gnome-keyring, KWallet), on macOS the login keychain.
+    Os,
     /// The Linux kernel keyutils session keyring (lost at logout/reboot).
     Keyutils,
 }
@@ -49,7 +50,7 @@ impl Source {
     /// The name stored in the store and shown to users.
     pub fn name(&self) -> &'static str {
         match self {
-            Source::Keychain(KeychainStore::SecretService) => "keychain",
+            Source::Keychain(KeychainStore::Os) => "keychain",
             Source::Keychain(KeychainStore::Keyutils) => "keyutils",
             Source::Passphrase => "passphrase",
             Source::Shares => "shares",
@@ -59,7 +60,7 @@ impl Source {
     /// Parses a stored or user-given name.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
-            "keychain" | "secret-service" => Some(Source::Keychain(KeychainStore::SecretService)),
+            "keychain" | "secret-service" => Some(Source::Keychain(KeychainStore::Os)),
             "keyutils" => Some(Source::Keychain(KeychainStore::Keyutils)),
             "passphrase" => Some(Source::Passphrase),
             "shares" => Some(Source::Shares),
@@ -287,15 +288,51 @@ fn keychain_user(store_id: &str) -> String {
     format!("root-key/{store_id}")
 }
 
+#[cfg(target_os = "linux")]
 fn credential_store(which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
     let store: Arc<keyring_core::CredentialStore> = match which {
-        KeychainStore::SecretService => zbus_secret_service_keyring_store::Store::new()
+        KeychainStore::Os => zbus_secret_service_keyring_store::Store::new()
             .map_err(|e| keychain_error(&e, "keychain", "open the Secret Service keychain"))?,
         KeychainStore::Keyutils => linux_keyutils_keyring_store::Store::new()
             .map_err(|e| keychain_error(&e, "keychain", "open the kernel keyutils keyring"))?,
     };
     Ok(store)
 }
+
+#[cfg(target_os = "macos")]
+fn credential_store(which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
+    let store: Arc<keyring_core::CredentialStore> = match which {
+        KeychainStore::Os => apple_native_keyring_store::keychain::Store::new()
+            .map_err(|e| keychain_error(&e, "keychain", "open the macOS keychain"))?,
+        KeychainStore::Keyutils => return Err(not_here("the kernel keyutils keyring")),
+    };
+    Ok(store)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn credential_store(_which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
+    Err(not_here("an OS keychain store"))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn not_here(what: &str) -> Error {
+    Error::Keychain(format!(
+        "this build of tessera has no {what} on this system; use --unseal keychain where \
+         available, passphrase or shares"
+    ))
+}
+
+/// How to unlock the OS keychain, and what to do when it cannot be reached,
+/// on this system.
+#[cfg(target_os = "macos")]
+const KEYCHAIN_UNLOCK: &str = "unlock it (log in, or `security unlock-keychain`)";
+#[cfg(target_os = "macos")]
+const KEYCHAIN_HINT: &str = "unlock the login keychain (`security unlock-keychain`)";
+#[cfg(not(target_os = "macos"))]
+const KEYCHAIN_UNLOCK: &str =
+    "unlock it (e.g. log in to the desktop, or `gnome-keyring-daemon --unlock`)";
+#[cfg(not(target_os = "macos"))]
+const KEYCHAIN_HINT: &str = "start a Secret Service (gnome-keyring) in a D-Bus session";
 
 /// Runs a keychain call on its own thread with a timeout: a keyring that
 /// wants to prompt with no display must not hang the broker.
@@ -449,11 +486,11 @@ fn keychain_error(e: &keyring_core::Error, what: &str, doing: &str) -> Error {
         }
         K::NoStorageAccess(_) => format!(
             "the OS keychain is locked or has no default collection (could not {doing}); \
-             unlock it (e.g. log in to the desktop, or `gnome-keyring-daemon --unlock`) and retry"
+             {KEYCHAIN_UNLOCK} and retry"
         ),
         K::PlatformFailure(inner) => format!(
-            "the OS keychain is not reachable (could not {doing}: {inner}); start a Secret \
-             Service (gnome-keyring) in a D-Bus session, or use --unseal passphrase"
+            "the OS keychain is not reachable (could not {doing}: {inner}); {KEYCHAIN_HINT}, \
+             or use --unseal passphrase"
         ),
         // These two carry the raw stored bytes: never format them.
         K::BadEncoding(_) | K::BadDataFormat(..) => format!(

@@ -157,7 +157,7 @@ pub(crate) fn time(t: i64) -> String {
 
 async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
     let source = match a.unseal {
-        UnsealArg::Keychain => Source::Keychain(KeychainStore::SecretService),
+        UnsealArg::Keychain => Source::Keychain(KeychainStore::Os),
         UnsealArg::Keyutils => Source::Keychain(KeychainStore::Keyutils),
         UnsealArg::Passphrase => Source::Passphrase,
         UnsealArg::Shares => Source::Shares,

@@ -200,7 +200,7 @@ impl HolderKey {
 
 fn keychain_item(role: &str) -> KeychainItem {
     KeychainItem {
-        store: KeychainStore::SecretService,
+        store: KeychainStore::Os,
         service: KEYCHAIN_SERVICE.into(),
         user: role.into(),
         what: "holder key",
