@@ -114,9 +114,9 @@ type Broker = tessera_broker::proto::broker_client::BrokerClient<Channel>;
 pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let token = agent_token()?;
     let on_rotate = parse_on_rotate(&args.on_rotate)?;
-    // Before anything else, so a SIGTERM or SIGINT that arrives while the
-    // leases are fetched is not lost: it reaches the command once started.
-    let signals = Signals::install()?;
+    // Before anything else: a SIGTERM or SIGINT while the leases are
+    // fetched stops `run` cleanly (what it fetched is given back).
+    let mut signals = Signals::install()?;
     let mut broker = target(g).broker().await?;
     let events = broker
         .watch(authed(proto::WatchRequest::default(), &token)?)
@@ -131,8 +131,9 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let events = events.into_inner();
     let mut bindings = Vec::new();
     let outcome = async {
-        for e in &args.env {
-            let (var, secret) = e.split_once('=').ok_or_else(|| {
+        let fetch = async {
+            for e in &args.env {
+                let (var, secret) = e.split_once('=').ok_or_else(|| {
                 CliError::new(
                     Exit::InvalidArgument,
                     format!(
@@ -140,14 +141,23 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
                     ),
                 )
             })?;
-            let lease = issue(&mut broker, &token, secret).await?;
-            bindings.push(Binding {
-                var: var.to_string(),
-                secret: secret.to_string(),
-                lease,
-                fetched: tokio::time::Instant::now(),
-                stale: false,
-            });
+                let lease = issue(&mut broker, &token, secret).await?;
+                bindings.push(Binding {
+                    var: var.to_string(),
+                    secret: secret.to_string(),
+                    lease,
+                    fetched: tokio::time::Instant::now(),
+                    stale: false,
+                });
+            }
+            Ok::<(), CliError>(())
+        };
+        // Stopped before the command started: nothing to forward to; give
+        // back what was fetched and exit as a process killed by it would.
+        tokio::select! {
+            r = fetch => r?,
+            _ = signals.term.recv() => return Ok(128 + Signal::SIGTERM as i32),
+            _ = signals.int.recv() => return Ok(128 + Signal::SIGINT as i32),
         }
         let child = spawn(&args, &bindings)?;
         let watch = (events, cursor);

@@ -1131,3 +1131,91 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
     assert_eq!(run.wait().expect("run").code(), Some(0));
     assert!(active().is_empty(), "its lease was given back");
 }
+
+/// A broker restarted sealed (operator shares) is a pause for `tessera run`,
+/// not a failure: the command keeps running, and once the operators unseal,
+/// a rotation reaches it.
+#[test]
+fn tessera_run_waits_while_a_restarted_broker_is_sealed() {
+    let w = World::new();
+    let init = w
+        .run(&[
+            "init",
+            "--unseal",
+            "shares",
+            "--shares",
+            "2",
+            "--threshold",
+            "2",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let shares: Vec<String> = (0..2)
+        .map(|i| {
+            let p = w.tmp.path().join(format!("operator-{i}.share"));
+            let text = init["operator_shares"][i].as_str().expect("share text");
+            std::fs::write(&p, text).expect("write share");
+            p.display().to_string()
+        })
+        .collect();
+    let unseal = || {
+        for p in &shares {
+            w.run(&["unseal", p]).ok();
+        }
+    };
+    let mut s = w.serve(&[]);
+    unseal();
+    w.put("svc/a", b"a-one");
+    let token = w.agent("gw", "svc/*", "15m");
+    let out = w.tmp.path().join("child.out");
+    let child = script(
+        &w,
+        "child.sh",
+        &format!(
+            "echo \"start $A\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
+            out = out.display()
+        ),
+    );
+    let notes = w.tmp.path().join("run.err");
+    let mut run = w.command();
+    run.args(["run", "--env", "A=svc/a", "--", &child])
+        .env("TESSERA_TOKEN", &token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&notes).expect("notes file"));
+    let mut run = run.spawn().expect("spawn tessera run");
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_for("the child to start", 20, || read().contains("start a-one"));
+
+    s.terminate();
+    let _s = w.serve(&[]);
+    assert_eq!(w.run(&["status", "--json"]).ok().json()["sealed"], true);
+    // Long enough for run to try its watch against the sealed broker.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        run.try_wait().expect("try_wait").is_none(),
+        "tessera run gave up on a sealed broker: {}",
+        std::fs::read_to_string(&notes).unwrap_or_default()
+    );
+    unseal();
+    w.run_with(
+        &["rotate", "now", "svc/a", "--from-stdin"],
+        Some(b"a-two"),
+        &[],
+    )
+    .ok();
+    let start = Instant::now();
+    while !read().contains("start a-two") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the rotation never reached the command; run said: {}",
+            std::fs::read_to_string(&notes).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert_eq!(run.wait().expect("run").code(), Some(0));
+}
