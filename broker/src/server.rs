@@ -186,13 +186,20 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     }
 
     // A shutdown ends open watches, or the drain would wait on them forever.
+    // Sealed at that moment, the broker may still be unsealed by a request
+    // the drain lets finish: its watches are ended as soon as it exists.
     let watch_gate = Arc::clone(&gate);
     let mut watch_rx = shutdown_rx.clone();
     tokio::spawn(async move {
-        if watch_rx.wait_for(|stop| *stop).await.is_ok()
-            && let Some(b) = watch_gate.broker()
-        {
-            b.stop_watches();
+        if watch_rx.wait_for(|stop| *stop).await.is_err() {
+            return;
+        }
+        loop {
+            if let Some(b) = watch_gate.broker() {
+                b.stop_watches();
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     });
 
