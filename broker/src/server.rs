@@ -194,7 +194,8 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         if watch_rx.wait_for(|stop| *stop).await.is_err() {
             return;
         }
-        loop {
+        let until = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        while tokio::time::Instant::now() < until {
             if let Some(b) = watch_gate.broker() {
                 b.stop_watches();
                 return;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use subtle::ConstantTimeEq;
 use tessera_broker::proto;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -131,17 +132,27 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let events = events.into_inner();
     let mut bindings = Vec::new();
     let outcome = async {
-        let fetch = async {
-            for e in &args.env {
-                let (var, secret) = e.split_once('=').ok_or_else(|| {
-                CliError::new(
-                    Exit::InvalidArgument,
-                    format!(
-                        "invalid env {e:?}: write VAR=secret/name, e.g. OPENAI_API_KEY=openai/prod"
-                    ),
-                )
-            })?;
-                let lease = issue(&mut broker, &token, secret).await?;
+        for e in &args.env {
+            let (var, secret) = parse_env(e)?;
+            let call = issue(&mut broker, &token, secret);
+            tokio::pin!(call);
+            let got = tokio::select! {
+                r = &mut call => Ok(r),
+                _ = signals.term.recv() => Err(Signal::SIGTERM),
+                _ = signals.int.recv() => Err(Signal::SIGINT),
+            };
+            let (lease, stopped) = match got {
+                Ok(r) => (Some(r?), None),
+                // Stopped before the command started: the lease being
+                // fetched may already be granted, so let that call finish
+                // (briefly) to give it back with the others, then exit as
+                // a process killed by the signal would.
+                Err(sig) => {
+                    let last = tokio::time::timeout(CLEANUP_DEADLINE, &mut call).await;
+                    (last.ok().and_then(Result::ok), Some(sig))
+                }
+            };
+            if let Some(lease) = lease {
                 bindings.push(Binding {
                     var: var.to_string(),
                     secret: secret.to_string(),
@@ -150,42 +161,65 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
                     stale: false,
                 });
             }
-            Ok::<(), CliError>(())
-        };
-        // Stopped before the command started: nothing to forward to; give
-        // back what was fetched and exit as a process killed by it would.
-        tokio::select! {
-            r = fetch => r?,
-            _ = signals.term.recv() => return Ok(128 + Signal::SIGTERM as i32),
-            _ = signals.int.recv() => return Ok(128 + Signal::SIGINT as i32),
+            if let Some(sig) = stopped {
+                return Ok(128 + sig as i32);
+            }
         }
         let child = spawn(&args, &bindings)?;
         let watch = (events, cursor);
-        supervise(
-            &mut broker,
-            &token,
+        let session = Session {
+            broker: &mut broker,
+            token: &token,
             on_rotate,
-            &args,
-            &mut bindings,
-            child,
-            watch,
-            signals,
-        )
-        .await
+            args: &args,
+        };
+        supervise(session, &mut bindings, child, watch, signals).await
     }
     .await;
-    // The command is gone (on an error it was killed when dropped).
-    for b in &bindings {
-        let _ = broker
-            .revoke(authed(
+    // The command is gone (on an error it was killed when dropped). Giving
+    // the leases back is best effort: a hung broker must not hold `run`
+    // (they expire anyway).
+    let give_back = async {
+        for b in &bindings {
+            let Ok(req) = authed(
                 proto::RevokeRequest {
                     lease_id: b.lease.lease_id.clone(),
                 },
                 &token,
-            )?)
-            .await;
+            ) else {
+                return;
+            };
+            let _ = broker.revoke(req).await;
+        }
+    };
+    if tokio::time::timeout(CLEANUP_DEADLINE, give_back)
+        .await
+        .is_err()
+    {
+        tracing_note("the broker did not answer; the leases left will expire on their own");
     }
     outcome
+}
+
+/// How long `run` waits on the broker while stopping.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Splits `VAR=secret/name`.
+fn parse_env(e: &str) -> Result<(&str, &str), CliError> {
+    e.split_once('=').ok_or_else(|| {
+        CliError::new(
+            Exit::InvalidArgument,
+            format!("invalid env {e:?}: write VAR=secret/name, e.g. OPENAI_API_KEY=openai/prod"),
+        )
+    })
+}
+
+/// What `supervise` and its helpers act with.
+struct Session<'a> {
+    broker: &'a mut Broker,
+    token: &'a str,
+    on_rotate: OnRotate,
+    args: &'a RunArgs,
 }
 
 /// Whether a failed call may succeed later: the broker is away (restarting,
@@ -230,8 +264,11 @@ fn next_renewal(bindings: &[Binding]) -> tokio::time::Instant {
             if b.stale {
                 return STALE_RETRY_SECS;
             }
-            let broker_now = b.lease.issued_at + b.fetched.elapsed().as_secs() as i64;
-            (b.lease.expires_at - broker_now).max(2) as u64 / 2
+            // `issued_at` is in whole seconds: count the time since from
+            // the end of that second, rounded up, so a lease is never
+            // thought to last longer than it does.
+            let since = b.fetched.elapsed().as_secs_f64().ceil() as i64 + 1;
+            (b.lease.expires_at - b.lease.issued_at - since).max(2) as u64 / 2
         })
         .min()
         .unwrap_or(60);
@@ -256,12 +293,13 @@ fn revokes(ev: &proto::Event, secret: &str, lease: &proto::Lease) -> bool {
 /// Keeps the command running until it exits: renews, follows `Watch`
 /// (resuming it from the last event after the broker comes back), forwards
 /// signals.
-#[allow(clippy::too_many_arguments)]
 async fn supervise(
-    broker: &mut Broker,
-    token: &str,
-    on_rotate: OnRotate,
-    args: &RunArgs,
+    Session {
+        broker,
+        token,
+        on_rotate,
+        args,
+    }: Session<'_>,
     bindings: &mut [Binding],
     mut child: Child,
     (events, cursor): (tonic::Streaming<proto::Event>, u64),
@@ -354,16 +392,22 @@ async fn supervise(
                 };
                 last_event = last_event.max(ev.id);
                 backoff = Duration::from_secs(1);
-                let mut any = false;
+                let (mut any, mut replaced) = (false, false);
                 for b in bindings.iter_mut() {
                     let rotated = ev.kind == "secret.rotated" && ev.secret == b.secret && ev.version > b.lease.version;
                     b.stale |= rotated || revokes(&ev, &b.secret, &b.lease);
+                    replaced |= b.stale;
                     any |= refresh(broker, token, b).await?;
+                }
+                if replaced {
+                    // Only a new lease can bring the renewal forward; other
+                    // events must not push it back.
+                    let next = next_renewal(bindings).min(renew.deadline());
+                    renew.as_mut().reset(next);
                 }
                 if any {
                     child = changed(child, on_rotate, args, bindings).await?;
                 }
-                renew.as_mut().reset(next_renewal(bindings));
             }
         }
     };
@@ -396,7 +440,7 @@ async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bo
     let old = std::mem::replace(&mut b.lease, lease);
     b.fetched = tokio::time::Instant::now();
     b.stale = false;
-    let changed = old.value != b.lease.value;
+    let changed = !bool::from(old.value.ct_eq(&b.lease.value));
     // The old value is no longer in use: give its lease back.
     let _ = broker
         .revoke(authed(
@@ -501,9 +545,9 @@ mod tests {
                 .as_secs_f64()
                 .round() as u64
         };
-        assert_eq!(in_secs(&[binding(900, false)]), 450);
+        assert_eq!(in_secs(&[binding(900, false)]), 449);
         // A lease replaced by a shorter one brings the renewal forward.
-        assert_eq!(in_secs(&[binding(900, false), binding(60, false)]), 30);
+        assert_eq!(in_secs(&[binding(900, false), binding(60, false)]), 29);
         // A binding without a lease is retried soon; an ending lease, in a
         // second at the least.
         assert_eq!(in_secs(&[binding(900, true)]), STALE_RETRY_SECS);

@@ -1052,15 +1052,76 @@ fn tessera_run_rides_out_a_broker_restart_and_cleans_up_when_it_fails() {
 }
 
 /// `tessera run` keeps a live lease for as long as its command runs: a
-/// lease that reaches its maximum lifetime is replaced before it ends, and a
-/// revocation of all the agent's leases is answered with a new lease. The
-/// value is the same, so the command is not restarted.
+/// revocation of all the agent's leases is answered with a new lease at
+/// once, and a lease about to reach its maximum lifetime is replaced before
+/// it ends. The value is the same, so the command is never restarted.
 #[test]
 fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() {
     let w = World::new();
     w.init_passphrase();
     let _s = w.serve(&[]);
     w.put("svc/a", b"a-one");
+    let out = w.tmp.path().join("child.out");
+    let child = script(
+        &w,
+        "child.sh",
+        &format!(
+            "echo \"start $A\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
+            out = out.display()
+        ),
+    );
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    let starts = || read().matches("start a-one").count();
+    let active = |agent: &str| {
+        let l = w
+            .run(&["lease", "list", "--agent", agent, "--json"])
+            .ok()
+            .json();
+        l["leases"]
+            .as_array()
+            .expect("leases")
+            .iter()
+            .map(|l| l["lease_id"].as_str().expect("id").to_string())
+            .collect::<Vec<_>>()
+    };
+    let run_as = |token: &str| {
+        let mut run = w.command();
+        run.args(["run", "--env", "A=svc/a", "--", &child])
+            .env("TESSERA_TOKEN", token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        run.spawn().expect("spawn tessera run")
+    };
+    let stop = |mut run: std::process::Child| {
+        std::process::Command::new("kill")
+            .args(["-TERM", &run.id().to_string()])
+            .status()
+            .expect("kill");
+        assert_eq!(run.wait().expect("run").code(), Some(0));
+    };
+    // One live lease that is not `old`, once any replacement has settled.
+    let replaced = |agent: &str, old: &[String]| {
+        let now = active(agent);
+        now.len() == 1 && now != old
+    };
+
+    // A revocation: the lease lives 15 minutes, so only the event can
+    // bring a new one.
+    let steady = w.agent("steady", "svc/*", "15m");
+    let run = run_as(&steady);
+    wait_for("the child to start", 20, || starts() == 1);
+    let first = active("steady");
+    assert_eq!(first.len(), 1, "one lease: {first:?}");
+    w.run(&["lease", "revoke", "--agent", "steady"]).ok();
+    wait_for("a new lease after the revocation", 20, || {
+        replaced("steady", &first)
+    });
+    assert_eq!(starts(), 1, "not restarted: {}", read());
+    stop(run);
+    assert!(active("steady").is_empty(), "its lease was given back");
+
+    // The maximum lifetime (3 s): past two of them, run holds a newer
+    // lease and the command still runs as first started.
     let r = w
         .run(&[
             "agent",
@@ -1075,61 +1136,19 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
             "--json",
         ])
         .ok();
-    let token = r.json()["token"].as_str().expect("token").to_string();
-    let out = w.tmp.path().join("child.out");
-    let child = script(
-        &w,
-        "child.sh",
-        &format!(
-            "echo \"start $A\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
-            out = out.display()
-        ),
-    );
-    let mut run = w.command();
-    run.args(["run", "--env", "A=svc/a", "--", &child])
-        .env("TESSERA_TOKEN", &token)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut run = run.spawn().expect("spawn tessera run");
-    let read = || std::fs::read_to_string(&out).unwrap_or_default();
-    wait_for("the child to start", 20, || read().contains("start a-one"));
-    let active = || {
-        let l = w
-            .run(&["lease", "list", "--agent", "brief", "--json"])
-            .ok()
-            .json();
-        l["leases"]
-            .as_array()
-            .expect("leases")
-            .iter()
-            .map(|l| l["lease_id"].as_str().expect("id").to_string())
-            .collect::<Vec<_>>()
-    };
-    let first = active();
-    assert_eq!(first.len(), 1, "one lease: {first:?}");
-    // Past two lifetimes of the first lease, run holds a live, newer one.
-    std::thread::sleep(Duration::from_secs(7));
-    let later = active();
-    assert_eq!(later.len(), 1, "one live lease: {later:?}");
-    assert_ne!(later, first, "the lease was replaced before its end");
-    // Revoking everything the agent holds: run fetches a new lease.
-    w.run(&["lease", "revoke", "--agent", "brief"]).ok();
-    wait_for("a new lease after the revocation", 20, || {
-        let now = active();
-        now.len() == 1 && now != later
+    let brief = r.json()["token"].as_str().expect("token").to_string();
+    let run = run_as(&brief);
+    wait_for("the child to start again", 20, || starts() == 2);
+    let mut first = Vec::new();
+    wait_for("one lease", 20, || {
+        first = active("brief");
+        first.len() == 1
     });
-    assert_eq!(
-        read().matches("start").count(),
-        1,
-        "never restarted: {}",
-        read()
-    );
-    std::process::Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .expect("kill");
-    assert_eq!(run.wait().expect("run").code(), Some(0));
-    assert!(active().is_empty(), "its lease was given back");
+    std::thread::sleep(Duration::from_secs(7));
+    wait_for("a newer lease", 20, || replaced("brief", &first));
+    assert_eq!(starts(), 2, "not restarted: {}", read());
+    stop(run);
+    assert!(active("brief").is_empty(), "its lease was given back");
 }
 
 /// A broker restarted sealed (operator shares) is a pause for `tessera run`,
