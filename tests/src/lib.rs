@@ -198,6 +198,23 @@ impl World {
         .ok()
     }
 
+    /// `tessera init --unseal shares` with `shares` plain (not age-sealed)
+    /// operator shares, `threshold` of them needed; returns init's JSON.
+    pub fn init_shares(&self, shares: u32, threshold: u32) -> serde_json::Value {
+        self.run(&[
+            "init",
+            "--unseal",
+            "shares",
+            "--shares",
+            &shares.to_string(),
+            "--threshold",
+            &threshold.to_string(),
+            "--json",
+        ])
+        .ok()
+        .json()
+    }
+
     /// Starts `tessera serve ARGS` (passphrase in the env) and waits until
     /// it answers.
     pub fn serve(&self, args: &[&str]) -> Server {

@@ -1066,19 +1066,7 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
     unseal(2, 0).fails_with(7); // sealed to operator 2, not openable with operator 1's key
     // A share of another store's root key is refused.
     let other = World::new();
-    let other_init = other
-        .run(&[
-            "init",
-            "--unseal",
-            "shares",
-            "--shares",
-            "2",
-            "--threshold",
-            "2",
-            "--json",
-        ])
-        .ok()
-        .json();
+    let other_init = other.init_shares(2, 2);
     let foreign = w.tmp.path().join("foreign.share");
     std::fs::write(
         &foreign,

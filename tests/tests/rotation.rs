@@ -37,6 +37,30 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Rotates `secret` to `value` and waits (up to a minute) until `out`, the
+/// file a command under `tessera run` writes to, contains `expect`; on
+/// failure shows what run said (`notes`, its stderr).
+fn rotate_until_seen(w: &World, secret: &str, value: &str, out: &Path, expect: &str, notes: &Path) {
+    w.run_with(
+        &["rotate", "now", secret, "--from-stdin"],
+        Some(value.as_bytes()),
+        &[],
+    )
+    .ok();
+    let start = Instant::now();
+    while !std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .contains(expect)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the rotation never reached the command; run said: {}",
+            std::fs::read_to_string(notes).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn script(w: &World, name: &str, body: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     let p = w.tmp.path().join(name);
@@ -1019,21 +1043,7 @@ fn tessera_run_rides_out_a_broker_restart_and_cleans_up_when_it_fails() {
         "tessera run gave up while the broker was away"
     );
     let _s = w.serve(&[]);
-    w.run_with(
-        &["rotate", "now", "svc/a", "--from-stdin"],
-        Some(b"a-two"),
-        &[],
-    )
-    .ok();
-    let start = Instant::now();
-    while !read().contains("start a-two b-one") {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the rotation never reached the command; run said: {}",
-            std::fs::read_to_string(&notes).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rotate_until_seen(&w, "svc/a", "a-two", &out, "start a-two b-one", &notes);
 
     // Deleting svc/b revokes its lease; no new one can be had, so run fails
     // (NOT_FOUND), stops the command and gives back the lease on svc/a.
@@ -1157,19 +1167,7 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
 #[test]
 fn tessera_run_waits_while_a_restarted_broker_is_sealed() {
     let w = World::new();
-    let init = w
-        .run(&[
-            "init",
-            "--unseal",
-            "shares",
-            "--shares",
-            "2",
-            "--threshold",
-            "2",
-            "--json",
-        ])
-        .ok()
-        .json();
+    let init = w.init_shares(2, 2);
     let shares: Vec<String> = (0..2)
         .map(|i| {
             let p = w.tmp.path().join(format!("operator-{i}.share"));
@@ -1217,21 +1215,7 @@ fn tessera_run_waits_while_a_restarted_broker_is_sealed() {
         std::fs::read_to_string(&notes).unwrap_or_default()
     );
     unseal();
-    w.run_with(
-        &["rotate", "now", "svc/a", "--from-stdin"],
-        Some(b"a-two"),
-        &[],
-    )
-    .ok();
-    let start = Instant::now();
-    while !read().contains("start a-two") {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the rotation never reached the command; run said: {}",
-            std::fs::read_to_string(&notes).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rotate_until_seen(&w, "svc/a", "a-two", &out, "start a-two", &notes);
     std::process::Command::new("kill")
         .args(["-TERM", &run.id().to_string()])
         .status()
