@@ -61,6 +61,49 @@ fn rotate_until_seen(w: &World, secret: &str, value: &str, out: &Path, expect: &
     }
 }
 
+/// A command for `tessera run` that appends `start <vars>` to `out` (e.g.
+/// `$A $B`), then runs until SIGTERM, which it answers by exiting 0.
+fn looping_child(w: &World, out: &Path, vars: &str) -> String {
+    script(
+        w,
+        "child.sh",
+        &format!(
+            "echo \"start {vars}\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
+            out = out.display()
+        ),
+    )
+}
+
+/// Starts `tessera run --env E… -- child` as the agent `token`; its stderr
+/// goes to `notes`.
+fn spawn_run(
+    w: &World,
+    token: &str,
+    envs: &[&str],
+    child: &str,
+    notes: &Path,
+) -> std::process::Child {
+    let mut run = w.command();
+    run.arg("run");
+    for e in envs {
+        run.args(["--env", e]);
+    }
+    run.args(["--", child])
+        .env("TESSERA_TOKEN", token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(notes).expect("notes file"));
+    run.spawn().expect("spawn tessera run")
+}
+
+/// Sends SIGTERM to `run` and checks that it exits with its command's 0.
+fn stop_run(mut run: std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert_eq!(run.wait().expect("run").code(), Some(0));
+}
+
 fn script(w: &World, name: &str, body: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     let p = w.tmp.path().join(name);
@@ -986,7 +1029,7 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
     .env("TESSERA_TOKEN", &token)
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
-    let mut run = run.spawn().expect("spawn run");
+    let run = run.spawn().expect("spawn run");
     wait_for("the child", 20, || read(&log).contains("start"));
     w.run_with(
         &["rotate", "now", "gh/token", "--from-stdin"],
@@ -996,11 +1039,7 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
     .ok();
     wait_for("SIGHUP", 20, || read(&log).contains("hup"));
     assert_eq!(read(&log).matches("start").count(), 1, "not restarted");
-    std::process::Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .expect("kill");
-    assert_eq!(run.wait().expect("run").code(), Some(0));
+    stop_run(run);
 }
 
 /// `tessera run` keeps its command running while the broker restarts,
@@ -1016,21 +1055,9 @@ fn tessera_run_rides_out_a_broker_restart_and_cleans_up_when_it_fails() {
     w.put("svc/b", b"b-one");
     let token = w.agent("gw", "svc/*", "15m");
     let out = w.tmp.path().join("child.out");
-    let child = script(
-        &w,
-        "child.sh",
-        &format!(
-            "echo \"start $A $B\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
-            out = out.display()
-        ),
-    );
+    let child = looping_child(&w, &out, "$A $B");
     let notes = w.tmp.path().join("run.err");
-    let mut run = w.command();
-    run.args(["run", "--env", "A=svc/a", "--env", "B=svc/b", "--", &child])
-        .env("TESSERA_TOKEN", &token)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&notes).expect("notes file"));
-    let mut run = run.spawn().expect("spawn tessera run");
+    let mut run = spawn_run(&w, &token, &["A=svc/a", "B=svc/b"], &child, &notes);
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
     wait_for("the child to start", 20, || {
         read().contains("start a-one b-one")
@@ -1072,14 +1099,8 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
     let _s = w.serve(&[]);
     w.put("svc/a", b"a-one");
     let out = w.tmp.path().join("child.out");
-    let child = script(
-        &w,
-        "child.sh",
-        &format!(
-            "echo \"start $A\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
-            out = out.display()
-        ),
-    );
+    let child = looping_child(&w, &out, "$A");
+    let notes = w.tmp.path().join("run.err");
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
     let starts = || read().matches("start a-one").count();
     let active = |agent: &str| {
@@ -1094,21 +1115,7 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
             .map(|l| l["lease_id"].as_str().expect("id").to_string())
             .collect::<Vec<_>>()
     };
-    let run_as = |token: &str| {
-        let mut run = w.command();
-        run.args(["run", "--env", "A=svc/a", "--", &child])
-            .env("TESSERA_TOKEN", token)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        run.spawn().expect("spawn tessera run")
-    };
-    let stop = |mut run: std::process::Child| {
-        std::process::Command::new("kill")
-            .args(["-TERM", &run.id().to_string()])
-            .status()
-            .expect("kill");
-        assert_eq!(run.wait().expect("run").code(), Some(0));
-    };
+    let run_as = |token: &str| spawn_run(&w, token, &["A=svc/a"], &child, &notes);
     // One live lease that is not `old`, once any replacement has settled.
     let replaced = |agent: &str, old: &[String]| {
         let now = active(agent);
@@ -1127,7 +1134,7 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
         replaced("steady", &first)
     });
     assert_eq!(starts(), 1, "not restarted: {}", read());
-    stop(run);
+    stop_run(run);
     assert!(active("steady").is_empty(), "its lease was given back");
 
     // The maximum lifetime (3 s): past two of them, run holds a newer
@@ -1157,7 +1164,7 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
     std::thread::sleep(Duration::from_secs(7));
     wait_for("a newer lease", 20, || replaced("brief", &first));
     assert_eq!(starts(), 2, "not restarted: {}", read());
-    stop(run);
+    stop_run(run);
     assert!(active("brief").is_empty(), "its lease was given back");
 }
 
@@ -1186,21 +1193,9 @@ fn tessera_run_waits_while_a_restarted_broker_is_sealed() {
     w.put("svc/a", b"a-one");
     let token = w.agent("gw", "svc/*", "15m");
     let out = w.tmp.path().join("child.out");
-    let child = script(
-        &w,
-        "child.sh",
-        &format!(
-            "echo \"start $A\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
-            out = out.display()
-        ),
-    );
+    let child = looping_child(&w, &out, "$A");
     let notes = w.tmp.path().join("run.err");
-    let mut run = w.command();
-    run.args(["run", "--env", "A=svc/a", "--", &child])
-        .env("TESSERA_TOKEN", &token)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&notes).expect("notes file"));
-    let mut run = run.spawn().expect("spawn tessera run");
+    let mut run = spawn_run(&w, &token, &["A=svc/a"], &child, &notes);
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
     wait_for("the child to start", 20, || read().contains("start a-one"));
 
@@ -1216,9 +1211,5 @@ fn tessera_run_waits_while_a_restarted_broker_is_sealed() {
     );
     unseal();
     rotate_until_seen(&w, "svc/a", "a-two", &out, "start a-two", &notes);
-    std::process::Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .expect("kill");
-    assert_eq!(run.wait().expect("run").code(), Some(0));
+    stop_run(run);
 }
