@@ -95,6 +95,20 @@ fn spawn_run(
     run.spawn().expect("spawn tessera run")
 }
 
+/// The ids of `agent`'s active leases.
+fn active_leases(w: &World, agent: &str) -> Vec<String> {
+    let l = w
+        .run(&["lease", "list", "--agent", agent, "--json"])
+        .ok()
+        .json();
+    l["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .map(|l| l["lease_id"].as_str().expect("id").to_string())
+        .collect()
+}
+
 /// Sends SIGTERM to `run` and checks that it exits with its command's 0.
 fn stop_run(mut run: std::process::Child) {
     std::process::Command::new("kill")
@@ -741,15 +755,8 @@ fn tessera_run_restarts_its_command_with_the_new_value() {
         .expect("kill");
     let status = run.wait().expect("wait run");
     assert_eq!(status.code(), Some(7));
-    let leases = w
-        .run(&["lease", "list", "--agent", "gw", "--json"])
-        .ok()
-        .json();
-    assert_eq!(
-        leases["leases"].as_array().map(Vec::len),
-        Some(0),
-        "its leases were revoked"
-    );
+    let leases = active_leases(&w, "gw");
+    assert!(leases.is_empty(), "its leases were revoked");
     assert!(
         !Path::new(&out).exists() || !read().contains("sk-one args"),
         "values never in argv"
@@ -1077,15 +1084,8 @@ fn tessera_run_rides_out_a_broker_restart_and_cleans_up_when_it_fails() {
     w.run(&["secret", "rm", "svc/b"]).ok();
     let status = run.wait().expect("wait run");
     assert_eq!(status.code(), Some(3), "run exits NOT_FOUND");
-    let leases = w
-        .run(&["lease", "list", "--agent", "gw", "--json"])
-        .ok()
-        .json();
-    assert_eq!(
-        leases["leases"].as_array().map(Vec::len),
-        Some(0),
-        "every lease was given back: {leases}"
-    );
+    let leases = active_leases(&w, "gw");
+    assert!(leases.is_empty(), "every lease was given back: {leases:?}");
 }
 
 /// `tessera run` keeps a live lease for as long as its command runs: a
@@ -1103,18 +1103,7 @@ fn tessera_run_replaces_leases_without_restarting_when_the_value_is_unchanged() 
     let notes = w.tmp.path().join("run.err");
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
     let starts = || read().matches("start a-one").count();
-    let active = |agent: &str| {
-        let l = w
-            .run(&["lease", "list", "--agent", agent, "--json"])
-            .ok()
-            .json();
-        l["leases"]
-            .as_array()
-            .expect("leases")
-            .iter()
-            .map(|l| l["lease_id"].as_str().expect("id").to_string())
-            .collect::<Vec<_>>()
-    };
+    let active = |agent: &str| active_leases(&w, agent);
     let run_as = |token: &str| spawn_run(&w, token, &["A=svc/a"], &child, &notes);
     // One live lease that is not `old`, once any replacement has settled.
     let replaced = |agent: &str, old: &[String]| {
