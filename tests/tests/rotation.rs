@@ -68,7 +68,7 @@ fn looping_child(w: &World, out: &Path, vars: &str) -> String {
         w,
         "child.sh",
         &format!(
-            "echo \"start {vars}\" >> {out}; trap 'exit 0' TERM; while true; do sleep 0.1; done",
+            "trap 'exit 0' TERM; echo \"start {vars}\" >> {out}; while true; do sleep 0.1; done",
             out = out.display()
         ),
     )
@@ -712,8 +712,9 @@ fn tessera_run_restarts_its_command_with_the_new_value() {
         &w,
         "child.sh",
         &format!(
-            "echo \"start $OPENAI_API_KEY token=${{TESSERA_TOKEN:-none}} args=$*\" >> {out}; \
-             trap 'echo term >> {out}; exit 7' TERM; while true; do sleep 0.1; done",
+            "trap 'echo term >> {out}; exit 7' TERM; \
+             echo \"start $OPENAI_API_KEY token=${{TESSERA_TOKEN:-none}} args=$*\" >> {out}; \
+             while true; do sleep 0.1; done",
             out = out.display()
         ),
     );
@@ -1018,7 +1019,7 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
         &w,
         "hup.sh",
         &format!(
-            "echo start >> {log}; trap 'echo hup >> {log}' HUP; trap 'exit 0' TERM; \
+            "trap 'echo hup >> {log}' HUP; trap 'exit 0' TERM; echo start >> {log}; \
              while true; do sleep 0.1; done",
             log = log.display()
         ),
