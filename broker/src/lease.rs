@@ -107,7 +107,7 @@ impl Broker {
         let name = secret.clone();
         let issued = self
             .store
-            .write(move |ctx| {
+            .write_unguarded(move |ctx| {
                 let t = now();
                 // The token check above may have used the cache: re-check
                 // in the transaction so a concurrent revoke always wins.
@@ -197,7 +197,7 @@ impl Broker {
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
         self.store
-            .write(move |ctx| {
+            .write_unguarded(move |ctx| {
                 let t = now();
                 let row = own_lease(ctx.conn, &lease_id, actor.id)?;
                 let outcome = match row {
@@ -269,7 +269,7 @@ impl Broker {
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
         self.store
-            .write(move |ctx| {
+            .write_unguarded(move |ctx| {
                 let t = now();
                 if own_lease(ctx.conn, &lease_id, actor.id)?.is_none() {
                     let e = not_found(&lease_id);

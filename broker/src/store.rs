@@ -1,8 +1,9 @@
 //! The embedded store: one SQLite file (WAL, `synchronous=FULL`,
 //! `secure_delete=ON`), a versioned schema, a few read-only connections, and
 //! one writer thread that batches concurrent writes into one transaction
-//! (group commit): it drains whatever is queued, applies each job inside its
-//! own savepoint, commits once, and only then answers each caller.
+//! (group commit): it drains whatever is queued, applies each job (most in
+//! their own savepoint, the lease hot path without), commits once, and only
+//! then answers each caller.
 //!
 //! Services speak to the store in domain operations; no rusqlite type
 //! leaves this module and its siblings in `store/`.
@@ -311,7 +312,8 @@ pub fn meta_set(conn: &Connection, key: &str, value: &[u8]) -> Result<()> {
 /// What the writer thread hands to each job: the open transaction, the
 /// audit chain, and the batch's clock.
 pub struct WriteCtx<'c> {
-    /// The batch's transaction (each job runs in its own savepoint).
+    /// The batch's transaction (the job may be in its own savepoint: see
+    /// [`Store::write`] and [`Store::write_unguarded`]).
     pub conn: &'c Connection,
     chain: &'c mut Chain,
 }
@@ -437,15 +439,24 @@ pub fn parse_head(v: &[u8]) -> Option<(Head, [u8; 32])> {
 }
 
 type Completion = Box<dyn FnOnce(Result<()>) + Send>;
-/// A queued write. Called with `None` when no transaction could be opened,
-/// so the job fails its caller instead of vanishing. Returns whether it
-/// succeeded (else its savepoint is rolled back) and how to answer.
+/// A queued write. Called with `None` when its batch cannot be applied (no
+/// transaction could be opened, or an unguarded job before it failed), so
+/// the job fails its caller instead of vanishing. Returns whether it
+/// succeeded and how to answer.
 type Job = Box<dyn for<'c> FnOnce(Option<&mut WriteCtx<'c>>) -> (bool, Completion) + Send>;
+
+/// A write waiting for the next batch.
+struct Queued {
+    job: Job,
+    /// Whether the job runs in its own savepoint, so that its failure
+    /// undoes only its own changes (else it undoes the whole batch).
+    guarded: bool,
+}
 
 /// What the writer thread takes from its queue.
 enum Cmd {
     /// A write, batched with its neighbours into one transaction.
-    Write(Job),
+    Write(Queued),
     /// Maintenance that must run outside any transaction (checkpoint,
     /// VACUUM), between batches.
     Maintain(Box<dyn FnOnce(&mut Connection) + Send>),
@@ -571,13 +582,27 @@ impl Store {
     }
 
     /// Runs `f` in the writer's next transaction and returns its result once
-    /// that transaction has committed (so an `Ok` is durable). An `Err` from
-    /// `f` rolls back only `f`'s own changes.
+    /// that transaction has committed (so an `Ok` is durable). `f` runs in
+    /// its own savepoint: an `Err` from `f` rolls back only `f`'s own
+    /// changes, and the other requests in the batch commit.
     pub async fn write<T: Send + 'static>(
         &self,
         f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.write_then(f, |_| {}).await
+        self.queue(f, |_| {}, true).await
+    }
+
+    /// Like [`Store::write`] but without `f`'s own savepoint, which costs
+    /// more than the rest of a lease's write: an `Err` from `f` rolls back
+    /// the whole batch and fails every request in it (UNAVAILABLE). Only for
+    /// the hot path (issue, renew, revoke, denials), whose closures fail
+    /// only when the store itself does (I/O, a full disk) and return every
+    /// other outcome as an `Ok` value.
+    pub async fn write_unguarded<T: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.queue(f, |_| {}, false).await
     }
 
     /// Like [`Store::write`], and `on_commit(committed)` runs on the writer
@@ -589,12 +614,21 @@ impl Store {
         f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
         on_commit: impl FnOnce(bool) + Send + 'static,
     ) -> Result<T> {
+        self.queue(f, on_commit, true).await
+    }
+
+    async fn queue<T: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
+        on_commit: impl FnOnce(bool) + Send + 'static,
+        guarded: bool,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(move |ctx: Option<&mut WriteCtx<'_>>| {
             let out = match ctx {
                 Some(ctx) => f(ctx),
                 None => Err(Error::Unavailable(
-                    "the store could not start a transaction; nothing was changed, try again"
+                    "the store could not apply this request's batch; nothing was changed, try again"
                         .into(),
                 )),
             };
@@ -611,7 +645,7 @@ impl Store {
             (ok, done)
         });
         self.writer
-            .send(Cmd::Write(job))
+            .send(Cmd::Write(Queued { job, guarded }))
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
@@ -687,7 +721,7 @@ fn writer_loop(
     events: tokio::sync::watch::Sender<u64>,
     wal: PathBuf,
 ) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Queued> = Vec::with_capacity(MAX_BATCH);
     let mut held: Option<Cmd> = None;
     loop {
         let first = match held.take() {
@@ -763,37 +797,61 @@ fn commit_failed(e: &Error) -> Error {
 /// Applies `batch` in one transaction; returns each job's answer and the
 /// outcome of the commit, which every answer waits for.
 ///
-/// Jobs run without savepoints (a statement sub-journal per job cost more
-/// than everything else the writer does). A job returns `Err` only when the
-/// store itself failed (I/O, a full disk, a refused audit insert); then the
-/// whole batch is rolled back and every job in it fails UNAVAILABLE, so no
-/// half-applied job is ever committed. Denials are `Ok` values and commit
-/// with their audit record.
+/// A guarded job runs in its own savepoint: when it fails, its changes (and
+/// its audit records) are rolled back to the savepoint and it alone answers
+/// with its error. Unguarded jobs (the hot path) run without one (a
+/// statement sub-journal per job cost more than everything else the writer
+/// does); such a job returns `Err` only when the store itself failed (I/O,
+/// a full disk, a refused audit insert), and then the whole batch is rolled
+/// back and every job in it fails UNAVAILABLE, so no half-applied job is
+/// ever committed. Denials are `Ok` values and commit with their audit
+/// record.
 fn run_batch(
     conn: &mut Connection,
     chain: &mut Chain,
-    batch: &mut Vec<Job>,
+    batch: &mut Vec<Queued>,
 ) -> (Vec<Completion>, Result<()>) {
     let mut done: Vec<Completion> = Vec::with_capacity(batch.len());
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
-            for job in batch.drain(..) {
-                done.push(job(None).1);
+            for q in batch.drain(..) {
+                done.push((q.job)(None).1);
             }
             return (done, Err(Error::from(e)));
         }
     };
     let head_at_start = chain.head;
     let mut failed = false;
-    for job in batch.drain(..) {
+    for Queued { job, guarded } in batch.drain(..) {
         if failed {
             done.push(job(None).1);
             continue;
         }
+        if !guarded {
+            let mut ctx = WriteCtx { conn: &tx, chain };
+            let (ok, completion) = job(Some(&mut ctx));
+            failed |= !ok;
+            done.push(completion);
+            continue;
+        }
+        if tx.execute_batch("SAVEPOINT job").is_err() {
+            failed = true;
+            done.push(job(None).1);
+            continue;
+        }
+        let (head, emitted) = (chain.head, chain.emitted);
         let mut ctx = WriteCtx { conn: &tx, chain };
         let (ok, completion) = job(Some(&mut ctx));
-        failed |= !ok;
+        let closed = if ok {
+            tx.execute_batch("RELEASE job")
+        } else {
+            // Undo only this job: its rows, its audit records, its events.
+            chain.head = head;
+            chain.emitted = emitted;
+            tx.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
+        failed |= closed.is_err();
         done.push(completion);
     }
     if failed {
@@ -819,6 +877,118 @@ fn run_batch(
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    fn entry(what: &str) -> crate::audit::Entry {
+        crate::audit::Entry {
+            time: 1,
+            actor: "system".into(),
+            action: "test".into(),
+            target: what.into(),
+            allowed: true,
+            reason: String::new(),
+            request_id: String::new(),
+        }
+    }
+
+    /// A failing guarded job undoes only its own rows and audit records;
+    /// its neighbours in the same batch commit, and the chain stays whole.
+    /// A failing unguarded job fails its whole batch.
+    #[test]
+    fn one_failing_write_does_not_fail_its_neighbours() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tessera.db");
+        let conn = open_rw(&path, true).expect("new store");
+        let key = SymmetricKey::generate().expect("key");
+        let verify_key = SymmetricKey::from_bytes(key.expose_bytes()).expect("key copy");
+        let store = Arc::new(Store::start(&path, conn, key, 1).expect("start"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        // Queues `jobs` while the writer is held, so they share one batch.
+        type Write = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Result<()> + Send>;
+        let batch = |jobs: Vec<(bool, Write)>| -> Vec<Result<()>> {
+            rt.block_on(async {
+                let (release, held) = std::sync::mpsc::channel::<()>();
+                let s = Arc::clone(&store);
+                let hold = tokio::spawn(async move {
+                    s.maintain(move |_| {
+                        let _ = held.recv();
+                        Ok(())
+                    })
+                    .await
+                });
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let mut calls = Vec::new();
+                for (guarded, f) in jobs {
+                    let s = Arc::clone(&store);
+                    calls.push(tokio::spawn(async move {
+                        if guarded {
+                            s.write(f).await
+                        } else {
+                            s.write_unguarded(f).await
+                        }
+                    }));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                release.send(()).expect("release the writer");
+                hold.await.expect("hold").expect("maintain");
+                let mut out = Vec::new();
+                for c in calls {
+                    out.push(c.await.expect("call"));
+                }
+                out
+            })
+        };
+        let put = |k: &'static str, fail: bool| -> Write {
+            Box::new(move |ctx| {
+                meta_set(ctx.conn, k, b"x")?;
+                ctx.audit(&entry(k))?;
+                if fail {
+                    return Err(Error::FailedPrecondition(format!("{k} is refused")));
+                }
+                Ok(())
+            })
+        };
+        let got = batch(vec![
+            (true, put("a", false)),
+            (true, put("b", true)),
+            (false, put("c", false)),
+            (true, put("d", false)),
+        ]);
+        assert!(
+            got[0].is_ok() && got[2].is_ok() && got[3].is_ok(),
+            "{got:?}"
+        );
+        assert!(
+            matches!(&got[1], Err(Error::FailedPrecondition(_))),
+            "{got:?}"
+        );
+        let got = batch(vec![(true, put("e", false)), (false, put("f", true))]);
+        assert!(got.iter().all(|r| r.is_err()), "{got:?}");
+
+        let (present, verdict) = store
+            .read(|conn| {
+                let present: Vec<bool> = ["a", "b", "c", "d", "e", "f"]
+                    .iter()
+                    .map(|k| meta_get(conn, k).map(|v| v.is_some()))
+                    .collect::<Result<_>>()?;
+                let mut v = crate::audit::Verifier::new(&verify_key);
+                let mut stmt = conn.prepare(
+                    "SELECT seq, time, actor, action, target, decision, reason, request_id,
+                            prev_hash, hash FROM audit ORDER BY rowid",
+                )?;
+                let mut rows = stmt.query([])?;
+                while let Some(r) = rows.next()? {
+                    v.push(&crate::broker::row_to_record(r)?);
+                }
+                let head = meta_get(conn, "audit_head")?.and_then(|h| parse_head(&h));
+                Ok((present, v.finish(head)))
+            })
+            .expect("read");
+        assert_eq!(present, [true, false, true, true, false, false]);
+        assert_eq!(verdict, crate::audit::Verdict::Intact { records: 3 });
+    }
 
     /// Under writes that never pause, the WAL is started over once it passes
     /// its limit instead of growing with every commit.
