@@ -12,7 +12,6 @@ use crate::audit::ACTOR_ADMIN;
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::gate::Gate;
-use crate::keys::random_id;
 use crate::lease::Selector;
 use crate::proto::{
     self, admin_server, broker_server, envelope_server, holders_server, retention_server,
@@ -61,7 +60,7 @@ fn request_id<T>(req: &Request<T>) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
         .map(String::from)
-        .unwrap_or_else(|| random_id("req_").unwrap_or_default())
+        .unwrap_or_else(crate::keys::request_id)
 }
 
 impl Services {
