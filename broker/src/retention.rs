@@ -1357,6 +1357,37 @@ fn recover_key(req: &proto::RecoverClassRequest) -> Result<SymmetricKey> {
             ),
         ));
     }
+    // What the store's constraints would refuse, refused here with a reason.
+    if req.threshold == 0 || req.threshold as usize > req.holders.len() {
+        return Err(Error::invalid(
+            "threshold",
+            format!(
+                "the class rows ask for {} of {} holders; the old store's class row was altered",
+                req.threshold,
+                req.holders.len()
+            ),
+        ));
+    }
+    let mut roles = std::collections::HashSet::new();
+    if let Some(s) = req.sealed_shares.iter().find(|s| !roles.insert(&s.role)) {
+        return Err(Error::invalid(
+            "sealed_shares",
+            format!(
+                "role {} has two sealed shares; the old store's rows were altered",
+                s.role
+            ),
+        ));
+    }
+    let mut ids = std::collections::HashSet::new();
+    if let Some(d) = req.data_keys.iter().find(|d| !ids.insert(d.id)) {
+        return Err(Error::invalid(
+            "data_keys",
+            format!(
+                "data key {} appears twice; the old store's rows were altered",
+                d.id
+            ),
+        ));
+    }
     let raw = tessera_shred::envelope::combine_envelopes(&envelopes)
         .map_err(|e| Error::invalid("shares", e.to_string()))?;
     let key = SymmetricKey::from_bytes(&raw)?;

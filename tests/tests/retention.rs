@@ -950,6 +950,17 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
     );
     let dup = recover(&[&s_legal, &s_legal]).fails_with(7);
     assert!(dup.stderr.contains("twice"), "{dup:#?}");
+    // An altered class row is refused with a reason, not a store error.
+    let set_threshold = |n: i64| {
+        rusqlite::Connection::open(a.db())
+            .expect("db")
+            .execute("UPDATE classes SET threshold = ?1 WHERE name = 'tax'", [n])
+            .expect("alter the class row");
+    };
+    set_threshold(9);
+    let altered = recover(&[&s_legal, &s_board]).fails_with(7);
+    assert!(altered.stderr.contains("9 of 3 holders"), "{altered:#?}");
+    set_threshold(2);
     assert_eq!(
         b.run(&["class", "show", "tax"]).code,
         3,
