@@ -1428,6 +1428,24 @@ impl Broker {
                 .store
                 .write(move |ctx| {
                     let t = now();
+                    // The class may have been shredded or re-keyed since its
+                    // key was read: the writer's view decides. Shredded or
+                    // gone, the value is destroyed; re-keyed, a data key
+                    // sealed under the old key would be lost with it, so
+                    // this retirement waits for the next tick.
+                    let ck = match (&class, ck) {
+                        (Some(c), Some(ck)) => match crate::retention::load_class(ctx.conn, c)? {
+                            Some(row) if row.state == crate::retention::class_state::SHREDDED => None,
+                            Some(row) if row.generation != ck.generation => {
+                                return Err(Error::Unavailable(format!(
+                                    "the key of class {c} was just replaced; retrying"
+                                )));
+                            }
+                            Some(_) => Some(ck),
+                            None => None,
+                        },
+                        _ => None,
+                    };
                     let leases = revoke_active(ctx, Scope::Version(&name, version), t)?;
                     let (wrapped, archived): (Vec<u8>, Option<(String, u64)>) = match (&class, &ck) {
                         (Some(c), Some(ck)) => {
