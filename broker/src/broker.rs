@@ -53,6 +53,9 @@ pub struct Broker {
     /// Unwrapped class keys in use; a shred removes its entry (and the key
     /// is zeroized when the last user drops it).
     pub(crate) class_keys: RwLock<HashMap<String, Arc<crate::retention::ClassKey>>>,
+    /// Bumped by every forget of a class key, so a key read before a shred
+    /// or re-key committed is not cached after it.
+    pub(crate) class_keys_gen: std::sync::atomic::AtomicU64,
     /// Set when the broker stops serving: open `Watch` streams end (they
     /// would otherwise hold the graceful shutdown open forever).
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,
@@ -202,6 +205,7 @@ impl Broker {
             signing_key,
             signing_public,
             class_keys: RwLock::new(HashMap::new()),
+            class_keys_gen: std::sync::atomic::AtomicU64::new(0),
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -229,8 +233,9 @@ impl Broker {
         format!("token:{}", hex(&mac[..8]))
     }
 
-    /// Appends one audit record on its own (used for denials, which change
-    /// nothing else). Only a store failure can fail it: no savepoint.
+    /// Appends one audit record on its own (denials, and reads such as
+    /// listings, which change nothing else). Only a store failure can fail
+    /// it: no savepoint.
     pub async fn audit(&self, entry: Entry) -> Result<()> {
         self.store
             .write_unguarded(move |ctx| ctx.audit(&entry))

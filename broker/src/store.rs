@@ -309,8 +309,8 @@ pub fn meta_set(conn: &Connection, key: &str, value: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// What the writer thread hands to each job: the open transaction, the
-/// audit chain, and the batch's clock.
+/// What the writer thread hands to each job: the open transaction and the
+/// audit chain.
 pub struct WriteCtx<'c> {
     /// The batch's transaction (the job may be in its own savepoint: see
     /// [`Store::write`] and [`Store::write_unguarded`]).
@@ -440,8 +440,10 @@ pub fn parse_head(v: &[u8]) -> Option<(Head, [u8; 32])> {
 
 type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 /// A queued write. Called with `None` when its batch cannot be applied (no
-/// transaction could be opened, or an unguarded job before it failed), so
-/// the job fails its caller instead of vanishing. Returns whether it
+/// transaction could be opened, or an earlier job failed in a way that
+/// undoes the whole batch: an unguarded job's error, a savepoint that could
+/// not be opened, released or rolled back), so the job fails its caller
+/// instead of vanishing. Returns whether it
 /// succeeded and how to answer.
 type Job = Box<dyn for<'c> FnOnce(Option<&mut WriteCtx<'c>>) -> (bool, Completion) + Send>;
 
@@ -608,7 +610,9 @@ impl Store {
     /// Like [`Store::write`], and `on_commit(committed)` runs on the writer
     /// thread right after the commit (or rollback), before the next batch
     /// starts: for in-memory state that must change exactly when the
-    /// transaction does (the root key after a rekey).
+    /// transaction does (the root key after a rekey). `committed` is false
+    /// when `f` failed (its savepoint was rolled back, even if the batch
+    /// committed) or when the batch did not commit.
     pub async fn write_then<T: Send + 'static>(
         &self,
         f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
@@ -945,11 +949,16 @@ mod tests {
                 meta_set(ctx.conn, k, b"x")?;
                 ctx.audit(&entry(k))?;
                 if fail {
+                    ctx.event(&NewEvent {
+                        kind: "test",
+                        ..Default::default()
+                    })?;
                     return Err(Error::FailedPrecondition(format!("{k} is refused")));
                 }
                 Ok(())
             })
         };
+        let mut events = store.subscribe_events();
         let got = batch(vec![
             (true, put("a", false)),
             (true, put("b", true)),
@@ -963,6 +972,10 @@ mod tests {
         assert!(
             matches!(&got[1], Err(Error::FailedPrecondition(_))),
             "{got:?}"
+        );
+        assert!(
+            !events.has_changed().expect("events"),
+            "watchers were woken for an event that was rolled back"
         );
         let got = batch(vec![(true, put("e", false)), (false, put("f", true))]);
         assert!(got.iter().all(|r| r.is_err()), "{got:?}");
@@ -988,6 +1001,10 @@ mod tests {
             .expect("read");
         assert_eq!(present, [true, false, true, true, false, false]);
         assert_eq!(verdict, crate::audit::Verdict::Intact { records: 3 });
+        let stored_events: i64 = store
+            .read(|c| Ok(c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?))
+            .expect("events");
+        assert_eq!(stored_events, 0);
     }
 
     /// Under writes that never pause, the WAL is started over once it passes
