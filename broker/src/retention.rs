@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tessera_shred::envelope::ShareEnvelope;
@@ -998,6 +999,7 @@ impl Broker {
         {
             return Ok(k);
         }
+        let forgets = self.class_keys_gen.load(Ordering::Acquire);
         let (row, wrapped) = self.store.read(|conn| {
             let c = load_class(conn, name)?.ok_or_else(|| no_class(name))?;
             let w: Option<Vec<u8>> = conn.query_row(
@@ -1025,7 +1027,11 @@ impl Broker {
             key: SymmetricKey::from_bytes(&raw)?,
         });
         if let Ok(mut m) = self.class_keys.write() {
-            m.insert(name.to_string(), Arc::clone(&key));
+            // A shred or re-key that committed meanwhile forgot this key:
+            // use it for this call only.
+            if self.class_keys_gen.load(Ordering::Acquire) == forgets {
+                m.insert(name.to_string(), Arc::clone(&key));
+            }
         }
         Ok(key)
     }
@@ -1033,6 +1039,7 @@ impl Broker {
     /// Forgets a class key held in memory (after a shred or a re-key).
     pub(crate) fn forget_class_key(&self, name: &str) {
         if let Ok(mut m) = self.class_keys.write() {
+            self.class_keys_gen.fetch_add(1, Ordering::AcqRel);
             m.remove(name);
         }
     }
@@ -1357,23 +1364,46 @@ fn recover_key(req: &proto::RecoverClassRequest) -> Result<SymmetricKey> {
             ),
         ));
     }
-    // What the store's constraints would refuse, refused here with a reason.
-    if req.threshold == 0 || req.threshold as usize > req.holders.len() {
+    // The class rows must agree with the shares and with themselves: an
+    // altered row could otherwise restore a class that fewer holders can
+    // shred than were chosen, or that no quorum ever can.
+    let n = req.holders.len();
+    let k = req.threshold as usize;
+    let early = match req.early_threshold {
+        0 => n,
+        e => e as usize,
+    };
+    let made = envelopes
+        .first()
+        .map_or((k, n), |e| (e.threshold as usize, e.shares as usize));
+    if made != (k, n) || k == 0 || early < k || early > n {
         return Err(Error::invalid(
             "threshold",
             format!(
-                "the class rows ask for {} of {} holders; the old store's class row was altered",
-                req.threshold,
-                req.holders.len()
+                "the class rows ask for {k} of {n} holders (an early shred {early}), but the \
+                 shares were made {} of {}; the old store's class row was altered",
+                made.0, made.1
             ),
         ));
     }
+    let mut holders = std::collections::HashSet::new();
+    if let Some(h) = req.holders.iter().find(|h| !holders.insert(h.as_str())) {
+        return Err(Error::invalid(
+            "holders",
+            format!("holder {h} is named twice; the old store's class row was altered"),
+        ));
+    }
     let mut roles = std::collections::HashSet::new();
-    if let Some(s) = req.sealed_shares.iter().find(|s| !roles.insert(&s.role)) {
+    if let Some(s) = req
+        .sealed_shares
+        .iter()
+        .find(|s| !roles.insert(s.role.as_str()) || !holders.contains(s.role.as_str()))
+    {
         return Err(Error::invalid(
             "sealed_shares",
             format!(
-                "role {} has two sealed shares; the old store's rows were altered",
+                "role {} has a second sealed share or is not a holder of the class; the old \
+                 store's rows were altered",
                 s.role
             ),
         ));

@@ -1428,6 +1428,21 @@ impl Broker {
                 .store
                 .write(move |ctx| {
                     let t = now();
+                    // Deleted and put again, or moved to another class since
+                    // it was read: the next tick decides afresh.
+                    let live: Option<(String, Option<String>)> = ctx
+                        .conn
+                        .query_row(
+                            "SELECT v.state, s.class FROM secret_versions v
+                             JOIN secrets s ON s.name = v.name
+                             WHERE v.name = ?1 AND v.version = ?2",
+                            params![name, version as i64],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .optional()?;
+                    if !live.is_some_and(|(state, c)| state == "overlapping" && c == class) {
+                        return Ok(());
+                    }
                     // The class may have been shredded or re-keyed since its
                     // key was read: the writer's view decides. Shredded or
                     // gone, the value is destroyed; re-keyed, a data key
