@@ -1139,7 +1139,7 @@ impl Broker {
                 // Only a version still pending, and newer than the current
                 // one, becomes current: a `secret put` or another runner may
                 // have moved on meanwhile.
-                let (state, current): (Option<String>, i64) = (
+                let (state, current): (Option<String>, Option<i64>) = (
                     ctx.conn
                         .query_row(
                             "SELECT state FROM secret_versions WHERE name = ?1 AND version = ?2",
@@ -1147,12 +1147,20 @@ impl Broker {
                             |r| r.get(0),
                         )
                         .optional()?,
-                    ctx.conn.query_row(
-                        "SELECT current_version FROM secrets WHERE name = ?1",
-                        [&n],
-                        |r| r.get(0),
-                    )?,
+                    ctx.conn
+                        .query_row(
+                            "SELECT current_version FROM secrets WHERE name = ?1",
+                            [&n],
+                            |r| r.get(0),
+                        )
+                        .optional()?,
                 );
+                let Some(current) = current else {
+                    release_lock(ctx.conn, &n, &o)?;
+                    return Ok(Some(format!(
+                        "{n} was deleted during the rotation; version {version} was not activated"
+                    )));
+                };
                 if state.as_deref() != Some(version_state::PENDING) {
                     release_lock(ctx.conn, &n, &o)?;
                     return Ok(Some(format!("version {version} was already finished")));
@@ -1254,11 +1262,14 @@ impl Broker {
         self.store
             .write(move |ctx| {
                 let t = now();
-                let failures: i64 = ctx.conn.query_row(
-                    "SELECT failures FROM secrets WHERE name = ?1",
-                    [&n],
-                    |r| r.get(0),
-                )?;
+                let failures: i64 = ctx
+                    .conn
+                    .query_row("SELECT failures FROM secrets WHERE name = ?1", [&n], |r| {
+                        r.get(0)
+                    })
+                    .optional()?
+                    // Deleted during the rotation: only the lock is left.
+                    .unwrap_or(0);
                 let backoff = (60i64 << failures.min(6)).min(MAX_BACKOFF_SECS);
                 // A scheduled secret keeps its slot (so the retry serves the
                 // same due time) but is retried after the backoff.

@@ -958,7 +958,7 @@ mod tests {
                 Ok(())
             })
         };
-        let mut events = store.subscribe_events();
+        let events = store.subscribe_events();
         let got = batch(vec![
             (true, put("a", false)),
             (true, put("b", true)),
