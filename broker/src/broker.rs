@@ -318,17 +318,7 @@ impl Broker {
         // The earliest checkpoint the trail fails is where it diverged.
         checkpoints.sort_by_key(|cp| cp.seq);
         let verdict = self.store.read(|conn| {
-            let mut v = audit::Verifier::new(&self.audit_key);
-            let mut stmt = conn.prepare(
-                "SELECT seq, time, actor, action, target, decision, reason, request_id,
-                        prev_hash, hash FROM audit ORDER BY rowid",
-            )?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                v.push(&row_to_record(r)?);
-            }
-            let head = meta_get(conn, "audit_head")?.and_then(|h| store::parse_head(&h));
-            let verdict = v.finish(head);
+            let verdict = walk_chain(conn, &self.audit_key)?;
             if !matches!(verdict, Verdict::Intact { .. }) {
                 return Ok(verdict);
             }
@@ -536,7 +526,22 @@ fn time_text(t: i64) -> String {
     .to_string()
 }
 
-pub(crate) fn row_to_record(r: &rusqlite::Row<'_>) -> Result<audit::Record> {
+/// Walks the whole audit trail in stored order against its stored head.
+pub(crate) fn walk_chain(conn: &rusqlite::Connection, key: &SymmetricKey) -> Result<Verdict> {
+    let mut v = audit::Verifier::new(key);
+    let mut stmt = conn.prepare(
+        "SELECT seq, time, actor, action, target, decision, reason, request_id,
+                prev_hash, hash FROM audit ORDER BY rowid",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        v.push(&row_to_record(r)?);
+    }
+    let head = meta_get(conn, "audit_head")?.and_then(|h| store::parse_head(&h));
+    Ok(v.finish(head))
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> Result<audit::Record> {
     let h = |v: Vec<u8>| -> [u8; 32] { v.try_into().unwrap_or([0; 32]) };
     let decision: String = r.get(5)?;
     Ok(audit::Record {

@@ -986,17 +986,7 @@ mod tests {
                     .iter()
                     .map(|k| meta_get(conn, k).map(|v| v.is_some()))
                     .collect::<Result<_>>()?;
-                let mut v = crate::audit::Verifier::new(&verify_key);
-                let mut stmt = conn.prepare(
-                    "SELECT seq, time, actor, action, target, decision, reason, request_id,
-                            prev_hash, hash FROM audit ORDER BY rowid",
-                )?;
-                let mut rows = stmt.query([])?;
-                while let Some(r) = rows.next()? {
-                    v.push(&crate::broker::row_to_record(r)?);
-                }
-                let head = meta_get(conn, "audit_head")?.and_then(|h| parse_head(&h));
-                Ok((present, v.finish(head)))
+                Ok((present, crate::broker::walk_chain(conn, &verify_key)?))
             })
             .expect("read");
         assert_eq!(present, [true, false, true, true, false, false]);
