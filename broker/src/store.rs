@@ -443,8 +443,7 @@ type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 /// transaction could be opened, or an earlier job failed in a way that
 /// undoes the whole batch: an unguarded job's error, a savepoint that could
 /// not be opened, released or rolled back), so the job fails its caller
-/// instead of vanishing. Returns whether it
-/// succeeded and how to answer.
+/// instead of vanishing. Returns whether it succeeded and how to answer.
 type Job = Box<dyn for<'c> FnOnce(Option<&mut WriteCtx<'c>>) -> (bool, Completion) + Send>;
 
 /// A write waiting for the next batch.
