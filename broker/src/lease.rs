@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rusqlite::{OptionalExtension, params};
 
 use crate::agent::{Agent, admin_entry};
-use crate::audit::{ACTOR_SYSTEM, Entry};
+use crate::audit::{ACTOR_ADMIN, ACTOR_SYSTEM, Entry};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::init::now;
@@ -35,7 +35,7 @@ pub enum Selector {
     All,
 }
 
-fn agent_entry(
+pub(crate) fn agent_entry(
     agent: &Agent,
     action: &str,
     target: &str,
@@ -307,6 +307,23 @@ impl Broker {
         limit: u32,
         after: &str,
     ) -> Result<Vec<LeaseInfo>> {
+        let checked = if agent.is_empty() {
+            Ok(())
+        } else {
+            names::agent(agent, "agent")
+        }
+        .and_then(|()| {
+            if secret.is_empty() {
+                Ok(())
+            } else {
+                names::secret(secret, "secret")
+            }
+        });
+        if let Err(e) = checked {
+            return Err(self
+                .deny(ACTOR_ADMIN.into(), "lease.list", "*", request_id, e)
+                .await);
+        }
         let limit = if limit == 0 {
             1000
         } else {
@@ -349,6 +366,20 @@ impl Broker {
     /// Revokes the selected active leases in one transaction.
     pub async fn revoke_leases(&self, request_id: &str, sel: Selector) -> Result<u64> {
         const ACTION: &str = "lease.revoke";
+        let checked = match &sel {
+            Selector::Agent(name) => names::agent(name, "agent").map(|()| name.as_str()),
+            Selector::Secret(name) => names::secret(name, "secret").map(|()| name.as_str()),
+            Selector::Id(_) | Selector::All => Ok(""),
+        };
+        if let Err(e) = checked {
+            let target = match &sel {
+                Selector::Agent(n) | Selector::Secret(n) => n.as_str(),
+                Selector::Id(_) | Selector::All => "*",
+            };
+            return Err(self
+                .deny(ACTOR_ADMIN.into(), ACTION, target, request_id, e)
+                .await);
+        }
         let rid = request_id.to_string();
         self.store
             .write(move |ctx| {

@@ -24,6 +24,25 @@ use crate::service::Services;
 /// bounds what a caller can make the broker buffer).
 const MAX_MESSAGE: usize = 1024 * 1024;
 
+/// The largest `--max-value-size`: a value and its request's other fields
+/// must fit in one message.
+pub const MAX_VALUE_SIZE: usize = MAX_MESSAGE - 64 * 1024;
+
+/// Checks the configured value size limit before anything is opened.
+pub fn check_limits(limits: &crate::broker::Limits) -> Result<()> {
+    if limits.max_value_size == 0 || limits.max_value_size > MAX_VALUE_SIZE {
+        return Err(Error::invalid(
+            "max_value_size",
+            format!(
+                "--max-value-size must be between 1 and {MAX_VALUE_SIZE} bytes (got {}): a larger \
+                 value would not fit in one gRPC message",
+                limits.max_value_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// How `serve` listens.
 #[derive(Debug, Clone)]
 pub struct ListenOptions {
@@ -302,8 +321,13 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", path.display())))?;
+    // Created owner-only, then widened to `mode`: a socket outside the
+    // private data directory is never open to others, not even briefly.
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(umask);
+    let listener =
+        bound.map_err(|e| Error::Io(format!("cannot listen on {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }

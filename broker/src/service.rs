@@ -105,9 +105,20 @@ impl broker_server::Broker for Services {
         &self,
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (_rid, agent) = self.agent(&req, "watch", "events").await?;
+        let (rid, agent) = self.agent(&req, "watch", "events").await?;
         let r = req.into_inner();
-        let (rx, cursor) = self.broker()?.watch(agent, r.after_event_id, r.resume)?;
+        let broker = self.broker()?;
+        let (rx, cursor) = broker.watch(Arc::clone(&agent), r.after_event_id, r.resume)?;
+        broker
+            .audit(crate::lease::agent_entry(
+                &agent,
+                "watch",
+                "events",
+                true,
+                format!("watching events after {cursor}"),
+                &rid,
+            ))
+            .await?;
         let mut resp = Response::new(
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::WatchStream
         );
@@ -469,8 +480,19 @@ impl admin_server::Admin for Services {
                 ..Default::default()
             }));
         }
-        let _rid = self.admin(&req, "status", "broker").await?;
-        Ok(Response::new(self.broker()?.status()?))
+        let rid = self.admin(&req, "status", "broker").await?;
+        let broker = self.broker()?;
+        let status = broker.status()?;
+        broker
+            .audit(crate::agent::admin_entry(
+                "status",
+                "broker",
+                true,
+                "status read".into(),
+                &rid,
+            ))
+            .await?;
+        Ok(Response::new(status))
     }
 }
 

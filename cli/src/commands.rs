@@ -397,13 +397,14 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
         scheduler: !a.no_scheduler,
     };
     server::check_listen(&opts)?;
+    let limits = Limits {
+        max_value_size: a.max_value_size,
+    };
+    server::check_limits(&limits)?;
     let source = peek_source(&dir)?;
     let pass = match source {
         Source::Passphrase => Some(passphrase(a.passphrase_file.as_deref(), false)?),
         Source::Keychain(_) | Source::Shares => None,
-    };
-    let limits = Limits {
-        max_value_size: a.max_value_size,
     };
     if source == Source::Shares {
         let gate = tessera_broker::gate::Gate::sealed(&dir, limits)?;

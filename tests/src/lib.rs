@@ -242,7 +242,12 @@ impl World {
             child: Some(child),
             log,
         };
-        s.wait_ready(&self.socket());
+        let socket = args
+            .iter()
+            .position(|a| *a == "--socket")
+            .and_then(|i| args.get(i + 1))
+            .map_or_else(|| self.socket(), PathBuf::from);
+        s.wait_ready(&socket);
         s
     }
 

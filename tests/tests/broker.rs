@@ -411,3 +411,129 @@ async fn health_service_answers() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+/// `audit export --since TIME` and `--from-seq N` select by time and by
+/// sequence; reads such as `status` and malformed selectors are recorded.
+#[test]
+fn audit_export_selects_by_time_and_sequence() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/early", b"1");
+    w.run(&["status"]).ok();
+    let lines = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["audit", "export"];
+        all.extend_from_slice(args);
+        w.run(&all)
+            .ok()
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    let before = lines(&[]);
+    assert!(
+        before
+            .iter()
+            .any(|r| r["action"] == "status" && r["decision"] == "allow"),
+        "status is not audited: {before:#?}"
+    );
+    let last_ts = before.iter().map(|r| r["ts"].as_i64().expect("ts")).max();
+    // Records carry whole seconds: the next ones land in a later second.
+    std::thread::sleep(Duration::from_millis(1100));
+    w.put("a/late", b"2");
+    let r = w
+        .run(&["lease", "list", "--secret", "not a name!"])
+        .fails_with(7);
+    assert!(r.stderr.contains("secret"), "{r:#?}");
+    let r = w
+        .run(&["lease", "revoke", "--agent", "Not An Agent"])
+        .fails_with(7);
+    assert!(r.stderr.contains("agent"), "{r:#?}");
+    let all = lines(&[]);
+    let first_late = all
+        .iter()
+        .find(|r| r["ts"].as_i64() > last_ts)
+        .expect("a later record");
+    let since = first_late["time"].as_str().expect("time").to_string();
+    let late = lines(&["--since", &since]);
+    assert_eq!(late.first(), Some(first_late));
+    assert!(late.iter().all(|r| r["ts"].as_i64() > last_ts), "{late:#?}");
+    assert!(late.iter().any(|r| r["target"] == "a/late"));
+    assert!(!late.iter().any(|r| r["target"] == "a/early"));
+    for (action, target) in [("lease.list", "*"), ("lease.revoke", "Not An Agent")] {
+        assert!(
+            late.iter()
+                .any(|r| r["action"] == action && r["target"] == target && r["decision"] == "deny"),
+            "no denial recorded for {action}: {late:#?}"
+        );
+    }
+    let seq = first_late["seq"].as_u64().expect("seq");
+    let from = lines(&["--from-seq", &seq.to_string()]);
+    assert_eq!(from.first().and_then(|r| r["seq"].as_u64()), Some(seq));
+    // Everything from `seq` on, in order (plus what the exports themselves
+    // appended since).
+    let tail: Vec<_> = all
+        .iter()
+        .filter(|r| r["seq"].as_u64() >= Some(seq))
+        .collect();
+    assert!(from.len() > tail.len());
+    assert!(from.iter().zip(&tail).all(|(a, b)| a == *b));
+    w.run(&["audit", "export", "--since", "yesterday"])
+        .fails_with(2);
+}
+
+/// `--max-value-size` must fit in one gRPC message; 0 is refused too.
+#[test]
+fn serve_refuses_an_unusable_value_size_limit() {
+    let w = World::new();
+    w.init_passphrase();
+    for size in ["0", "2000000"] {
+        let r = w
+            .run_with(
+                &["serve", "--max-value-size", size],
+                None,
+                &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+            )
+            .fails_with(7);
+        assert!(r.stderr.contains("--max-value-size"), "{r:#?}");
+    }
+    // The largest allowed limit works end to end.
+    let max = tessera_broker::server::MAX_VALUE_SIZE.to_string();
+    let _s = w.serve(&["--max-value-size", &max]);
+    let big = vec![b'v'; tessera_broker::server::MAX_VALUE_SIZE];
+    w.run_with(&["secret", "put", "big/one"], Some(&big), &[])
+        .ok();
+    let token = w.agent("big", "big/*", "15m");
+    assert_eq!(w.get("big/one", &token).ok().stdout.len(), big.len());
+}
+
+/// `--socket-mode 660` opens the socket to the group, and a socket outside
+/// the data directory is created with the mode asked for.
+#[test]
+fn socket_mode_660_and_a_socket_elsewhere() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    w.init_passphrase();
+    let elsewhere = tempfile::tempdir().expect("dir");
+    let sock = elsewhere.path().join("t.sock");
+    let sock_arg = sock.display().to_string();
+    let s = w.serve(&["--socket", &sock_arg, "--socket-mode", "660"]);
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    drop(s);
+    let _s = w.serve(&["--socket", &sock_arg]);
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let addr = format!("unix://{sock_arg}");
+    w.run_with(&["status"], None, &[("TESSERA_ADDR", &addr)])
+        .ok();
+}
