@@ -203,13 +203,15 @@ async fn setup(b: &Broker) -> String {
                 allow: vec!["bench/*".into()],
                 max_ttl_seconds: 3600,
                 max_lifetime_seconds: 0,
+                expires_in_seconds: 0,
             },
             admin_token,
         ))
         .await
         .expect("create agent")
-        .into_inner()
+        .get_ref()
         .token
+        .clone()
 }
 
 #[derive(Clone, Copy)]

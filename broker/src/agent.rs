@@ -14,7 +14,7 @@ use crate::init::now;
 use crate::keys::{Token, ct_eq, token_hash};
 use crate::lease::{Scope, revoke_active};
 use crate::names;
-use crate::proto::AgentInfo;
+use crate::proto::{AgentInfo, CreateAgentRequest};
 
 /// Shortest and longest lease TTL an agent may be given.
 pub const TTL_RANGE: std::ops::RangeInclusive<u64> = 1..=30 * 24 * 3600;
@@ -34,6 +34,8 @@ pub struct Agent {
     pub max_ttl: u64,
     /// Longest total life of a lease, in seconds.
     pub max_lifetime: u64,
+    /// When its token stops working (Unix seconds), if ever.
+    pub expires_at: Option<i64>,
     token_hash: [u8; 32],
 }
 
@@ -41,6 +43,22 @@ impl Agent {
     /// How the audit trail names it.
     pub fn actor(&self) -> String {
         format!("agent:{}", self.name)
+    }
+
+    /// The error for a token used at or after its expiry, if it has one.
+    pub fn expired(&self, at: i64) -> Option<Error> {
+        let exp = self.expires_at.filter(|e| at >= *e)?;
+        Some(Error::Unauthenticated(format!(
+            "the token of agent {:?} expired at {}; ask an admin for a new agent token",
+            self.name,
+            crate::init::rfc3339(exp)
+        )))
+    }
+
+    /// The latest a lease issued now may end: `max_lifetime` from `at`,
+    /// and never after the token expires.
+    pub fn lease_limit(&self, at: i64) -> i64 {
+        (at + self.max_lifetime as i64).min(self.expires_at.unwrap_or(i64::MAX))
     }
 
     /// The first `class:` rule that covers retention class `class`, if any.
@@ -69,11 +87,15 @@ impl Broker {
     pub async fn create_agent(
         &self,
         request_id: &str,
-        name: String,
-        allow: Vec<String>,
-        max_ttl: u64,
-        max_lifetime: u64,
+        req: CreateAgentRequest,
     ) -> Result<(AgentInfo, Token)> {
+        let CreateAgentRequest {
+            name,
+            allow,
+            max_ttl_seconds: max_ttl,
+            max_lifetime_seconds: max_lifetime,
+            expires_in_seconds: expires_in,
+        } = req;
         let max_lifetime = if max_lifetime == 0 {
             DEFAULT_MAX_LIFETIME.max(max_ttl)
         } else {
@@ -90,6 +112,19 @@ impl Broker {
                 allow.iter().try_for_each(|p| names::pattern(p))
             })
             .and_then(|()| ttl_in_range("max_ttl", max_ttl))
+            .and_then(|()| {
+                if expires_in > TOKEN_LIFE_MAX {
+                    Err(Error::invalid(
+                        "expires_in",
+                        format!(
+                            "{expires_in} seconds is out of range: use at most 10 years (3650d), \
+                             or leave it out for a token that does not expire"
+                        ),
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| ttl_in_range("max_lifetime", max_lifetime))
             .and_then(|()| {
                 if max_lifetime < max_ttl {
@@ -133,23 +168,30 @@ impl Broker {
                     ))?;
                     return Ok(Err(e));
                 }
+                let expires_at = (expires_in > 0).then(|| t + expires_in as i64);
                 ctx.conn.execute(
-                    "INSERT INTO agents (name, token_hash, allow, max_ttl, max_lifetime, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO agents (name, token_hash, allow, max_ttl, max_lifetime, created_at,
+                                         expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![
                         name,
                         &hash[..],
                         allow.join("\n"),
                         max_ttl as i64,
                         max_lifetime as i64,
-                        t
+                        t,
+                        expires_at
                     ],
                 )?;
+                let expiry = expires_at.map_or_else(
+                    || "token does not expire".to_string(),
+                    |e| format!("token expires {}", crate::init::rfc3339(e)),
+                );
                 ctx.audit(&admin_entry(
                     "agent.create",
                     &name,
                     true,
-                    format!("allow {}; max ttl {max_ttl}s", allow.join(",")),
+                    format!("allow {}; max ttl {max_ttl}s; {expiry}", allow.join(",")),
                     &rid,
                 ))?;
                 Ok(Ok(AgentInfo {
@@ -160,6 +202,7 @@ impl Broker {
                     created_at: t,
                     revoked_at: 0,
                     active_leases: 0,
+                    expires_at: expires_at.unwrap_or(0),
                 }))
             })
             .await??;
@@ -172,7 +215,8 @@ impl Broker {
             let mut stmt = conn.prepare(
                 "SELECT a.name, a.allow, a.max_ttl, a.max_lifetime, a.created_at,
                         coalesce(a.revoked_at, 0),
-                        (SELECT count(*) FROM leases l WHERE l.agent_id = a.id AND l.state = 0)
+                        (SELECT count(*) FROM leases l WHERE l.agent_id = a.id AND l.state = 0),
+                        coalesce(a.expires_at, 0)
                  FROM agents a ORDER BY a.name",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -184,6 +228,7 @@ impl Broker {
                     created_at: r.get(4)?,
                     revoked_at: r.get(5)?,
                     active_leases: r.get::<_, i64>(6)? as u64,
+                    expires_at: r.get(7)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -276,12 +321,16 @@ impl Broker {
         };
         let hash = token_hash(token);
         if let Some(a) = self.cached_agent(&hash) {
-            return Ok(a);
+            return match a.expired(now()) {
+                None => Ok(a),
+                Some(e) => Err(self.deny(a.actor(), action, target, request_id, e).await),
+            };
         }
         let found = self.store.read(|conn| {
             Ok(conn
                 .prepare_cached(
-                    "SELECT id, name, allow, max_ttl, max_lifetime, token_hash, revoked_at
+                    "SELECT id, name, allow, max_ttl, max_lifetime, token_hash, revoked_at,
+                            expires_at
                      FROM agents WHERE token_hash = ?1",
                 )?
                 .query_row([&hash[..]], |r| {
@@ -292,6 +341,7 @@ impl Broker {
                             allow: split_allow(&r.get::<_, String>(2)?),
                             max_ttl: r.get::<_, i64>(3)? as u64,
                             max_lifetime: r.get::<_, i64>(4)? as u64,
+                            expires_at: r.get(7)?,
                             token_hash: r.get::<_, Vec<u8>>(5)?.try_into().unwrap_or([0; 32]),
                         },
                         r.get::<_, Option<i64>>(6)?,
@@ -301,6 +351,11 @@ impl Broker {
         })?;
         match found {
             Some((agent, None)) if ct_eq(&agent.token_hash, &hash) => {
+                if let Some(e) = agent.expired(now()) {
+                    return Err(self
+                        .deny(agent.actor(), action, target, request_id, e)
+                        .await);
+                }
                 let agent = Arc::new(agent);
                 if let Ok(mut cache) = self.agents.write() {
                     if cache.len() >= AGENT_CACHE_MAX {
@@ -351,6 +406,9 @@ impl Broker {
         }
     }
 }
+
+/// Longest life of an agent token, when it has one: 10 years.
+pub const TOKEN_LIFE_MAX: u64 = 3650 * 24 * 3600;
 
 fn ttl_in_range(field: &'static str, v: u64) -> Result<()> {
     if TTL_RANGE.contains(&v) {

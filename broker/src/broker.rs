@@ -436,6 +436,7 @@ impl Broker {
 
     /// Counts for `tessera status`.
     pub fn status(&self) -> Result<proto::StatusResponse> {
+        let (store_commits, store_writes) = self.store.write_stats();
         self.store.read(|conn| {
             let count = |sql: &str| -> Result<u64> {
                 Ok(conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
@@ -451,6 +452,8 @@ impl Broker {
                 broker_key: self.broker_key(),
                 unseal_received: 0,
                 unseal_threshold: 0,
+                store_commits,
+                store_writes,
             })
         })
     }

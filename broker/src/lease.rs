@@ -100,7 +100,7 @@ impl Broker {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let lease_id = lease_id(now_ms)?;
-        let (agent_id, max_lifetime) = (agent.id, agent.max_lifetime);
+        let agent_id = agent.id;
         let version = current.version;
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
@@ -131,7 +131,18 @@ impl Broker {
                     ))?;
                     return Ok(Err(e));
                 }
-                let renewable_until = t + max_lifetime as i64;
+                if let Some(e) = actor.expired(t) {
+                    ctx.audit(&agent_entry(
+                        &actor,
+                        ACTION,
+                        &name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    return Ok(Err(e));
+                }
+                let renewable_until = actor.lease_limit(t);
                 let expires_at = (t + ttl as i64).min(renewable_until);
                 ctx.conn
                     .prepare_cached(
@@ -438,14 +449,11 @@ impl Broker {
                 .store
                 .write(|ctx| {
                     let t = now();
-                    let n = ctx
-                        .conn
-                        .prepare_cached(
-                            "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id IN (
-                                SELECT id FROM leases WHERE state = 0 AND expires_at <= ?2
-                                ORDER BY expires_at LIMIT ?3)",
-                        )?
-                        .execute(params![lease_state::EXPIRED, t, SWEEP_BATCH as i64])?;
+                    let n = ctx.conn.prepare_cached(SWEEP_SQL)?.execute(params![
+                        lease_state::EXPIRED,
+                        t,
+                        SWEEP_BATCH as i64
+                    ])?;
                     if n > 0 {
                         ctx.audit(&Entry {
                             time: t,
@@ -482,6 +490,21 @@ pub(crate) enum Scope<'a> {
     All,
 }
 
+/// Expires the next `?3` active leases past their expiry (`?2`, now),
+/// found through the partial index on active leases' expiry: the sweep
+/// never reads the whole table.
+const SWEEP_SQL: &str = "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id IN (
+    SELECT id FROM leases WHERE state = 0 AND expires_at <= ?2 ORDER BY expires_at LIMIT ?3)";
+/// Revokes an agent's active leases (through `leases_active_agent`).
+const REVOKE_AGENT_SQL: &str =
+    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND agent_id = ?3";
+/// Revokes a secret's active leases (through `leases_active_secret`).
+const REVOKE_SECRET_SQL: &str =
+    "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND secret = ?3";
+/// Revokes the active leases on one version (through `leases_active_secret`).
+const REVOKE_VERSION_SQL: &str = "UPDATE leases SET state = ?1, ended_at = ?2
+     WHERE state = 0 AND secret = ?3 AND version = ?4";
+
 /// Marks the active leases in `scope` revoked at `t`, in the caller's
 /// transaction, and records one `lease.revoked` event for watchers;
 /// returns how many. The one place a revoke is written.
@@ -503,25 +526,22 @@ pub(crate) fn revoke_active(ctx: &mut WriteCtx<'_>, scope: Scope<'_>, t: i64) ->
             (n, (agent, secret.unwrap_or_default(), 0, id.to_string()))
         }
         Scope::Agent(id) => (
-            conn.prepare_cached(
-                "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND agent_id = ?3",
-            )?
-            .execute(params![r, t, id])?,
+            conn.prepare_cached(REVOKE_AGENT_SQL)?
+                .execute(params![r, t, id])?,
             (Some(id), String::new(), 0, String::new()),
         ),
         Scope::Secret(name) => (
-            conn.prepare_cached(
-                "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND secret = ?3",
-            )?
-            .execute(params![r, t, name])?,
+            conn.prepare_cached(REVOKE_SECRET_SQL)?
+                .execute(params![r, t, name])?,
             (None, name.to_string(), 0, String::new()),
         ),
         Scope::Version(name, version) => (
-            conn.prepare_cached(
-                "UPDATE leases SET state = ?1, ended_at = ?2
-                 WHERE state = 0 AND secret = ?3 AND version = ?4",
-            )?
-            .execute(params![r, t, name, version as i64])?,
+            conn.prepare_cached(REVOKE_VERSION_SQL)?.execute(params![
+                r,
+                t,
+                name,
+                version as i64
+            ])?,
             (None, name.to_string(), version, String::new()),
         ),
         Scope::All => (
@@ -579,4 +599,45 @@ fn not_found(lease_id: &str) -> Error {
     Error::NotFound(format!(
         "no lease {lease_id:?} held by this caller; `tessera lease list` shows active leases"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sweep and the bulk revokes go through the partial indexes on
+    /// active leases, so their cost follows the leases they touch, not the
+    /// size of the table.
+    #[test]
+    fn sweep_and_bulk_revokes_use_the_active_lease_indexes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let conn = crate::store::open_rw(&dir.path().join("t.db"), true).expect("new store");
+        for (sql, index) in [
+            (SWEEP_SQL, "leases_active_expiry"),
+            (REVOKE_AGENT_SQL, "leases_active_agent"),
+            (REVOKE_SECRET_SQL, "leases_active_secret"),
+            (REVOKE_VERSION_SQL, "leases_active_secret"),
+        ] {
+            let mut stmt = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain");
+            let args = [1, 2, 3, 4];
+            let n = stmt.parameter_count();
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(&args[..n]), |r| {
+                    r.get::<_, String>(3)
+                })
+                .expect("plan")
+                .collect::<rusqlite::Result<_>>()
+                .expect("rows");
+            assert!(
+                plan.iter().any(|l| l.contains(index)),
+                "{sql}: plan {plan:?} does not use {index}"
+            );
+            assert!(
+                !plan.iter().any(|l| l.starts_with("SCAN leases")),
+                "{sql}: plan {plan:?} scans the lease table"
+            );
+        }
+    }
 }

@@ -118,3 +118,32 @@ impl std::fmt::Debug for RekeyRootResponse {
             .finish()
     }
 }
+
+/// Wipes a message's secret fields when it is dropped, on either side of
+/// the wire (the broker's replies and requests, the CLI's copies), so a
+/// value does not linger in freed memory. Code that takes such a field out
+/// uses `std::mem::take`, which leaves an empty one behind.
+macro_rules! zeroize_on_drop {
+    ($($ty:ident { $($field:ident),+ }),+ $(,)?) => {
+        $(impl Drop for $ty {
+            fn drop(&mut self) {
+                use zeroize::Zeroize;
+                $(self.$field.zeroize();)+
+            }
+        })+
+    };
+}
+
+zeroize_on_drop! {
+    Lease { value },
+    PutSecretRequest { value },
+    CreateAgentResponse { token },
+    EncryptRequest { plaintext },
+    DecryptResponse { plaintext },
+    GenerateDataKeyResponse { plaintext_key },
+    RecoverClassRequest { shares },
+    UnsealRequest { share },
+    RotateNowRequest { value },
+    RekeyRootRequest { passphrase },
+    RekeyRootResponse { operator_shares },
+}

@@ -30,11 +30,11 @@ impl Broker {
     pub async fn rekey_root(
         &self,
         request_id: &str,
-        req: proto::RekeyRootRequest,
+        mut req: proto::RekeyRootRequest,
     ) -> Result<proto::RekeyRootResponse> {
         // One rekey at a time: two would both write the next generation.
         let _one = self.rekey_lock.lock().await;
-        let passphrase = Zeroizing::new(req.passphrase);
+        let passphrase = Zeroizing::new(std::mem::take(&mut req.passphrase));
         let store_id = self.store_id.clone();
         let generation = self.store.read(unseal::root_generation)?;
         let next = generation + 1;

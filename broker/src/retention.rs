@@ -1158,7 +1158,7 @@ impl Broker {
         &self,
         request_id: &str,
         agent: &Agent,
-        req: proto::EncryptRequest,
+        mut req: proto::EncryptRequest,
     ) -> Result<proto::EncryptResponse> {
         if req.plaintext.len() > self.limits.max_value_size {
             let e = Error::invalid(
@@ -1174,7 +1174,7 @@ impl Broker {
                 .deny(agent.actor(), "envelope.encrypt", &req.class, request_id, e)
                 .await);
         }
-        let plaintext = Zeroizing::new(req.plaintext);
+        let plaintext = Zeroizing::new(std::mem::take(&mut req.plaintext));
         let (id, dk) = self
             .new_class_data_key(
                 agent,

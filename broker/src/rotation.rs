@@ -759,12 +759,12 @@ impl Broker {
     pub async fn rotate_now(
         &self,
         request_id: &str,
-        req: proto::RotateNowRequest,
+        mut req: proto::RotateNowRequest,
     ) -> Result<proto::RotationResult> {
         let source = if !req.value.is_empty() {
-            ValueSource::Given(Zeroizing::new(req.value))
+            ValueSource::Given(Zeroizing::new(std::mem::take(&mut req.value)))
         } else if !req.generate.is_empty() {
-            ValueSource::Generate(req.generate)
+            ValueSource::Generate(std::mem::take(&mut req.generate))
         } else {
             ValueSource::Configured
         };

@@ -183,7 +183,9 @@ impl admin_server::Admin for Services {
         let mut r = req.into_inner();
         let value = Zeroizing::new(std::mem::take(&mut r.value));
         Ok(Response::new(
-            self.broker()?.put_secret(&rid, r.name, value).await?,
+            self.broker()?
+                .put_secret(&rid, std::mem::take(&mut r.name), value)
+                .await?,
         ))
     }
 
@@ -316,17 +318,7 @@ impl admin_server::Admin for Services {
         let rid = self
             .admin(&req, "agent.create", &req.get_ref().name)
             .await?;
-        let r = req.into_inner();
-        let (agent, token) = self
-            .broker()?
-            .create_agent(
-                &rid,
-                r.name,
-                r.allow,
-                r.max_ttl_seconds,
-                r.max_lifetime_seconds,
-            )
-            .await?;
+        let (agent, token) = self.broker()?.create_agent(&rid, req.into_inner()).await?;
         Ok(Response::new(proto::CreateAgentResponse {
             agent: Some(agent),
             token: token.reveal_once().to_string(),

@@ -124,6 +124,10 @@ impl Broker {
                 if full {
                     continue;
                 }
+                if let Some(e) = agent.expired(crate::init::now()) {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
                 if broker.agent_revoked(agent.id).unwrap_or(false) {
                     let e = Error::Unauthenticated(format!(
                         "the token of agent {:?} was revoked; the watch ends",

@@ -416,9 +416,11 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
             threshold = k,
             "tessera broker sealed: waiting for operator shares (tessera unseal)"
         );
+        announce(g, &opts, &running, "shares", true);
         server::termination().await;
         running.stop();
         running.wait().await?;
+        announce_stopped(g);
         return Ok(());
     }
     let d = dir.clone();
@@ -438,12 +440,41 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
         unseal = source.name(),
         "tessera broker ready"
     );
+    announce(g, &opts, &running, source.name(), false);
     server::termination().await;
     tracing::info!("shutting down: draining in-flight requests");
     running.stop();
     running.wait().await?;
     tracing::info!("stopped");
+    announce_stopped(g);
     Ok(())
+}
+
+/// Under `--json`, `serve` prints one JSON line on stdout once it listens
+/// (for supervisors and scripts; the logs stay on stderr) and one when it
+/// has stopped.
+fn announce(
+    g: &Global,
+    opts: &ListenOptions,
+    running: &server::Running,
+    unseal: &str,
+    sealed: bool,
+) {
+    if g.json {
+        print_json(json!({
+            "ready": true,
+            "sealed": sealed,
+            "unseal": unseal,
+            "socket": opts.socket.display().to_string(),
+            "tcp": running.tcp_addr.map(|a| a.to_string()),
+        }));
+    }
+}
+
+fn announce_stopped(g: &Global) {
+    if g.json {
+        print_json(json!({"stopped": true}));
+    }
 }
 
 async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
@@ -561,6 +592,7 @@ fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
         "max_lifetime_seconds": a.max_lifetime_seconds,
         "created_at": a.created_at,
         "revoked_at": if a.revoked_at == 0 { serde_json::Value::Null } else { a.revoked_at.into() },
+        "expires_at": if a.expires_at == 0 { serde_json::Value::Null } else { a.expires_at.into() },
         "active_leases": a.active_leases,
     })
 }
@@ -574,15 +606,17 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             allow,
             max_ttl,
             max_lifetime,
+            expires_in,
         } => {
             let req = proto::CreateAgentRequest {
                 name,
                 allow,
                 max_ttl_seconds: max_ttl.as_secs(),
                 max_lifetime_seconds: max_lifetime.map_or(0, |d| d.as_secs()),
+                expires_in_seconds: expires_in.map_or(0, |d| d.as_secs().max(1)),
             };
-            let r = admin.create_agent(authed(req, &token)?).await?.into_inner();
-            let info = r.agent.unwrap_or_default();
+            let mut r = admin.create_agent(authed(req, &token)?).await?.into_inner();
+            let info = r.agent.take().unwrap_or_default();
             if g.json {
                 let mut v = agent_json(&info);
                 v["token"] = r.token.clone().into();
@@ -593,6 +627,9 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                     info.name,
                     info.allow.join(", ")
                 );
+                if info.expires_at != 0 {
+                    println!("The token expires at {}.", time(info.expires_at));
+                }
                 println!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
                 println!("  {}", r.token);
             }
@@ -609,14 +646,19 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                     "{:<24} {:<8} {:>8} {:>7}  ALLOW",
                     "NAME", "STATE", "MAX TTL", "LEASES"
                 );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
                 for a in r.agents {
                     println!(
                         "{:<24} {:<8} {:>8} {:>7}  {}",
                         a.name,
-                        if a.revoked_at == 0 {
-                            "active"
-                        } else {
+                        if a.revoked_at != 0 {
                             "revoked"
+                        } else if a.expires_at != 0 && a.expires_at <= now {
+                            "expired"
+                        } else {
+                            "active"
                         },
                         humantime::format_duration(std::time::Duration::from_secs(
                             a.max_ttl_seconds
@@ -653,8 +695,8 @@ async fn get(g: &Global, a: crate::GetArgs) -> Result<(), CliError> {
         secret: a.name,
         ttl_seconds: a.ttl.map_or(0, |d| d.as_secs()),
     };
-    let lease = broker.issue(authed(req, &token)?).await?.into_inner();
-    let value = Zeroizing::new(lease.value.clone());
+    let mut lease = broker.issue(authed(req, &token)?).await?.into_inner();
+    let value = Zeroizing::new(std::mem::take(&mut lease.value));
     if g.json {
         let text = String::from_utf8_lossy(&value).to_string();
         print_json(json!({
@@ -899,6 +941,10 @@ async fn status(g: &Global) -> Result<(), CliError> {
             "audit_records": s.audit_records,
             "version": s.version,
             "broker_key": s.broker_key,
+            "unseal_received": s.unseal_received,
+            "unseal_threshold": s.unseal_threshold,
+            "store_commits": s.store_commits,
+            "store_writes": s.store_writes,
         }));
     } else {
         println!(
@@ -911,7 +957,18 @@ async fn status(g: &Global) -> Result<(), CliError> {
             "secrets: {}  agents: {}  active leases: {}  audit records: {}",
             s.secrets, s.agents, s.active_leases, s.audit_records
         );
-        println!("broker key (signs certificates): {}", s.broker_key);
+        if s.sealed && s.unseal_threshold > 0 {
+            println!(
+                "operator shares: {} of {} given",
+                s.unseal_received, s.unseal_threshold
+            );
+        } else {
+            println!(
+                "store: {} writes in {} commits since start",
+                s.store_writes, s.store_commits
+            );
+            println!("broker key (signs certificates): {}", s.broker_key);
+        }
     }
     Ok(())
 }

@@ -17,8 +17,22 @@ use zeroize::Zeroizing;
 use crate::client::{CliError, Exit, Target, authed};
 use crate::holder_key::HolderKey;
 
+/// Where the narration goes: stdout, or stderr under `--json` so that
+/// stdout carries one JSON document.
+static NARRATE_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+macro_rules! say {
+    ($($t:tt)*) => {
+        if NARRATE_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($t)*)
+        } else {
+            println!($($t)*)
+        }
+    };
+}
+
 fn step(n: u32, what: &str) {
-    println!("\n[{n}] {what}");
+    say!("\n[{n}] {what}");
 }
 
 fn masked(v: &[u8]) -> String {
@@ -56,9 +70,10 @@ async fn rotation_under_lease(
         )?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    agent holds lease {} on version {}",
-        held.lease_id, held.version
+        held.lease_id,
+        held.version
     );
     admin
         .configure_secret(authed(
@@ -82,11 +97,13 @@ async fn rotation_under_lease(
         )?)
         .await?
         .into_inner();
-    println!("    rotated: {}", r.message);
+    say!("    rotated: {}", r.message);
     if let Ok(Ok(Some(ev))) = tokio::time::timeout(Duration::from_secs(5), events.message()).await {
-        println!(
+        say!(
             "    Watch: {} {} version {}",
-            ev.kind, ev.secret, ev.version
+            ev.kind,
+            ev.secret,
+            ev.version
         );
     }
     let renew = |id: String| proto::RenewRequest {
@@ -96,7 +113,7 @@ async fn rotation_under_lease(
     agent
         .renew(authed(renew(held.lease_id.clone()), agent_token)?)
         .await?;
-    println!("    the old lease still renews during the overlap window");
+    say!("    the old lease still renews during the overlap window");
     let fresh = agent
         .issue(authed(
             proto::IssueRequest {
@@ -107,7 +124,7 @@ async fn rotation_under_lease(
         )?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    a new Issue gets version {}: {}",
         fresh.version,
         masked(&fresh.value)
@@ -122,8 +139,8 @@ async fn rotation_under_lease(
         .renew(authed(renew(held.lease_id.clone()), agent_token)?)
         .await
     {
-        Ok(_) => println!("    unexpectedly renewed"),
-        Err(s) => println!("    {:?}: {}", s.code(), s.message()),
+        Ok(_) => say!("    unexpectedly renewed"),
+        Err(s) => say!("    {:?}: {}", s.code(), s.message()),
     }
     let d = admin
         .show_secret(authed(
@@ -135,7 +152,7 @@ async fn rotation_under_lease(
         .await?
         .into_inner();
     for v in d.versions {
-        println!("    version {}: {} ({})", v.version, v.state, v.source);
+        say!("    version {}: {} ({})", v.version, v.state, v.source);
     }
     Ok(())
 }
@@ -170,7 +187,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
             )?)
             .await?
             .into_inner();
-        println!("    {:<11} key {}", info.role, info.key_fingerprint);
+        say!("    {:<11} key {}", info.role, info.key_fingerprint);
         keys.push(key);
     }
 
@@ -191,7 +208,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         )?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    class key {} split 2 of 3; each share sealed to its holder with age",
         &class.key_fingerprint[..16]
     );
@@ -204,6 +221,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
                 allow: vec!["class:sox-demo".into()],
                 max_ttl_seconds: 900,
                 max_lifetime_seconds: 3600,
+                expires_in_seconds: 0,
             },
             admin_token,
         )?)
@@ -223,7 +241,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         )?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    ciphertext of {} bytes, data key {}",
         ct.ciphertext.len(),
         ct.key_id
@@ -243,7 +261,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         .open_shred(authed(open(false), admin_token)?)
         .await
     {
-        println!("    {:?}: {}", s.code(), s.message());
+        say!("    {:?}: {}", s.code(), s.message());
     }
 
     step(
@@ -264,7 +282,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         .open_shred(authed(open(false), admin_token)?)
         .await
     {
-        println!("    after the deadline, {:?}: {}", s.code(), s.message());
+        say!("    after the deadline, {:?}: {}", s.code(), s.message());
     }
     retention
         .release_hold(authed(
@@ -275,7 +293,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
             admin_token,
         )?)
         .await?;
-    println!("    hold released: case closed");
+    say!("    hold released: case closed");
 
     step(
         17,
@@ -296,12 +314,13 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    println!(
+    say!(
         "    ceremony {} opened by {}; statement:",
-        ceremony.id, ceremony.opened_by
+        ceremony.id,
+        ceremony.opened_by
     );
     for line in ceremony.statement.lines() {
-        println!("      {line}");
+        say!("      {line}");
     }
     for key in [&keys[0], &keys[2]] {
         let sig = key.sign(ceremony.statement.as_bytes())?;
@@ -316,7 +335,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
             )?)
             .await?
             .into_inner();
-        println!(
+        say!(
             "    {} joined: {} of {}, ceremony {}",
             key.role,
             joined.joined.len(),
@@ -340,8 +359,8 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         )?)
         .await
     {
-        Ok(_) => println!("    unexpectedly decrypted"),
-        Err(s) => println!("    {:?}: {}", s.code(), s.message()),
+        Ok(_) => say!("    unexpectedly decrypted"),
+        Err(s) => say!("    {:?}: {}", s.code(), s.message()),
     }
     let cert = retention
         .get_certificate(authed(
@@ -356,7 +375,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
         tessera_shred::unhex(&cert.broker_key).and_then(|k| k.try_into().ok());
     let v = tessera_shred::certificate::verify(&cert.certificate, pin.as_ref())
         .map_err(|e| CliError::new(Exit::DataLoss, e.to_string()))?;
-    println!(
+    say!(
         "    certificate valid: key {} destroyed ({}), signed by broker key {}; {} offline \
          shares still to be confirmed destroyed",
         &class.key_fingerprint[..16],
@@ -369,6 +388,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
 
 /// Runs the walk-through; every step goes over gRPC to the broker.
 pub async fn run(json: bool) -> Result<(), CliError> {
+    NARRATE_TO_STDERR.store(json, std::sync::atomic::Ordering::Relaxed);
     let tmp = tempfile::Builder::new()
         .prefix("tessera-demo-")
         .tempdir()
@@ -390,7 +410,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         split: None,
     })
     .await?;
-    println!("    store: {}", done.db_path.display());
+    say!("    store: {}", done.db_path.display());
     let admin_token = Zeroizing::new(done.admin_token.reveal_once().to_string());
 
     step(2, "tessera serve: unseal and listen on a Unix socket");
@@ -411,7 +431,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         },
     )
     .await?;
-    println!("    listening on unix://{}", dir.socket().display());
+    say!("    listening on unix://{}", dir.socket().display());
     let target = Target::socket(&dir.socket());
     let mut admin = target.admin().await?;
     let mut agent = target.broker().await?;
@@ -430,7 +450,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await?
         .into_inner();
-    println!("    stored {} version {}", info.name, info.current_version);
+    say!("    stored {} version {}", info.name, info.current_version);
 
     step(
         4,
@@ -443,13 +463,14 @@ pub async fn run(json: bool) -> Result<(), CliError> {
                 allow: vec!["openai/*".into()],
                 max_ttl_seconds: 900,
                 max_lifetime_seconds: 3600,
+                expires_in_seconds: 0,
             },
             &admin_token,
         )?)
         .await?
         .into_inner();
     let agent_token = Zeroizing::new(created.token.clone());
-    println!("    token tsr_… shown once to the admin; the broker keeps only its hash");
+    say!("    token tsr_… shown once to the admin; the broker keeps only its hash");
 
     step(5, "agent: Issue(openai/prod, ttl 5m)");
     let lease = agent
@@ -462,7 +483,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    lease {} on version {}, value {}, expires in {}s",
         lease.lease_id,
         lease.version,
@@ -481,8 +502,8 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await
     {
-        Ok(_) => println!("    unexpectedly allowed"),
-        Err(s) => println!("    {:?}: {}", s.code(), s.message()),
+        Ok(_) => say!("    unexpectedly allowed"),
+        Err(s) => say!("    {:?}: {}", s.code(), s.message()),
     }
 
     step(7, "agent: Renew(lease, 15m)");
@@ -496,7 +517,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    now expires in {}s",
         renewed.expires_at - tessera_broker::init::now()
     );
@@ -511,7 +532,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await?
         .into_inner();
-    println!("    revoked {} lease(s)", r.revoked);
+    say!("    revoked {} lease(s)", r.revoked);
 
     step(9, "agent: Renew(revoked lease)");
     match agent
@@ -524,8 +545,8 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await
     {
-        Ok(_) => println!("    unexpectedly renewed"),
-        Err(s) => println!("    {:?}: {}", s.code(), s.message()),
+        Ok(_) => say!("    unexpectedly renewed"),
+        Err(s) => say!("    {:?}: {}", s.code(), s.message()),
     }
 
     rotation_under_lease(&target, &admin_token, &agent_token).await?;
@@ -539,7 +560,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         .checkpoint_audit(authed(proto::CheckpointAuditRequest {}, &admin_token)?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    checkpoint of record {} signed by the broker (keep it off the machine: it \
          catches a store rolled back to an older copy)",
         cp.seq
@@ -553,7 +574,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         )?)
         .await?
         .into_inner();
-    println!(
+    say!(
         "    {} ({} records, hash-chained, reaching the checkpoint; no value or token in any \
          of them)",
         if v.ok { "intact" } else { "BROKEN" },
@@ -568,20 +589,24 @@ pub async fn run(json: bool) -> Result<(), CliError> {
         records.push(rec);
     }
     for rec in records.iter().rev().take(5).rev() {
-        println!(
+        say!(
             "    #{:<3} {:<20} {:<14} {:<14} {}",
-            rec.seq, rec.actor, rec.action, rec.target, rec.decision
+            rec.seq,
+            rec.actor,
+            rec.action,
+            rec.target,
+            rec.decision
         );
     }
 
     running.stop();
     running.wait().await?;
+    say!("\nDone. A real broker: `tessera init && tessera serve` (see README).");
     if json {
         println!(
             "{}",
             serde_json::json!({"ok": v.ok, "audit_records": v.records})
         );
     }
-    println!("\nDone. A real broker: `tessera init && tessera serve` (see README).");
     Ok(())
 }

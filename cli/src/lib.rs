@@ -628,6 +628,10 @@ pub enum AgentCmd {
         /// Longest total life of a lease across renewals [default: 24h]
         #[arg(long, value_parser = parse_duration)]
         max_lifetime: Option<std::time::Duration>,
+        /// The token stops working after this long, e.g. 90d; leases issued
+        /// with it end by then too [default: never]
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<std::time::Duration>,
     },
     /// List agents.
     List,
@@ -736,6 +740,29 @@ fn parse_time(s: &str) -> Result<i64, String> {
                 .map(|d| d.as_secs() as i64)
                 .map_err(|_| "times before 1970 are not accepted".to_string())
         })
+}
+
+/// Reports a command line that does not parse, and `--help`/`--version`.
+/// With `--json` anywhere on the line, a usage error is one JSON document
+/// on stderr, like every other failure; returns the exit code.
+pub fn usage_error(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    let json = std::env::args_os().any(|a| a == "--json");
+    if !json
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        e.exit()
+    }
+    let doc = serde_json::json!({
+        "error": { "exit": Exit::Usage as i32, "message": e.render().to_string().trim_end() }
+    });
+    eprintln!("{doc}");
+    Exit::Usage as i32
 }
 
 /// Runs a parsed command line; returns the process exit code.

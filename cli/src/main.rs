@@ -5,6 +5,9 @@
 use clap::Parser;
 
 fn main() {
-    let cli = tessera_cli::Cli::parse();
+    let cli = match tessera_cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => std::process::exit(tessera_cli::usage_error(e)),
+    };
     std::process::exit(tessera_cli::run(cli));
 }

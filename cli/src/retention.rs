@@ -869,7 +869,7 @@ pub(crate) async fn encrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError>
 pub(crate) async fn decrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError> {
     let token = agent_token()?;
     let ciphertext = read_stdin()?;
-    let r = target(g)
+    let mut r = target(g)
         .envelope()
         .await?
         .decrypt(authed(
@@ -882,6 +882,6 @@ pub(crate) async fn decrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError>
         )?)
         .await?
         .into_inner();
-    let plaintext = Zeroizing::new(r.plaintext);
+    let plaintext = Zeroizing::new(std::mem::take(&mut r.plaintext));
     write_stdout(&plaintext)
 }

@@ -437,7 +437,7 @@ async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bo
         }
         Err(e) => return Err(e),
     };
-    let old = std::mem::replace(&mut b.lease, lease);
+    let mut old = std::mem::replace(&mut b.lease, lease);
     b.fetched = tokio::time::Instant::now();
     b.stale = false;
     let changed = !bool::from(old.value.ct_eq(&b.lease.value));
@@ -445,7 +445,7 @@ async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bo
     let _ = broker
         .revoke(authed(
             proto::RevokeRequest {
-                lease_id: old.lease_id,
+                lease_id: std::mem::take(&mut old.lease_id),
             },
             token,
         )?)
@@ -489,14 +489,15 @@ mod tests {
     use super::*;
 
     fn lease(id: &str, issued_at: i64, expires_at: i64) -> proto::Lease {
-        proto::Lease {
-            lease_id: id.into(),
-            secret: "svc/a".into(),
-            version: 2,
-            issued_at,
-            expires_at,
-            ..Default::default()
-        }
+        // (Field by field: `Lease` wipes its value on drop, so struct
+        // update syntax cannot move out of a default one.)
+        let mut l = proto::Lease::default();
+        l.lease_id = id.into();
+        l.secret = "svc/a".into();
+        l.version = 2;
+        l.issued_at = issued_at;
+        l.expires_at = expires_at;
+        l
     }
 
     fn revoked(lease_id: &str, secret: &str, version: u64, time: i64) -> proto::Event {

@@ -307,6 +307,16 @@ fn lease_revoke_by_lease_secret_agent_and_all() {
         .fails_with(3);
     assert!(r.stderr.contains("no lease"), "{r:#?}");
     w.run(&["lease", "revoke"]).fails_with(2);
+    // With --json, a usage error is a JSON document on stderr too.
+    let r = w.run(&["lease", "revoke", "--json"]).fails_with(2);
+    let doc: serde_json::Value = serde_json::from_str(r.stderr.trim()).expect("JSON error");
+    assert_eq!(doc["error"]["exit"], 2, "{r:#?}");
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--lease")),
+        "{r:#?}"
+    );
     // secret rm revokes and deletes.
     w.get("a/one", &t1).ok();
     let r = w.run(&["secret", "rm", "a/one", "--json"]).ok().json();
@@ -390,6 +400,10 @@ fn demo_walks_through_the_main_job() {
         !r.stdout.contains("sk-demo-0123456789abcdef"),
         "demo printed the secret value"
     );
+    // With --json, stdout is one JSON document; the narration goes to stderr.
+    let r = w.run(&["demo", "--json"]).ok();
+    assert_eq!(r.json()["ok"], true, "{r:#?}");
+    assert!(r.stderr.contains("certificate valid"), "{r:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,4 +550,149 @@ fn socket_mode_660_and_a_socket_elsewhere() {
     let addr = format!("unix://{sock_arg}");
     w.run_with(&["status"], None, &[("TESSERA_ADDR", &addr)])
         .ok();
+}
+
+/// A token made with `--expires-in` works until then, its leases end by
+/// then, and afterwards it is refused (UNAUTHENTICATED, exit 4, audited)
+/// while the store keeps what it had.
+#[test]
+fn expiring_agent_token_caps_its_leases_then_is_refused() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/key", b"v1");
+    let created = w
+        .run(&[
+            "agent",
+            "create",
+            "brief",
+            "--allow",
+            "a/*",
+            "--max-ttl",
+            "1h",
+            "--expires-in",
+            "4s",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let token = created["token"].as_str().expect("token").to_string();
+    let expires = created["expires_at"].as_i64().expect("expires_at");
+    let env = [("TESSERA_TOKEN", token.as_str())];
+    let lease = w
+        .run_with(&["get", "a/key", "--json"], None, &env)
+        .ok()
+        .json();
+    assert_eq!(lease["value"], "v1");
+    assert!(lease["expires_at"].as_i64() <= Some(expires), "{lease:#?}");
+    assert!(lease["renewable_until"].as_i64() <= Some(expires));
+    // Out-of-range lifetimes are refused up front.
+    let r = w
+        .run(&[
+            "agent",
+            "create",
+            "x",
+            "--allow",
+            "a/*",
+            "--expires-in",
+            "20y",
+        ])
+        .fails_with(7);
+    assert!(r.stderr.contains("expires_in"), "{r:#?}");
+
+    let db_before = std::fs::read(w.db()).expect("db");
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+        <= expires
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = w.run_with(&["get", "a/key"], None, &env).fails_with(4);
+    assert!(r.stderr.contains("expired"), "{r:#?}");
+    assert!(!r.stderr.contains(&token));
+    let id = lease["lease_id"].as_str().expect("id");
+    let list = w.run(&["agent", "list", "--json"]).ok().json();
+    assert_eq!(list["agents"][0]["expires_at"].as_i64(), Some(expires));
+    assert!(
+        w.run(&["agent", "list"]).ok().stdout.contains("expired"),
+        "agent list does not show the expiry"
+    );
+    let denials = w
+        .run(&["audit", "export"])
+        .ok()
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.contains("\"agent:brief\"") && l.contains("\"deny\"") && l.contains("expired")
+        })
+        .count();
+    assert_eq!(denials, 1);
+    // Refusals changed nothing but the audit trail: the lease is still
+    // there, and it ended with the token.
+    assert!(std::fs::read(w.db()).expect("db").len() >= db_before.len());
+    let leases = w.run(&["lease", "list", "--all", "--json"]).ok().json();
+    assert_eq!(leases["leases"][0]["lease_id"].as_str(), Some(id));
+    assert_eq!(leases["leases"][0]["state"], "expired");
+    w.run(&["audit", "verify"]).ok();
+}
+
+/// A keychain store whose root key is gone from the keychain is refused at
+/// `serve` with a clear error, and the store file is left as it was.
+#[test]
+fn missing_keychain_entry_is_a_clear_error() {
+    if !keychain_available("missing_keychain_entry_is_a_clear_error") {
+        return;
+    }
+    let w = World::new();
+    let init = w.run(&["init", "--json"]).ok().json();
+    let id = init["store_id"].as_str().expect("store id");
+    let user = format!("root-key/{id}");
+    let st = std::process::Command::new("secret-tool")
+        .args(["clear", "service", "tessera", "username", &user])
+        .status()
+        .expect("run secret-tool (scripts/test.sh installs it)");
+    assert!(st.success());
+    let before = std::fs::read(w.db()).expect("db");
+    let r = w.run(&["serve"]).fails_with(5);
+    assert!(r.stderr.contains("no root key for this store"), "{r:#?}");
+    assert_eq!(std::fs::read(w.db()).expect("db"), before);
+}
+
+/// `serve --json` prints one JSON line when it listens and one when it has
+/// stopped (logs stay on stderr).
+#[test]
+fn serve_json_announces_ready_and_stopped() {
+    use std::io::BufRead;
+    let w = World::new();
+    w.init_passphrase();
+    let mut child = w
+        .command()
+        .args(["serve", "--json"])
+        .env("TESSERA_PASSPHRASE", PASSPHRASE)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line");
+    assert_eq!(ready["ready"], true, "{line}");
+    assert_eq!(ready["sealed"], false);
+    assert_eq!(ready["unseal"], "passphrase");
+    assert_eq!(ready["socket"], w.socket().display().to_string());
+    w.run(&["status"]).ok();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    line.clear();
+    out.read_line(&mut line).expect("read");
+    let stopped: serde_json::Value = serde_json::from_str(&line).expect("stopped line");
+    assert_eq!(stopped["stopped"], true);
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
 }

@@ -32,7 +32,10 @@ async fn kill9_mid_load_keeps_every_acknowledged_lease() {
                     ttl_seconds: 600,
                 };
                 match c.issue(authed(req, &token)).await {
-                    Ok(l) => acked.lock().expect("lock").push(l.into_inner().lease_id),
+                    Ok(l) => acked
+                        .lock()
+                        .expect("lock")
+                        .push(l.get_ref().lease_id.clone()),
                     Err(_) => break,
                 }
             }
@@ -399,7 +402,10 @@ async fn sigterm_under_load_answers_running_requests_then_exits() {
                     ttl_seconds: 600,
                 };
                 match c.issue(authed(req, &token)).await {
-                    Ok(l) => acked.lock().expect("lock").push(l.into_inner().lease_id),
+                    Ok(l) => acked
+                        .lock()
+                        .expect("lock")
+                        .push(l.get_ref().lease_id.clone()),
                     Err(e) => {
                         refused
                             .lock()
@@ -461,5 +467,90 @@ async fn sigterm_under_load_answers_running_requests_then_exits() {
     drop(stmt);
     drop(conn);
     let _s2 = w.serve(&[]);
+    w.run(&["audit", "verify"]).ok();
+}
+
+/// Under load, concurrent requests share commits (`status` counts them),
+/// and `agent revoke` is atomic: once it has answered, no call with the
+/// token succeeds, and none of the agent's leases is left active (no lease
+/// issued concurrently slips past the revoke).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_revoke_under_load_leaves_no_active_lease() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("load/key", b"load-value");
+    let token = w.agent("loader", "load/*", "15m");
+    let revoked_at: Arc<Mutex<Option<std::time::Instant>>> = Arc::new(Mutex::new(None));
+    let late_successes = Arc::new(Mutex::new(0usize));
+    let acked = Arc::new(Mutex::new(0usize));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (revoked_at, late, acked) = (
+            Arc::clone(&revoked_at),
+            Arc::clone(&late_successes),
+            Arc::clone(&acked),
+        );
+        let token = token.clone();
+        let mut c = w.broker_client().await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10_000 {
+                let started = std::time::Instant::now();
+                let req = proto::IssueRequest {
+                    secret: "load/key".into(),
+                    ttl_seconds: 600,
+                };
+                match c.issue(authed(req, &token)).await {
+                    Ok(_) => {
+                        *acked.lock().expect("lock") += 1;
+                        if revoked_at
+                            .lock()
+                            .expect("lock")
+                            .is_some_and(|r| started > r)
+                        {
+                            *late.lock().expect("lock") += 1;
+                        }
+                    }
+                    Err(e) => {
+                        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+                        assert!(e.message().contains("revoked"), "{e:?}");
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while *acked.lock().expect("lock") < 200 {
+        assert!(std::time::Instant::now() < deadline, "no load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Group commit: concurrent requests share transactions (and syncs).
+    let status = tokio::task::block_in_place(|| w.run(&["status", "--json"]).ok().json());
+    let (commits, writes) = (
+        status["store_commits"].as_u64().expect("commits"),
+        status["store_writes"].as_u64().expect("writes"),
+    );
+    assert!(commits > 0 && writes > commits, "{status}");
+    let out =
+        tokio::task::block_in_place(|| w.run(&["agent", "revoke", "loader", "--json"]).ok().json());
+    *revoked_at.lock().expect("lock") = Some(std::time::Instant::now());
+    assert!(out["leases_revoked"].as_u64() > Some(0), "{out}");
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    assert_eq!(*late_successes.lock().expect("lock"), 0);
+    let conn =
+        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    let active: i64 = conn
+        .query_row("SELECT count(*) FROM leases WHERE state = 0", [], |r| {
+            r.get(0)
+        })
+        .expect("count");
+    assert_eq!(
+        active, 0,
+        "leases issued around the revoke are still active"
+    );
     w.run(&["audit", "verify"]).ok();
 }
