@@ -116,22 +116,15 @@ impl Broker {
                     .prepare_cached("SELECT revoked_at FROM agents WHERE id = ?1")?
                     .query_row([agent_id], |r| r.get(0))
                     .optional()?;
-                if !matches!(revoked, Some(None)) {
-                    let e = Error::Unauthenticated(format!(
+                let refused = if matches!(revoked, Some(None)) {
+                    actor.expired(t)
+                } else {
+                    Some(Error::Unauthenticated(format!(
                         "the token of agent {:?} was revoked; ask an admin for a new agent token",
                         actor.name
-                    ));
-                    ctx.audit(&agent_entry(
-                        &actor,
-                        ACTION,
-                        &name,
-                        false,
-                        e.to_string(),
-                        &rid,
-                    ))?;
-                    return Ok(Err(e));
-                }
-                if let Some(e) = actor.expired(t) {
+                    )))
+                };
+                if let Some(e) = refused {
                     ctx.audit(&agent_entry(
                         &actor,
                         ACTION,

@@ -9,6 +9,72 @@ use tessera_broker::proto;
 use tessera_e2e::{World, authed};
 use tonic::Code;
 
+/// What the load clients of [`issue_load`] saw.
+#[derive(Default)]
+struct Seen {
+    /// Acknowledged leases, with the time each call started.
+    acked: Vec<(std::time::Instant, String)>,
+    /// The error each client stopped on.
+    errors: Vec<tonic::Status>,
+}
+
+/// Starts `clients` clients issuing leases on `load/key` back to back (at
+/// most 10,000 each; a client stops at its first error) and returns once
+/// `min` have been acknowledged (at most 120 s).
+async fn issue_load(
+    w: &World,
+    token: &str,
+    clients: usize,
+    min: usize,
+) -> (Arc<Mutex<Seen>>, Vec<tokio::task::JoinHandle<()>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let seen = Arc::clone(&seen);
+        let token = token.to_string();
+        let mut c = w.broker_client().await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10_000 {
+                let started = std::time::Instant::now();
+                let req = proto::IssueRequest {
+                    secret: "load/key".into(),
+                    ttl_seconds: 600,
+                };
+                let got = c.issue(authed(req, &token)).await;
+                let mut seen = seen.lock().expect("lock");
+                match got {
+                    Ok(l) => seen.acked.push((started, l.get_ref().lease_id.clone())),
+                    Err(e) => {
+                        seen.errors.push(e);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while seen.lock().expect("lock").acked.len() < min {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker acknowledged fewer than {min} leases in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (seen, tasks)
+}
+
+/// Every lease id in the store.
+fn stored_leases(w: &World) -> HashSet<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    let mut stmt = conn.prepare("SELECT id FROM leases").expect("prepare");
+    stmt.query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
 /// Every lease the client saw acknowledged survives a `kill -9` mid-load,
 /// and the audit chain still verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,56 +84,26 @@ async fn kill9_mid_load_keeps_every_acknowledged_lease() {
     let mut s = w.serve(&[]);
     w.put("load/key", b"load-value");
     let token = w.agent("loader", "load/*", "15m");
-    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let acked = Arc::clone(&acked);
-        let token = token.clone();
-        let mut c = w.broker_client().await;
-        tasks.push(tokio::spawn(async move {
-            // Bounded: at most 10,000 requests per client.
-            for _ in 0..10_000 {
-                let req = proto::IssueRequest {
-                    secret: "load/key".into(),
-                    ttl_seconds: 600,
-                };
-                match c.issue(authed(req, &token)).await {
-                    Ok(l) => acked
-                        .lock()
-                        .expect("lock")
-                        .push(l.get_ref().lease_id.clone()),
-                    Err(_) => break,
-                }
-            }
-        }));
-    }
     // Let the load run, then pull the plug.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while acked.lock().expect("lock").len() < 500 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the broker acknowledged fewer than 500 leases in 120 s; log:\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (seen, tasks) = issue_load(&w, &token, 32, 500).await;
     s.kill9();
     for t in tasks {
         let _ = t.await;
     }
-    let acked: Vec<String> = acked.lock().expect("lock").clone();
+    let acked: Vec<String> = seen
+        .lock()
+        .expect("lock")
+        .acked
+        .iter()
+        .map(|(_, id)| id.clone())
+        .collect();
     assert!(acked.len() >= 500);
 
     let _s2 = w.serve(&[]);
+    let stored = stored_leases(&w);
     let conn =
         rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("open db");
-    let mut stmt = conn.prepare("SELECT id FROM leases").expect("prepare");
-    let stored: HashSet<String> = stmt
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
     let missing: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
     assert!(
         missing.is_empty(),
@@ -388,44 +424,7 @@ async fn sigterm_under_load_answers_running_requests_then_exits() {
     let mut s = w.serve(&[]);
     w.put("load/key", b"load-value");
     let token = w.agent("loader", "load/*", "15m");
-    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let refused = Arc::new(Mutex::new(Vec::<(Code, String)>::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (acked, refused) = (Arc::clone(&acked), Arc::clone(&refused));
-        let token = token.clone();
-        let mut c = w.broker_client().await;
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..10_000 {
-                let req = proto::IssueRequest {
-                    secret: "load/key".into(),
-                    ttl_seconds: 600,
-                };
-                match c.issue(authed(req, &token)).await {
-                    Ok(l) => acked
-                        .lock()
-                        .expect("lock")
-                        .push(l.get_ref().lease_id.clone()),
-                    Err(e) => {
-                        refused
-                            .lock()
-                            .expect("lock")
-                            .push((e.code(), e.message().to_string()));
-                        break;
-                    }
-                }
-            }
-        }));
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while acked.lock().expect("lock").len() < 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no load; log:\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (seen, tasks) = issue_load(&w, &token, 16, 200).await;
     let code = tokio::task::spawn_blocking(move || {
         let code = s.terminate();
         (code, s.logs())
@@ -438,23 +437,18 @@ async fn sigterm_under_load_answers_running_requests_then_exits() {
     }
     // After the stop, calls fail as "unavailable" (refused or cut at the
     // transport), never as a broker error.
-    for (c, m) in refused.lock().expect("lock").iter() {
+    let seen = seen.lock().expect("lock");
+    for e in &seen.errors {
         assert!(
-            matches!(c, Code::Unavailable | Code::Cancelled | Code::Unknown)
-                && !m.contains("store"),
-            "unexpected failure during shutdown: {c:?} {m}"
+            matches!(
+                e.code(),
+                Code::Unavailable | Code::Cancelled | Code::Unknown
+            ) && !e.message().contains("store"),
+            "unexpected failure during shutdown: {e:?}"
         );
     }
-    let acked: HashSet<String> = acked.lock().expect("lock").iter().cloned().collect();
-    let conn =
-        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open db");
-    let mut stmt = conn.prepare("SELECT id FROM leases").expect("prepare");
-    let stored: HashSet<String> = stmt
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let acked: HashSet<String> = seen.acked.iter().map(|(_, id)| id.clone()).collect();
+    let stored = stored_leases(&w);
     assert!(
         acked.is_subset(&stored),
         "acknowledged leases missing after a clean stop"
@@ -464,8 +458,6 @@ async fn sigterm_under_load_answers_running_requests_then_exits() {
         unanswered, 0,
         "{unanswered} leases were stored but their replies never reached the client"
     );
-    drop(stmt);
-    drop(conn);
     let _s2 = w.serve(&[]);
     w.run(&["audit", "verify"]).ok();
 }
@@ -481,50 +473,7 @@ async fn agent_revoke_under_load_leaves_no_active_lease() {
     let _s = w.serve(&[]);
     w.put("load/key", b"load-value");
     let token = w.agent("loader", "load/*", "15m");
-    let revoked_at: Arc<Mutex<Option<std::time::Instant>>> = Arc::new(Mutex::new(None));
-    let late_successes = Arc::new(Mutex::new(0usize));
-    let acked = Arc::new(Mutex::new(0usize));
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (revoked_at, late, acked) = (
-            Arc::clone(&revoked_at),
-            Arc::clone(&late_successes),
-            Arc::clone(&acked),
-        );
-        let token = token.clone();
-        let mut c = w.broker_client().await;
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..10_000 {
-                let started = std::time::Instant::now();
-                let req = proto::IssueRequest {
-                    secret: "load/key".into(),
-                    ttl_seconds: 600,
-                };
-                match c.issue(authed(req, &token)).await {
-                    Ok(_) => {
-                        *acked.lock().expect("lock") += 1;
-                        if revoked_at
-                            .lock()
-                            .expect("lock")
-                            .is_some_and(|r| started > r)
-                        {
-                            *late.lock().expect("lock") += 1;
-                        }
-                    }
-                    Err(e) => {
-                        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-                        assert!(e.message().contains("revoked"), "{e:?}");
-                        return;
-                    }
-                }
-            }
-        }));
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while *acked.lock().expect("lock") < 200 {
-        assert!(std::time::Instant::now() < deadline, "no load");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (seen, tasks) = issue_load(&w, &token, 16, 200).await;
     // Group commit: concurrent requests share transactions (and syncs).
     let status = tokio::task::block_in_place(|| w.run(&["status", "--json"]).ok().json());
     let (commits, writes) = (
@@ -534,12 +483,19 @@ async fn agent_revoke_under_load_leaves_no_active_lease() {
     assert!(commits > 0 && writes > commits, "{status}");
     let out =
         tokio::task::block_in_place(|| w.run(&["agent", "revoke", "loader", "--json"]).ok().json());
-    *revoked_at.lock().expect("lock") = Some(std::time::Instant::now());
+    let revoked_at = std::time::Instant::now();
     assert!(out["leases_revoked"].as_u64() > Some(0), "{out}");
     for t in tasks {
         t.await.expect("client task");
     }
-    assert_eq!(*late_successes.lock().expect("lock"), 0);
+    let seen = seen.lock().expect("lock");
+    let late = seen.acked.iter().filter(|(at, _)| *at > revoked_at).count();
+    assert_eq!(late, 0, "calls made after the revoke answered succeeded");
+    assert_eq!(seen.errors.len(), 16);
+    for e in &seen.errors {
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("revoked"), "{e:?}");
+    }
     let conn =
         rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("open db");
