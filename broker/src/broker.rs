@@ -445,7 +445,12 @@ impl Broker {
                 sealed: false,
                 unseal_source: self.source.name().into(),
                 secrets: count("SELECT count(*) FROM secrets")?,
-                agents: count("SELECT count(*) FROM agents WHERE revoked_at IS NULL")?,
+                agents: conn.query_row(
+                    "SELECT count(*) FROM agents
+                     WHERE revoked_at IS NULL AND coalesce(expires_at > ?1, 1)",
+                    [crate::init::now()],
+                    |r| r.get::<_, i64>(0),
+                )? as u64,
                 active_leases: count("SELECT count(*) FROM leases WHERE state = 0")?,
                 audit_records: count("SELECT coalesce(max(seq), 0) FROM audit")?,
                 version: env!("CARGO_PKG_VERSION").into(),

@@ -108,7 +108,7 @@ impl broker_server::Broker for Services {
         let (rid, agent) = self.agent(&req, "watch", "events").await?;
         let r = req.into_inner();
         let broker = self.broker()?;
-        let (rx, cursor) = broker.watch(Arc::clone(&agent), r.after_event_id, r.resume)?;
+        let (rx, cursor) = broker.watch(&rid, Arc::clone(&agent), r.after_event_id, r.resume)?;
         broker
             .audit(crate::lease::agent_entry(
                 &agent,
@@ -259,10 +259,17 @@ impl admin_server::Admin for Services {
         &self,
         req: Request<proto::RotationStatusRequest>,
     ) -> Result<Response<proto::RotationStatusResponse>, Status> {
-        let _rid = self.admin(&req, "rotate.status", "*").await?;
-        Ok(Response::new(proto::RotationStatusResponse {
-            secrets: self.broker()?.rotation_status()?,
-        }))
+        let rid = self.admin(&req, "rotate.status", "*").await?;
+        let secrets = self.broker()?.rotation_status()?;
+        self.read_done(
+            ACTOR_ADMIN.into(),
+            "rotate.status",
+            "*",
+            &rid,
+            secrets.len(),
+        )
+        .await?;
+        Ok(Response::new(proto::RotationStatusResponse { secrets }))
     }
 
     async fn rekey_root(
@@ -475,14 +482,7 @@ impl admin_server::Admin for Services {
         let rid = self.admin(&req, "status", "broker").await?;
         let broker = self.broker()?;
         let status = broker.status()?;
-        broker
-            .audit(crate::agent::admin_entry(
-                "status",
-                "broker",
-                true,
-                "status read".into(),
-                &rid,
-            ))
+        self.read_done(ACTOR_ADMIN.into(), "status", "broker", &rid, 1)
             .await?;
         Ok(Response::new(status))
     }
@@ -494,6 +494,27 @@ fn meta<'r, T>(req: &'r Request<T>, key: &str) -> Option<&'r str> {
 }
 
 impl Services {
+    /// Audits a read that was allowed and answered.
+    async fn read_done(
+        &self,
+        actor: String,
+        action: &str,
+        target: &str,
+        request_id: &str,
+        items: usize,
+    ) -> Result<(), Status> {
+        let entry = crate::audit::Entry {
+            time: crate::init::now(),
+            actor,
+            action: action.into(),
+            target: target.into(),
+            allowed: true,
+            reason: format!("{items} read"),
+            request_id: request_id.into(),
+        };
+        Ok(self.broker()?.audit(entry).await?)
+    }
+
     async fn holder<T>(
         &self,
         req: &Request<T>,
@@ -595,10 +616,12 @@ impl retention_server::Retention for Services {
         &self,
         req: Request<proto::GetClassRequest>,
     ) -> Result<Response<proto::ClassInfo>, Status> {
-        let _rid = self.admin(&req, "class.show", &req.get_ref().name).await?;
-        Ok(Response::new(
-            self.broker()?.class_info(&req.into_inner().name)?,
-        ))
+        let rid = self.admin(&req, "class.show", &req.get_ref().name).await?;
+        let name = req.into_inner().name;
+        let info = self.broker()?.class_info(&name)?;
+        self.read_done(ACTOR_ADMIN.into(), "class.show", &name, &rid, 1)
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn place_hold(
@@ -649,12 +672,14 @@ impl retention_server::Retention for Services {
         &self,
         req: Request<proto::GetCertificateRequest>,
     ) -> Result<Response<proto::CertificateResponse>, Status> {
-        let _rid = self
+        let rid = self
             .admin(&req, "shred.certificate", &req.get_ref().class)
             .await?;
-        Ok(Response::new(
-            self.broker()?.certificate(&req.into_inner().class)?,
-        ))
+        let class = req.into_inner().class;
+        let cert = self.broker()?.certificate(&class)?;
+        self.read_done(ACTOR_ADMIN.into(), "shred.certificate", &class, &rid, 1)
+            .await?;
+        Ok(Response::new(cert))
     }
 }
 
@@ -707,12 +732,14 @@ impl holders_server::Holders for Services {
         &self,
         req: Request<proto::GetCertificateRequest>,
     ) -> Result<Response<proto::CertificateResponse>, Status> {
-        let (_rid, _holder) = self
+        let (rid, holder) = self
             .holder(&req, "GetCertificate", &req.get_ref().class)
             .await?;
-        Ok(Response::new(
-            self.broker()?.certificate(&req.into_inner().class)?,
-        ))
+        let class = req.into_inner().class;
+        let cert = self.broker()?.certificate(&class)?;
+        self.read_done(holder.actor(), "shred.certificate", &class, &rid, 1)
+            .await?;
+        Ok(Response::new(cert))
     }
 
     async fn confirm_shred(

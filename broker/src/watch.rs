@@ -21,6 +21,13 @@ use crate::proto;
 /// Events read per query.
 const PAGE: i64 = 256;
 
+/// How long until `agent`'s token expires (a long time if it never does).
+fn until_expiry(agent: &Agent) -> Duration {
+    agent.expires_at.map_or(Duration::MAX, |e| {
+        Duration::from_secs(u64::try_from(e - crate::init::now()).unwrap_or(0))
+    })
+}
+
 /// How often a watcher looks for events without being woken: only events
 /// written by another process (`rotate --due` on the store while this
 /// broker runs) need it.
@@ -80,6 +87,7 @@ impl Broker {
     /// returns the stream and the id it starts after.
     pub fn watch(
         self: &Arc<Self>,
+        request_id: &str,
         agent: Arc<Agent>,
         after: u64,
         resume: bool,
@@ -100,8 +108,27 @@ impl Broker {
         let broker = Arc::clone(self);
         let mut wake = self.store.subscribe_events();
         let mut stopping = self.stopping.subscribe();
+        let rid = request_id.to_string();
         tokio::spawn(async move {
             loop {
+                // Checked before anything is sent: an expired token gets
+                // no further event. The end is audited like a refused call.
+                if let Some(e) = agent.expired(crate::init::now()) {
+                    let entry = crate::lease::agent_entry(
+                        &agent,
+                        "watch",
+                        "events",
+                        false,
+                        e.to_string(),
+                        &rid,
+                    );
+                    let e = match broker.audit(entry).await {
+                        Ok(()) => e,
+                        Err(audit) => audit,
+                    };
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
                 let page = match broker.events_after(cursor) {
                     Ok(p) => p,
                     Err(e) => {
@@ -124,10 +151,6 @@ impl Broker {
                 if full {
                     continue;
                 }
-                if let Some(e) = agent.expired(crate::init::now()) {
-                    let _ = tx.send(Err(Status::from(e))).await;
-                    return;
-                }
                 if broker.agent_revoked(agent.id).unwrap_or(false) {
                     let e = Error::Unauthenticated(format!(
                         "the token of agent {:?} was revoked; the watch ends",
@@ -146,7 +169,7 @@ impl Broker {
                             return;
                         }
                     }
-                    _ = tokio::time::sleep(POLL) => {}
+                    _ = tokio::time::sleep(until_expiry(&agent).min(POLL)) => {}
                     _ = tx.closed() => return,
                     _ = async { drop(stopping.wait_for(|s| *s).await) } => {
                         let _ = tx.try_send(Err(Status::unavailable(

@@ -141,8 +141,21 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<Vec<u8>>, 
     ))
 }
 
-pub(crate) fn print_json(v: serde_json::Value) {
-    println!("{v}");
+/// Prints one JSON document, then wipes every string in it and the text
+/// it was printed from (some hold a value or a token).
+pub(crate) fn print_json(mut v: serde_json::Value) {
+    use zeroize::Zeroize;
+    fn wipe(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => s.zeroize(),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(wipe),
+            serde_json::Value::Object(o) => o.values_mut().for_each(wipe),
+            _ => {}
+        }
+    }
+    let text = Zeroizing::new(v.to_string());
+    println!("{}", text.as_str());
+    wipe(&mut v);
 }
 
 pub(crate) fn time(t: i64) -> String {
@@ -608,12 +621,19 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             max_lifetime,
             expires_in,
         } => {
+            if expires_in.is_some_and(|d| d.as_secs() == 0) {
+                return Err(CliError::new(
+                    Exit::InvalidArgument,
+                    "--expires-in must be at least 1s; leave it out for a token that does not \
+                     expire",
+                ));
+            }
             let req = proto::CreateAgentRequest {
                 name,
                 allow,
                 max_ttl_seconds: max_ttl.as_secs(),
                 max_lifetime_seconds: max_lifetime.map_or(0, |d| d.as_secs()),
-                expires_in_seconds: expires_in.map_or(0, |d| d.as_secs().max(1)),
+                expires_in_seconds: expires_in.map_or(0, |d| d.as_secs()),
             };
             let mut r = admin.create_agent(authed(req, &token)?).await?.into_inner();
             let info = r.agent.take().unwrap_or_default();

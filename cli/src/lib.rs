@@ -747,15 +747,12 @@ fn parse_time(s: &str) -> Result<i64, String> {
 /// on stderr, like every other failure; returns the exit code.
 pub fn usage_error(e: clap::Error) -> i32 {
     use clap::error::ErrorKind;
-    let json = std::env::args_os().any(|a| a == "--json");
-    if !json
-        || matches!(
-            e.kind(),
-            ErrorKind::DisplayHelp
-                | ErrorKind::DisplayVersion
-                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-        )
-    {
+    // `--json` among tessera's own arguments (not a command's after `--`).
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit()
     }
     let doc = serde_json::json!({

@@ -571,7 +571,7 @@ fn expiring_agent_token_caps_its_leases_then_is_refused() {
             "--max-ttl",
             "1h",
             "--expires-in",
-            "4s",
+            "8s",
             "--json",
         ])
         .ok()
@@ -599,7 +599,29 @@ fn expiring_agent_token_caps_its_leases_then_is_refused() {
         ])
         .fails_with(7);
     assert!(r.stderr.contains("expires_in"), "{r:#?}");
+    let r = w
+        .run(&[
+            "agent",
+            "create",
+            "x",
+            "--allow",
+            "a/*",
+            "--expires-in",
+            "0s",
+        ])
+        .fails_with(7);
+    assert!(r.stderr.contains("--expires-in"), "{r:#?}");
 
+    // A watch open across the expiry ends with it.
+    let watch = w
+        .command()
+        .args(["get", "a/key", "--watch"])
+        .env("TESSERA_TOKEN", &token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn get --watch");
     let db_before = std::fs::read(w.db()).expect("db");
     while std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -612,6 +634,10 @@ fn expiring_agent_token_caps_its_leases_then_is_refused() {
     let r = w.run_with(&["get", "a/key"], None, &env).fails_with(4);
     assert!(r.stderr.contains("expired"), "{r:#?}");
     assert!(!r.stderr.contains(&token));
+    let ended = watch.wait_with_output().expect("watch exits");
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("expired"), "{stderr}");
     let id = lease["lease_id"].as_str().expect("id");
     let list = w.run(&["agent", "list", "--json"]).ok().json();
     assert_eq!(list["agents"][0]["expires_at"].as_i64(), Some(expires));
@@ -628,13 +654,22 @@ fn expiring_agent_token_caps_its_leases_then_is_refused() {
             l.contains("\"agent:brief\"") && l.contains("\"deny\"") && l.contains("expired")
         })
         .count();
-    assert_eq!(denials, 1);
+    // The refused `get`, and the watch the broker ended.
+    assert_eq!(denials, 2);
     // Refusals changed nothing but the audit trail: the lease is still
     // there, and it ended with the token.
     assert!(std::fs::read(w.db()).expect("db").len() >= db_before.len());
-    let leases = w.run(&["lease", "list", "--all", "--json"]).ok().json();
-    assert_eq!(leases["leases"][0]["lease_id"].as_str(), Some(id));
-    assert_eq!(leases["leases"][0]["state"], "expired");
+    // (The sweeper marks it within a second or so.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let leases = w.run(&["lease", "list", "--all", "--json"]).ok().json();
+        assert_eq!(leases["leases"][0]["lease_id"].as_str(), Some(id));
+        if leases["leases"][0]["state"] == "expired" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{leases:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     w.run(&["audit", "verify"]).ok();
 }
 
