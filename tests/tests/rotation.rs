@@ -994,22 +994,43 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
     w.put("gh/token", b"ghp-1");
     let token = w.agent("bot", "gh/*", "15m");
     let out = w.tmp.path().join("watch.out");
+    let err = w.tmp.path().join("watch.err");
     let mut watch = w.command();
     watch
         .args(["get", "gh/token", "--watch"])
         .env("TESSERA_TOKEN", &token)
+        .env("TESSERA_LOG", "debug")
         .stdout(std::fs::File::create(&out).expect("out"))
-        .stderr(std::process::Stdio::null());
+        .stderr(std::fs::File::create(&err).expect("err"));
     let mut watch = watch.spawn().expect("spawn get --watch");
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    wait_for("the first value", 20, || read(&out) == "ghp-1\n");
+    // On a timeout, say what the watcher printed and logged.
+    let seen = |want: &str| {
+        let got = read(&out);
+        if got.len() > want.len() || !want.starts_with(&got) {
+            panic!("get --watch printed {got:?}; log:\n{}", read(&err));
+        }
+        got == want
+    };
+    wait_for("the first value", 30, || seen("ghp-1\n"));
     w.run_with(
         &["rotate", "now", "gh/token", "--from-stdin"],
         Some(b"ghp-2"),
         &[],
     )
     .ok();
-    wait_for("the rotated value", 20, || read(&out) == "ghp-1\nghp-2\n");
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the rotated value", 30, || seen("ghp-1\nghp-2\n"))
+    }));
+    if done.is_err() {
+        panic!(
+            "no rotated value: get --watch printed {:?}, exited {:?}; log:\n{}\nbroker log:\n{}",
+            read(&out),
+            watch.try_wait(),
+            read(&err),
+            _s.logs()
+        );
+    }
     let _ = watch.kill();
     let _ = watch.wait();
 
