@@ -467,6 +467,46 @@ impl Broker {
             }
         }
     }
+
+    /// Deletes leases that ended (expired or revoked) more than `history`
+    /// ago, at most `SWEEP_BATCH` per transaction; their audit records
+    /// stay. Returns how many were deleted.
+    pub async fn purge_ended(&self, history: std::time::Duration) -> Result<u64> {
+        let keep = i64::try_from(history.as_secs()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let n = self
+                .store
+                .write(move |ctx| {
+                    let t = now();
+                    let n = ctx
+                        .conn
+                        .prepare_cached(PURGE_SQL)?
+                        .execute(params![t.saturating_sub(keep), SWEEP_BATCH as i64])?;
+                    if n > 0 {
+                        ctx.audit(&Entry {
+                            time: t,
+                            actor: ACTOR_SYSTEM.into(),
+                            action: "lease.purge".into(),
+                            target: "*".into(),
+                            allowed: true,
+                            reason: format!(
+                                "{n} leases that ended over {}s ago deleted (their audit records \
+                                 stay)",
+                                history.as_secs()
+                            ),
+                            request_id: String::new(),
+                        })?;
+                    }
+                    Ok(n as u64)
+                })
+                .await?;
+            total += n;
+            if n < SWEEP_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
 }
 
 /// Which active leases a revoke ends.
@@ -488,6 +528,10 @@ pub(crate) enum Scope<'a> {
 /// never reads the whole table.
 const SWEEP_SQL: &str = "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id IN (
     SELECT id FROM leases WHERE state = 0 AND expires_at <= ?2 ORDER BY expires_at LIMIT ?3)";
+/// Deletes the next `?2` ended leases (expired or revoked) that ended before
+/// `?1`, oldest first, through the partial index on ended leases.
+const PURGE_SQL: &str = "DELETE FROM leases WHERE id IN (
+    SELECT id FROM leases WHERE state != 0 AND ended_at < ?1 ORDER BY ended_at LIMIT ?2)";
 /// Revokes an agent's active leases (through `leases_active_agent`).
 const REVOKE_AGENT_SQL: &str =
     "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND agent_id = ?3";
@@ -607,6 +651,7 @@ mod tests {
         let conn = crate::store::open_rw(&dir.path().join("t.db"), true).expect("new store");
         for (sql, index) in [
             (SWEEP_SQL, "leases_active_expiry"),
+            (PURGE_SQL, "leases_ended"),
             (REVOKE_AGENT_SQL, "leases_active_agent"),
             (REVOKE_SECRET_SQL, "leases_active_secret"),
             (REVOKE_VERSION_SQL, "leases_active_secret"),

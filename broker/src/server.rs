@@ -56,6 +56,9 @@ pub struct ListenOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How often expired leases are swept.
     pub sweep_interval: Duration,
+    /// How long ended leases stay listed before they are deleted (their
+    /// audit records stay); zero keeps them forever.
+    pub lease_history: Duration,
     /// Whether this broker runs scheduled rotations itself.
     pub scheduler: bool,
 }
@@ -78,6 +81,12 @@ pub fn check_listen(opts: &ListenOptions) -> Result<()> {
         return Err(Error::invalid(
             "socket_mode",
             "the socket may be readable by its owner and group only (0600 or 0660)",
+        ));
+    }
+    if opts.sweep_interval.is_zero() {
+        return Err(Error::invalid(
+            "sweep_interval",
+            "--sweep-interval must be longer than zero, e.g. 1s",
         ));
     }
     Ok(())
@@ -226,6 +235,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     let sweeper_gate = Arc::clone(&gate);
     let mut sweep_rx = shutdown_rx.clone();
     let sweep_every = opts.sweep_interval;
+    let lease_history = opts.lease_history;
     let scheduler = opts.scheduler;
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
@@ -239,6 +249,13 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(expired = n, "swept expired leases"),
                         Err(e) => tracing::warn!(error = %e, "lease sweep failed; will retry"),
+                    }
+                    if !lease_history.is_zero() {
+                        match sweeper_broker.purge_ended(lease_history).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(deleted = n, "deleted old ended leases"),
+                            Err(e) => tracing::warn!(error = %e, "lease purge failed; will retry"),
+                        }
                     }
                     if let Err(e) = sweeper_broker.retention_tick().await {
                         tracing::warn!(error = %e, "retention work failed; will retry");

@@ -208,6 +208,10 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE agents ADD COLUMN expires_at INTEGER;
     ",
+    // 5: ended leases, by when they ended, for deleting old ones.
+    "
+    CREATE INDEX leases_ended ON leases(ended_at) WHERE state != 0;
+    ",
 ];
 
 /// Lease states as stored.

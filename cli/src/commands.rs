@@ -407,6 +407,7 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
         tcp: a.listen,
         tls: a.tls_cert.clone().zip(a.tls_key.clone()),
         sweep_interval: a.sweep_interval,
+        lease_history: a.lease_history,
         scheduler: !a.no_scheduler,
     };
     server::check_listen(&opts)?;

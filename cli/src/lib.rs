@@ -435,6 +435,10 @@ pub struct ServeArgs {
     /// How often expired leases are swept (e.g. 1s, 30s).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub sweep_interval: std::time::Duration,
+    /// How long ended (expired or revoked) leases stay listed before they
+    /// are deleted; their audit records stay. 0s keeps them forever.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub lease_history: std::time::Duration,
     /// Log format.
     #[arg(long, value_enum, default_value = "human")]
     pub log_format: LogFormat,

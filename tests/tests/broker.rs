@@ -512,6 +512,14 @@ fn serve_refuses_an_unusable_value_size_limit() {
             .fails_with(7);
         assert!(r.stderr.contains("--max-value-size"), "{r:#?}");
     }
+    let r = w
+        .run_with(
+            &["serve", "--sweep-interval", "0s"],
+            None,
+            &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+        )
+        .fails_with(7);
+    assert!(r.stderr.contains("--sweep-interval"), "{r:#?}");
     // The largest allowed limit works end to end.
     let max = tessera_broker::server::MAX_VALUE_SIZE.to_string();
     let _s = w.serve(&["--max-value-size", &max]);
@@ -730,4 +738,60 @@ fn serve_json_announces_ready_and_stopped() {
     let stopped: serde_json::Value = serde_json::from_str(&line).expect("stopped line");
     assert_eq!(stopped["stopped"], true);
     assert_eq!(child.wait().expect("wait").code(), Some(0));
+}
+
+/// Ended leases (expired or revoked) are deleted once `--lease-history`
+/// has passed since they ended; active ones stay, and so do the audit
+/// records of all of them.
+#[test]
+fn ended_leases_are_deleted_after_the_lease_history() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&["--lease-history", "2s", "--sweep-interval", "200ms"]);
+    w.put("a/key", b"v");
+    let token = w.agent("short", "a/*", "15m");
+    let env = [("TESSERA_TOKEN", token.as_str())];
+    let ends = w
+        .run_with(&["get", "a/key", "--ttl", "1s", "--json"], None, &env)
+        .ok()
+        .json();
+    let revoked = w
+        .run_with(&["get", "a/key", "--json"], None, &env)
+        .ok()
+        .json();
+    let kept = w
+        .run_with(&["get", "a/key", "--json"], None, &env)
+        .ok()
+        .json();
+    let id = |v: &serde_json::Value| v["lease_id"].as_str().expect("id").to_string();
+    w.run(&["lease", "revoke", "--lease", &id(&revoked)]).ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = w.run(&["lease", "list", "--all", "--json"]).ok().json();
+        let ids: Vec<String> = all["leases"]
+            .as_array()
+            .expect("leases")
+            .iter()
+            .map(id)
+            .collect();
+        if ids == [id(&kept)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ended leases were not deleted: {all:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let export = w.run(&["audit", "export"]).ok().stdout;
+    assert!(export.contains("\"lease.purge\""), "{export}");
+    for gone in [id(&ends), id(&revoked)] {
+        assert!(export.contains(&gone), "the audit trail lost {gone}");
+    }
+    w.run(&["audit", "verify"]).ok();
+    // A deleted lease is unknown (NOT_FOUND) from then on.
+    let r = w
+        .run(&["lease", "revoke", "--lease", &id(&ends)])
+        .fails_with(3);
+    assert!(r.stderr.contains("no lease"), "{r:#?}");
 }
