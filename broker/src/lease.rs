@@ -436,36 +436,18 @@ impl Broker {
     /// Marks leases past `expires_at` as expired, at most `SWEEP_BATCH` per
     /// transaction, until none are left. Returns how many were expired.
     pub async fn sweep_expired(&self) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let n = self
-                .store
-                .write(|ctx| {
-                    let t = now();
-                    let n = ctx.conn.prepare_cached(SWEEP_SQL)?.execute(params![
-                        lease_state::EXPIRED,
-                        t,
-                        SWEEP_BATCH as i64
-                    ])?;
-                    if n > 0 {
-                        ctx.audit(&Entry {
-                            time: t,
-                            actor: ACTOR_SYSTEM.into(),
-                            action: "lease.expire".into(),
-                            target: "*".into(),
-                            allowed: true,
-                            reason: format!("{n} leases passed their expiry"),
-                            request_id: String::new(),
-                        })?;
-                    }
-                    Ok(n as u64)
-                })
-                .await?;
-            total += n;
-            if n < SWEEP_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+        self.in_batches(
+            "lease.expire",
+            |conn, t| {
+                Ok(conn.prepare_cached(SWEEP_SQL)?.execute(params![
+                    lease_state::EXPIRED,
+                    t,
+                    SWEEP_BATCH as i64
+                ])?)
+            },
+            |n| format!("{n} leases passed their expiry"),
+        )
+        .await
     }
 
     /// Deletes leases that ended (expired or revoked) more than `history`
@@ -473,28 +455,48 @@ impl Broker {
     /// stay. Returns how many were deleted.
     pub async fn purge_ended(&self, history: std::time::Duration) -> Result<u64> {
         let keep = i64::try_from(history.as_secs()).unwrap_or(i64::MAX);
+        self.in_batches(
+            "lease.purge",
+            move |conn, t| {
+                Ok(conn
+                    .prepare_cached(PURGE_SQL)?
+                    .execute(params![t.saturating_sub(keep), SWEEP_BATCH as i64])?)
+            },
+            move |n| {
+                format!(
+                    "{n} leases that ended over {}s ago deleted (their audit records stay)",
+                    history.as_secs()
+                )
+            },
+        )
+        .await
+    }
+
+    /// Runs `batch` (given the time; changes at most `SWEEP_BATCH` rows and
+    /// says how many) in one transaction after another until one comes up
+    /// short, recording each batch that changed something as a system audit
+    /// record `action` with `reason(n)`. Returns the total.
+    async fn in_batches(
+        &self,
+        action: &'static str,
+        batch: impl Fn(&rusqlite::Connection, i64) -> Result<usize> + Copy + Send + 'static,
+        reason: impl Fn(usize) -> String + Copy + Send + 'static,
+    ) -> Result<u64> {
         let mut total = 0;
         loop {
             let n = self
                 .store
                 .write(move |ctx| {
                     let t = now();
-                    let n = ctx
-                        .conn
-                        .prepare_cached(PURGE_SQL)?
-                        .execute(params![t.saturating_sub(keep), SWEEP_BATCH as i64])?;
+                    let n = batch(ctx.conn, t)?;
                     if n > 0 {
                         ctx.audit(&Entry {
                             time: t,
                             actor: ACTOR_SYSTEM.into(),
-                            action: "lease.purge".into(),
+                            action: action.into(),
                             target: "*".into(),
                             allowed: true,
-                            reason: format!(
-                                "{n} leases that ended over {}s ago deleted (their audit records \
-                                 stay)",
-                                history.as_secs()
-                            ),
+                            reason: reason(n),
                             request_id: String::new(),
                         })?;
                     }
