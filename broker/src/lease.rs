@@ -371,15 +371,11 @@ impl Broker {
     pub async fn revoke_leases(&self, request_id: &str, sel: Selector) -> Result<u64> {
         const ACTION: &str = "lease.revoke";
         let checked = match &sel {
-            Selector::Agent(name) => names::agent(name, "agent").map(|()| name.as_str()),
-            Selector::Secret(name) => names::secret(name, "secret").map(|()| name.as_str()),
-            Selector::Id(_) | Selector::All => Ok(""),
+            Selector::Agent(name) => names::agent(name, "agent").map_err(|e| (name, e)),
+            Selector::Secret(name) => names::secret(name, "secret").map_err(|e| (name, e)),
+            Selector::Id(_) | Selector::All => Ok(()),
         };
-        if let Err(e) = checked {
-            let target = match &sel {
-                Selector::Agent(n) | Selector::Secret(n) => n.as_str(),
-                Selector::Id(_) | Selector::All => "*",
-            };
+        if let Err((target, e)) = checked {
             return Err(self
                 .deny(ACTOR_ADMIN.into(), ACTION, target, request_id, e)
                 .await);
