@@ -124,6 +124,12 @@ impl Broker {
                         actor.name
                     )))
                 };
+                // The value was read before this transaction: a delete that
+                // committed since (and revoked the secret's leases) wins.
+                let refused = match refused {
+                    Some(e) => Some(e),
+                    None => version_gone(ctx.conn, &name, version)?,
+                };
                 if let Some(e) = refused {
                     ctx.audit(&agent_entry(
                         &actor,
@@ -177,7 +183,9 @@ impl Broker {
                 renewable_until,
             }),
             Err(e) => {
-                self.forget_agent_id(agent.id);
+                if matches!(e, Error::Unauthenticated(_)) {
+                    self.forget_agent_id(agent.id);
+                }
                 Err(e)
             }
         }
@@ -634,6 +642,26 @@ fn not_found(lease_id: &str) -> Error {
     Error::NotFound(format!(
         "no lease {lease_id:?} held by this caller; `tessera lease list` shows active leases"
     ))
+}
+
+/// Why a lease on `version` of `name` can no longer be issued: the secret
+/// was deleted, or the version retired, after its value was read.
+fn version_gone(conn: &rusqlite::Connection, name: &str, version: u64) -> Result<Option<Error>> {
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM secret_versions WHERE name = ?1 AND version = ?2")?
+        .query_row(params![name, version as i64], |r| r.get(0))
+        .optional()?;
+    Ok(match state.as_deref() {
+        Some("active" | "overlapping") => None,
+        Some(_) => Some(Error::Unavailable(format!(
+            "version {version} of secret {name:?} was retired while this lease was being \
+             issued; ask again for the current version"
+        ))),
+        None => Some(Error::NotFound(format!(
+            "secret {name:?} was deleted while this lease was being issued; ask an admin \
+             whether it should exist"
+        ))),
+    })
 }
 
 #[cfg(test)]

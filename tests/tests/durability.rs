@@ -510,3 +510,44 @@ async fn agent_revoke_under_load_leaves_no_active_lease() {
     );
     w.run(&["audit", "verify"]).ok();
 }
+
+/// A secret deleted while agents are issuing leases on it keeps no active
+/// lease: an `Issue` that read the value before the delete committed is
+/// refused in its own transaction, NOT_FOUND, instead of leaving a lease
+/// on a deleted secret behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_delete_under_load_leaves_no_active_lease() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("load/key", b"load-value");
+    let token = w.agent("loader", "load/*", "15m");
+    let (seen, tasks) = issue_load(&w, &token, 16, 200).await;
+    tokio::task::block_in_place(|| w.run(&["secret", "rm", "load/key"]).ok());
+    let deleted_at = std::time::Instant::now();
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let seen = seen.lock().expect("lock");
+    let late = seen.acked.iter().filter(|(at, _)| *at > deleted_at).count();
+    assert_eq!(late, 0, "calls made after the delete answered succeeded");
+    assert_eq!(seen.errors.len(), 16);
+    for e in &seen.errors {
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    let active: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM leases WHERE state = 0 AND secret = 'load/key'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(
+        active, 0,
+        "leases issued around the delete are still active"
+    );
+    w.run(&["audit", "verify"]).ok();
+}
