@@ -4,6 +4,7 @@
 //! before it is acknowledged.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use rusqlite::{OptionalExtension, params};
 
@@ -326,6 +327,9 @@ impl Broker {
                 Some(e) => Err(self.deny(a.actor(), action, target, request_id, e).await),
             };
         }
+        // Read before the row: a revoke that commits after this read bumps
+        // it, and the row is then not cached.
+        let generation = self.agents_gen.load(Ordering::Acquire);
         let found = self.store.read(|conn| {
             Ok(conn
                 .prepare_cached(
@@ -361,7 +365,9 @@ impl Broker {
                     if cache.len() >= AGENT_CACHE_MAX {
                         cache.clear();
                     }
-                    cache.insert(hash, Arc::clone(&agent));
+                    if self.agents_gen.load(Ordering::Acquire) == generation {
+                        cache.insert(hash, Arc::clone(&agent));
+                    }
                 }
                 Ok(agent)
             }
@@ -395,6 +401,7 @@ impl Broker {
     pub(crate) fn forget_agent(&self, hash: &[u8; 32]) {
         if let Ok(mut cache) = self.agents.write() {
             cache.remove(hash);
+            self.agents_gen.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -403,6 +410,7 @@ impl Broker {
     pub(crate) fn forget_agent_id(&self, id: i64) {
         if let Ok(mut cache) = self.agents.write() {
             cache.retain(|_, a| a.id != id);
+            self.agents_gen.fetch_add(1, Ordering::AcqRel);
         }
     }
 }

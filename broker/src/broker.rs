@@ -42,6 +42,9 @@ pub struct Broker {
     pub(crate) fingerprint_key: SymmetricKey,
     admin_token_hash: [u8; 32],
     pub(crate) agents: RwLock<HashMap<[u8; 32], Arc<Agent>>>,
+    /// Bumped (under the cache's write lock) by every forget of an agent,
+    /// so a row read before a revoke committed is not cached after it.
+    pub(crate) agents_gen: std::sync::atomic::AtomicU64,
     pub(crate) limits: Limits,
     source: Source,
     pub(crate) current_rows: RwLock<HashMap<String, Arc<crate::secret::StoredVersion>>>,
@@ -198,6 +201,7 @@ impl Broker {
             rekey_lock: tokio::sync::Mutex::new(()),
             admin_token_hash,
             agents: RwLock::new(HashMap::new()),
+            agents_gen: std::sync::atomic::AtomicU64::new(0),
             limits,
             source,
             current_rows: RwLock::new(HashMap::new()),
