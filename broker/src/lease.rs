@@ -421,7 +421,26 @@ impl Broker {
                         };
                         (format!("agent:{name}"), Scope::Agent(id))
                     }
-                    Selector::Secret(name) => (format!("secret:{name}"), Scope::Secret(name)),
+                    Selector::Secret(name) => {
+                        // A deleted secret's leases were revoked with it, so
+                        // a name with neither a secret nor an active lease is
+                        // most likely mistyped.
+                        let known: bool = ctx.conn.query_row(
+                            "SELECT EXISTS (SELECT 1 FROM secrets WHERE name = ?1)
+                                 OR EXISTS (SELECT 1 FROM leases WHERE secret = ?1 AND state = 0)",
+                            [name],
+                            |r| r.get(0),
+                        )?;
+                        if !known {
+                            let e = Error::NotFound(format!(
+                                "no secret named {name:?} and no active lease on it; \
+                                 `tessera secret list` shows the secrets"
+                            ));
+                            ctx.audit(&admin_entry(ACTION, name, false, e.to_string(), &rid))?;
+                            return Ok(Err(e));
+                        }
+                        (format!("secret:{name}"), Scope::Secret(name))
+                    }
                     Selector::All => ("*".to_string(), Scope::All),
                 };
                 let n = revoke_active(ctx, scope, t)?;

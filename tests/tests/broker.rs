@@ -306,6 +306,11 @@ fn lease_revoke_by_lease_secret_agent_and_all() {
         .run(&["lease", "revoke", "--lease", "lse_missing"])
         .fails_with(3);
     assert!(r.stderr.contains("no lease"), "{r:#?}");
+    // A mistyped secret name is not "0 leases revoked".
+    let r = w
+        .run(&["lease", "revoke", "--secret", "a/mistyped"])
+        .fails_with(3);
+    assert!(r.stderr.contains("no secret named"), "{r:#?}");
     w.run(&["lease", "revoke"]).fails_with(2);
     // With --json, a usage error is a JSON document on stderr too.
     let r = w.run(&["lease", "revoke", "--json"]).fails_with(2);
