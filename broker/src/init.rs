@@ -91,6 +91,15 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
         .create(dir.root())
         .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.root().display())))?;
     let db = dir.db();
+    let token_path = dir.admin_token();
+    // (With a database present, opening it below explains the refusal.)
+    if !db.exists() && token_path.exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "{} exists but there is no store next to it (left by another tool or an \
+             interrupted init); remove the file or choose another --data-dir",
+            token_path.display()
+        )));
+    }
     let conn = store::open_rw(&db, true)?;
     let store_id = random_id("")?;
     let rk = RootKey::generate()?;
@@ -107,7 +116,7 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
         )?;
         meta_set(&conn, "store_id", store_id.as_bytes())?;
         meta_set(&conn, "admin_token_hash", &admin.hash())?;
-        write_private_file(&dir.admin_token(), admin.reveal_once().as_bytes())?;
+        write_private_file(&token_path, admin.reveal_once().as_bytes())?;
         let store = Store::start(&db, conn, audit_key(&rk), 1)?;
         let source = opts.source.name();
         store
@@ -142,6 +151,8 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
             let _ = std::fs::remove_file(&db);
             let _ = std::fs::remove_file(db.with_extension("db-wal"));
             let _ = std::fs::remove_file(db.with_extension("db-shm"));
+            // Checked absent above: this run wrote it.
+            let _ = std::fs::remove_file(&token_path);
             if let Source::Keychain(which) = opts.source {
                 let _ = unseal::keychain_delete(which, &store_id);
             }

@@ -85,6 +85,27 @@ fn missing_store_is_a_clear_error() {
 }
 
 #[test]
+fn init_refuses_a_stray_admin_token_and_creates_nothing() {
+    let w = World::new();
+    let data = w.db().parent().expect("data dir").to_path_buf();
+    std::fs::create_dir_all(&data).expect("data dir");
+    let token = data.join("admin.token");
+    std::fs::write(&token, b"tsa_left_behind").expect("stray token");
+    let r = w
+        .run_with(
+            &["init", "--unseal", "passphrase"],
+            None,
+            &[("TESSERA_PASSPHRASE", "a passphrase")],
+        )
+        .fails_with(5);
+    assert!(r.stderr.contains("no store next to it"), "{r:#?}");
+    assert!(!w.db().exists(), "init created a database anyway");
+    assert_eq!(std::fs::read(&token).expect("token"), b"tsa_left_behind");
+    std::fs::remove_file(&token).expect("remove");
+    w.init_passphrase();
+}
+
+#[test]
 fn bad_input_gets_precise_status_and_keeps_data() {
     let w = World::new();
     w.init_passphrase();
