@@ -515,6 +515,20 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                     })?;
                 }
             }
+            // Past this, the request would not fit in one gRPC message and
+            // the transport would refuse it without naming the value.
+            let max = tessera_broker::server::MAX_VALUE_SIZE;
+            if value.len() > max {
+                return Err(CliError::new(
+                    Exit::InvalidArgument,
+                    format!(
+                        "invalid value: it is {} bytes, and tessera stores at most {max} bytes \
+                         per value (the broker's --max-value-size, 64 KiB by default, may allow \
+                         less)",
+                        value.len()
+                    ),
+                ));
+            }
             let req = proto::PutSecretRequest {
                 name,
                 value: std::mem::take(&mut *value),

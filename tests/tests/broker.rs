@@ -132,6 +132,11 @@ fn bad_input_gets_precise_status_and_keeps_data() {
         .run_with(&["secret", "put", "x"], Some(&[b'a'; 2000]), &[])
         .fails_with(7);
     assert!(r.stderr.contains("over the limit of 1024"), "{r:#?}");
+    // Too large for one gRPC message at all: refused before it is sent.
+    let r = w
+        .run_with(&["secret", "put", "x"], Some(&vec![b'a'; 1 << 20]), &[])
+        .fails_with(7);
+    assert!(r.stderr.contains("stores at most"), "{r:#?}");
     // Bad agent definitions.
     let r = w
         .run(&["agent", "create", "Bad Name", "--allow", "x"])
