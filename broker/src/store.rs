@@ -566,7 +566,7 @@ impl Store {
         let (tx, rx) = mpsc::channel::<Cmd>(8192);
         let (events_tx, events_rx) = tokio::sync::watch::channel(0u64);
         // After each commit, SQLite reports the WAL's length to this hook.
-        conn.wal_hook(Some(restart_wal_if_large));
+        conn.wal_hook(Some(note_wal_frames));
         let stats = Arc::new(WriteStats::default());
         let counts = Arc::clone(&stats);
         std::thread::Builder::new()
@@ -808,37 +808,44 @@ fn writer_loop(
         for d in done {
             d(committed.as_ref().map(|_| ()).map_err(commit_failed));
         }
+        restart_wal_if_large(&conn);
     }
 }
 
-/// Called by SQLite after every commit on the writer's connection with the
-/// number of frames now in the WAL. Past [`WAL_RESTART_BYTES`] it copies
-/// what the checkpoint thread has not yet copied (usually the last few
-/// milliseconds of commits); with every frame in the database file, the
-/// next write transaction starts the WAL over. PASSIVE never waits: if
-/// readers hold old snapshots, it tries again after later commits.
-///
-/// The frame count comes from SQLite, not from the file's size: a `stat`
-/// of the WAL after each commit made the kernel give its next write a
-/// fine-grained timestamp (Linux 6.13+), so every `fdatasync` also wrote
-/// the inode, a second disk round trip per commit.
-fn restart_wal_if_large(
-    wal: &rusqlite::hooks::Wal,
-    frames: std::ffi::c_int,
-) -> rusqlite::Result<()> {
-    if frames as u64 * WAL_FRAME_BYTES <= WAL_RESTART_BYTES {
-        return Ok(());
+thread_local! {
+    /// Frames in the WAL after the writer's last commit, as SQLite reported
+    /// them to [`note_wal_frames`] (on the writer thread, which makes every
+    /// commit).
+    static WAL_FRAMES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// SQLite's WAL hook on the writer's connection: records how many frames
+/// the WAL holds after each commit. The length comes from SQLite rather
+/// than from a `stat` of the file: a `stat` made the kernel give the WAL's
+/// next write a fine-grained timestamp (Linux 6.13+), so every `fdatasync`
+/// also wrote the inode, a second disk round trip per commit.
+fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(u64::try_from(frames).unwrap_or(0));
+    Ok(())
+}
+
+/// Copies what the checkpoint thread has not yet copied (usually the last
+/// few milliseconds of commits) when the WAL holds more than
+/// [`WAL_RESTART_BYTES`]; with every frame in the database file, the next
+/// write transaction starts the WAL over. Runs after a batch's answers are
+/// sent, so no caller waits for it. PASSIVE never waits: if readers hold
+/// old snapshots, it tries again after later batches.
+fn restart_wal_if_large(conn: &Connection) {
+    if WAL_FRAMES.get() * WAL_FRAME_BYTES <= WAL_RESTART_BYTES {
+        return;
     }
-    // Busy when the checkpoint thread holds the lock: a later commit tries
-    // again. The commit itself has happened either way, so never fail it.
-    match wal.checkpoint_v2(rusqlite::hooks::CheckpointMode::PASSIVE) {
-        Ok(_) => {}
-        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
-            tracing::debug!("WAL checkpoint busy; will retry");
-        }
+    // (busy, frames in the WAL, frames copied); busy when the checkpoint
+    // thread holds the lock: the next batch tries again.
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+        Ok(0) => {}
+        Ok(_) => tracing::debug!("WAL checkpoint busy; will retry"),
         Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
     }
-    Ok(())
 }
 
 fn commit_failed(e: &Error) -> Error {
