@@ -102,6 +102,7 @@ impl Broker {
         let lease_id = lease_id(now_ms)?;
         let agent_id = agent.id;
         let version = current.version;
+        let ciphertext = current.ciphertext;
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
         let name = secret.clone();
@@ -128,7 +129,7 @@ impl Broker {
                 // committed since (and revoked the secret's leases) wins.
                 let refused = match refused {
                     Some(e) => Some(e),
-                    None => version_gone(ctx.conn, &name, version)?,
+                    None => version_gone(ctx.conn, &name, version, &ciphertext)?,
                 };
                 if let Some(e) = refused {
                     ctx.audit(&agent_entry(
@@ -664,11 +665,21 @@ fn not_found(lease_id: &str) -> Error {
 }
 
 /// Why a lease on `version` of `name` can no longer be issued: the secret
-/// was deleted, or the version retired, after its value was read.
-fn version_gone(conn: &rusqlite::Connection, name: &str, version: u64) -> Result<Option<Error>> {
+/// was deleted (perhaps put again since, restarting its version numbers),
+/// or the version retired, after its value was read. The row must still
+/// hold the ciphertext the value came from.
+fn version_gone(
+    conn: &rusqlite::Connection,
+    name: &str,
+    version: u64,
+    ciphertext: &[u8],
+) -> Result<Option<Error>> {
     let state: Option<String> = conn
-        .prepare_cached("SELECT state FROM secret_versions WHERE name = ?1 AND version = ?2")?
-        .query_row(params![name, version as i64], |r| r.get(0))
+        .prepare_cached(
+            "SELECT state FROM secret_versions
+             WHERE name = ?1 AND version = ?2 AND ciphertext = ?3",
+        )?
+        .query_row(params![name, version as i64, ciphertext], |r| r.get(0))
         .optional()?;
     Ok(match state.as_deref() {
         Some("active" | "overlapping") => None,
@@ -686,6 +697,37 @@ fn version_gone(conn: &rusqlite::Connection, name: &str, version: u64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An Issue's re-check tells the row its value came from from a row of
+    /// the same name and version made by a later put (after a delete), and
+    /// from a retired one.
+    #[test]
+    fn version_gone_needs_the_same_row() {
+        let dir = tempfile::tempdir().expect("dir");
+        let conn = crate::store::open_rw(&dir.path().join("t.db"), true).expect("new store");
+        conn.execute(
+            "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext)
+             VALUES ('a/b', 1, 0, x'00', x'0102')",
+            [],
+        )
+        .expect("row");
+        assert!(
+            version_gone(&conn, "a/b", 1, &[1, 2])
+                .expect("check")
+                .is_none()
+        );
+        let other = version_gone(&conn, "a/b", 1, &[9, 9]).expect("check");
+        assert!(matches!(other, Some(Error::NotFound(_))), "{other:?}");
+        let missing = version_gone(&conn, "a/b", 2, &[1, 2]).expect("check");
+        assert!(matches!(missing, Some(Error::NotFound(_))), "{missing:?}");
+        conn.execute("UPDATE secret_versions SET state = 'retired'", [])
+            .expect("retire");
+        let retired = version_gone(&conn, "a/b", 1, &[1, 2]).expect("check");
+        assert!(
+            matches!(retired, Some(Error::Unavailable(_))),
+            "{retired:?}"
+        );
+    }
 
     /// The sweep and the bulk revokes go through the partial indexes on
     /// active leases, so their cost follows the leases they touch, not the

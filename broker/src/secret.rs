@@ -24,6 +24,10 @@ pub struct CurrentValue {
     pub version: u64,
     /// The plaintext; zeroized on drop.
     pub value: Zeroizing<Vec<u8>>,
+    /// The stored ciphertext it came from: unique to this version's row (a
+    /// fresh nonce each time), so a delete and a new put of the same name
+    /// and version number do not look like the same row.
+    pub(crate) ciphertext: Vec<u8>,
 }
 
 impl Broker {
@@ -233,6 +237,7 @@ impl Broker {
         Ok(CurrentValue {
             version: row.version,
             value,
+            ciphertext: row.ciphertext.clone(),
         })
     }
 
