@@ -104,6 +104,7 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
     let store_id = random_id("")?;
     let rk = RootKey::generate()?;
     let admin = Token::generate("tsa_")?;
+    let mut wrote_token = false;
     let result = async {
         let operator_shares = unseal::seal_root_key(
             &conn,
@@ -117,6 +118,7 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
         meta_set(&conn, "store_id", store_id.as_bytes())?;
         meta_set(&conn, "admin_token_hash", &admin.hash())?;
         write_private_file(&token_path, admin.reveal_once().as_bytes())?;
+        wrote_token = true;
         let store = Store::start(&db, conn, audit_key(&rk), 1)?;
         let source = opts.source.name();
         store
@@ -151,8 +153,9 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
             let _ = std::fs::remove_file(&db);
             let _ = std::fs::remove_file(db.with_extension("db-wal"));
             let _ = std::fs::remove_file(db.with_extension("db-shm"));
-            // Checked absent above: this run wrote it.
-            let _ = std::fs::remove_file(&token_path);
+            if wrote_token {
+                let _ = std::fs::remove_file(&token_path);
+            }
             if let Source::Keychain(which) = opts.source {
                 let _ = unseal::keychain_delete(which, &store_id);
             }
