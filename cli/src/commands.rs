@@ -733,14 +733,13 @@ async fn get(g: &Global, a: crate::GetArgs) -> Result<(), CliError> {
     let mut lease = broker.issue(authed(req, &token)?).await?.into_inner();
     let value = Zeroizing::new(std::mem::take(&mut lease.value));
     if g.json {
-        // into_owned moves a lossy copy instead of copying it again, so the
-        // only copy is the one print_json wipes.
-        let text = String::from_utf8_lossy(&value).into_owned();
+        // json! copies it; print_json wipes that copy, Zeroizing this one.
+        let text = Zeroizing::new(String::from_utf8_lossy(&value).into_owned());
         print_json(json!({
             "lease_id": lease.lease_id,
             "secret": lease.secret,
             "version": lease.version,
-            "value": text,
+            "value": *text,
             "issued_at": lease.issued_at,
             "expires_at": lease.expires_at,
             "renewable_until": lease.renewable_until,
