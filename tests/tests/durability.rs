@@ -485,16 +485,35 @@ async fn agent_revoke_under_load_leaves_no_active_lease() {
         tokio::task::block_in_place(|| w.run(&["agent", "revoke", "loader", "--json"]).ok().json());
     let revoked_at = std::time::Instant::now();
     assert!(out["leases_revoked"].as_u64() > Some(0), "{out}");
+    let errors =
+        load_stopped_by(&w, seen, tasks, revoked_at, Code::Unauthenticated, "revoke").await;
+    for m in errors {
+        assert!(m.contains("revoked"), "{m}");
+    }
+}
+
+/// Waits for the load's clients (each stops on its first error) after
+/// `what` answered at `answered`, and checks what it must leave behind: no
+/// call made after it succeeded, every client stopped with `code`, no
+/// active lease, an intact audit trail. Returns the clients' messages.
+async fn load_stopped_by(
+    w: &World,
+    seen: Arc<Mutex<Seen>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    answered: std::time::Instant,
+    code: Code,
+    what: &str,
+) -> Vec<String> {
+    let clients = tasks.len();
     for t in tasks {
         t.await.expect("client task");
     }
     let seen = seen.lock().expect("lock");
-    let late = seen.acked.iter().filter(|(at, _)| *at > revoked_at).count();
-    assert_eq!(late, 0, "calls made after the revoke answered succeeded");
-    assert_eq!(seen.errors.len(), 16);
+    let late = seen.acked.iter().filter(|(at, _)| *at > answered).count();
+    assert_eq!(late, 0, "calls made after the {what} answered succeeded");
+    assert_eq!(seen.errors.len(), clients);
     for e in &seen.errors {
-        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-        assert!(e.message().contains("revoked"), "{e:?}");
+        assert_eq!(e.code(), code, "{e:?}");
     }
     let conn =
         rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -506,9 +525,13 @@ async fn agent_revoke_under_load_leaves_no_active_lease() {
         .expect("count");
     assert_eq!(
         active, 0,
-        "leases issued around the revoke are still active"
+        "leases issued around the {what} are still active"
     );
     w.run(&["audit", "verify"]).ok();
+    seen.errors
+        .iter()
+        .map(|e| e.message().to_string())
+        .collect()
 }
 
 /// A secret deleted while agents are issuing leases on it keeps no active
@@ -525,29 +548,5 @@ async fn secret_delete_under_load_leaves_no_active_lease() {
     let (seen, tasks) = issue_load(&w, &token, 16, 200).await;
     tokio::task::block_in_place(|| w.run(&["secret", "rm", "load/key"]).ok());
     let deleted_at = std::time::Instant::now();
-    for t in tasks {
-        t.await.expect("client task");
-    }
-    let seen = seen.lock().expect("lock");
-    let late = seen.acked.iter().filter(|(at, _)| *at > deleted_at).count();
-    assert_eq!(late, 0, "calls made after the delete answered succeeded");
-    assert_eq!(seen.errors.len(), 16);
-    for e in &seen.errors {
-        assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    }
-    let conn =
-        rusqlite::Connection::open_with_flags(w.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open db");
-    let active: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM leases WHERE state = 0 AND secret = 'load/key'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
-    assert_eq!(
-        active, 0,
-        "leases issued around the delete are still active"
-    );
-    w.run(&["audit", "verify"]).ok();
+    load_stopped_by(&w, seen, tasks, deleted_at, Code::NotFound, "delete").await;
 }
