@@ -63,6 +63,17 @@ async fn issue_load(
     (seen, tasks)
 }
 
+/// A passphrase-sealed broker serving a secret `load/key` and the token
+/// of an agent allowed to read it: the setup of every load test here.
+fn load_world() -> (World, tessera_e2e::Server, String) {
+    let w = World::new();
+    w.init_passphrase();
+    let s = w.serve(&[]);
+    w.put("load/key", b"load-value");
+    let token = w.agent("loader", "load/*", "15m");
+    (w, s, token)
+}
+
 /// Every lease id in the store.
 fn stored_leases(w: &World) -> HashSet<String> {
     let conn =
@@ -79,11 +90,7 @@ fn stored_leases(w: &World) -> HashSet<String> {
 /// and the audit chain still verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_mid_load_keeps_every_acknowledged_lease() {
-    let w = World::new();
-    w.init_passphrase();
-    let mut s = w.serve(&[]);
-    w.put("load/key", b"load-value");
-    let token = w.agent("loader", "load/*", "15m");
+    let (w, mut s, token) = load_world();
     // Let the load run, then pull the plug.
     let (seen, tasks) = issue_load(&w, &token, 32, 500).await;
     s.kill9();
@@ -419,11 +426,7 @@ fn a_signed_checkpoint_catches_a_store_rolled_back_to_an_older_copy() {
 /// (none cut off between commit and reply) with an intact audit chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_answers_running_requests_then_exits() {
-    let w = World::new();
-    w.init_passphrase();
-    let mut s = w.serve(&[]);
-    w.put("load/key", b"load-value");
-    let token = w.agent("loader", "load/*", "15m");
+    let (w, mut s, token) = load_world();
     let (seen, tasks) = issue_load(&w, &token, 16, 200).await;
     let code = tokio::task::spawn_blocking(move || {
         let code = s.terminate();
@@ -468,11 +471,7 @@ async fn sigterm_under_load_answers_running_requests_then_exits() {
 /// issued concurrently slips past the revoke).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_revoke_under_load_leaves_no_active_lease() {
-    let w = World::new();
-    w.init_passphrase();
-    let _s = w.serve(&[]);
-    w.put("load/key", b"load-value");
-    let token = w.agent("loader", "load/*", "15m");
+    let (w, _s, token) = load_world();
     let (seen, tasks) = issue_load(&w, &token, 16, 200).await;
     // Group commit: concurrent requests share transactions (and syncs).
     let status = tokio::task::block_in_place(|| w.run(&["status", "--json"]).ok().json());
@@ -540,11 +539,7 @@ async fn load_stopped_by(
 /// on a deleted secret behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_delete_under_load_leaves_no_active_lease() {
-    let w = World::new();
-    w.init_passphrase();
-    let _s = w.serve(&[]);
-    w.put("load/key", b"load-value");
-    let token = w.agent("loader", "load/*", "15m");
+    let (w, _s, token) = load_world();
     let (seen, tasks) = issue_load(&w, &token, 16, 200).await;
     tokio::task::block_in_place(|| w.run(&["secret", "rm", "load/key"]).ok());
     let deleted_at = std::time::Instant::now();
