@@ -16,6 +16,7 @@ use crate::keys::{Token, ct_eq, token_hash};
 use crate::lease::{Scope, revoke_active};
 use crate::names;
 use crate::proto::{AgentInfo, CreateAgentRequest};
+use crate::rowmac::{self, AgentRow};
 
 /// Shortest and longest lease TTL an agent may be given.
 pub const TTL_RANGE: std::ops::RangeInclusive<u64> = 1..=30 * 24 * 3600;
@@ -145,6 +146,7 @@ impl Broker {
         let token = Token::generate("tsr_")?;
         let hash = token.hash();
         let rid = request_id.to_string();
+        let row_key = Arc::clone(&self.row_key);
         let info = self
             .store
             .write(move |ctx| {
@@ -184,6 +186,7 @@ impl Broker {
                         expires_at
                     ],
                 )?;
+                rowmac::seal_agent(ctx.conn, &row_key, ctx.conn.last_insert_rowid())?;
                 let expiry = expires_at.map_or_else(
                     || "token does not expire".to_string(),
                     |e| format!("token expires {}", crate::init::rfc3339(e)),
@@ -196,6 +199,7 @@ impl Broker {
                     &rid,
                 ))?;
                 Ok(Ok(AgentInfo {
+                    tampered: false,
                     name,
                     allow,
                     max_ttl_seconds: max_ttl,
@@ -213,23 +217,24 @@ impl Broker {
     /// Every agent, with its count of active leases.
     pub async fn list_agents(&self, request_id: &str) -> Result<Vec<AgentInfo>> {
         let out = self.store.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT a.name, a.allow, a.max_ttl, a.max_lifetime, a.created_at,
-                        coalesce(a.revoked_at, 0),
-                        (SELECT count(*) FROM leases l WHERE l.agent_id = a.id AND l.state = 0),
-                        coalesce(a.expires_at, 0)
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {},
+                        (SELECT count(*) FROM leases l WHERE l.agent_id = a.id AND l.state = 0)
                  FROM agents a ORDER BY a.name",
-            )?;
+                rowmac::AGENT_COLUMNS
+            ))?;
             let rows = stmt.query_map([], |r| {
+                let (row, mac) = AgentRow::from_row(r)?;
                 Ok(AgentInfo {
-                    name: r.get(0)?,
-                    allow: split_allow(&r.get::<_, String>(1)?),
-                    max_ttl_seconds: r.get::<_, i64>(2)? as u64,
-                    max_lifetime_seconds: r.get::<_, i64>(3)? as u64,
-                    created_at: r.get(4)?,
-                    revoked_at: r.get(5)?,
-                    active_leases: r.get::<_, i64>(6)? as u64,
-                    expires_at: r.get(7)?,
+                    tampered: !row.verify(&self.row_key, mac.as_deref()),
+                    allow: split_allow(&row.allow),
+                    max_ttl_seconds: row.max_ttl as u64,
+                    max_lifetime_seconds: row.max_lifetime as u64,
+                    created_at: row.created_at,
+                    revoked_at: row.revoked_at.unwrap_or(0),
+                    active_leases: r.get::<_, i64>(10)? as u64,
+                    expires_at: row.expires_at.unwrap_or(0),
+                    name: row.name,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -255,6 +260,7 @@ impl Broker {
                 .await);
         }
         let rid = request_id.to_string();
+        let row_key = Arc::clone(&self.row_key);
         let (hash, leases) = self
             .store
             .write(move |ctx| {
@@ -286,6 +292,9 @@ impl Broker {
                         params![t, id],
                     )?;
                 }
+                // Also the remedy for a row edited outside tessera: revoked,
+                // it authenticates nothing, so its MAC may cover it as is.
+                rowmac::seal_agent(ctx.conn, &row_key, id)?;
                 let leases = revoke_active(ctx, Scope::Agent(id), t)?;
                 ctx.audit(&admin_entry(
                     "agent.revoke",
@@ -332,27 +341,34 @@ impl Broker {
         let generation = self.agents_gen.load(Ordering::Acquire);
         let found = self.store.read(|conn| {
             Ok(conn
-                .prepare_cached(
-                    "SELECT id, name, allow, max_ttl, max_lifetime, token_hash, revoked_at,
-                            expires_at
-                     FROM agents WHERE token_hash = ?1",
-                )?
-                .query_row([&hash[..]], |r| {
-                    Ok((
-                        Agent {
-                            id: r.get(0)?,
-                            name: r.get(1)?,
-                            allow: split_allow(&r.get::<_, String>(2)?),
-                            max_ttl: r.get::<_, i64>(3)? as u64,
-                            max_lifetime: r.get::<_, i64>(4)? as u64,
-                            expires_at: r.get(7)?,
-                            token_hash: r.get::<_, Vec<u8>>(5)?.try_into().unwrap_or([0; 32]),
-                        },
-                        r.get::<_, Option<i64>>(6)?,
-                    ))
-                })
+                .prepare_cached(&format!(
+                    "SELECT {} FROM agents WHERE token_hash = ?1",
+                    rowmac::AGENT_COLUMNS
+                ))?
+                .query_row([&hash[..]], AgentRow::from_row)
                 .optional()?)
         })?;
+        let found = match found {
+            Some((row, mac)) if !row.verify(&self.row_key, mac.as_deref()) => {
+                let actor = format!("agent:{}", row.name);
+                return Err(self
+                    .deny(actor, action, target, request_id, row.tampered())
+                    .await);
+            }
+            Some((row, _)) => Some((
+                Agent {
+                    id: row.id,
+                    allow: split_allow(&row.allow),
+                    max_ttl: row.max_ttl as u64,
+                    max_lifetime: row.max_lifetime as u64,
+                    expires_at: row.expires_at,
+                    token_hash: row.token_hash.try_into().unwrap_or([0; 32]),
+                    name: row.name,
+                },
+                row.revoked_at,
+            )),
+            None => None,
+        };
         match found {
             Some((agent, None)) if ct_eq(&agent.token_hash, &hash) => {
                 if let Some(e) = agent.expired(now()) {

@@ -11,10 +11,11 @@ use zeroize::Zeroizing;
 use crate::agent::Agent;
 use crate::audit::{self, ACTOR_ADMIN, Entry, Verdict};
 use crate::error::{Error, Result};
-use crate::init::{DataDir, audit_key, now};
+use crate::init::{DataDir, audit_key, now, row_key};
 use crate::keys::{RootKey, SymmetricKey, ct_eq, hex, token_hash};
 use crate::proto;
-use crate::store::{self, Store, meta_get};
+use crate::rowmac;
+use crate::store::{self, Store, meta_get, meta_set};
 use crate::unseal::{self, Source};
 
 /// Limits an admin can set at `serve`.
@@ -41,6 +42,8 @@ pub struct Broker {
     pub(crate) audit_key: SymmetricKey,
     pub(crate) fingerprint_key: SymmetricKey,
     admin_token_hash: [u8; 32],
+    /// Keys the MACs on agent rows and the admin credential (`rowmac`).
+    pub(crate) row_key: Arc<SymmetricKey>,
     pub(crate) agents: RwLock<HashMap<[u8; 32], Arc<Agent>>>,
     /// Bumped (under the cache's write lock) by every forget of an agent,
     /// so a row read before a revoke committed is not cached after it.
@@ -161,7 +164,7 @@ impl Broker {
         root_key: impl FnOnce(&rusqlite::Connection, &str) -> Result<RootKey>,
     ) -> Result<Self> {
         let db = dir.db();
-        let conn = store::open_rw(&db, false)?;
+        let mut conn = store::open_rw(&db, false)?;
         let store_id = meta_get(&conn, "store_id")?
             .map(|v| String::from_utf8_lossy(&v).to_string())
             .ok_or_else(|| {
@@ -172,9 +175,6 @@ impl Broker {
             })?;
         let source = unseal::recorded_source(&conn)?;
         let root_key = root_key(&conn, &store_id)?;
-        let admin_token_hash: [u8; 32] = meta_get(&conn, "admin_token_hash")?
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| Error::Store("the store has no admin credential".into()))?;
         let signing_key = load_signing_key(&conn, &store_id, &root_key)?;
         let signing_public = tessera_shred::holder::public_of(&signing_key)
             .map_err(|e| Error::Tampered(format!("the broker's signing key is unusable: {e}")))?;
@@ -186,6 +186,21 @@ impl Broker {
             .unwrap_or_else(|| Ok(audit_key(&root_key)))?;
         let fingerprint_key = stable_key(&conn, &store_id, &root_key, "fingerprint")
             .unwrap_or_else(|| Ok(root_key.derive("token-fingerprint")))?;
+        let row_key = stable_key(&conn, &store_id, &root_key, "rows")
+            .unwrap_or_else(|| Ok(row_key(&root_key)))?;
+        if unseal::row_macs_pending(&conn, &root_key)? {
+            let check = unseal::check_value(&root_key);
+            let adopted = store::write_before_start(&mut conn, &audit_key, |ctx| {
+                let n = rowmac::adopt(ctx, &row_key, &store_id)?;
+                meta_set(ctx.conn, "root_key_check", &check)?;
+                Ok(n)
+            })?;
+            tracing::info!(
+                agents = adopted,
+                "agent rows and the admin credential now carry MACs"
+            );
+        }
+        let admin_token_hash = rowmac::admin_hash(&conn, &row_key, &store_id)?;
         let store = Store::start(
             &db,
             conn,
@@ -200,6 +215,7 @@ impl Broker {
             store_id,
             rekey_lock: tokio::sync::Mutex::new(()),
             admin_token_hash,
+            row_key: Arc::new(row_key),
             agents: RwLock::new(HashMap::new()),
             agents_gen: std::sync::atomic::AtomicU64::new(0),
             limits,

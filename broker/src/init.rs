@@ -116,7 +116,7 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
             opts.split,
         )?;
         meta_set(&conn, "store_id", store_id.as_bytes())?;
-        meta_set(&conn, "admin_token_hash", &admin.hash())?;
+        crate::rowmac::set_admin_hash(&conn, &row_key(&rk), &store_id, &admin.hash())?;
         write_private_file(&token_path, admin.reveal_once().as_bytes())?;
         wrote_token = true;
         let store = Store::start(&db, conn, audit_key(&rk), 1)?;
@@ -174,6 +174,12 @@ pub async fn init(opts: InitOptions) -> Result<Initialized> {
 /// The audit chain's key, derived from the root key.
 pub fn audit_key(rk: &RootKey) -> SymmetricKey {
     rk.derive("audit-chain")
+}
+
+/// The key of the MACs on agent rows and the admin credential (`rowmac`),
+/// derived from the root key (kept, wrapped, across a root key rotation).
+pub(crate) fn row_key(rk: &RootKey) -> SymmetricKey {
+    rk.derive("row-macs")
 }
 
 /// Writes `contents` to a new file with mode 0600, refusing to overwrite.

@@ -34,6 +34,7 @@ pub mod proto;
 pub mod rekey;
 pub mod retention;
 pub mod rotation;
+mod rowmac;
 pub mod secret;
 pub mod server;
 pub mod service;

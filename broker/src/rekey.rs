@@ -1,7 +1,8 @@
 //! `tessera rekey root`: a new root key in the configured unseal source.
 //! Every secret version's data key, every class key, the broker's signing
-//! key and the keys that must stay stable (audit chain, token fingerprints)
-//! are re-wrapped under it in one transaction; no value is re-encrypted.
+//! key and the keys that must stay stable (audit chain, token fingerprints,
+//! row MACs) are re-wrapped under it in one transaction; no value is
+//! re-encrypted.
 //!
 //! Interrupted, it resumes: the new key is put in its source first (a
 //! keychain entry of the next generation, or nothing on disk for a
@@ -116,6 +117,7 @@ impl Broker {
         let old_for_undo = self.root_key.current();
         let audit_bytes = Zeroizing::new(self.audit_key.expose_bytes().to_vec());
         let fingerprint_bytes = Zeroizing::new(self.fingerprint_key.expose_bytes().to_vec());
+        let row_bytes = Zeroizing::new(self.row_key.expose_bytes().to_vec());
         let rid = request_id.to_string();
         let id = store_id.clone();
         let counts = self
@@ -177,6 +179,7 @@ impl Broker {
                         "fingerprint_key_wrapped",
                         &new_rk.seal(&stable_key_aad(&id, "fingerprint"), &fingerprint_bytes)?,
                     )?;
+                    meta_set(c, "rows_key_wrapped", &new_rk.seal(&stable_key_aad(&id, "rows"), &row_bytes)?)?;
                     if let Some((salt, kdf_params, wrapped)) = &passphrase_wrap {
                         meta_set(c, "kdf_salt", salt)?;
                         meta_set(c, "kdf_params", kdf_params)?;

@@ -212,6 +212,10 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX leases_ended ON leases(ended_at) WHERE state != 0;
     ",
+    // 6: MACs on agent rows (see `rowmac`).
+    "
+    ALTER TABLE agents ADD COLUMN mac BLOB;
+    ",
 ];
 
 /// Lease states as stored.
@@ -429,6 +433,28 @@ impl Chain {
         v.extend_from_slice(&mac);
         meta_set(conn, "audit_head", &v)
     }
+}
+
+/// Runs `f` in one transaction on `conn`, with the audit trail keyed by
+/// `audit_key`, before the writer thread owns the connection (at open).
+pub(crate) fn write_before_start<T>(
+    conn: &mut Connection,
+    audit_key: &SymmetricKey,
+    f: impl FnOnce(&mut WriteCtx<'_>) -> Result<T>,
+) -> Result<T> {
+    let mut chain = Chain {
+        head: current_head(conn)?,
+        key: SymmetricKey::from_bytes(audit_key.expose_bytes())?,
+        emitted: false,
+    };
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let out = f(&mut WriteCtx {
+        conn: &tx,
+        chain: &mut chain,
+    })?;
+    chain.store_head(&tx)?;
+    tx.commit()?;
+    Ok(out)
 }
 
 /// Parses the stored audit head: `seq (8) || hash (32) || mac (32)`.

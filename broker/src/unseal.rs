@@ -110,7 +110,21 @@ fn root_aad(store_id: &str) -> Vec<u8> {
 /// The check value stored beside the key's source: tells the right root key
 /// from a wrong one without revealing anything about it.
 pub fn check_value(rk: &RootKey) -> [u8; 32] {
+    rk.mac(&[b"tessera/v1/root-key-check", b"row-macs"])
+}
+
+/// The check value of stores made before agent rows and the admin
+/// credential carried MACs (see `rowmac`): such a store adopts its rows at
+/// the next start, then records [`check_value`].
+fn legacy_check_value(rk: &RootKey) -> [u8; 32] {
     rk.mac(&[b"tessera/v1/root-key-check"])
+}
+
+/// Whether the store still records the check value of a store without row
+/// MACs (so its rows are to be adopted).
+pub(crate) fn row_macs_pending(conn: &Connection, rk: &RootKey) -> Result<bool> {
+    let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
+    Ok(ct_eq(&check, &legacy_check_value(rk)))
 }
 
 /// How a root key split among operators is split.
@@ -220,7 +234,7 @@ pub fn operator_split(conn: &Connection) -> Result<(u8, u8, [u8; 32])> {
 /// Checks that `rk` is this store's root key.
 pub fn check_root_key(conn: &Connection, rk: &RootKey, source: Source) -> Result<()> {
     let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
-    if !ct_eq(&check, &check_value(rk)) {
+    if !ct_eq(&check, &check_value(rk)) && !ct_eq(&check, &legacy_check_value(rk)) {
         return Err(Error::FailedPrecondition(format!(
             "the root key from the {} does not belong to this store (key check failed); \
              nothing was changed. Is TESSERA_DATA_DIR pointing at the right store?",

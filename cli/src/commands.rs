@@ -622,6 +622,7 @@ fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
         "revoked_at": if a.revoked_at == 0 { serde_json::Value::Null } else { a.revoked_at.into() },
         "expires_at": if a.expires_at == 0 { serde_json::Value::Null } else { a.expires_at.into() },
         "active_leases": a.active_leases,
+        "tampered": a.tampered,
     })
 }
 
@@ -688,7 +689,9 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                     println!(
                         "{:<24} {:<8} {:>8} {:>7}  {}",
                         a.name,
-                        if a.revoked_at != 0 {
+                        if a.tampered {
+                            "TAMPERED"
+                        } else if a.revoked_at != 0 {
                             "revoked"
                         } else if a.expires_at != 0 && a.expires_at <= now {
                             "expired"

@@ -161,6 +161,184 @@ fn swapped_secret_rows_are_detected() {
     assert_eq!(w.get("a/three", &token).ok().stdout, "value-three");
 }
 
+/// The states `agent list --json` shows, by agent name.
+fn agent_states(w: &World) -> Vec<(String, bool, bool)> {
+    let list = w.run(&["agent", "list", "--json"]).ok().json();
+    list["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or_default().to_string(),
+                a["tampered"] == true,
+                !a["revoked_at"].is_null(),
+            )
+        })
+        .collect()
+}
+
+/// Agent rows edited in the file (a widened allow list, a forged agent, a
+/// lifted revocation) fail their MAC: the broker refuses those tokens with
+/// DATA_LOSS, `agent list` flags the rows, and a revoke is the remedy.
+#[test]
+fn edited_agent_rows_are_refused() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("a/one", b"value-one");
+    w.put("b/two", b"value-two");
+    let reader = w.agent("reader", "a/*", "15m");
+    let other = w.agent("other", "a/*", "15m");
+    let gone = w.agent("gone", "a/*", "15m");
+    w.run(&["agent", "revoke", "gone"]).ok();
+    s.terminate();
+    let forged = "tsr_forged_by_someone_who_can_write_the_file";
+    let forged_hash = tessera_broker::keys::hex(&tessera_broker::keys::token_hash(forged));
+    sql(
+        &w,
+        &format!(
+            "UPDATE agents SET allow = '*' WHERE name = 'reader';
+             UPDATE agents SET revoked_at = NULL WHERE name = 'gone';
+             INSERT INTO agents (name, token_hash, allow, max_ttl, max_lifetime, created_at, mac)
+               SELECT 'forged', X'{forged_hash}', '*', max_ttl, max_lifetime, created_at, mac
+               FROM agents WHERE name = 'other';"
+        ),
+    );
+    let mut s = w.serve(&[]);
+    for (token, name) in [
+        (&reader, "reader"),
+        (&gone, "gone"),
+        (&forged.to_string(), "forged"),
+    ] {
+        for secret in ["a/one", "b/two"] {
+            let r = w.get(secret, token).fails_with(9);
+            assert!(
+                r.stderr
+                    .contains(&format!("agent \"{name}\" failed authentication")),
+                "{r:#?}"
+            );
+            assert!(!r.stderr.contains("value-"), "{r:#?}");
+        }
+    }
+    // The untouched agent works as before.
+    assert_eq!(w.get("a/one", &other).ok().stdout, "value-one");
+    let states = agent_states(&w);
+    for (name, tampered, revoked) in &states {
+        let expect = ["forged", "gone", "reader"].contains(&name.as_str());
+        assert_eq!(*tampered, expect, "{name}: {states:?}");
+        assert!(!*revoked, "{name}: {states:?}");
+    }
+    let text = w.run(&["agent", "list"]).ok();
+    assert!(text.stdout.contains("TAMPERED"), "{text:#?}");
+    // Revoking is the remedy: the rows are then ordinary revoked agents.
+    for name in ["reader", "gone", "forged"] {
+        w.run(&["agent", "revoke", name]).ok();
+    }
+    for (name, tampered, revoked) in agent_states(&w) {
+        assert!(!tampered, "{name}");
+        assert_eq!(revoked, name != "other", "{name}");
+    }
+    let r = w.get("a/one", &reader).fails_with(4);
+    assert!(r.stderr.contains("revoked"), "{r:#?}");
+    w.run(&["audit", "verify"]).ok();
+    s.terminate();
+    // The refusals were audited.
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    let refused: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit WHERE decision = 'deny' AND reason LIKE '%failed authentication%'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(refused, 6);
+}
+
+/// An admin credential swapped in the file fails its MAC: `serve` refuses
+/// to start on it (exit 9) and changes nothing.
+#[test]
+fn an_edited_admin_credential_stops_serve() {
+    let w = World::new();
+    w.init_passphrase();
+    drop(w.serve(&[]));
+    let mine = "tsa_chosen_by_someone_who_can_write_the_file";
+    let hash = tessera_broker::keys::hex(&tessera_broker::keys::token_hash(mine));
+    sql(
+        &w,
+        &format!("UPDATE meta SET value = X'{hash}' WHERE key = 'admin_token_hash';"),
+    );
+    let before = std::fs::read(w.db()).expect("db");
+    let r = w
+        .run_with(
+            &["serve"],
+            None,
+            &[("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE)],
+        )
+        .fails_with(9);
+    assert!(
+        r.stderr.contains("admin credential failed authentication"),
+        "{r:#?}"
+    );
+    assert_eq!(std::fs::read(w.db()).expect("db"), before);
+}
+
+/// A store made before row MACs (its key check value says so) adopts its
+/// agent rows and admin credential once, with an audit record; everything
+/// keeps working, and later edits are caught.
+#[test]
+fn a_store_without_row_macs_adopts_its_rows_once() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("a/one", b"value-one");
+    let token = w.agent("reader", "a/*", "15m");
+    s.terminate();
+    // Make it look like a store from before: no MACs, the old check value.
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    let store_id: String = conn
+        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .map(|v| String::from_utf8(v).expect("utf-8"))
+        .expect("store id");
+    let rk =
+        tessera_broker::unseal::unseal(&conn, &store_id, Some(tessera_e2e::PASSPHRASE.as_bytes()))
+            .expect("unseal");
+    let legacy = rk.mac(&[b"tessera/v1/root-key-check"]);
+    conn.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
+        [&legacy[..]],
+    )
+    .expect("old check");
+    conn.execute_batch(
+        "UPDATE agents SET mac = NULL; DELETE FROM meta WHERE key = 'admin_token_mac';",
+    )
+    .expect("no macs");
+    drop(conn);
+    let mut s = w.serve(&[]);
+    assert_eq!(w.get("a/one", &token).ok().stdout, "value-one");
+    w.run(&["secret", "list"]).ok();
+    assert!(agent_states(&w).iter().all(|(_, tampered, _)| !tampered));
+    w.run(&["audit", "verify"]).ok();
+    s.terminate();
+    let upgrades = || -> i64 {
+        let conn = rusqlite::Connection::open(w.db()).expect("db");
+        conn.query_row(
+            "SELECT count(*) FROM audit WHERE action = 'store.upgrade' AND target = 'row-macs'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count")
+    };
+    assert_eq!(upgrades(), 1);
+    // Once only; and from now on an edit is caught.
+    sql(&w, "UPDATE agents SET allow = '*' WHERE name = 'reader';");
+    let _s = w.serve(&[]);
+    w.get("a/one", &token).fails_with(9);
+    assert_eq!(upgrades(), 1);
+}
+
 fn tampered_audit_is_detected(edit: &str, expect: &str) {
     let w = World::new();
     w.init_passphrase();

@@ -1,0 +1,171 @@
+//! MACs on the rows that decide who may do what: each agent row (token
+//! hash, allow list, limits, expiry, revocation) and the admin credential's
+//! hash. They are HMAC-SHA256 under a key that only the root key opens, so
+//! a person who can write the database file but lacks the root key (a
+//! passphrase- or share-sealed store, a tampered backup) cannot add an
+//! agent, widen an allow list, lift a revocation or swap in their own admin
+//! credential: the broker refuses such a row with DATA_LOSS.
+//!
+//! Stores made before these MACs existed get them once, at the first start
+//! with the root key (the rows as they stand are adopted, and an audit
+//! record says so). The store's key check value records that this was done;
+//! it cannot be set back without the root key.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::audit::Entry;
+use crate::error::{Error, Result};
+use crate::keys::{SymmetricKey, ct_eq};
+use crate::store::{WriteCtx, meta_get, meta_set};
+
+/// An agent row as stored, every column its MAC covers.
+#[derive(Debug)]
+pub(crate) struct AgentRow {
+    pub id: i64,
+    pub name: String,
+    pub token_hash: Vec<u8>,
+    pub allow: String,
+    pub max_ttl: i64,
+    pub max_lifetime: i64,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// The columns [`AgentRow::from_row`] reads, in its order, then `mac`.
+pub(crate) const AGENT_COLUMNS: &str =
+    "id, name, token_hash, allow, max_ttl, max_lifetime, created_at, expires_at, revoked_at, mac";
+
+impl AgentRow {
+    /// Reads a row selected with [`AGENT_COLUMNS`]; also returns its MAC.
+    pub fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Self, Option<Vec<u8>>)> {
+        Ok((
+            AgentRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                token_hash: r.get(2)?,
+                allow: r.get(3)?,
+                max_ttl: r.get(4)?,
+                max_lifetime: r.get(5)?,
+                created_at: r.get(6)?,
+                expires_at: r.get(7)?,
+                revoked_at: r.get(8)?,
+            },
+            r.get(9)?,
+        ))
+    }
+
+    fn mac(&self, key: &SymmetricKey) -> [u8; 32] {
+        let opt = |v: Option<i64>| v.map(i64::to_be_bytes);
+        let (expires, revoked) = (opt(self.expires_at), opt(self.revoked_at));
+        key.mac(&[
+            b"tessera/v1/row/agent",
+            &self.id.to_be_bytes(),
+            self.name.as_bytes(),
+            &self.token_hash,
+            self.allow.as_bytes(),
+            &self.max_ttl.to_be_bytes(),
+            &self.max_lifetime.to_be_bytes(),
+            &self.created_at.to_be_bytes(),
+            expires.as_ref().map_or(&[][..], |b| &b[..]),
+            revoked.as_ref().map_or(&[][..], |b| &b[..]),
+        ])
+    }
+
+    /// Whether `mac` is this row's MAC under `key`.
+    pub fn verify(&self, key: &SymmetricKey, mac: Option<&[u8]>) -> bool {
+        mac.is_some_and(|m| ct_eq(m, &self.mac(key)))
+    }
+
+    /// The error for a row whose MAC does not verify.
+    pub fn tampered(&self) -> Error {
+        Error::Tampered(format!(
+            "the stored record of agent {:?} failed authentication: it was changed outside \
+             tessera, so it is not trusted; revoke it (`tessera agent revoke {}`) and find out \
+             who can write the database file",
+            self.name, self.name
+        ))
+    }
+}
+
+/// Recomputes and stores the MAC of agent `id` as its row now stands (after
+/// tessera itself wrote it).
+pub(crate) fn seal_agent(conn: &Connection, key: &SymmetricKey, id: i64) -> Result<()> {
+    let row = conn
+        .prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"))?
+        .query_row([id], AgentRow::from_row)
+        .optional()?;
+    if let Some((row, _)) = row {
+        conn.prepare_cached("UPDATE agents SET mac = ?2 WHERE id = ?1")?
+            .execute(params![id, &row.mac(key)[..]])?;
+    }
+    Ok(())
+}
+
+fn admin_mac(key: &SymmetricKey, store_id: &str, hash: &[u8]) -> [u8; 32] {
+    key.mac(&[b"tessera/v1/row/admin-token", store_id.as_bytes(), hash])
+}
+
+/// Stores the admin credential's hash with its MAC.
+pub(crate) fn set_admin_hash(
+    conn: &Connection,
+    key: &SymmetricKey,
+    store_id: &str,
+    hash: &[u8; 32],
+) -> Result<()> {
+    meta_set(conn, "admin_token_hash", hash)?;
+    meta_set(conn, "admin_token_mac", &admin_mac(key, store_id, hash))
+}
+
+/// The admin credential's hash, checked against its MAC.
+pub(crate) fn admin_hash(
+    conn: &Connection,
+    key: &SymmetricKey,
+    store_id: &str,
+) -> Result<[u8; 32]> {
+    let hash: [u8; 32] = meta_get(conn, "admin_token_hash")?
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| Error::Store("the store has no admin credential".into()))?;
+    let mac = meta_get(conn, "admin_token_mac")?.unwrap_or_default();
+    if !ct_eq(&mac, &admin_mac(key, store_id, &hash)) {
+        return Err(Error::Tampered(
+            "the stored admin credential failed authentication: it was changed outside \
+             tessera; the broker will not start on it. Restore the store from a backup and find \
+             out who can write the database file"
+                .into(),
+        ));
+    }
+    Ok(hash)
+}
+
+/// Gives every agent row and the admin credential a MAC, in one
+/// transaction with an audit record saying how many rows were adopted as
+/// they stood. For stores made before row MACs.
+pub(crate) fn adopt(ctx: &mut WriteCtx<'_>, key: &SymmetricKey, store_id: &str) -> Result<usize> {
+    let conn = ctx.conn;
+    let ids: Vec<i64> = conn
+        .prepare("SELECT id FROM agents ORDER BY id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in &ids {
+        seal_agent(conn, key, *id)?;
+    }
+    let hash: [u8; 32] = meta_get(conn, "admin_token_hash")?
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| Error::Store("the store has no admin credential".into()))?;
+    set_admin_hash(conn, key, store_id, &hash)?;
+    ctx.audit(&Entry {
+        time: crate::init::now(),
+        actor: crate::audit::ACTOR_SYSTEM.into(),
+        action: "store.upgrade".into(),
+        target: "row-macs".into(),
+        allowed: true,
+        reason: format!(
+            "{} agent rows and the admin credential adopted as they stood; from now on \
+                 they carry MACs under the root key",
+            ids.len()
+        ),
+        request_id: crate::keys::request_id(),
+    })?;
+    Ok(ids.len())
+}
