@@ -51,6 +51,43 @@ impl DataDir {
     pub fn socket(&self) -> PathBuf {
         self.root.join("tessera.sock")
     }
+
+    /// The directory and store files that other users may reach, each with
+    /// a sentence saying so and how to fix it. tessera creates them private
+    /// (0700 and 0600); a directory made beforehand, or modes changed
+    /// since, can leave them open.
+    pub fn open_to_others(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mode = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| m.permissions().mode() & 0o777)
+        };
+        if let Some(m) = mode(&self.root).filter(|m| m & 0o077 != 0) {
+            out.push(format!(
+                "the data directory {} has mode {m:03o}: other users can reach into it;                  run `chmod 700 {}`",
+                self.root.display(),
+                self.root.display()
+            ));
+        }
+        let db = self.db();
+        let files = [
+            db.clone(),
+            db.with_extension("db-wal"),
+            db.with_extension("db-shm"),
+            self.admin_token(),
+        ];
+        for f in files {
+            if let Some(m) = mode(&f).filter(|m| m & 0o077 != 0) {
+                out.push(format!(
+                    "{} has mode {m:03o}: other users may read or change it; run `chmod 600 {}`",
+                    f.display(),
+                    f.display()
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// What `init` needs to know.

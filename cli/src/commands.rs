@@ -227,6 +227,9 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
         split,
     })
     .await?;
+    for problem in dir.open_to_others() {
+        eprintln!("warning: {problem}");
+    }
     let shares = deliver_operator_shares(&done.operator_shares, &a)?;
     if g.json {
         print_json(json!({
@@ -416,6 +419,9 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     };
     server::check_limits(&limits)?;
     let source = peek_source(&dir)?;
+    for problem in dir.open_to_others() {
+        tracing::warn!("{problem}");
+    }
     let pass = match source {
         Source::Passphrase => Some(passphrase(a.passphrase_file.as_deref(), false)?),
         Source::Keychain(_) | Source::Shares => None,

@@ -54,6 +54,34 @@ fn store_files_are_private() {
     }
 }
 
+/// A data directory made beforehand with a mode open to others keeps it
+/// (tessera does not chmod what it did not create), so `init` and `serve`
+/// say so, naming the fix; the store's own files stay 0600.
+#[test]
+fn a_data_dir_open_to_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    std::fs::create_dir_all(&w.data).expect("data dir");
+    std::fs::set_permissions(&w.data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let r = w.init_passphrase();
+    assert!(
+        r.stderr.contains("has mode 755") && r.stderr.contains("chmod 700"),
+        "{r:#?}"
+    );
+    let mut s = w.serve(&[]);
+    s.terminate();
+    let logs = s.logs();
+    assert!(
+        logs.contains("has mode 755") && logs.contains("chmod 700"),
+        "{logs}"
+    );
+    // Made private, nothing more is said.
+    std::fs::set_permissions(&w.data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let mut s = w.serve(&[]);
+    s.terminate();
+    assert!(!s.logs().contains("has mode"), "{}", s.logs());
+}
+
 #[test]
 fn wrong_passphrase_is_refused_and_store_untouched() {
     let w = World::new();
