@@ -15,6 +15,7 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -31,6 +32,7 @@ use crate::keys::{SymmetricKey, class_data_key_aad, data_key_aad, random_id, val
 use crate::lease::{Scope, revoke_active};
 use crate::names;
 use crate::proto;
+use crate::rowmac;
 use crate::store::{NewEvent, WriteCtx};
 
 /// Version states as stored.
@@ -64,6 +66,7 @@ const MAX_BACKOFF_SECS: i64 = 3600;
 /// `secret.rotated` event. In the caller's transaction.
 pub(crate) fn activate_version(
     ctx: &mut WriteCtx<'_>,
+    row_key: &SymmetricKey,
     name: &str,
     version: u64,
     t: i64,
@@ -91,6 +94,7 @@ pub(crate) fn activate_version(
         "UPDATE secrets SET current_version = ?2, updated_at = ?3 WHERE name = ?1",
         params![name, version as i64, t],
     )?;
+    rowmac::seal_secret(ctx.conn, row_key, name)?;
     ctx.event(&NewEvent {
         time: t,
         kind: "secret.rotated",
@@ -130,7 +134,10 @@ fn argv(json: Option<String>) -> Option<Vec<String>> {
     json.and_then(|j| serde_json::from_str(&j).ok())
 }
 
-fn load_settings(conn: &Connection, name: &str) -> Result<Option<Settings>> {
+/// The rotation settings of `name`, if it exists; DATA_LOSS when its row
+/// was changed outside tessera.
+fn load_settings(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<Option<Settings>> {
+    rowmac::check_secret(conn, key, name)?;
     Ok(conn
         .query_row(
             "SELECT generator, rotate_cmd, verify_cmd, value_via, cmd_timeout, schedule,
@@ -151,6 +158,25 @@ fn load_settings(conn: &Connection, name: &str) -> Result<Option<Settings>> {
             },
         )
         .optional()?)
+}
+
+/// In a write: the settings of `name`, or its refusal, audited as
+/// `action`, when there is no such secret or its row fails its MAC.
+fn settings_or_refuse(
+    ctx: &mut WriteCtx<'_>,
+    key: &SymmetricKey,
+    name: &str,
+    action: &str,
+    request_id: &str,
+) -> Result<std::result::Result<Settings, Error>> {
+    let e = match load_settings(ctx.conn, key, name) {
+        Ok(Some(s)) => return Ok(Ok(s)),
+        Ok(None) => no_secret(name),
+        Err(e @ Error::Tampered(_)) => e,
+        Err(e) => return Err(e),
+    };
+    ctx.audit(&admin_entry(action, name, false, e.to_string(), request_id))?;
+    Ok(Err(e))
 }
 
 fn no_secret(name: &str) -> Error {
@@ -439,7 +465,9 @@ fn trim_newline(mut v: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
 impl Broker {
     /// Versions with states, settings and schedule of `name`.
     pub async fn show_secret(&self, request_id: &str, name: &str) -> Result<proto::SecretDetail> {
-        let out = self.store.read(|conn| secret_detail(conn, name));
+        let out = self
+            .store
+            .read(|conn| secret_detail(conn, &self.row_key, name));
         self.audit(admin_entry(
             "secret.show",
             name,
@@ -528,17 +556,10 @@ impl Broker {
                 .await);
         }
         let rid = request_id.to_string();
+        let key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
-                if load_settings(ctx.conn, &req.name)?.is_none() {
-                    let e = no_secret(&req.name);
-                    ctx.audit(&admin_entry(
-                        "secret.config",
-                        &req.name,
-                        false,
-                        e.to_string(),
-                        &rid,
-                    ))?;
+                if let Err(e) = settings_or_refuse(ctx, &key, &req.name, "secret.config", &rid)? {
                     return Ok(Err(e));
                 }
                 let mut changed = Vec::new();
@@ -600,6 +621,7 @@ impl Broker {
                     )?;
                     changed.push(format!("command timeout {t}s"));
                 }
+                rowmac::seal_secret(c, &key, &req.name)?;
                 ctx.audit(&admin_entry(
                     "secret.config",
                     &req.name,
@@ -607,7 +629,7 @@ impl Broker {
                     changed.join("; "),
                     &rid,
                 ))?;
-                Ok(Ok(secret_detail(ctx.conn, &req.name)?))
+                Ok(Ok(secret_detail(ctx.conn, &key, &req.name)?))
             })
             .await?
     }
@@ -661,18 +683,12 @@ impl Broker {
         };
         let rid = request_id.to_string();
         let jitter = req.jitter_seconds;
+        let key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
-                let Some(s) = load_settings(ctx.conn, &req.name)? else {
-                    let e = no_secret(&req.name);
-                    ctx.audit(&admin_entry(
-                        "rotate.schedule",
-                        &req.name,
-                        false,
-                        e.to_string(),
-                        &rid,
-                    ))?;
-                    return Ok(Err(e));
+                let s = match settings_or_refuse(ctx, &key, &req.name, "rotate.schedule", &rid)? {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
                 };
                 if s.generator.is_none() && s.rotate_cmd.is_none() {
                     let e = Error::FailedPrecondition(format!(
@@ -695,6 +711,7 @@ impl Broker {
                         next_due = ?5 WHERE name = ?1",
                     params![req.name, stored, tz, jitter as i64, due],
                 )?;
+                rowmac::seal_secret(ctx.conn, &key, &req.name)?;
                 ctx.audit(&admin_entry(
                     "rotate.schedule",
                     &req.name,
@@ -702,7 +719,7 @@ impl Broker {
                     format!("{stored} (jitter {jitter}s); next due {}", rfc3339(due)),
                     &rid,
                 ))?;
-                Ok(Ok(secret_detail(ctx.conn, &req.name)?))
+                Ok(Ok(secret_detail(ctx.conn, &key, &req.name)?))
             })
             .await?
     }
@@ -714,17 +731,10 @@ impl Broker {
         name: String,
     ) -> Result<proto::SecretDetail> {
         let rid = request_id.to_string();
+        let key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
-                if load_settings(ctx.conn, &name)?.is_none() {
-                    let e = no_secret(&name);
-                    ctx.audit(&admin_entry(
-                        "rotate.unschedule",
-                        &name,
-                        false,
-                        e.to_string(),
-                        &rid,
-                    ))?;
+                if let Err(e) = settings_or_refuse(ctx, &key, &name, "rotate.unschedule", &rid)? {
                     return Ok(Err(e));
                 }
                 ctx.conn.execute(
@@ -732,6 +742,7 @@ impl Broker {
                      WHERE name = ?1",
                     [&name],
                 )?;
+                rowmac::seal_secret(ctx.conn, &key, &name)?;
                 ctx.audit(&admin_entry(
                     "rotate.unschedule",
                     &name,
@@ -739,7 +750,7 @@ impl Broker {
                     "schedule removed".into(),
                     &rid,
                 ))?;
-                Ok(Ok(secret_detail(ctx.conn, &name)?))
+                Ok(Ok(secret_detail(ctx.conn, &key, &name)?))
             })
             .await?
     }
@@ -751,7 +762,10 @@ impl Broker {
                 .prepare("SELECT name FROM secrets WHERE schedule IS NOT NULL ORDER BY name")?
                 .query_map([], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
-            names.iter().map(|n| secret_detail(conn, n)).collect()
+            names
+                .iter()
+                .map(|n| secret_detail(conn, &self.row_key, n))
+                .collect()
         })
     }
 
@@ -837,14 +851,23 @@ impl Broker {
         due: Option<i64>,
         owner: &str,
     ) -> Result<proto::RotationResult> {
-        let settings = match self.store.read(|conn| load_settings(conn, name))? {
-            Some(s) => s,
-            None => {
+        let settings = match self
+            .store
+            .read(|conn| load_settings(conn, &self.row_key, name))
+        {
+            Ok(Some(s)) => s,
+            Ok(None) => {
                 let e = no_secret(name);
                 return Err(self
                     .deny(actor.into(), "secret.rotate", name, request_id, e)
                     .await);
             }
+            Err(e @ Error::Tampered(_)) => {
+                return Err(self
+                    .deny(actor.into(), "secret.rotate", name, request_id, e)
+                    .await);
+            }
+            Err(e) => return Err(e),
         };
         let ttl = (settings.cmd_timeout as i64) * 2 + 30;
         // The lock, and (for a scheduled run) a check that the slot is still due.
@@ -1132,6 +1155,7 @@ impl Broker {
             actor.to_string(),
         );
         let (sched, tz, jitter) = (s.schedule.clone(), s.schedule_tz.clone(), s.jitter);
+        let key = Arc::clone(&self.row_key);
         let outcome = self
             .store
             .write(move |ctx| {
@@ -1187,7 +1211,7 @@ impl Broker {
                     })?;
                     return Ok(Some(why));
                 }
-                activate_version(ctx, &n, version, t)?;
+                activate_version(ctx, &key, &n, version, t)?;
                 fault("rotate-in-activate");
                 let next = match &sched {
                     Some(sc) => Some(
@@ -1315,7 +1339,10 @@ impl Broker {
             message: m,
             due_at: 0,
         };
-        let settings = match self.store.read(|conn| load_settings(conn, name)) {
+        let settings = match self
+            .store
+            .read(|conn| load_settings(conn, &self.row_key, name))
+        {
             Ok(Some(s)) => s,
             Ok(None) => return fail("the secret no longer exists".into()),
             Err(e) => return fail(e.to_string()),
@@ -1575,7 +1602,11 @@ pub fn archive_digest(name: &str, version: u64) -> [u8; 32] {
     crate::keys::sha256(format!("tessera/v1/archived-version\0{name}\0{version}").as_bytes())
 }
 
-fn secret_detail(conn: &Connection, name: &str) -> Result<proto::SecretDetail> {
+fn secret_detail(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<proto::SecretDetail> {
+    let tampered = matches!(
+        rowmac::check_secret(conn, key, name),
+        Err(Error::Tampered(_))
+    );
     let d = conn
         .query_row(
             "SELECT name, current_version, overlap_secs, class, generator, rotate_cmd, verify_cmd,
@@ -1604,6 +1635,7 @@ fn secret_detail(conn: &Connection, name: &str) -> Result<proto::SecretDetail> {
                     versions: Vec::new(),
                     created_at: r.get(16)?,
                     updated_at: r.get(17)?,
+                    tampered: false,
                 })
             },
         )
@@ -1626,7 +1658,11 @@ fn secret_detail(conn: &Connection, name: &str) -> Result<proto::SecretDetail> {
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
-    Ok(proto::SecretDetail { versions, ..d })
+    Ok(proto::SecretDetail {
+        versions,
+        tampered,
+        ..d
+    })
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! MACs on the rows that decide who may do what: each agent row (token
-//! hash, allow list, limits, expiry, revocation) and the admin credential's
-//! hash. They are HMAC-SHA256 under a key that only the root key opens, so
+//! hash, allow list, limits, expiry, revocation), the admin credential's
+//! hash, and each secret's row (its current version and its rotation
+//! settings, including the commands the broker runs). They are HMAC-SHA256 under a key that only the root key opens, so
 //! a person who can write the database file but lacks the root key (a
 //! passphrase- or share-sealed store, a tampered backup) cannot add an
-//! agent, widen an allow list, lift a revocation or swap in their own admin
-//! credential: the broker refuses such a row with DATA_LOSS.
+//! agent, widen an allow list, lift a revocation, swap in their own admin
+//! credential, point a secret back to an older version or make the broker
+//! run their command: the broker refuses such a row with DATA_LOSS.
 //!
 //! Stores made before these MACs existed get them once, at the first start
 //! with the root key (the rows as they stand are adopted, and an audit
@@ -138,7 +140,7 @@ pub(crate) fn admin_hash(
     Ok(hash)
 }
 
-/// Gives every agent row and the admin credential a MAC, in one
+/// Gives every agent row, secret row and the admin credential a MAC, in one
 /// transaction with an audit record saying how many rows were adopted as
 /// they stood. For stores made before row MACs.
 pub(crate) fn adopt(ctx: &mut WriteCtx<'_>, key: &SymmetricKey, store_id: &str) -> Result<usize> {
@@ -149,6 +151,13 @@ pub(crate) fn adopt(ctx: &mut WriteCtx<'_>, key: &SymmetricKey, store_id: &str) 
         .collect::<rusqlite::Result<_>>()?;
     for id in &ids {
         seal_agent(conn, key, *id)?;
+    }
+    let secrets: Vec<String> = conn
+        .prepare("SELECT name FROM secrets ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for name in &secrets {
+        seal_secret(conn, key, name)?;
     }
     let hash: [u8; 32] = meta_get(conn, "admin_token_hash")?
         .and_then(|v| v.try_into().ok())
@@ -161,11 +170,106 @@ pub(crate) fn adopt(ctx: &mut WriteCtx<'_>, key: &SymmetricKey, store_id: &str) 
         target: "row-macs".into(),
         allowed: true,
         reason: format!(
-            "{} agent rows and the admin credential adopted as they stood; from now on \
-                 they carry MACs under the root key",
-            ids.len()
+            "{} agent rows, {} secret rows and the admin credential adopted as they \
+             stood; from now on they carry MACs under the root key",
+            ids.len(),
+            secrets.len()
         ),
         request_id: crate::keys::request_id(),
     })?;
     Ok(ids.len())
+}
+
+/// The columns of a secret's row that its MAC covers: what decides which
+/// version agents get and what the broker runs to rotate it (not the
+/// scheduler's bookkeeping: next due time, last result, failures).
+const SECRET_COLUMNS: &str = "name, current_version, created_at, overlap_secs, class, generator, \
+     rotate_cmd, verify_cmd, value_via, cmd_timeout, schedule, schedule_tz, jitter_secs";
+
+/// A secret row's covered values and stored MAC, if the secret exists.
+type SecretRow = (Vec<rusqlite::types::Value>, Option<Vec<u8>>);
+
+fn secret_row(conn: &Connection, name: &str) -> Result<Option<SecretRow>> {
+    let n = SECRET_COLUMNS.split(',').count();
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {SECRET_COLUMNS}, mac FROM secrets WHERE name = ?1"
+        ))?
+        .query_row([name], |r| {
+            let values = (0..n).map(|i| r.get(i)).collect::<rusqlite::Result<_>>()?;
+            Ok((values, r.get(n)?))
+        })
+        .optional()?)
+}
+
+fn secret_mac(key: &SymmetricKey, values: &[rusqlite::types::Value]) -> [u8; 32] {
+    use rusqlite::types::Value;
+    let encoded: Vec<Vec<u8>> = values
+        .iter()
+        .map(|v| match v {
+            Value::Null => vec![0],
+            Value::Integer(i) => [&[1][..], &i.to_be_bytes()].concat(),
+            Value::Real(f) => [&[2][..], &f.to_bits().to_be_bytes()].concat(),
+            Value::Text(t) => [&[3][..], t.as_bytes()].concat(),
+            Value::Blob(b) => [&[4][..], b].concat(),
+        })
+        .collect();
+    let mut parts: Vec<&[u8]> = vec![b"tessera/v1/row/secret"];
+    parts.extend(encoded.iter().map(Vec::as_slice));
+    key.mac(&parts)
+}
+
+/// Recomputes and stores the MAC of secret `name` as its row now stands
+/// (after tessera itself wrote it).
+pub(crate) fn seal_secret(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<()> {
+    if let Some((values, _)) = secret_row(conn, name)? {
+        conn.prepare_cached("UPDATE secrets SET mac = ?2 WHERE name = ?1")?
+            .execute(params![name, &secret_mac(key, &values)[..]])?;
+    }
+    Ok(())
+}
+
+/// Checks the MAC of secret `name`'s row: `Ok` when it verifies or there is
+/// no such secret, DATA_LOSS when the row was changed outside tessera.
+pub(crate) fn check_secret(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<()> {
+    match secret_row(conn, name)? {
+        Some((values, mac))
+            if !mac
+                .as_deref()
+                .is_some_and(|m| ct_eq(m, &secret_mac(key, &values))) =>
+        {
+            Err(Error::Tampered(format!(
+                "the stored settings of secret {name:?} failed authentication: they were \
+                 changed outside tessera, so tessera will not use them (no value is issued and \
+                 no rotation command runs); delete it (`tessera secret rm {name}`), store it \
+                 again, and find out who can write the database file"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::types::Value;
+
+    /// A NULL, an empty text and an empty blob are different settings (a
+    /// cleared rotate command is not an empty one), and so are a number and
+    /// its text: each must give a different MAC.
+    #[test]
+    fn secret_mac_tells_column_types_apart() {
+        let key = SymmetricKey::from_bytes(&[7; 32]).expect("key");
+        let rows = [
+            vec![Value::Text("a".into()), Value::Null],
+            vec![Value::Text("a".into()), Value::Text(String::new())],
+            vec![Value::Text("a".into()), Value::Blob(Vec::new())],
+            vec![Value::Text("a".into()), Value::Integer(1)],
+            vec![Value::Text("a".into()), Value::Text("1".into())],
+            vec![Value::Text("a".into())],
+        ];
+        let macs: std::collections::HashSet<[u8; 32]> =
+            rows.iter().map(|r| secret_mac(&key, r)).collect();
+        assert_eq!(macs.len(), rows.len());
+    }
 }

@@ -17,6 +17,7 @@ use crate::agent::admin_entry;
 use crate::lease::{Scope, revoke_active};
 use crate::names;
 use crate::proto::SecretInfo;
+use crate::rowmac;
 
 /// The current version of a secret, decrypted.
 pub struct CurrentValue {
@@ -65,6 +66,7 @@ impl Broker {
         // of a few KiB is microseconds).
         let dk = SymmetricKey::generate()?;
         let rk_wrap = std::sync::Arc::clone(&self.root_key);
+        let row_key = std::sync::Arc::clone(&self.row_key);
         let rid = request_id.to_string();
         let info = self
             .store
@@ -82,19 +84,25 @@ impl Broker {
                 let version = current.map_or(1, |v| v as u64 + 1);
                 let wrapped = rk_wrap.seal(&data_key_aad(&name, version), dk.expose_bytes())?;
                 let ct = dk.seal(&value_aad(&name, version), &value)?;
-                ctx.conn.execute(
+                let created = ctx.conn.execute(
                     "INSERT INTO secrets (name, current_version, created_at, updated_at)
                      VALUES (?1, 0, ?2, ?2)
                      ON CONFLICT (name) DO NOTHING",
                     params![name, t],
                 )?;
+                if created == 1 {
+                    rowmac::seal_secret(ctx.conn, &row_key, &name)?;
+                } else if let Err(e) = rowmac::check_secret(ctx.conn, &row_key, &name) {
+                    ctx.audit(&admin_entry("secret.put", &name, false, e.to_string(), &rid))?;
+                    return Ok(Err(e));
+                }
                 ctx.conn.execute(
                     "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext,
                         state, source)
                      VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 'admin')",
                     params![name, version as i64, t, wrapped, ct],
                 )?;
-                crate::rotation::activate_version(ctx, &name, version, t)?;
+                crate::rotation::activate_version(ctx, &row_key, &name, version, t)?;
                 ctx.audit(&Entry {
                     time: t,
                     actor: ACTOR_ADMIN.into(),
@@ -104,9 +112,10 @@ impl Broker {
                     reason: format!("version {version} stored"),
                     request_id: rid,
                 })?;
-                secret_info(ctx.conn, &name)
+                Ok(secret_info(ctx.conn, &name))
             })
-            .await;
+            .await
+            .and_then(|r| r);
         self.invalidate_current();
         info
     }
@@ -199,6 +208,7 @@ impl Broker {
             None => {
                 let generation = self.current_gen.load(Ordering::Acquire);
                 let row = self.store.read(|conn| {
+                    rowmac::check_secret(conn, &self.row_key, name)?;
                     Ok(conn
                         .prepare_cached(
                             "SELECT v.version, v.wrapped_key, v.ciphertext

@@ -212,9 +212,10 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX leases_ended ON leases(ended_at) WHERE state != 0;
     ",
-    // 6: MACs on agent rows (see `rowmac`).
+    // 6: MACs on agent and secret rows (see `rowmac`).
     "
     ALTER TABLE agents ADD COLUMN mac BLOB;
+    ALTER TABLE secrets ADD COLUMN mac BLOB;
     ",
 ];
 

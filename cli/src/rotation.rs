@@ -53,6 +53,7 @@ fn detail_json(d: &proto::SecretDetail) -> serde_json::Value {
         "failures": d.failures,
         "created_at": d.created_at,
         "updated_at": d.updated_at,
+        "tampered": d.tampered,
         "versions": d.versions.iter().map(|v| json!({
             "version": v.version,
             "state": v.state,
@@ -72,6 +73,12 @@ pub(crate) fn print_detail(g: &Global, d: &proto::SecretDetail) {
         return;
     }
     println!("Secret {} (current version {})", d.name, d.current_version);
+    if d.tampered {
+        println!(
+            "  TAMPERED: this row was changed outside tessera; it is not used (no value is \
+             issued, no command runs). Delete the secret and store it again."
+        );
+    }
     println!("  overlap:     {}s", d.overlap_seconds);
     if !d.class.is_empty() {
         println!("  archived under class {}", d.class);

@@ -255,6 +255,66 @@ fn edited_agent_rows_are_refused() {
     assert_eq!(refused, 6);
 }
 
+/// A secret's row edited in the file (its current version pointed back,
+/// its rotation command swapped) fails its MAC: no value is issued, the
+/// swapped command never runs, `secret show` flags it, and deleting and
+/// storing the secret again is the remedy.
+#[test]
+fn edited_secret_rows_are_refused() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("a/one", b"old-value");
+    w.put("a/one", b"new-value");
+    w.put("a/two", b"two-value");
+    w.run(&["secret", "config", "a/two", "--generate", "hex:16"])
+        .ok();
+    let token = w.agent("reader", "a/*", "15m");
+    s.terminate();
+    let marker = w.data.join("command-ran");
+    sql(
+        &w,
+        &format!(
+            "UPDATE secrets SET current_version = 1 WHERE name = 'a/one';
+             UPDATE secrets SET rotate_cmd = '[\"/usr/bin/touch\",\"{}\"]' WHERE name = 'a/two';",
+            marker.display()
+        ),
+    );
+    let _s = w.serve(&[]);
+    for name in ["a/one", "a/two"] {
+        let r = w.get(name, &token).fails_with(9);
+        assert!(
+            r.stderr.contains(&format!(
+                "settings of secret \"{name}\" failed authentication"
+            )),
+            "{r:#?}"
+        );
+        assert!(!r.stderr.contains("-value"), "{r:#?}");
+        let show = w.run(&["secret", "show", name, "--json"]).ok().json();
+        assert_eq!(show["tampered"], true, "{show}");
+    }
+    let text = w.run(&["secret", "show", "a/one"]).ok();
+    assert!(text.stdout.contains("TAMPERED"), "{text:#?}");
+    // Nothing that would trust the row goes ahead.
+    w.run(&["rotate", "now", "a/two"]).fails_with(9);
+    assert!(!marker.exists(), "the swapped command ran");
+    w.run(&["rotate", "schedule", "a/two", "--every", "1h"])
+        .fails_with(9);
+    w.run(&["secret", "config", "a/two", "--overlap", "1m"])
+        .fails_with(9);
+    let r = w
+        .run_with(&["secret", "put", "a/one"], Some(b"newer"), &[])
+        .fails_with(9);
+    assert!(r.stderr.contains("secret rm"), "{r:#?}");
+    // The remedy: delete it and store it again.
+    w.run(&["secret", "rm", "a/one"]).ok();
+    w.put("a/one", b"fresh-value");
+    assert_eq!(w.get("a/one", &token).ok().stdout, "fresh-value");
+    let show = w.run(&["secret", "show", "a/one", "--json"]).ok().json();
+    assert_eq!(show["tampered"], false, "{show}");
+    w.run(&["audit", "verify"]).ok();
+}
+
 /// An admin credential swapped in the file fails its MAC: `serve` refuses
 /// to start on it (exit 9) and changes nothing.
 #[test]
@@ -312,7 +372,8 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     )
     .expect("old check");
     conn.execute_batch(
-        "UPDATE agents SET mac = NULL; DELETE FROM meta WHERE key = 'admin_token_mac';",
+        "UPDATE agents SET mac = NULL; UPDATE secrets SET mac = NULL;
+         DELETE FROM meta WHERE key = 'admin_token_mac';",
     )
     .expect("no macs");
     drop(conn);
@@ -333,6 +394,13 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     };
     assert_eq!(upgrades(), 1);
     // Once only; and from now on an edit is caught.
+    sql(
+        &w,
+        "UPDATE secrets SET current_version = 0 WHERE name = 'a/one';",
+    );
+    let mut s = w.serve(&[]);
+    w.get("a/one", &token).fails_with(9);
+    s.terminate();
     sql(&w, "UPDATE agents SET allow = '*' WHERE name = 'reader';");
     let _s = w.serve(&[]);
     w.get("a/one", &token).fails_with(9);
