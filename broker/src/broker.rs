@@ -191,14 +191,31 @@ impl Broker {
         if unseal::row_macs_pending(&conn, &root_key)? {
             let check = unseal::check_value(&root_key);
             let adopted = store::write_before_start(&mut conn, &audit_key, |ctx| {
+                // Decided again in the transaction: another process opening
+                // the store may have adopted the rows meanwhile.
+                if !unseal::row_macs_pending(ctx.conn, &root_key)? {
+                    return Ok(None);
+                }
+                if rowmac::any_macs(ctx.conn)? {
+                    return Err(Error::Tampered(
+                        "the store's key check value is the one of a store without row MACs, \
+                         yet its rows carry MACs: the check value was written back from an \
+                         older copy of the file. The broker will not start on it; restore the \
+                         store from a backup and find out who can write the database file"
+                            .into(),
+                    ));
+                }
                 let n = rowmac::adopt(ctx, &row_key, &store_id)?;
                 meta_set(ctx.conn, "root_key_check", &check)?;
-                Ok(n)
+                Ok(Some(n))
             })?;
-            tracing::info!(
-                agents = adopted,
-                "agent rows and the admin credential now carry MACs"
-            );
+            if let Some(n) = adopted {
+                tracing::warn!(
+                    agents = n,
+                    "this store had no row MACs: its agent rows, secret rows and admin \
+                     credential were adopted as they stood (audited as store.upgrade)"
+                );
+            }
         }
         let admin_token_hash = rowmac::admin_hash(&conn, &row_key, &store_id)?;
         let store = Store::start(

@@ -65,7 +65,8 @@ impl DataDir {
         };
         if let Some(m) = mode(&self.root).filter(|m| m & 0o077 != 0) {
             out.push(format!(
-                "the data directory {} has mode {m:03o}: other users can reach into it;                  run `chmod 700 {}`",
+                "the data directory {} has mode {m:03o}: other users can reach into it; \
+                 run `chmod 700 {}`",
                 self.root.display(),
                 self.root.display()
             ));

@@ -71,6 +71,9 @@ pub(crate) fn activate_version(
     version: u64,
     t: i64,
 ) -> Result<()> {
+    // Checked and resealed in this one transaction, so an edit made while a
+    // rotation command ran is refused here, not sealed as genuine.
+    rowmac::check_secret(ctx.conn, row_key, name)?;
     let overlap: i64 = ctx
         .conn
         .query_row(
@@ -863,6 +866,24 @@ impl Broker {
                     .await);
             }
             Err(e @ Error::Tampered(_)) => {
+                if due.is_some() {
+                    // Else the scheduler would try (and audit) it every tick.
+                    let n = name.to_string();
+                    self.store
+                        .write(move |ctx| {
+                            ctx.conn.execute(
+                                "UPDATE secrets SET next_due = ?2, last_result = ?3,
+                                    failures = failures + 1 WHERE name = ?1",
+                                params![
+                                    n,
+                                    now() + MAX_BACKOFF_SECS,
+                                    "failed: the stored settings failed authentication"
+                                ],
+                            )?;
+                            Ok(())
+                        })
+                        .await?;
+                }
                 return Err(self
                     .deny(actor.into(), "secret.rotate", name, request_id, e)
                     .await);
@@ -1461,11 +1482,15 @@ impl Broker {
                 None => None,
             };
             let rk = std::sync::Arc::clone(&self.root_key);
+            let row_key = Arc::clone(&self.row_key);
             let label = name.clone();
             let retired = self
                 .store
                 .write(move |ctx| {
                     let t = now();
+                    // Whether to archive or destroy follows the row's class:
+                    // an edited row decides nothing (retried, and logged).
+                    rowmac::check_secret(ctx.conn, &row_key, &name)?;
                     // Deleted and put again, or moved to another class since
                     // it was read: the next tick decides afresh.
                     let live: Option<(String, Option<String>)> = ctx

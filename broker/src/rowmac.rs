@@ -10,8 +10,13 @@
 //!
 //! Stores made before these MACs existed get them once, at the first start
 //! with the root key (the rows as they stand are adopted, and an audit
-//! record says so). The store's key check value records that this was done;
-//! it cannot be set back without the root key.
+//! record says so). The store's key check value then records that this was
+//! done. A store that carries MACs but the old check value (written back
+//! from an older copy) is refused, not adopted again.
+//!
+//! What MACs cannot catch is a row put back as tessera itself once wrote
+//! it, with its own MAC, from an older copy of the file (a revoked agent's
+//! earlier row, say): that is a rollback, like restoring a whole older file.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -138,6 +143,17 @@ pub(crate) fn admin_hash(
         ));
     }
     Ok(hash)
+}
+
+/// Whether any row or the admin credential carries a MAC already.
+pub(crate) fn any_macs(conn: &Connection) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM agents WHERE mac IS NOT NULL)
+             OR EXISTS (SELECT 1 FROM secrets WHERE mac IS NOT NULL)
+             OR EXISTS (SELECT 1 FROM meta WHERE key = 'admin_token_mac')",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// Gives every agent row, secret row and the admin credential a MAC, in one

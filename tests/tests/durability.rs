@@ -269,6 +269,8 @@ fn edited_secret_rows_are_refused() {
     w.put("a/two", b"two-value");
     w.run(&["secret", "config", "a/two", "--generate", "hex:16"])
         .ok();
+    w.run(&["rotate", "schedule", "a/two", "--every", "1s"])
+        .ok();
     let token = w.agent("reader", "a/*", "15m");
     s.terminate();
     let marker = w.data.join("command-ran");
@@ -313,6 +315,19 @@ fn edited_secret_rows_are_refused() {
     let show = w.run(&["secret", "show", "a/one", "--json"]).ok().json();
     assert_eq!(show["tampered"], false, "{show}");
     w.run(&["audit", "verify"]).ok();
+    // The scheduler refused the edited a/two once, then backed off instead
+    // of trying (and auditing) it on every tick.
+    std::thread::sleep(Duration::from_secs(3));
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    let scheduled_refusals: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit WHERE action = 'secret.rotate' AND target = 'a/two'
+               AND decision = 'deny' AND actor != 'admin'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(scheduled_refusals, 1);
 }
 
 /// An admin credential swapped in the file fails its MAC: `serve` refuses
@@ -402,8 +417,28 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     w.get("a/one", &token).fails_with(9);
     s.terminate();
     sql(&w, "UPDATE agents SET allow = '*' WHERE name = 'reader';");
-    let _s = w.serve(&[]);
+    let mut s = w.serve(&[]);
     w.get("a/one", &token).fails_with(9);
+    s.terminate();
+    assert_eq!(upgrades(), 1);
+    // The old check value written back (from an older copy) is refused, not
+    // taken as a reason to adopt the edited rows.
+    sql(&w, "UPDATE agents SET allow = 'a/*' WHERE name = 'reader';");
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    conn.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
+        [&legacy[..]],
+    )
+    .expect("old check");
+    drop(conn);
+    let r = w
+        .run_with(
+            &["serve"],
+            None,
+            &[("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE)],
+        )
+        .fails_with(9);
+    assert!(r.stderr.contains("written back"), "{r:#?}");
     assert_eq!(upgrades(), 1);
 }
 
