@@ -135,6 +135,23 @@ fn sql(w: &World, stmt: &str) {
     conn.execute_batch(stmt).expect("edit db");
 }
 
+/// The one number `query` (a `SELECT count(*) …`) gives on the store.
+fn count(w: &World, query: &str) -> i64 {
+    let conn = rusqlite::Connection::open(w.db()).expect("open db");
+    conn.query_row(query, [], |r| r.get(0)).expect("count")
+}
+
+/// `serve` with the right passphrase, expected to refuse to start with
+/// exit 9 (stored data failed authentication).
+fn serve_refused(w: &World) -> tessera_e2e::Ran {
+    w.run_with(
+        &["serve"],
+        None,
+        &[("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE)],
+    )
+    .fails_with(9)
+}
+
 /// Swapping ciphertext rows in the file is detected at read time
 /// (DATA_LOSS, exit 9), and nothing else is affected.
 #[test]
@@ -244,14 +261,11 @@ fn edited_agent_rows_are_refused() {
     w.run(&["audit", "verify"]).ok();
     s.terminate();
     // The refusals were audited.
-    let conn = rusqlite::Connection::open(w.db()).expect("db");
-    let refused: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM audit WHERE decision = 'deny' AND reason LIKE '%failed authentication%'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let refused = count(
+        &w,
+        "SELECT count(*) FROM audit WHERE decision = 'deny'
+           AND reason LIKE '%failed authentication%'",
+    );
     assert_eq!(refused, 6);
 }
 
@@ -318,15 +332,11 @@ fn edited_secret_rows_are_refused() {
     // The scheduler refused the edited a/two once, then backed off instead
     // of trying (and auditing) it on every tick.
     std::thread::sleep(Duration::from_secs(3));
-    let conn = rusqlite::Connection::open(w.db()).expect("db");
-    let scheduled_refusals: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM audit WHERE action = 'secret.rotate' AND target = 'a/two'
-               AND decision = 'deny' AND actor != 'admin'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let scheduled_refusals = count(
+        &w,
+        "SELECT count(*) FROM audit WHERE action = 'secret.rotate' AND target = 'a/two'
+           AND decision = 'deny' AND actor != 'admin'",
+    );
     assert_eq!(scheduled_refusals, 1);
 }
 
@@ -344,13 +354,7 @@ fn an_edited_admin_credential_stops_serve() {
         &format!("UPDATE meta SET value = X'{hash}' WHERE key = 'admin_token_hash';"),
     );
     let before = std::fs::read(w.db()).expect("db");
-    let r = w
-        .run_with(
-            &["serve"],
-            None,
-            &[("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE)],
-        )
-        .fails_with(9);
+    let r = serve_refused(&w);
     assert!(
         r.stderr.contains("admin credential failed authentication"),
         "{r:#?}"
@@ -398,14 +402,11 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     assert!(agent_states(&w).iter().all(|(_, tampered, _)| !tampered));
     w.run(&["audit", "verify"]).ok();
     s.terminate();
-    let upgrades = || -> i64 {
-        let conn = rusqlite::Connection::open(w.db()).expect("db");
-        conn.query_row(
+    let upgrades = || {
+        count(
+            &w,
             "SELECT count(*) FROM audit WHERE action = 'store.upgrade' AND target = 'row-macs'",
-            [],
-            |r| r.get(0),
         )
-        .expect("count")
     };
     assert_eq!(upgrades(), 1);
     // Once only; and from now on an edit is caught.
@@ -431,13 +432,7 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     )
     .expect("old check");
     drop(conn);
-    let r = w
-        .run_with(
-            &["serve"],
-            None,
-            &[("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE)],
-        )
-        .fails_with(9);
+    let r = serve_refused(&w);
     assert!(r.stderr.contains("written back"), "{r:#?}");
     assert_eq!(upgrades(), 1);
 }
