@@ -42,8 +42,11 @@ pub struct Broker {
     pub(crate) audit_key: SymmetricKey,
     pub(crate) fingerprint_key: SymmetricKey,
     admin_token_hash: [u8; 32],
-    /// Keys the MACs on agent rows and the admin credential (`rowmac`).
+    /// Keys the MACs on agent rows, secret rows and the admin credential
+    /// (`rowmac`).
     pub(crate) row_key: Arc<SymmetricKey>,
+    /// Secrets whose row failed its MAC, already warned about in the log.
+    pub(crate) tampered_logged: std::sync::Mutex<std::collections::HashSet<String>>,
     pub(crate) agents: RwLock<HashMap<[u8; 32], Arc<Agent>>>,
     /// Bumped (under the cache's write lock) by every forget of an agent,
     /// so a row read before a revoke committed is not cached after it.
@@ -233,6 +236,7 @@ impl Broker {
             rekey_lock: tokio::sync::Mutex::new(()),
             admin_token_hash,
             row_key: Arc::new(row_key),
+            tampered_logged: std::sync::Mutex::new(std::collections::HashSet::new()),
             agents: RwLock::new(HashMap::new()),
             agents_gen: std::sync::atomic::AtomicU64::new(0),
             limits,
@@ -644,7 +648,8 @@ fn load_signing_key(
     if let Some(sealed) = meta_get(conn, "broker_signing_key")? {
         return rk.open(&aad, &sealed).ok_or_else(|| {
             Error::Tampered(
-                "the broker's sealed signing key failed authentication; restore the store from                  a backup"
+                "the broker's sealed signing key failed authentication; restore the store from \
+                 a backup"
                     .into(),
             )
         });

@@ -163,6 +163,59 @@ fn load_settings(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<Op
         .optional()?)
 }
 
+/// In the caller's transaction, a rotation of `name` refused because its
+/// row failed its MAC (`e`): a pending `version` is discarded (it could only
+/// become current by sealing the edited row), a scheduled secret is tried
+/// again only after the longest backoff (not on every scheduler tick), and
+/// the refusal is audited. The secret's bookkeeping is touched only while
+/// its row still fails, and only for the slot that was `due`.
+fn refuse_tampered(
+    ctx: &mut WriteCtx<'_>,
+    key: &SymmetricKey,
+    name: &str,
+    version: Option<u64>,
+    due: Option<i64>,
+    e: &Error,
+    (actor, request_id): (&str, &str),
+) -> Result<()> {
+    let t = now();
+    let mut reason = e.to_string();
+    if rowmac::check_secret(ctx.conn, key, name).is_err() {
+        if let Some(v) = version {
+            let discarded = ctx.conn.execute(
+                "UPDATE secret_versions SET state = 'failed', wrapped_key = x'', ciphertext = x''
+                 WHERE name = ?1 AND version = ?2 AND state = 'pending'",
+                params![name, v as i64],
+            )?;
+            if discarded > 0 {
+                reason.push_str(&format!("; version {v} was discarded, not activated"));
+            }
+        }
+        ctx.conn.execute(
+            "UPDATE secrets SET failures = failures + 1, last_result = ?2, last_run_at = ?3,
+                next_due = CASE WHEN next_due IS NOT NULL AND (?5 IS NULL OR next_due = ?5)
+                                THEN ?4 ELSE next_due END
+             WHERE name = ?1",
+            params![
+                name,
+                "failed: the stored settings failed authentication",
+                t,
+                t + MAX_BACKOFF_SECS,
+                due
+            ],
+        )?;
+    }
+    ctx.audit(&Entry {
+        time: t,
+        actor: actor.into(),
+        action: "secret.rotate".into(),
+        target: name.into(),
+        allowed: false,
+        reason,
+        request_id: request_id.into(),
+    })
+}
+
 /// In a write: the settings of `name`, or its refusal, audited as
 /// `action`, when there is no such secret or its row fails its MAC.
 fn settings_or_refuse(
@@ -866,27 +919,20 @@ impl Broker {
                     .await);
             }
             Err(e @ Error::Tampered(_)) => {
-                if due.is_some() {
-                    // Else the scheduler would try (and audit) it every tick.
-                    let n = name.to_string();
-                    self.store
-                        .write(move |ctx| {
-                            ctx.conn.execute(
-                                "UPDATE secrets SET next_due = ?2, last_result = ?3,
-                                    failures = failures + 1 WHERE name = ?1",
-                                params![
-                                    n,
-                                    now() + MAX_BACKOFF_SECS,
-                                    "failed: the stored settings failed authentication"
-                                ],
-                            )?;
-                            Ok(())
-                        })
-                        .await?;
-                }
-                return Err(self
-                    .deny(actor.into(), "secret.rotate", name, request_id, e)
-                    .await);
+                let (n, a, rid, msg) = (
+                    name.to_string(),
+                    actor.to_string(),
+                    request_id.to_string(),
+                    e.to_string(),
+                );
+                let key = Arc::clone(&self.row_key);
+                self.store
+                    .write(move |ctx| {
+                        let e = Error::Tampered(msg);
+                        refuse_tampered(ctx, &key, &n, None, due, &e, (&a, &rid))
+                    })
+                    .await?;
+                return Err(e);
             }
             Err(e) => return Err(e),
         };
@@ -1181,6 +1227,14 @@ impl Broker {
             .store
             .write(move |ctx| {
                 let t = now();
+                // The row's MAC is checked in the transaction that would
+                // reseal it: an edit made while the commands ran is refused
+                // here, never sealed as genuine.
+                if let Err(e) = rowmac::check_secret(ctx.conn, &key, &n) {
+                    release_lock(ctx.conn, &n, &o)?;
+                    refuse_tampered(ctx, &key, &n, Some(version), due, &e, (&a, &rid))?;
+                    return Ok(Err(e));
+                }
                 // Only a version still pending, and newer than the current
                 // one, becomes current: a `secret put` or another runner may
                 // have moved on meanwhile.
@@ -1202,13 +1256,13 @@ impl Broker {
                 );
                 let Some(current) = current else {
                     release_lock(ctx.conn, &n, &o)?;
-                    return Ok(Some(format!(
+                    return Ok(Ok(Some(format!(
                         "{n} was deleted during the rotation; version {version} was not activated"
-                    )));
+                    ))));
                 };
                 if state.as_deref() != Some(version_state::PENDING) {
                     release_lock(ctx.conn, &n, &o)?;
-                    return Ok(Some(format!("version {version} was already finished")));
+                    return Ok(Ok(Some(format!("version {version} was already finished"))));
                 }
                 if current >= version as i64 {
                     ctx.conn.execute(
@@ -1230,7 +1284,7 @@ impl Broker {
                         reason: why.clone(),
                         request_id: rid,
                     })?;
-                    return Ok(Some(why));
+                    return Ok(Ok(Some(why)));
                 }
                 activate_version(ctx, &key, &n, version, t)?;
                 fault("rotate-in-activate");
@@ -1259,9 +1313,9 @@ impl Broker {
                     ),
                     request_id: rid,
                 })?;
-                Ok(None)
+                Ok(Ok(None))
             })
-            .await?;
+            .await??;
         if let Some(why) = outcome {
             return Ok(proto::RotationResult {
                 name: name.into(),
@@ -1366,6 +1420,24 @@ impl Broker {
         {
             Ok(Some(s)) => s,
             Ok(None) => return fail("the secret no longer exists".into()),
+            Err(e @ Error::Tampered(_)) => {
+                // Discard the pending version, or every tick would retry it.
+                let (n, a, rid, msg) = (
+                    name.to_string(),
+                    actor.to_string(),
+                    request_id.to_string(),
+                    e.to_string(),
+                );
+                let key = Arc::clone(&self.row_key);
+                let done = self
+                    .store
+                    .write(move |ctx| {
+                        let e = Error::Tampered(msg);
+                        refuse_tampered(ctx, &key, &n, Some(version), None, &e, (&a, &rid))
+                    })
+                    .await;
+                return fail(done.err().unwrap_or(e).to_string());
+            }
             Err(e) => return fail(e.to_string()),
         };
         let ttl = (settings.cmd_timeout as i64) * 2 + 30;
@@ -1455,18 +1527,58 @@ impl Broker {
         Ok(())
     }
 
+    /// Warns, once per secret while the broker runs, that a secret's row
+    /// failed its MAC (what depends on it waits).
+    fn log_tampered_once(&self, name: &str) {
+        let first = self
+            .tampered_logged
+            .lock()
+            .map(|mut seen| seen.insert(name.to_string()))
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(
+                secret = %name,
+                "the stored settings of this secret failed authentication; its versions past \
+                 their overlap are not retired until it is deleted (`tessera secret rm`)"
+            );
+        }
+    }
+
     async fn retire_due(&self) -> Result<()> {
-        let due: Vec<(String, u64, Option<String>)> = self.store.read(|conn| {
+        let (due, tampered) = self.store.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT v.name, v.version, s.class FROM secret_versions v
                  JOIN secrets s ON s.name = v.name
-                 WHERE v.state = 'overlapping' AND v.retire_at <= ?1 LIMIT 100",
+                 WHERE v.state = 'overlapping' AND v.retire_at <= ?1
+                 ORDER BY v.retire_at LIMIT 1000",
             )?;
             let rows = stmt.query_map([now()], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, Option<String>>(2)?,
+                ))
             })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            // A secret whose row fails its MAC has no trustworthy class to
+            // archive under: its versions wait (and do not hold up others).
+            let mut due = Vec::new();
+            let mut tampered = std::collections::BTreeSet::new();
+            for row in rows {
+                let row = row?;
+                if tampered.contains(&row.0) {
+                    continue;
+                }
+                if rowmac::check_secret(conn, &self.row_key, &row.0).is_err() {
+                    tampered.insert(row.0);
+                } else if due.len() < 100 {
+                    due.push(row);
+                }
+            }
+            Ok((due, tampered))
         })?;
+        for name in tampered {
+            self.log_tampered_once(&name);
+        }
         for (name, version, class) in due {
             let ck = match &class {
                 Some(c) => match self.class_key(c) {

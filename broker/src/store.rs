@@ -443,12 +443,13 @@ pub(crate) fn write_before_start<T>(
     audit_key: &SymmetricKey,
     f: impl FnOnce(&mut WriteCtx<'_>) -> Result<T>,
 ) -> Result<T> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Read in the transaction: another process may have appended meanwhile.
     let mut chain = Chain {
-        head: current_head(conn)?,
+        head: current_head(&tx)?,
         key: SymmetricKey::from_bytes(audit_key.expose_bytes())?,
         emitted: false,
     };
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let out = f(&mut WriteCtx {
         conn: &tx,
         chain: &mut chain,

@@ -700,6 +700,61 @@ async fn watch_sees_rotations_and_resumes_after_a_restart() {
     assert!(ev.expires_at > 0);
 }
 
+/// A rotation that a crash left pending, on a secret whose row was then
+/// edited in the file, is discarded, not activated (activating would seal
+/// the edit as genuine). The refusal is audited once, and the schedule
+/// backs off instead of retrying on every run.
+#[test]
+fn a_pending_rotation_of_an_edited_secret_is_discarded() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&["--no-scheduler"]);
+    w.put("k/v", b"v0");
+    w.run(&["secret", "config", "k/v", "--generate", "alnum:12"])
+        .ok();
+    w.run(&["rotate", "schedule", "k/v", "--every", "1s"]).ok();
+    let token = w.agent("app", "k/*", "15m");
+    s.terminate();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pass = ("TESSERA_PASSPHRASE", PASSPHRASE);
+    let crashed = w.run_with(
+        &["rotate", "--due"],
+        None,
+        &[pass, ("TESSERA_FAULT", "rotate-after-verify")],
+    );
+    assert_ne!(crashed.code, 0, "{crashed:#?}");
+    // Edited while nothing runs: a longer overlap for the old value.
+    rusqlite::Connection::open(w.db())
+        .expect("db")
+        .execute_batch("UPDATE secrets SET overlap_secs = 999999 WHERE name = 'k/v';")
+        .expect("edit");
+    let r = w.run_with(&["rotate", "--due", "--json"], None, &[pass]);
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(r.stdout.contains("failed authentication"), "{r:#?}");
+    // Nothing is due any more: the schedule backed off.
+    let again = w.run_with(&["rotate", "--due", "--json"], None, &[pass]);
+    assert_eq!(again.code, 0, "{again:#?}");
+    let _s = w.serve(&["--no-scheduler"]);
+    let d = show(&w, "k/v");
+    assert_eq!(d["tampered"], true, "{d:#}");
+    assert_eq!(d["current_version"], 1, "{d:#}");
+    assert_eq!(
+        states(&d),
+        [(1, "active".to_string()), (2, "failed".to_string())],
+        "{d:#}"
+    );
+    assert!(d["next_due"].as_i64().expect("due") > tessera_broker::init::now() + 3000);
+    w.run_with(&["get", "k/v"], None, &[("TESSERA_TOKEN", token.as_str())])
+        .fails_with(9);
+    let log = w.run(&["audit", "export"]).ok().stdout;
+    let discarded = log
+        .lines()
+        .filter(|l| l.contains("version 2 was discarded"))
+        .count();
+    assert_eq!(discarded, 1, "{log}");
+    w.run(&["audit", "verify"]).ok();
+}
+
 #[test]
 fn tessera_run_restarts_its_command_with_the_new_value() {
     let w = World::new();
