@@ -164,11 +164,14 @@ fn load_settings(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<Op
 }
 
 /// In the caller's transaction, a rotation of `name` refused because its
-/// row failed its MAC (`e`): a pending `version` is discarded (it could only
-/// become current by sealing the edited row), a scheduled secret is tried
-/// again only after the longest backoff (not on every scheduler tick), and
-/// the refusal is audited. The secret's bookkeeping is touched only while
-/// its row still fails, and only for the slot that was `due`.
+/// row failed its MAC (`e`): a pending `version` is marked failed (it could
+/// only become current by sealing the edited row) but keeps its sealed
+/// value, since the rotate command already gave it to the system it
+/// rotates; a secret whose scheduled slot has come is tried again only
+/// after the longest backoff (not on every scheduler tick), and the refusal
+/// is audited. The secret's bookkeeping is touched only while its row still
+/// fails, and a schedule only for the slot that was `due` (or any slot
+/// already due, for a run that served none).
 fn refuse_tampered(
     ctx: &mut WriteCtx<'_>,
     key: &SymmetricKey,
@@ -183,17 +186,20 @@ fn refuse_tampered(
     if rowmac::check_secret(ctx.conn, key, name).is_err() {
         if let Some(v) = version {
             let discarded = ctx.conn.execute(
-                "UPDATE secret_versions SET state = 'failed', wrapped_key = x'', ciphertext = x''
+                "UPDATE secret_versions SET state = 'failed'
                  WHERE name = ?1 AND version = ?2 AND state = 'pending'",
                 params![name, v as i64],
             )?;
             if discarded > 0 {
-                reason.push_str(&format!("; version {v} was discarded, not activated"));
+                reason.push_str(&format!(
+                    "; version {v} was discarded, not activated, after the rotate command had \
+                     run: reset that credential where it is used"
+                ));
             }
         }
         ctx.conn.execute(
             "UPDATE secrets SET failures = failures + 1, last_result = ?2, last_run_at = ?3,
-                next_due = CASE WHEN next_due IS NOT NULL AND (?5 IS NULL OR next_due = ?5)
+                next_due = CASE WHEN next_due <= ?3 AND (?5 IS NULL OR next_due = ?5)
                                 THEN ?4 ELSE next_due END
              WHERE name = ?1",
             params![
@@ -1429,14 +1435,31 @@ impl Broker {
                     e.to_string(),
                 );
                 let key = Arc::clone(&self.row_key);
+                let o = owner.to_string();
                 let done = self
                     .store
                     .write(move |ctx| {
+                        // Not while another runner is part-way through it.
+                        if !take_lock(ctx.conn, &n, &o, 60, now())? {
+                            return Ok(false);
+                        }
                         let e = Error::Tampered(msg);
-                        refuse_tampered(ctx, &key, &n, Some(version), None, &e, (&a, &rid))
+                        refuse_tampered(ctx, &key, &n, Some(version), None, &e, (&a, &rid))?;
+                        release_lock(ctx.conn, &n, &o)?;
+                        Ok(true)
                     })
                     .await;
-                return fail(done.err().unwrap_or(e).to_string());
+                return match done {
+                    Ok(false) => proto::RotationResult {
+                        name: name.into(),
+                        outcome: "skipped".into(),
+                        version,
+                        message: "another runner is finishing this rotation".into(),
+                        due_at: 0,
+                    },
+                    Ok(true) => fail(e.to_string()),
+                    Err(e) => fail(e.to_string()),
+                };
             }
             Err(e) => return fail(e.to_string()),
         };
@@ -1546,32 +1569,44 @@ impl Broker {
 
     async fn retire_due(&self) -> Result<()> {
         let (due, tampered) = self.store.read(|conn| {
-            let mut stmt = conn.prepare_cached(
+            // By secret first: one whose row fails its MAC has no
+            // trustworthy class to archive under, so its versions wait,
+            // however many, and do not hold up the others.
+            let names: Vec<String> = conn
+                .prepare_cached(
+                    "SELECT DISTINCT name FROM secret_versions
+                     WHERE state = 'overlapping' AND retire_at <= ?1 ORDER BY name",
+                )?
+                .query_map([now()], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut due = Vec::new();
+            let mut tampered = Vec::new();
+            let mut versions = conn.prepare_cached(
                 "SELECT v.name, v.version, s.class FROM secret_versions v
                  JOIN secrets s ON s.name = v.name
-                 WHERE v.state = 'overlapping' AND v.retire_at <= ?1
-                 ORDER BY v.retire_at LIMIT 1000",
+                 WHERE v.name = ?1 AND v.state = 'overlapping' AND v.retire_at <= ?2
+                 ORDER BY v.retire_at LIMIT ?3",
             )?;
-            let rows = stmt.query_map([now()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)? as u64,
-                    r.get::<_, Option<String>>(2)?,
-                ))
-            })?;
-            // A secret whose row fails its MAC has no trustworthy class to
-            // archive under: its versions wait (and do not hold up others).
-            let mut due = Vec::new();
-            let mut tampered = std::collections::BTreeSet::new();
-            for row in rows {
-                let row = row?;
-                if tampered.contains(&row.0) {
+            for name in names {
+                if due.len() >= 100 {
+                    break;
+                }
+                if rowmac::check_secret(conn, &self.row_key, &name).is_err() {
+                    tampered.push(name);
                     continue;
                 }
-                if rowmac::check_secret(conn, &self.row_key, &row.0).is_err() {
-                    tampered.insert(row.0);
-                } else if due.len() < 100 {
-                    due.push(row);
+                let rows = versions.query_map(
+                    rusqlite::params![name, now(), (100 - due.len()) as i64],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)? as u64,
+                            r.get::<_, Option<String>>(2)?,
+                        ))
+                    },
+                )?;
+                for row in rows {
+                    due.push(row?);
                 }
             }
             Ok((due, tampered))

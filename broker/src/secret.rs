@@ -154,6 +154,10 @@ impl Broker {
                 .await);
         }
         let rid = request_id.to_string();
+        if let Ok(mut seen) = self.tampered_logged.lock() {
+            // Stored again and edited again, it is warned about again.
+            seen.remove(&name);
+        }
         let out = self
             .store
             .write(move |ctx| {

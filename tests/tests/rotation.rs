@@ -755,6 +755,83 @@ fn a_pending_rotation_of_an_edited_secret_is_discarded() {
     w.run(&["audit", "verify"]).ok();
 }
 
+/// An edit made to a secret's row while its rotation's verify command runs
+/// is caught in the transaction that would activate the new version: the
+/// version is discarded (its sealed value kept, since the rotate step has
+/// already happened), the edit is not sealed as genuine, and `rotate now`
+/// fails with exit 9.
+#[test]
+fn an_edit_during_a_rotation_is_not_sealed() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&["--no-scheduler"]);
+    w.put("k/v", b"v0");
+    let started = w.tmp.path().join("verify-started");
+    let go = w.tmp.path().join("verify-go");
+    let verify = script(
+        &w,
+        "verify.sh",
+        &format!(
+            "cat >/dev/null; touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done; exit 0",
+            started.display(),
+            go.display()
+        ),
+    );
+    w.run(&[
+        "secret",
+        "config",
+        "k/v",
+        "--generate",
+        "alnum:12",
+        "--verify-cmd",
+        &verify,
+        "--cmd-timeout",
+        "60s",
+    ])
+    .ok();
+    let run = w
+        .command()
+        .args(["rotate", "now", "k/v"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn rotate now");
+    wait_for("the verify command to start", 30, || started.exists());
+    rusqlite::Connection::open(w.db())
+        .expect("db")
+        .execute_batch("UPDATE secrets SET overlap_secs = 999999 WHERE name = 'k/v';")
+        .expect("edit");
+    std::fs::write(&go, b"").expect("go");
+    let out = run.wait_with_output().expect("rotate now");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{stderr}");
+    assert!(stderr.contains("failed authentication"), "{stderr}");
+    let d = show(&w, "k/v");
+    assert_eq!(d["tampered"], true, "{d:#}");
+    assert_eq!(d["current_version"], 1, "{d:#}");
+    assert_eq!(
+        states(&d),
+        [(1, "active".to_string()), (2, "failed".to_string())],
+        "{d:#}"
+    );
+    let log = w.run(&["audit", "export"]).ok().stdout;
+    assert!(
+        log.contains("version 2 was discarded") && log.contains("reset that credential"),
+        "{log}"
+    );
+    // Its sealed value is kept: the rotation had already happened outside.
+    let kept: i64 = rusqlite::Connection::open(w.db())
+        .expect("db")
+        .query_row(
+            "SELECT length(ciphertext) FROM secret_versions WHERE name = 'k/v' AND version = 2",
+            [],
+            |r| r.get(0),
+        )
+        .expect("version 2");
+    assert!(kept > 0);
+    w.run(&["audit", "verify"]).ok();
+}
+
 #[test]
 fn tessera_run_restarts_its_command_with_the_new_value() {
     let w = World::new();
