@@ -500,6 +500,7 @@ impl Broker {
                 unseal_threshold: 0,
                 store_commits,
                 store_writes,
+                tampered: rowmac::tampered_rows(conn, &self.row_key, &self.store_id)?,
             })
         })
     }

@@ -145,6 +145,37 @@ pub(crate) fn admin_hash(
     Ok(hash)
 }
 
+/// Every row that fails its MAC, for `tessera status`: `agent:NAME`,
+/// `secret:NAME`, and `admin-credential`.
+pub(crate) fn tampered_rows(
+    conn: &Connection,
+    key: &SymmetricKey,
+    store_id: &str,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut agents =
+        conn.prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name"))?;
+    for row in agents.query_map([], AgentRow::from_row)? {
+        let (row, mac) = row?;
+        if !row.verify(key, mac.as_deref()) {
+            out.push(format!("agent:{}", row.name));
+        }
+    }
+    let names: Vec<String> = conn
+        .prepare_cached("SELECT name FROM secrets ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for name in names {
+        if check_secret(conn, key, &name).is_err() {
+            out.push(format!("secret:{name}"));
+        }
+    }
+    if admin_hash(conn, key, store_id).is_err() {
+        out.push("admin-credential".into());
+    }
+    Ok(out)
+}
+
 /// Whether any row or the admin credential carries a MAC already.
 pub(crate) fn any_macs(conn: &Connection) -> Result<bool> {
     Ok(conn.query_row(

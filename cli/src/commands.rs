@@ -990,6 +990,7 @@ async fn status(g: &Global) -> Result<(), CliError> {
             "unseal_threshold": s.unseal_threshold,
             "store_commits": s.store_commits,
             "store_writes": s.store_writes,
+            "tampered": s.tampered,
         }));
     } else {
         println!(
@@ -1013,6 +1014,12 @@ async fn status(g: &Global) -> Result<(), CliError> {
                 s.store_writes, s.store_commits
             );
             println!("broker key (signs certificates): {}", s.broker_key);
+        }
+        if !s.tampered.is_empty() {
+            println!(
+                "TAMPERED (changed outside tessera, refused until dealt with): {}",
+                s.tampered.join(", ")
+            );
         }
     }
     Ok(())

@@ -248,6 +248,13 @@ fn edited_agent_rows_are_refused() {
     }
     let text = w.run(&["agent", "list"]).ok();
     assert!(text.stdout.contains("TAMPERED"), "{text:#?}");
+    // `status` names them, for monitoring.
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert_eq!(
+        status["tampered"],
+        serde_json::json!(["agent:forged", "agent:gone", "agent:reader"]),
+        "{status}"
+    );
     // Revoking is the remedy: the rows are then ordinary revoked agents.
     for name in ["reader", "gone", "forged"] {
         w.run(&["agent", "revoke", name]).ok();
@@ -256,6 +263,8 @@ fn edited_agent_rows_are_refused() {
         assert!(!tampered, "{name}");
         assert_eq!(revoked, name != "other", "{name}");
     }
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert_eq!(status["tampered"], serde_json::json!([]), "{status}");
     let r = w.get("a/one", &reader).fails_with(4);
     assert!(r.stderr.contains("revoked"), "{r:#?}");
     w.run(&["audit", "verify"]).ok();
@@ -311,6 +320,11 @@ fn edited_secret_rows_are_refused() {
     }
     let text = w.run(&["secret", "show", "a/one"]).ok();
     assert!(text.stdout.contains("TAMPERED"), "{text:#?}");
+    let status = w.run(&["status"]).ok();
+    assert!(
+        status.stdout.contains("TAMPERED") && status.stdout.contains("secret:a/one, secret:a/two"),
+        "{status:#?}"
+    );
     // Nothing that would trust the row goes ahead.
     w.run(&["rotate", "now", "a/two"]).fails_with(9);
     assert!(!marker.exists(), "the swapped command ran");
