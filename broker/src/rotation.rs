@@ -925,18 +925,7 @@ impl Broker {
                     .await);
             }
             Err(e @ Error::Tampered(_)) => {
-                let (n, a, rid, msg) = (
-                    name.to_string(),
-                    actor.to_string(),
-                    request_id.to_string(),
-                    e.to_string(),
-                );
-                let key = Arc::clone(&self.row_key);
-                self.store
-                    .write(move |ctx| {
-                        let e = Error::Tampered(msg);
-                        refuse_tampered(ctx, &key, &n, None, due, &e, (&a, &rid))
-                    })
+                self.refuse_tampered_now((actor, request_id), name, None, due, None, &e)
                     .await?;
                 return Err(e);
             }
@@ -1427,27 +1416,17 @@ impl Broker {
             Ok(Some(s)) => s,
             Ok(None) => return fail("the secret no longer exists".into()),
             Err(e @ Error::Tampered(_)) => {
-                // Discard the pending version, or every tick would retry it.
-                let (n, a, rid, msg) = (
-                    name.to_string(),
-                    actor.to_string(),
-                    request_id.to_string(),
-                    e.to_string(),
-                );
-                let key = Arc::clone(&self.row_key);
-                let o = owner.to_string();
+                // Discard the pending version, or every tick would retry it;
+                // not while another runner is part-way through it.
                 let done = self
-                    .store
-                    .write(move |ctx| {
-                        // Not while another runner is part-way through it.
-                        if !take_lock(ctx.conn, &n, &o, 60, now())? {
-                            return Ok(false);
-                        }
-                        let e = Error::Tampered(msg);
-                        refuse_tampered(ctx, &key, &n, Some(version), None, &e, (&a, &rid))?;
-                        release_lock(ctx.conn, &n, &o)?;
-                        Ok(true)
-                    })
+                    .refuse_tampered_now(
+                        (actor, request_id),
+                        name,
+                        Some(version),
+                        None,
+                        Some(owner),
+                        &e,
+                    )
                     .await;
                 return match done {
                     Ok(false) => proto::RotationResult {
@@ -1548,6 +1527,43 @@ impl Broker {
             }
         }
         Ok(())
+    }
+
+    /// [`refuse_tampered`] in a write of its own. With `lock` (an owner),
+    /// only if that rotation lock can be taken, and it is released after;
+    /// returns whether it ran.
+    async fn refuse_tampered_now(
+        &self,
+        (actor, request_id): (&str, &str),
+        name: &str,
+        version: Option<u64>,
+        due: Option<i64>,
+        lock: Option<&str>,
+        e: &Error,
+    ) -> Result<bool> {
+        let (n, a, rid, msg) = (
+            name.to_string(),
+            actor.to_string(),
+            request_id.to_string(),
+            e.to_string(),
+        );
+        let lock = lock.map(str::to_string);
+        let key = Arc::clone(&self.row_key);
+        self.store
+            .write(move |ctx| {
+                if let Some(o) = &lock
+                    && !take_lock(ctx.conn, &n, o, 60, now())?
+                {
+                    return Ok(false);
+                }
+                let e = Error::Tampered(msg);
+                refuse_tampered(ctx, &key, &n, version, due, &e, (&a, &rid))?;
+                if let Some(o) = &lock {
+                    release_lock(ctx.conn, &n, o)?;
+                }
+                Ok(true)
+            })
+            .await
     }
 
     /// Warns, once per secret while the broker runs, that a secret's row

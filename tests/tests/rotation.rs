@@ -700,6 +700,20 @@ async fn watch_sees_rotations_and_resumes_after_a_restart() {
     assert!(ev.expires_at > 0);
 }
 
+/// Checks that version 2 of `k/v` was refused on its edited row: the row
+/// is flagged, version 1 stays current and version 2 failed.
+fn refused_version_2(w: &World) -> serde_json::Value {
+    let d = show(w, "k/v");
+    assert_eq!(d["tampered"], true, "{d:#}");
+    assert_eq!(d["current_version"], 1, "{d:#}");
+    assert_eq!(
+        states(&d),
+        [(1, "active".to_string()), (2, "failed".to_string())],
+        "{d:#}"
+    );
+    d
+}
+
 /// A rotation that a crash left pending, on a secret whose row was then
 /// edited in the file, is discarded, not activated (activating would seal
 /// the edit as genuine). The refusal is audited once, and the schedule
@@ -735,14 +749,7 @@ fn a_pending_rotation_of_an_edited_secret_is_discarded() {
     let again = w.run_with(&["rotate", "--due", "--json"], None, &[pass]);
     assert_eq!(again.code, 0, "{again:#?}");
     let _s = w.serve(&["--no-scheduler"]);
-    let d = show(&w, "k/v");
-    assert_eq!(d["tampered"], true, "{d:#}");
-    assert_eq!(d["current_version"], 1, "{d:#}");
-    assert_eq!(
-        states(&d),
-        [(1, "active".to_string()), (2, "failed".to_string())],
-        "{d:#}"
-    );
+    let d = refused_version_2(&w);
     assert!(d["next_due"].as_i64().expect("due") > tessera_broker::init::now() + 3000);
     w.run_with(&["get", "k/v"], None, &[("TESSERA_TOKEN", token.as_str())])
         .fails_with(9);
@@ -806,14 +813,7 @@ fn an_edit_during_a_rotation_is_not_sealed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(9), "{stderr}");
     assert!(stderr.contains("failed authentication"), "{stderr}");
-    let d = show(&w, "k/v");
-    assert_eq!(d["tampered"], true, "{d:#}");
-    assert_eq!(d["current_version"], 1, "{d:#}");
-    assert_eq!(
-        states(&d),
-        [(1, "active".to_string()), (2, "failed".to_string())],
-        "{d:#}"
-    );
+    refused_version_2(&w);
     let log = w.run(&["audit", "export"]).ok().stdout;
     assert!(
         log.contains("version 2 was discarded") && log.contains("reset that credential"),
