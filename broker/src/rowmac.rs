@@ -1,18 +1,21 @@
 //! MACs on the rows that decide who may do what: each agent row (token
 //! hash, allow list, limits, expiry, revocation), the admin credential's
 //! hash, and each secret's row (its current version and its rotation
-//! settings, including the commands the broker runs). They are HMAC-SHA256 under a key that only the root key opens, so
-//! a person who can write the database file but lacks the root key (a
-//! passphrase- or share-sealed store, a tampered backup) cannot add an
-//! agent, widen an allow list, lift a revocation, swap in their own admin
-//! credential, point a secret back to an older version or make the broker
-//! run their command: the broker refuses such a row with DATA_LOSS.
+//! settings, including the commands the broker runs). They are HMAC-SHA256
+//! under a key that only the root key opens, so a person who can write the
+//! database file but lacks the root key (a passphrase- or share-sealed
+//! store, a tampered backup) cannot add an agent, widen an allow list, lift
+//! a revocation, swap in their own admin credential, point a secret back to
+//! an older version or make the broker run their command: the broker
+//! refuses such a row with DATA_LOSS.
 //!
 //! Stores made before these MACs existed get them once, at the first start
 //! with the root key (the rows as they stand are adopted, and an audit
 //! record says so). The store's key check value then records that this was
 //! done. A store that carries MACs but the old check value (written back
-//! from an older copy) is refused, not adopted again.
+//! from an older copy) is refused, not adopted again; one stripped of every
+//! MAC as well is adopted again, with another audit record, until a `rekey
+//! root` retires the old check value.
 //!
 //! What MACs cannot catch is a row put back as tessera itself once wrote
 //! it, with its own MAC, from an older copy of the file (a revoked agent's
