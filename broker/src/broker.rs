@@ -53,18 +53,15 @@ pub struct Broker {
     pub(crate) agents_gen: std::sync::atomic::AtomicU64,
     pub(crate) limits: Limits,
     source: Source,
-    pub(crate) current_rows: RwLock<HashMap<String, Arc<crate::secret::StoredVersion>>>,
-    pub(crate) current_gen: std::sync::atomic::AtomicU64,
+    /// The encrypted current version of recently read secrets.
+    pub(crate) current_rows: Arc<CommitCache<crate::secret::StoredVersion>>,
     /// The broker's Ed25519 key (PKCS#8): signs destruction certificates.
     pub(crate) signing_key: Zeroizing<Vec<u8>>,
     /// Its public half.
     pub(crate) signing_public: [u8; 32],
-    /// Unwrapped class keys in use; a shred removes its entry (and the key
-    /// is zeroized when the last user drops it).
-    pub(crate) class_keys: RwLock<HashMap<String, Arc<crate::retention::ClassKey>>>,
-    /// Bumped by every forget of a class key, so a key read before a shred
-    /// or re-key committed is not cached after it.
-    pub(crate) class_keys_gen: std::sync::atomic::AtomicU64,
+    /// Unwrapped class keys in use; a shred or re-key forgets them (and a
+    /// key is zeroized when its last user drops it).
+    pub(crate) class_keys: Arc<CommitCache<crate::retention::ClassKey>>,
     /// Set when the broker stops serving: open `Watch` streams end (they
     /// would otherwise hold the graceful shutdown open forever).
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,
@@ -133,6 +130,72 @@ impl RootKeys {
 
 /// Most agents kept in the token cache before it is cleared.
 pub(crate) const AGENT_CACHE_MAX: usize = 10_000;
+
+/// Most secrets whose current row is cached.
+const CURRENT_CACHE_MAX: usize = 10_000;
+
+/// Rows read from the store and kept in memory, which a write that changes
+/// them forgets from its commit hook ([`Store::write_then`]): on the writer
+/// thread, right after the commit and before the write is acknowledged or
+/// announced to `Watch`. So once a caller or a watcher hears of a rotation
+/// or a shred, no request is served from what it replaced.
+pub(crate) struct CommitCache<V> {
+    map: RwLock<HashMap<String, Arc<V>>>,
+    /// Bumped by every forget, so a row read before a write committed is
+    /// not cached after it.
+    generation: std::sync::atomic::AtomicU64,
+    max: usize,
+}
+
+impl<V> CommitCache<V> {
+    fn new(max: usize) -> Self {
+        CommitCache {
+            map: RwLock::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            max,
+        }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<V>> {
+        self.map.read().ok()?.get(key).cloned()
+    }
+
+    /// Read before reading the row from the store; hand it to
+    /// [`CommitCache::insert`].
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Caches `value` unless a forget came after `generation` was read
+    /// (the row may then be out of date already).
+    pub(crate) fn insert(&self, generation: u64, key: &str, value: &Arc<V>) {
+        let Ok(mut m) = self.map.write() else { return };
+        if self.generation() == generation {
+            if m.len() >= self.max {
+                m.clear();
+            }
+            m.insert(key.to_string(), Arc::clone(value));
+        }
+    }
+
+    /// Forgets every entry.
+    pub(crate) fn forget_all(&self) {
+        if let Ok(mut m) = self.map.write() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            m.clear();
+        }
+    }
+
+    /// A commit hook for [`Store::write_then`] that forgets every entry.
+    pub(crate) fn forget_on_commit(self: &Arc<Self>) -> impl FnOnce(bool) + Send + 'static
+    where
+        V: Send + Sync + 'static,
+    {
+        let cache = Arc::clone(self);
+        move |_| cache.forget_all()
+    }
+}
 
 impl Broker {
     /// Opens and unseals the store in `dir`. Fails, changing nothing, if the
@@ -241,12 +304,10 @@ impl Broker {
             agents_gen: std::sync::atomic::AtomicU64::new(0),
             limits,
             source,
-            current_rows: RwLock::new(HashMap::new()),
-            current_gen: std::sync::atomic::AtomicU64::new(0),
+            current_rows: Arc::new(CommitCache::new(CURRENT_CACHE_MAX)),
             signing_key,
             signing_public,
-            class_keys: RwLock::new(HashMap::new()),
-            class_keys_gen: std::sync::atomic::AtomicU64::new(0),
+            class_keys: Arc::new(CommitCache::new(usize::MAX)),
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }

@@ -351,92 +351,98 @@ impl Broker {
         let broker_key = self.signing_public;
         let cid = id.to_string();
         let rid = request_id.to_string();
+        // The key in memory goes as the destruction commits, before anyone
+        // hears of it.
+        let forget = self.class_keys.forget_on_commit();
         let class = self
             .store
-            .write(move |ctx| {
-                let t = now();
-                let Some(c) = load_ceremony(ctx.conn, &cid)? else {
-                    return Ok(None);
-                };
-                if c.state != state::OPEN {
-                    return Ok(None);
-                }
-                let class = load_class(ctx.conn, &c.class)?.ok_or_else(|| no_class(&c.class))?;
-                let joined = joins(ctx.conn, &cid)?;
-                if (joined.len() as u32) < c.required
-                    || !standing_holds(ctx.conn, &c.class)?.is_empty()
-                {
-                    return Ok(None);
-                }
-                let statement = Statement::parse(&c.statement)
-                    .map_err(|e| Error::Tampered(format!("ceremony {cid}: {e}")))?;
-                let mut holders = Vec::new();
-                for role in &class.holders {
-                    let key: Option<Vec<u8>> = ctx
-                        .conn
-                        .query_row(
-                            "SELECT signing_key FROM holders WHERE role = ?1",
-                            [role],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    if let Some(k) = key.and_then(|k| <[u8; 32]>::try_from(k).ok()) {
-                        holders.push((role.clone(), k));
+            .write_then(
+                move |ctx| {
+                    let t = now();
+                    let Some(c) = load_ceremony(ctx.conn, &cid)? else {
+                        return Ok(None);
+                    };
+                    if c.state != state::OPEN {
+                        return Ok(None);
                     }
-                }
-                let shares = ctx
-                    .conn
-                    .execute("DELETE FROM class_shares WHERE class = ?1", [&c.class])?;
-                let data_keys = ctx
-                    .conn
-                    .execute("DELETE FROM class_data_keys WHERE class = ?1", [&c.class])?;
-                let cert = Certificate {
-                    statement,
-                    required: c.required as u8,
-                    key_threshold: class.threshold,
-                    shares: class.holders.len() as u8,
-                    destroyed_at: t,
-                    destroyed: format!(
-                        "wrapped class key (generation {}), {shares} sealed shares, \
+                    let class =
+                        load_class(ctx.conn, &c.class)?.ok_or_else(|| no_class(&c.class))?;
+                    let joined = joins(ctx.conn, &cid)?;
+                    if (joined.len() as u32) < c.required
+                        || !standing_holds(ctx.conn, &c.class)?.is_empty()
+                    {
+                        return Ok(None);
+                    }
+                    let statement = Statement::parse(&c.statement)
+                        .map_err(|e| Error::Tampered(format!("ceremony {cid}: {e}")))?;
+                    let mut holders = Vec::new();
+                    for role in &class.holders {
+                        let key: Option<Vec<u8>> = ctx
+                            .conn
+                            .query_row(
+                                "SELECT signing_key FROM holders WHERE role = ?1",
+                                [role],
+                                |r| r.get(0),
+                            )
+                            .optional()?;
+                        if let Some(k) = key.and_then(|k| <[u8; 32]>::try_from(k).ok()) {
+                            holders.push((role.clone(), k));
+                        }
+                    }
+                    let shares = ctx
+                        .conn
+                        .execute("DELETE FROM class_shares WHERE class = ?1", [&c.class])?;
+                    let data_keys = ctx
+                        .conn
+                        .execute("DELETE FROM class_data_keys WHERE class = ?1", [&c.class])?;
+                    let cert = Certificate {
+                        statement,
+                        required: c.required as u8,
+                        key_threshold: class.threshold,
+                        shares: class.holders.len() as u8,
+                        destroyed_at: t,
+                        destroyed: format!(
+                            "wrapped class key (generation {}), {shares} sealed shares, \
                          {data_keys} envelope data keys",
-                        class.generation
-                    ),
-                    broker_key,
-                    holders,
-                    joins: joined,
-                };
-                let signed = cert
-                    .sign(&signing_key)
-                    .map_err(|e| Error::Internal(format!("cannot sign the certificate: {e}")))?;
-                ctx.conn.execute(
+                            class.generation
+                        ),
+                        broker_key,
+                        holders,
+                        joins: joined,
+                    };
+                    let signed = cert.sign(&signing_key).map_err(|e| {
+                        Error::Internal(format!("cannot sign the certificate: {e}"))
+                    })?;
+                    ctx.conn.execute(
                     "UPDATE classes SET wrapped_key = NULL, state = 'shredded', shredded_at = ?2,
                         certificate = ?3 WHERE name = ?1",
                     params![c.class, t, signed],
                 )?;
-                ctx.conn
-                    .execute("UPDATE ceremonies SET state = 'done' WHERE id = ?1", [&cid])?;
-                meta_set(ctx.conn, "compact_pending", b"1")?;
-                fault("shred-in-destroy");
-                ctx.audit(&Entry {
-                    time: t,
-                    actor: ACTOR_SYSTEM.into(),
-                    action: "shred.destroy".into(),
-                    target: c.class.clone(),
-                    allowed: true,
-                    reason: format!(
-                        "ceremony {cid}: {}; certificate {}",
-                        cert.destroyed,
-                        hex(&certificate::digest(&signed))
-                    ),
-                    request_id: rid,
-                })?;
-                Ok(Some(c.class))
-            })
+                    ctx.conn
+                        .execute("UPDATE ceremonies SET state = 'done' WHERE id = ?1", [&cid])?;
+                    meta_set(ctx.conn, "compact_pending", b"1")?;
+                    fault("shred-in-destroy");
+                    ctx.audit(&Entry {
+                        time: t,
+                        actor: ACTOR_SYSTEM.into(),
+                        action: "shred.destroy".into(),
+                        target: c.class.clone(),
+                        allowed: true,
+                        reason: format!(
+                            "ceremony {cid}: {}; certificate {}",
+                            cert.destroyed,
+                            hex(&certificate::digest(&signed))
+                        ),
+                        request_id: rid,
+                    })?;
+                    Ok(Some(c.class))
+                },
+                forget,
+            )
             .await?;
         let Some(class) = class else {
             return Ok(false);
         };
-        self.forget_class_key(&class);
         fault("shred-before-compact");
         self.compact_if_pending().await?;
         tracing::info!(class = %class, ceremony = %id, "class key shredded; certificate written");

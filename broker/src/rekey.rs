@@ -120,6 +120,7 @@ impl Broker {
         let row_bytes = Zeroizing::new(self.row_key.expose_bytes().to_vec());
         let rid = request_id.to_string();
         let id = store_id.clone();
+        let forget_rows = self.current_rows.forget_on_commit();
         let counts = self
             .store
             .write_then(
@@ -212,6 +213,8 @@ impl Broker {
                     Ok((rows.len() as u64, classes.len() as u64))
                 },
                 move |committed| {
+                    // Cached rows hold data keys wrapped by the old key.
+                    forget_rows(committed);
                     let swapped = swap_handle.generation_swapped();
                     if !committed && swapped {
                         swap_handle.swap(old_for_undo);
@@ -221,7 +224,6 @@ impl Broker {
             )
             .await?;
         fault("rekey-after-commit");
-        self.invalidate_current();
         if let Source::Keychain(which) = self.source() {
             let old = unseal::root_item_gen(which, &store_id, generation);
             let _ = tokio::task::spawn_blocking(move || old.delete()).await;

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tessera_shred::envelope::ShareEnvelope;
@@ -378,9 +377,11 @@ impl Broker {
         };
         let rid = request_id.to_string();
         let rk = Arc::clone(&self.root_key);
+        // The re-keyed classes' old keys are forgotten as the re-key commits.
+        let forget = self.class_keys.forget_on_commit();
         let out = self
             .store
-            .write(move |ctx| {
+            .write_then(move |ctx| {
                 let t = now();
                 let refuse = |ctx: &mut crate::store::WriteCtx<'_>, e: Error| -> Result<_> {
                     ctx.audit(&admin_entry(
@@ -454,11 +455,8 @@ impl Broker {
                     },
                     classes,
                 )))
-            })
+            }, forget)
             .await??;
-        for c in &out.1 {
-            self.forget_class_key(c);
-        }
         self.compact_if_pending().await?;
         Ok(out)
     }
@@ -991,15 +989,10 @@ impl Broker {
 
     /// The unwrapped key of a live class (cached).
     pub(crate) fn class_key(&self, name: &str) -> Result<Arc<ClassKey>> {
-        if let Some(k) = self
-            .class_keys
-            .read()
-            .ok()
-            .and_then(|m| m.get(name).cloned())
-        {
+        if let Some(k) = self.class_keys.get(name) {
             return Ok(k);
         }
-        let forgets = self.class_keys_gen.load(Ordering::Acquire);
+        let forgets = self.class_keys.generation();
         let (row, wrapped) = self.store.read(|conn| {
             let c = load_class(conn, name)?.ok_or_else(|| no_class(name))?;
             let w: Option<Vec<u8>> = conn.query_row(
@@ -1026,22 +1019,10 @@ impl Broker {
             generation: row.generation,
             key: SymmetricKey::from_bytes(&raw)?,
         });
-        if let Ok(mut m) = self.class_keys.write() {
-            // A shred or re-key that committed meanwhile forgot this key:
-            // use it for this call only.
-            if self.class_keys_gen.load(Ordering::Acquire) == forgets {
-                m.insert(name.to_string(), Arc::clone(&key));
-            }
-        }
+        // A shred or re-key that committed meanwhile forgot this key: use
+        // it for this call only.
+        self.class_keys.insert(forgets, name, &key);
         Ok(key)
-    }
-
-    /// Forgets a class key held in memory (after a shred or a re-key).
-    pub(crate) fn forget_class_key(&self, name: &str) {
-        if let Ok(mut m) = self.class_keys.write() {
-            self.class_keys_gen.fetch_add(1, Ordering::AcqRel);
-            m.remove(name);
-        }
     }
 
     /// Checks the agent may use `class`; a refusal is audited.

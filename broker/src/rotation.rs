@@ -1218,9 +1218,10 @@ impl Broker {
         );
         let (sched, tz, jitter) = (s.schedule.clone(), s.schedule_tz.clone(), s.jitter);
         let key = Arc::clone(&self.row_key);
+        let forget = self.current_rows.forget_on_commit();
         let outcome = self
             .store
-            .write(move |ctx| {
+            .write_then(move |ctx| {
                 let t = now();
                 // The row's MAC is checked in the transaction that would
                 // reseal it: an edit made while the commands ran is refused
@@ -1309,7 +1310,7 @@ impl Broker {
                     request_id: rid,
                 })?;
                 Ok(Ok(None))
-            })
+            }, forget)
             .await??;
         if let Some(why) = outcome {
             return Ok(proto::RotationResult {
@@ -1320,7 +1321,6 @@ impl Broker {
                 due_at: due.unwrap_or(0),
             });
         }
-        self.invalidate_current();
         Ok(proto::RotationResult {
             name: name.into(),
             outcome: "rotated".into(),

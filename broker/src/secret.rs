@@ -2,7 +2,6 @@
 //! key, the data key wrapped by the root key, both bound to (name, version).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use rusqlite::{OptionalExtension, params};
 use zeroize::Zeroizing;
@@ -68,9 +67,9 @@ impl Broker {
         let rk_wrap = std::sync::Arc::clone(&self.root_key);
         let row_key = std::sync::Arc::clone(&self.row_key);
         let rid = request_id.to_string();
-        let info = self
-            .store
-            .write(move |ctx| {
+        let forget = self.current_rows.forget_on_commit();
+        self.store
+            .write_then(move |ctx| {
                 let t = now();
                 let current: Option<i64> = ctx
                     .conn
@@ -113,11 +112,9 @@ impl Broker {
                     request_id: rid,
                 })?;
                 Ok(secret_info(ctx.conn, &name))
-            })
+            }, forget)
             .await
-            .and_then(|r| r);
-        self.invalidate_current();
-        info
+            .and_then(|r| r)
     }
 
     /// Every secret's name, versions and times; never a value.
@@ -158,59 +155,55 @@ impl Broker {
             // Stored again and edited again, it is warned about again.
             seen.remove(&name);
         }
-        let out = self
-            .store
-            .write(move |ctx| {
-                let t = now();
-                let versions = ctx
-                    .conn
-                    .execute("DELETE FROM secret_versions WHERE name = ?1", [&name])?;
-                let existed = ctx
-                    .conn
-                    .execute("DELETE FROM secrets WHERE name = ?1", [&name])?;
-                if existed == 0 {
-                    let e = Error::NotFound(format!(
-                        "no secret named {name:?}; `tessera secret list` shows what exists"
-                    ));
-                    ctx.audit(&admin_entry(
-                        "secret.delete",
-                        &name,
-                        false,
-                        e.to_string(),
-                        &rid,
-                    ))?;
-                    return Ok(Err(e));
-                }
-                let leases = revoke_active(ctx, Scope::Secret(&name), t)?;
-                ctx.audit(&Entry {
-                    time: t,
-                    actor: ACTOR_ADMIN.into(),
-                    action: "secret.delete".into(),
-                    target: name.clone(),
-                    allowed: true,
-                    reason: format!("{versions} versions deleted, {leases} leases revoked"),
-                    request_id: rid,
-                })?;
-                Ok(Ok((versions as u64, leases)))
-            })
-            .await?;
-        self.invalidate_current();
-        out
+        let forget = self.current_rows.forget_on_commit();
+        self.store
+            .write_then(
+                move |ctx| {
+                    let t = now();
+                    let versions = ctx
+                        .conn
+                        .execute("DELETE FROM secret_versions WHERE name = ?1", [&name])?;
+                    let existed = ctx
+                        .conn
+                        .execute("DELETE FROM secrets WHERE name = ?1", [&name])?;
+                    if existed == 0 {
+                        let e = Error::NotFound(format!(
+                            "no secret named {name:?}; `tessera secret list` shows what exists"
+                        ));
+                        ctx.audit(&admin_entry(
+                            "secret.delete",
+                            &name,
+                            false,
+                            e.to_string(),
+                            &rid,
+                        ))?;
+                        return Ok(Err(e));
+                    }
+                    let leases = revoke_active(ctx, Scope::Secret(&name), t)?;
+                    ctx.audit(&Entry {
+                        time: t,
+                        actor: ACTOR_ADMIN.into(),
+                        action: "secret.delete".into(),
+                        target: name.clone(),
+                        allowed: true,
+                        reason: format!("{versions} versions deleted, {leases} leases revoked"),
+                        request_id: rid,
+                    })?;
+                    Ok(Ok((versions as u64, leases)))
+                },
+                forget,
+            )
+            .await?
     }
 
     /// The current version of `name`, decrypted. The encrypted row is
-    /// cached (never the plaintext); a put or delete clears the cache
-    /// before it is acknowledged.
+    /// cached (never the plaintext); a put, delete, rotation or re-key
+    /// clears the cache as it commits (`CommitCache`).
     pub fn read_current(&self, name: &str) -> Result<CurrentValue> {
-        let cached = self
-            .current_rows
-            .read()
-            .ok()
-            .and_then(|c| c.get(name).cloned());
-        let row = match cached {
+        let row = match self.current_rows.get(name) {
             Some(row) => row,
             None => {
-                let generation = self.current_gen.load(Ordering::Acquire);
+                let generation = self.current_rows.generation();
                 let row = self.store.read(|conn| {
                     rowmac::check_secret(conn, &self.row_key, name)?;
                     Ok(conn
@@ -234,16 +227,7 @@ impl Broker {
                         "no secret named {name:?}; ask an admin to store it (`tessera secret put {name}`)"
                     ))
                 })?);
-                if let Ok(mut c) = self.current_rows.write() {
-                    // Only cache what is still current: a put or delete that
-                    // committed meanwhile bumped the generation.
-                    if self.current_gen.load(Ordering::Acquire) == generation {
-                        if c.len() >= CURRENT_CACHE_MAX {
-                            c.clear();
-                        }
-                        c.insert(name.to_string(), Arc::clone(&row));
-                    }
-                }
+                self.current_rows.insert(generation, name, &row);
                 row
             }
         };
@@ -254,14 +238,6 @@ impl Broker {
             ciphertext: row.ciphertext.clone(),
         })
     }
-
-    /// Forgets cached rows after a put or delete commits.
-    pub(crate) fn invalidate_current(&self) {
-        self.current_gen.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut c) = self.current_rows.write() {
-            c.clear();
-        }
-    }
 }
 
 /// A secret version as stored: encrypted value and wrapped data key.
@@ -270,9 +246,6 @@ pub struct StoredVersion {
     wrapped_key: Vec<u8>,
     ciphertext: Vec<u8>,
 }
-
-/// Most secrets whose current row is cached.
-const CURRENT_CACHE_MAX: usize = 10_000;
 
 fn secret_info(conn: &rusqlite::Connection, name: &str) -> Result<SecretInfo> {
     Ok(conn.query_row(

@@ -673,10 +673,11 @@ impl Store {
 
     /// Like [`Store::write`], and `on_commit(committed)` runs on the writer
     /// thread right after the commit (or rollback), before the next batch
-    /// starts: for in-memory state that must change exactly when the
-    /// transaction does (the root key after a rekey). `committed` is false
-    /// when `f` failed (its savepoint was rolled back, even if the batch
-    /// committed) or when the batch did not commit.
+    /// starts, and before the caller is answered or `Watch` is woken: for
+    /// in-memory state that must change exactly when the transaction does
+    /// (the root key after a rekey, cached rows a write replaced).
+    /// `committed` is false when `f` failed (its savepoint was rolled back,
+    /// even if the batch committed) or when the batch did not commit.
     pub async fn write_then<T: Send + 'static>(
         &self,
         f: impl for<'c> FnOnce(&mut WriteCtx<'c>) -> Result<T> + Send + 'static,
@@ -822,19 +823,21 @@ fn writer_loop(
         if committed.is_ok() {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(done.len() as u64, Ordering::Relaxed);
-            if chain.emitted {
-                events.send_modify(|n| *n += 1);
-            }
-        }
-        if committed.is_err() {
+        } else {
             // The transaction rolled back, so the in-memory head is ahead
             // of the file: reload it.
             if let Ok(h) = current_head(&conn) {
                 chain.head = h;
             }
         }
+        // Commit hooks (`write_then`) run here, before `Watch` is woken:
+        // a watcher that hears of a rotation must not be served the cached
+        // row it replaced.
         for d in done {
             d(committed.as_ref().map(|_| ()).map_err(commit_failed));
+        }
+        if committed.is_ok() && chain.emitted {
+            events.send_modify(|n| *n += 1);
         }
         restart_wal_if_large(&conn);
     }
@@ -1079,6 +1082,52 @@ mod tests {
             .read(|c| Ok(c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?))
             .expect("events");
         assert_eq!(stored_events, 0);
+    }
+
+    /// A commit hook has run before the writer wakes `Watch` or answers the
+    /// caller: a watcher told of a rotation is never served the cached row
+    /// the rotation replaced.
+    #[test]
+    fn commit_hooks_run_before_watchers_hear_of_the_commit() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tessera.db");
+        let conn = open_rw(&path, true).expect("new store");
+        let store = Arc::new(
+            Store::start(&path, conn, SymmetricKey::generate().expect("key"), 1).expect("start"),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let hooked = Arc::new(AtomicBool::new(false));
+        rt.block_on(async {
+            let mut events = store.subscribe_events();
+            let (s, h) = (Arc::clone(&store), Arc::clone(&hooked));
+            let write = tokio::spawn(async move {
+                s.write_then(
+                    |ctx| {
+                        ctx.event(&NewEvent {
+                            kind: "secret.rotated",
+                            ..Default::default()
+                        })
+                    },
+                    move |committed| {
+                        assert!(committed);
+                        // Slow, so that a wake sent before it would be seen.
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        h.store(true, Ordering::SeqCst);
+                    },
+                )
+                .await
+            });
+            events.changed().await.expect("woken");
+            assert!(
+                hooked.load(Ordering::SeqCst),
+                "a watcher heard of the commit before its hook ran"
+            );
+            write.await.expect("write").expect("committed");
+        });
     }
 
     /// Under writes that never pause, the WAL is started over once it passes

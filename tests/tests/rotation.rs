@@ -850,6 +850,7 @@ fn tessera_run_restarts_its_command_with_the_new_value() {
             out = out.display()
         ),
     );
+    let notes = w.tmp.path().join("run.err");
     let mut run = w.command();
     run.args([
         "run",
@@ -861,20 +862,12 @@ fn tessera_run_restarts_its_command_with_the_new_value() {
     ])
     .env("TESSERA_TOKEN", &token)
     .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
+    .stderr(std::fs::File::create(&notes).expect("notes file"));
     let mut run = run.spawn().expect("spawn tessera run");
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
-    wait_for("the child to start", 20, || read().contains("start sk-one"));
+    wait_for("the child to start", 60, || read().contains("start sk-one"));
     assert!(read().contains("token=none args=plain-arg"), "{}", read());
-    w.run_with(
-        &["rotate", "now", "openai/prod", "--from-stdin"],
-        Some(b"sk-two"),
-        &[],
-    )
-    .ok();
-    wait_for("the restart with the new value", 20, || {
-        read().contains("start sk-two")
-    });
+    rotate_until_seen(&w, "openai/prod", "sk-two", &out, "start sk-two", &notes);
     assert!(
         read().contains("term"),
         "the old child got SIGTERM: {}",
