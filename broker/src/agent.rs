@@ -1,15 +1,14 @@
 //! Agents: registered non-human identities with a bearer token (`tsr_…`,
 //! shown once, stored as a hash), an allow list of secret patterns and TTL
-//! limits. Token checks go through a small cache that a revoke clears
-//! before it is acknowledged.
+//! limits. Token checks go through a small cache that a revoke clears as
+//! it commits.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use rusqlite::{OptionalExtension, params};
 
 use crate::audit::{ACTOR_ADMIN, Entry};
-use crate::broker::{AGENT_CACHE_MAX, Broker};
+use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::init::now;
 use crate::keys::{Token, ct_eq, token_hash};
@@ -252,7 +251,7 @@ impl Broker {
     }
 
     /// Revokes an agent's token and every active lease it holds, in one
-    /// transaction; the token cache forgets it before this returns.
+    /// transaction; the token cache forgets it as that transaction commits.
     pub async fn revoke_agent(&self, request_id: &str, name: String) -> Result<u64> {
         if let Err(e) = names::agent(&name, "name") {
             return Err(self
@@ -261,55 +260,54 @@ impl Broker {
         }
         let rid = request_id.to_string();
         let row_key = Arc::clone(&self.row_key);
-        let (hash, leases) = self
-            .store
-            .write(move |ctx| {
-                let t = now();
-                let row: Option<(i64, Vec<u8>, Option<i64>)> = ctx
-                    .conn
-                    .query_row(
-                        "SELECT id, token_hash, revoked_at FROM agents WHERE name = ?1",
-                        [&name],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
-                    .optional()?;
-                let Some((id, hash, revoked)) = row else {
-                    let e = Error::NotFound(format!(
-                        "no agent named {name:?}; `tessera agent list` shows them"
-                    ));
+        let forget = self.agents.forget_on_commit();
+        self.store
+            .write_then(
+                move |ctx| {
+                    let t = now();
+                    let row: Option<(i64, Option<i64>)> = ctx
+                        .conn
+                        .query_row(
+                            "SELECT id, revoked_at FROM agents WHERE name = ?1",
+                            [&name],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .optional()?;
+                    let Some((id, revoked)) = row else {
+                        let e = Error::NotFound(format!(
+                            "no agent named {name:?}; `tessera agent list` shows them"
+                        ));
+                        ctx.audit(&admin_entry(
+                            "agent.revoke",
+                            &name,
+                            false,
+                            e.to_string(),
+                            &rid,
+                        ))?;
+                        return Ok(Err(e));
+                    };
+                    if revoked.is_none() {
+                        ctx.conn.execute(
+                            "UPDATE agents SET revoked_at = ?1 WHERE id = ?2",
+                            params![t, id],
+                        )?;
+                    }
+                    // Also the remedy for a row edited outside tessera: revoked,
+                    // it authenticates nothing, so its MAC may cover it as is.
+                    rowmac::seal_agent(ctx.conn, &row_key, id)?;
+                    let leases = revoke_active(ctx, Scope::Agent(id), t)?;
                     ctx.audit(&admin_entry(
                         "agent.revoke",
                         &name,
-                        false,
-                        e.to_string(),
+                        true,
+                        format!("token revoked, {leases} leases revoked"),
                         &rid,
                     ))?;
-                    return Ok(Err(e));
-                };
-                if revoked.is_none() {
-                    ctx.conn.execute(
-                        "UPDATE agents SET revoked_at = ?1 WHERE id = ?2",
-                        params![t, id],
-                    )?;
-                }
-                // Also the remedy for a row edited outside tessera: revoked,
-                // it authenticates nothing, so its MAC may cover it as is.
-                rowmac::seal_agent(ctx.conn, &row_key, id)?;
-                let leases = revoke_active(ctx, Scope::Agent(id), t)?;
-                ctx.audit(&admin_entry(
-                    "agent.revoke",
-                    &name,
-                    true,
-                    format!("token revoked, {leases} leases revoked"),
-                    &rid,
-                ))?;
-                Ok(Ok((hash, leases)))
-            })
-            .await??;
-        if let Ok(h) = <[u8; 32]>::try_from(hash) {
-            self.forget_agent(&h);
-        }
-        Ok(leases)
+                    Ok(Ok(leases))
+                },
+                forget,
+            )
+            .await?
     }
 
     /// Checks an agent bearer token; a failure is audited.
@@ -330,7 +328,7 @@ impl Broker {
                 .await);
         };
         let hash = token_hash(token);
-        if let Some(a) = self.cached_agent(&hash) {
+        if let Some(a) = self.agents.get(&hash) {
             return match a.expired(now()) {
                 None => Ok(a),
                 Some(e) => Err(self.deny(a.actor(), action, target, request_id, e).await),
@@ -338,7 +336,7 @@ impl Broker {
         }
         // Read before the row: a revoke that commits after this read bumps
         // it, and the row is then not cached.
-        let generation = self.agents_gen.load(Ordering::Acquire);
+        let generation = self.agents.generation();
         let found = self.store.read(|conn| {
             Ok(conn
                 .prepare_cached(&format!(
@@ -377,14 +375,7 @@ impl Broker {
                         .await);
                 }
                 let agent = Arc::new(agent);
-                if let Ok(mut cache) = self.agents.write() {
-                    if cache.len() >= AGENT_CACHE_MAX {
-                        cache.clear();
-                    }
-                    if self.agents_gen.load(Ordering::Acquire) == generation {
-                        cache.insert(hash, Arc::clone(&agent));
-                    }
-                }
+                self.agents.insert(generation, hash, &agent);
                 Ok(agent)
             }
             Some((agent, Some(_))) => {
@@ -408,26 +399,10 @@ impl Broker {
         }
     }
 
-    fn cached_agent(&self, hash: &[u8; 32]) -> Option<Arc<Agent>> {
-        let cache = self.agents.read().ok()?;
-        cache.get(hash).cloned()
-    }
-
-    /// Drops an agent from the token cache.
-    pub(crate) fn forget_agent(&self, hash: &[u8; 32]) {
-        if let Ok(mut cache) = self.agents.write() {
-            cache.remove(hash);
-            self.agents_gen.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
     /// Drops an agent from the token cache by id (after a writer-side check
     /// found it revoked).
     pub(crate) fn forget_agent_id(&self, id: i64) {
-        if let Ok(mut cache) = self.agents.write() {
-            cache.retain(|_, a| a.id != id);
-            self.agents_gen.fetch_add(1, Ordering::AcqRel);
-        }
+        self.agents.forget_where(|a| a.id == id);
     }
 }
 

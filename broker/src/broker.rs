@@ -1,5 +1,6 @@
 //! The broker's state, shared by every gRPC call: the unsealed store, the
-//! keys derived from the root key, and the agent-token cache. The
+//! keys derived from the root key, and the caches of agents, current secret
+//! rows and class keys (`CommitCache`). The
 //! operations themselves live in `secret`, `agent`, `lease` and here (audit).
 
 use std::collections::HashMap;
@@ -47,21 +48,20 @@ pub struct Broker {
     pub(crate) row_key: Arc<SymmetricKey>,
     /// Secrets whose row failed its MAC, already warned about in the log.
     pub(crate) tampered_logged: std::sync::Mutex<std::collections::HashSet<String>>,
-    pub(crate) agents: RwLock<HashMap<[u8; 32], Arc<Agent>>>,
-    /// Bumped (under the cache's write lock) by every forget of an agent,
-    /// so a row read before a revoke committed is not cached after it.
-    pub(crate) agents_gen: std::sync::atomic::AtomicU64,
+    /// Agents by token hash; a revoke forgets them.
+    pub(crate) agents: Arc<CommitCache<[u8; 32], Agent>>,
     pub(crate) limits: Limits,
     source: Source,
     /// The encrypted current version of recently read secrets.
-    pub(crate) current_rows: Arc<CommitCache<crate::secret::StoredVersion>>,
+    pub(crate) current_rows: Arc<CommitCache<String, crate::secret::StoredVersion>>,
     /// The broker's Ed25519 key (PKCS#8): signs destruction certificates.
     pub(crate) signing_key: Zeroizing<Vec<u8>>,
     /// Its public half.
     pub(crate) signing_public: [u8; 32],
-    /// Unwrapped class keys in use; a shred or re-key forgets them (and a
-    /// key is zeroized when its last user drops it).
-    pub(crate) class_keys: Arc<CommitCache<crate::retention::ClassKey>>,
+    /// Unwrapped class keys in use; a shred, or the class re-key of a
+    /// holder replacement, forgets them (and a key is zeroized when its
+    /// last user drops it).
+    pub(crate) class_keys: Arc<CommitCache<String, crate::retention::ClassKey>>,
     /// Set when the broker stops serving: open `Watch` streams end (they
     /// would otherwise hold the graceful shutdown open forever).
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,
@@ -129,25 +129,26 @@ impl RootKeys {
 }
 
 /// Most agents kept in the token cache before it is cleared.
-pub(crate) const AGENT_CACHE_MAX: usize = 10_000;
+const AGENT_CACHE_MAX: usize = 10_000;
 
 /// Most secrets whose current row is cached.
 const CURRENT_CACHE_MAX: usize = 10_000;
 
 /// Rows read from the store and kept in memory, which a write that changes
 /// them forgets from its commit hook ([`Store::write_then`]): on the writer
-/// thread, right after the commit and before the write is acknowledged or
-/// announced to `Watch`. So once a caller or a watcher hears of a rotation
-/// or a shred, no request is served from what it replaced.
-pub(crate) struct CommitCache<V> {
-    map: RwLock<HashMap<String, Arc<V>>>,
+/// thread, after the commit and before any caller in its batch is answered
+/// or `Watch` is woken. Requests that use a cached row still re-check it in
+/// their own transaction where serving a replaced row would matter (`Issue`
+/// refuses a version that stopped being current, and a revoked agent).
+pub(crate) struct CommitCache<K, V> {
+    map: RwLock<HashMap<K, Arc<V>>>,
     /// Bumped by every forget, so a row read before a write committed is
     /// not cached after it.
     generation: std::sync::atomic::AtomicU64,
     max: usize,
 }
 
-impl<V> CommitCache<V> {
+impl<K: Eq + std::hash::Hash, V> CommitCache<K, V> {
     fn new(max: usize) -> Self {
         CommitCache {
             map: RwLock::new(HashMap::new()),
@@ -156,7 +157,11 @@ impl<V> CommitCache<V> {
         }
     }
 
-    pub(crate) fn get(&self, key: &str) -> Option<Arc<V>> {
+    pub(crate) fn get<Q>(&self, key: &Q) -> Option<Arc<V>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
         self.map.read().ok()?.get(key).cloned()
     }
 
@@ -168,28 +173,34 @@ impl<V> CommitCache<V> {
 
     /// Caches `value` unless a forget came after `generation` was read
     /// (the row may then be out of date already).
-    pub(crate) fn insert(&self, generation: u64, key: &str, value: &Arc<V>) {
+    pub(crate) fn insert(&self, generation: u64, key: K, value: &Arc<V>) {
         let Ok(mut m) = self.map.write() else { return };
         if self.generation() == generation {
             if m.len() >= self.max {
                 m.clear();
             }
-            m.insert(key.to_string(), Arc::clone(value));
+            m.insert(key, Arc::clone(value));
+        }
+    }
+
+    /// Forgets the entries whose value matches `f`.
+    pub(crate) fn forget_where(&self, f: impl Fn(&V) -> bool) {
+        if let Ok(mut m) = self.map.write() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            m.retain(|_, v| !f(v));
         }
     }
 
     /// Forgets every entry.
     pub(crate) fn forget_all(&self) {
-        if let Ok(mut m) = self.map.write() {
-            self.generation
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            m.clear();
-        }
+        self.forget_where(|_| true);
     }
 
     /// A commit hook for [`Store::write_then`] that forgets every entry.
     pub(crate) fn forget_on_commit(self: &Arc<Self>) -> impl FnOnce(bool) + Send + 'static
     where
+        K: Send + Sync + 'static,
         V: Send + Sync + 'static,
     {
         let cache = Arc::clone(self);
@@ -300,8 +311,7 @@ impl Broker {
             admin_token_hash,
             row_key: Arc::new(row_key),
             tampered_logged: std::sync::Mutex::new(std::collections::HashSet::new()),
-            agents: RwLock::new(HashMap::new()),
-            agents_gen: std::sync::atomic::AtomicU64::new(0),
+            agents: Arc::new(CommitCache::new(AGENT_CACHE_MAX)),
             limits,
             source,
             current_rows: Arc::new(CommitCache::new(CURRENT_CACHE_MAX)),

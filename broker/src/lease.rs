@@ -83,31 +83,90 @@ impl Broker {
                     .await);
             }
         };
-        let current = match self.read_current(&secret) {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(self
-                    .deny(agent.actor(), ACTION, &secret, request_id, e)
-                    .await);
-            }
-        };
         let ttl = if ttl == 0 {
             agent.max_ttl
         } else {
             ttl.min(agent.max_ttl)
         };
+        // A version that stopped being current after it was read (from the
+        // cache, or before another process rotated the secret) is read
+        // again once; the second time it is taken: the rotation raced this
+        // very request, and the version stays valid for its overlap.
+        for last_try in [false, true] {
+            let mut current = match self.read_current(&secret) {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(self
+                        .deny(agent.actor(), ACTION, &secret, request_id, e)
+                        .await);
+                }
+            };
+            let version = current.version;
+            let read_from = std::mem::take(&mut current.ciphertext);
+            let issued = self
+                .write_lease(
+                    request_id,
+                    agent,
+                    &secret,
+                    &rule,
+                    ttl,
+                    (version, read_from),
+                    last_try,
+                )
+                .await?;
+            match issued {
+                Issued::Lease(lease_id, issued_at, expires_at, renewable_until) => {
+                    return Ok(Lease {
+                        lease_id,
+                        secret,
+                        version,
+                        value: current.value.to_vec(),
+                        issued_at,
+                        expires_at,
+                        renewable_until,
+                    });
+                }
+                Issued::Superseded => self.current_rows.forget_all(),
+                Issued::Refused(e) => {
+                    if matches!(e, Error::Unauthenticated(_)) {
+                        self.forget_agent_id(agent.id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Err(Error::Internal(
+            "an issue was retried more than once".into(),
+        ))
+    }
+
+    /// Stores a lease on `version` (read from the row holding `ciphertext`)
+    /// and its audit record, re-checking in the transaction what was read
+    /// before it: the agent's revocation and the version. Unless
+    /// `last_try`, a version that is no longer current writes nothing and
+    /// comes back `Superseded`.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_lease(
+        &self,
+        request_id: &str,
+        agent: &Arc<Agent>,
+        secret: &str,
+        rule: &str,
+        ttl: u64,
+        (version, ciphertext): (u64, Vec<u8>),
+        last_try: bool,
+    ) -> Result<Issued> {
+        const ACTION: &str = "lease.issue";
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let lease_id = lease_id(now_ms)?;
         let agent_id = agent.id;
-        let version = current.version;
-        let ciphertext = current.ciphertext;
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
-        let name = secret.clone();
-        let issued = self
-            .store
+        let name = secret.to_string();
+        let rule = rule.to_string();
+        self.store
             .write_unguarded(move |ctx| {
                 let t = now();
                 // The token check above may have used the cache: re-check
@@ -129,7 +188,12 @@ impl Broker {
                 // committed since (and revoked the secret's leases) wins.
                 let refused = match refused {
                     Some(e) => Some(e),
-                    None => version_gone(ctx.conn, &name, version, &ciphertext)?,
+                    None => match check_version(ctx.conn, &name, version, &ciphertext)? {
+                        VersionCheck::Current => None,
+                        VersionCheck::Superseded if last_try => None,
+                        VersionCheck::Superseded => return Ok(Issued::Superseded),
+                        VersionCheck::Gone(e) => Some(e),
+                    },
                 };
                 if let Some(e) = refused {
                     ctx.audit(&agent_entry(
@@ -140,7 +204,7 @@ impl Broker {
                         e.to_string(),
                         &rid,
                     ))?;
-                    return Ok(Err(e));
+                    return Ok(Issued::Refused(e));
                 }
                 let renewable_until = actor.lease_limit(t);
                 let expires_at = (t + ttl as i64).min(renewable_until);
@@ -170,26 +234,9 @@ impl Broker {
                     ),
                     &rid,
                 ))?;
-                Ok(Ok((lease_id, t, expires_at, renewable_until)))
+                Ok(Issued::Lease(lease_id, t, expires_at, renewable_until))
             })
-            .await?;
-        match issued {
-            Ok((lease_id, issued_at, expires_at, renewable_until)) => Ok(Lease {
-                lease_id,
-                secret,
-                version,
-                value: current.value.to_vec(),
-                issued_at,
-                expires_at,
-                renewable_until,
-            }),
-            Err(e) => {
-                if matches!(e, Error::Unauthenticated(_)) {
-                    self.forget_agent_id(agent.id);
-                }
-                Err(e)
-            }
-        }
+            .await
     }
 
     /// Extends one of `agent`'s leases by `ttl` from now (0 = the agent's
@@ -664,16 +711,34 @@ fn not_found(lease_id: &str) -> Error {
     ))
 }
 
-/// Why a lease on `version` of `name` can no longer be issued: the secret
-/// was deleted (perhaps put again since, restarting its version numbers),
-/// or the version retired, after its value was read. The row must still
-/// hold the ciphertext the value came from.
-fn version_gone(
+/// What a write found of the version an `Issue` read before it.
+enum VersionCheck {
+    /// Still the current version.
+    Current,
+    /// Replaced by a newer one, in its overlap: still valid.
+    Superseded,
+    /// Retired or deleted since: refused.
+    Gone(Error),
+}
+
+/// What an `Issue`'s write did.
+enum Issued {
+    /// Stored: lease id, issued at, expires at, renewable until.
+    Lease(String, i64, i64, i64),
+    /// Nothing written: read the current version again.
+    Superseded,
+    /// Refused (and audited).
+    Refused(Error),
+}
+
+/// Finds the row `version` of `name` was read from (the same ciphertext: a
+/// delete and a later put can make a row with the same name and version).
+fn check_version(
     conn: &rusqlite::Connection,
     name: &str,
     version: u64,
     ciphertext: &[u8],
-) -> Result<Option<Error>> {
+) -> Result<VersionCheck> {
     let state: Option<String> = conn
         .prepare_cached(
             "SELECT state FROM secret_versions
@@ -682,12 +747,13 @@ fn version_gone(
         .query_row(params![name, version as i64, ciphertext], |r| r.get(0))
         .optional()?;
     Ok(match state.as_deref() {
-        Some("active" | "overlapping") => None,
-        Some(_) => Some(Error::Unavailable(format!(
+        Some(crate::rotation::version_state::ACTIVE) => VersionCheck::Current,
+        Some(crate::rotation::version_state::OVERLAPPING) => VersionCheck::Superseded,
+        Some(_) => VersionCheck::Gone(Error::Unavailable(format!(
             "version {version} of secret {name:?} was retired while this lease was being \
              issued; ask again for the current version"
         ))),
-        None => Some(Error::NotFound(format!(
+        None => VersionCheck::Gone(Error::NotFound(format!(
             "secret {name:?} was deleted while this lease was being issued; ask an admin \
              whether it should exist"
         ))),
@@ -699,34 +765,34 @@ mod tests {
     use super::*;
 
     /// An Issue's re-check tells the row its value came from from a row of
-    /// the same name and version made by a later put (after a delete), and
-    /// from a retired one.
+    /// the same name and version made by a later put (after a delete), from
+    /// a retired one, and from one a rotation superseded.
     #[test]
-    fn version_gone_needs_the_same_row() {
+    fn check_version_needs_the_same_current_row() {
         let dir = tempfile::tempdir().expect("dir");
         let conn = crate::store::open_rw(&dir.path().join("t.db"), true).expect("new store");
         conn.execute(
-            "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext)
-             VALUES ('a/b', 1, 0, x'00', x'0102')",
+            "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext,
+                 state)
+             VALUES ('a/b', 1, 0, x'00', x'0102', 'active')",
             [],
         )
         .expect("row");
-        assert!(
-            version_gone(&conn, "a/b", 1, &[1, 2])
-                .expect("check")
-                .is_none()
-        );
-        let other = version_gone(&conn, "a/b", 1, &[9, 9]).expect("check");
-        assert!(matches!(other, Some(Error::NotFound(_))), "{other:?}");
-        let missing = version_gone(&conn, "a/b", 2, &[1, 2]).expect("check");
-        assert!(matches!(missing, Some(Error::NotFound(_))), "{missing:?}");
+        let check = |version, ciphertext: &[u8]| {
+            check_version(&conn, "a/b", version, ciphertext).expect("check")
+        };
+        assert!(matches!(check(1, &[1, 2]), VersionCheck::Current));
+        let other = check(1, &[9, 9]);
+        assert!(matches!(other, VersionCheck::Gone(Error::NotFound(_))));
+        let missing = check(2, &[1, 2]);
+        assert!(matches!(missing, VersionCheck::Gone(Error::NotFound(_))));
+        conn.execute("UPDATE secret_versions SET state = 'overlapping'", [])
+            .expect("supersede");
+        assert!(matches!(check(1, &[1, 2]), VersionCheck::Superseded));
         conn.execute("UPDATE secret_versions SET state = 'retired'", [])
             .expect("retire");
-        let retired = version_gone(&conn, "a/b", 1, &[1, 2]).expect("check");
-        assert!(
-            matches!(retired, Some(Error::Unavailable(_))),
-            "{retired:?}"
-        );
+        let retired = check(1, &[1, 2]);
+        assert!(matches!(retired, VersionCheck::Gone(Error::Unavailable(_))));
     }
 
     /// The sweep and the bulk revokes go through the partial indexes on

@@ -1021,7 +1021,7 @@ impl Broker {
         });
         // A shred or re-key that committed meanwhile forgot this key: use
         // it for this call only.
-        self.class_keys.insert(forgets, name, &key);
+        self.class_keys.insert(forgets, name.to_string(), &key);
         Ok(key)
     }
 

@@ -227,7 +227,7 @@ impl Broker {
                         "no secret named {name:?}; ask an admin to store it (`tessera secret put {name}`)"
                     ))
                 })?);
-                self.current_rows.insert(generation, name, &row);
+                self.current_rows.insert(generation, name.to_string(), &row);
                 row
             }
         };

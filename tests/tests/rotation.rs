@@ -401,6 +401,45 @@ fn rotation_and_verify_commands_get_values_off_argv() {
     assert!(!logs.contains("ghp-current") && !logs.contains("ghp-next"));
 }
 
+/// A rotation made by another process on the store (`rotate --due` from
+/// cron, while the broker listens where the CLI does not look) reaches the
+/// running broker's `Issue` at once: the version it had cached is read
+/// again, not served.
+#[test]
+fn issue_serves_a_rotation_made_by_another_process() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&["--no-scheduler"]);
+    w.put("api/key", b"k0");
+    let next = script(&w, "next.sh", "cat >/dev/null; echo k1");
+    w.run(&["secret", "config", "api/key", "--rotate-cmd", &next])
+        .ok();
+    w.run(&["rotate", "schedule", "api/key", "--every", "1s"])
+        .ok();
+    let token = w.agent("bot", "api/*", "15m");
+    assert_eq!(w.get("api/key", &token).ok().stdout, "k0");
+    // The CLI no longer finds the broker where it looks, so `rotate --due`
+    // opens the store itself while the broker keeps serving.
+    let socket = w.socket();
+    let aside = w.tmp.path().join("aside.sock");
+    std::fs::rename(&socket, &aside).expect("move the socket aside");
+    std::thread::sleep(Duration::from_secs(2));
+    let r = w
+        .run_with(
+            &["rotate", "--due", "--json"],
+            None,
+            &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+        )
+        .ok()
+        .json();
+    assert_eq!(r["results"][0]["outcome"], "rotated", "{r}");
+    std::fs::rename(&aside, &socket).expect("put the socket back");
+    // The broker's writer continues the audit trail after the other
+    // process's records (before, its next write clashed on their numbers).
+    assert_eq!(w.get("api/key", &token).ok().stdout, "k1");
+    w.run(&["audit", "verify"]).ok();
+}
+
 #[test]
 fn rotate_due_from_two_processes_rotates_once_and_missed_slots_rotate_once() {
     let w = World::new();
