@@ -1,7 +1,7 @@
 //! The broker's state, shared by every gRPC call: the unsealed store, the
 //! keys derived from the root key, and the caches of agents, current secret
-//! rows and class keys (`CommitCache`). The
-//! operations themselves live in `secret`, `agent`, `lease` and here (audit).
+//! rows and class keys (`CommitCache`). The operations themselves live in
+//! `secret`, `agent`, `lease` and here (audit).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -189,6 +189,19 @@ impl<K: Eq + std::hash::Hash, V> CommitCache<K, V> {
             self.generation
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             m.retain(|_, v| !f(v));
+        }
+    }
+
+    /// Forgets the entry of `key`.
+    pub(crate) fn forget<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        if let Ok(mut m) = self.map.write() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            m.remove(key);
         }
     }
 

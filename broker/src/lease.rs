@@ -92,7 +92,8 @@ impl Broker {
         // cache, or before another process rotated the secret) is read
         // again once; the second time it is taken: the rotation raced this
         // very request, and the version stays valid for its overlap.
-        for last_try in [false, true] {
+        let mut last_try = false;
+        loop {
             let mut current = match self.read_current(&secret) {
                 Ok(c) => c,
                 Err(e) => {
@@ -101,32 +102,37 @@ impl Broker {
                         .await);
                 }
             };
-            let version = current.version;
-            let read_from = std::mem::take(&mut current.ciphertext);
-            let issued = self
-                .write_lease(
-                    request_id,
-                    agent,
-                    &secret,
-                    &rule,
-                    ttl,
-                    (version, read_from),
-                    last_try,
-                )
-                .await?;
-            match issued {
-                Issued::Lease(lease_id, issued_at, expires_at, renewable_until) => {
+            let wanted = Wanted {
+                secret: &secret,
+                rule: &rule,
+                ttl,
+                version: current.version,
+                read_from: std::mem::take(&mut current.ciphertext),
+            };
+            match self
+                .write_lease(request_id, agent, wanted, last_try)
+                .await?
+            {
+                Issued::Lease {
+                    lease_id,
+                    issued_at,
+                    expires_at,
+                    renewable_until,
+                } => {
                     return Ok(Lease {
                         lease_id,
                         secret,
-                        version,
+                        version: current.version,
                         value: current.value.to_vec(),
                         issued_at,
                         expires_at,
                         renewable_until,
                     });
                 }
-                Issued::Superseded => self.current_rows.forget_all(),
+                Issued::Superseded => {
+                    self.current_rows.forget(&secret);
+                    last_try = true;
+                }
                 Issued::Refused(e) => {
                     if matches!(e, Error::Unauthenticated(_)) {
                         self.forget_agent_id(agent.id);
@@ -135,25 +141,17 @@ impl Broker {
                 }
             }
         }
-        Err(Error::Internal(
-            "an issue was retried more than once".into(),
-        ))
     }
 
-    /// Stores a lease on `version` (read from the row holding `ciphertext`)
-    /// and its audit record, re-checking in the transaction what was read
-    /// before it: the agent's revocation and the version. Unless
-    /// `last_try`, a version that is no longer current writes nothing and
-    /// comes back `Superseded`.
-    #[allow(clippy::too_many_arguments)]
+    /// Stores a lease and its audit record, re-checking in the transaction
+    /// what was read before it: the agent's revocation and the version.
+    /// Unless `last_try`, a version that is no longer current writes
+    /// nothing and comes back `Superseded`.
     async fn write_lease(
         &self,
         request_id: &str,
         agent: &Arc<Agent>,
-        secret: &str,
-        rule: &str,
-        ttl: u64,
-        (version, ciphertext): (u64, Vec<u8>),
+        wanted: Wanted<'_>,
         last_try: bool,
     ) -> Result<Issued> {
         const ACTION: &str = "lease.issue";
@@ -164,8 +162,9 @@ impl Broker {
         let agent_id = agent.id;
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
-        let name = secret.to_string();
-        let rule = rule.to_string();
+        let name = wanted.secret.to_string();
+        let rule = wanted.rule.to_string();
+        let (ttl, version, ciphertext) = (wanted.ttl, wanted.version, wanted.read_from);
         self.store
             .write_unguarded(move |ctx| {
                 let t = now();
@@ -234,7 +233,12 @@ impl Broker {
                     ),
                     &rid,
                 ))?;
-                Ok(Issued::Lease(lease_id, t, expires_at, renewable_until))
+                Ok(Issued::Lease {
+                    lease_id,
+                    issued_at: t,
+                    expires_at,
+                    renewable_until,
+                })
             })
             .await
     }
@@ -711,7 +715,19 @@ fn not_found(lease_id: &str) -> Error {
     ))
 }
 
+/// The lease an `Issue` asks the writer to store.
+struct Wanted<'a> {
+    secret: &'a str,
+    /// The allow rule that let the agent ask.
+    rule: &'a str,
+    ttl: u64,
+    version: u64,
+    /// The ciphertext of the row the value came from.
+    read_from: Vec<u8>,
+}
+
 /// What a write found of the version an `Issue` read before it.
+#[derive(Debug)]
 enum VersionCheck {
     /// Still the current version.
     Current,
@@ -723,8 +739,13 @@ enum VersionCheck {
 
 /// What an `Issue`'s write did.
 enum Issued {
-    /// Stored: lease id, issued at, expires at, renewable until.
-    Lease(String, i64, i64, i64),
+    /// Stored.
+    Lease {
+        lease_id: String,
+        issued_at: i64,
+        expires_at: i64,
+        renewable_until: i64,
+    },
     /// Nothing written: read the current version again.
     Superseded,
     /// Refused (and audited).
@@ -783,16 +804,25 @@ mod tests {
         };
         assert!(matches!(check(1, &[1, 2]), VersionCheck::Current));
         let other = check(1, &[9, 9]);
-        assert!(matches!(other, VersionCheck::Gone(Error::NotFound(_))));
+        assert!(
+            matches!(other, VersionCheck::Gone(Error::NotFound(_))),
+            "{other:?}"
+        );
         let missing = check(2, &[1, 2]);
-        assert!(matches!(missing, VersionCheck::Gone(Error::NotFound(_))));
+        assert!(
+            matches!(missing, VersionCheck::Gone(Error::NotFound(_))),
+            "{missing:?}"
+        );
         conn.execute("UPDATE secret_versions SET state = 'overlapping'", [])
             .expect("supersede");
         assert!(matches!(check(1, &[1, 2]), VersionCheck::Superseded));
         conn.execute("UPDATE secret_versions SET state = 'retired'", [])
             .expect("retire");
         let retired = check(1, &[1, 2]);
-        assert!(matches!(retired, VersionCheck::Gone(Error::Unavailable(_))));
+        assert!(
+            matches!(retired, VersionCheck::Gone(Error::Unavailable(_))),
+            "{retired:?}"
+        );
     }
 
     /// The sweep and the bulk revokes go through the partial indexes on

@@ -1034,6 +1034,11 @@ impl Broker {
             ),
             ValueSource::Configured => {
                 if let Some(cmd) = s.rotate_cmd.clone() {
+                    // From the store, not the cache: another process
+                    // (`rotate --due` opening the store itself) may have
+                    // rotated it, and the command may need the value that
+                    // is current downstream to log in.
+                    self.current_rows.forget(name);
                     let current = self.read_current(name)?.value;
                     let via_env = s.value_via == "env";
                     let timeout = Duration::from_secs(s.cmd_timeout);

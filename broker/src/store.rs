@@ -404,12 +404,12 @@ impl Chain {
     /// sequence numbers stay unique and the chain unbroken. Called in the
     /// batch's transaction, which holds the write lock.
     fn follow_other_writers(&mut self, conn: &Connection) -> Result<()> {
-        let v: i64 = conn
-            .prepare_cached("PRAGMA data_version")?
-            .query_row([], |r| r.get(0))?;
+        let v = data_version(conn)?;
         if v != self.data_version {
             self.data_version = v;
             self.head = current_head(conn)?;
+            // It may have written events (a rotation): wake `Watch`.
+            self.emitted = true;
         }
         Ok(())
     }
@@ -454,6 +454,12 @@ impl Chain {
     }
 }
 
+fn data_version(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))?)
+}
+
 /// Runs `f` in one transaction on `conn`, with the audit trail keyed by
 /// `audit_key`, before the writer thread owns the connection (at open).
 pub(crate) fn write_before_start<T>(
@@ -467,6 +473,7 @@ pub(crate) fn write_before_start<T>(
         head: current_head(&tx)?,
         key: SymmetricKey::from_bytes(audit_key.expose_bytes())?,
         emitted: false,
+        // Unused: this chain lives for one transaction.
         data_version: 0,
     };
     let out = f(&mut WriteCtx {
@@ -506,8 +513,8 @@ struct Completion {
 /// transaction could be opened, or an earlier job failed in a way that
 /// undoes the whole batch: an unguarded job's error, a savepoint that could
 /// not be opened, released or rolled back), so the job fails its caller
-/// instead of vanishing. Returns whether it succeeded and how to answer.
-type Job = Box<dyn for<'c> FnOnce(Option<&mut WriteCtx<'c>>) -> (bool, Completion) + Send>;
+/// instead of vanishing. Returns whether it succeeded and how to end.
+type Job = Box<dyn for<'c> FnOnce(Option<&mut WriteCtx<'c>>) -> Completion + Send>;
 
 /// A write waiting for the next batch.
 struct Queued {
@@ -584,7 +591,7 @@ impl Store {
             head: current_head(&conn)?,
             key: audit_key,
             emitted: false,
-            data_version: 0,
+            data_version: data_version(&conn)?,
         };
         let mut rs = Vec::new();
         for _ in 0..readers.max(1) {
@@ -702,9 +709,9 @@ impl Store {
     /// Like [`Store::write`], and `on_commit(committed)` runs on the writer
     /// thread right after the commit (or rollback), before the next batch
     /// starts, and before any caller in the batch is answered or `Watch` is
-    /// woken: for
-    /// in-memory state that must change exactly when the transaction does
-    /// (the root key after a rekey, cached rows a write replaced).
+    /// woken: for in-memory state that must change exactly when the
+    /// transaction does (the root key after a rekey, cached rows a write
+    /// replaced).
     /// `committed` is false when `f` failed (its savepoint was rolled back,
     /// even if the batch committed) or when the batch did not commit.
     pub async fn write_then<T: Send + 'static>(
@@ -740,7 +747,7 @@ impl Store {
                 });
             });
             let hook = on_commit.map(|h| Box::new(h) as Box<dyn FnOnce(bool) + Send>);
-            (ok, Completion { hook, ok, answer })
+            Completion { hook, ok, answer }
         });
         self.writer
             .send(Cmd::Write(Queued { job, guarded }))
@@ -941,14 +948,14 @@ fn run_batch(
         Ok(tx) => tx,
         Err(e) => {
             for q in batch.drain(..) {
-                done.push((q.job)(None).1);
+                done.push((q.job)(None));
             }
             return (done, Err(Error::from(e)));
         }
     };
     if let Err(e) = chain.follow_other_writers(&tx) {
         for q in batch.drain(..) {
-            done.push((q.job)(None).1);
+            done.push((q.job)(None));
         }
         return (done, Err(e));
     }
@@ -956,25 +963,25 @@ fn run_batch(
     let mut failed = false;
     for Queued { job, guarded } in batch.drain(..) {
         if failed {
-            done.push(job(None).1);
+            done.push(job(None));
             continue;
         }
         if !guarded {
             let mut ctx = WriteCtx { conn: &tx, chain };
-            let (ok, completion) = job(Some(&mut ctx));
-            failed |= !ok;
+            let completion = job(Some(&mut ctx));
+            failed |= !completion.ok;
             done.push(completion);
             continue;
         }
         if tx.execute_batch("SAVEPOINT job").is_err() {
             failed = true;
-            done.push(job(None).1);
+            done.push(job(None));
             continue;
         }
         let (head, emitted) = (chain.head, chain.emitted);
         let mut ctx = WriteCtx { conn: &tx, chain };
-        let (ok, completion) = job(Some(&mut ctx));
-        let closed = if ok {
+        let completion = job(Some(&mut ctx));
+        let closed = if completion.ok {
             tx.execute_batch("RELEASE job")
         } else {
             // Undo only this job: its rows, its audit records, its events.
@@ -1122,6 +1129,45 @@ mod tests {
             .read(|c| Ok(c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?))
             .expect("events");
         assert_eq!(stored_events, 0);
+    }
+
+    /// Two processes writing one store (the broker and `tessera rotate
+    /// --due`) each continue the audit trail after the other's records,
+    /// and a commit by the other wakes `Watch`.
+    #[test]
+    fn writers_follow_each_others_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tessera.db");
+        let key = SymmetricKey::generate().expect("key");
+        let copy = || SymmetricKey::from_bytes(key.expose_bytes()).expect("key copy");
+        let start = |create| {
+            let conn = open_rw(&path, create).expect("store");
+            Store::start(&path, conn, copy(), 1).expect("start")
+        };
+        let (a, b) = (start(true), start(false));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let mut events = a.subscribe_events();
+        rt.block_on(async {
+            for (store, what) in [(&a, "a1"), (&b, "b1"), (&b, "b2"), (&a, "a2")] {
+                store
+                    .write(move |ctx| ctx.audit(&entry(what)))
+                    .await
+                    .expect(what);
+            }
+            // (The writer wakes watchers after it has answered.)
+            let woken = tokio::time::timeout(std::time::Duration::from_secs(10), events.changed());
+            assert!(
+                woken.await.is_ok_and(|r| r.is_ok()),
+                "the other writer's commits did not wake Watch"
+            );
+        });
+        let verdict = a
+            .read(|conn| crate::broker::walk_chain(conn, &copy()))
+            .expect("walk");
+        assert_eq!(verdict, crate::audit::Verdict::Intact { records: 4 });
     }
 
     /// A commit hook has run before the writer wakes `Watch`: a watcher
