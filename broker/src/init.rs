@@ -11,6 +11,12 @@ use crate::keys::{RootKey, SymmetricKey, Token, random_id};
 use crate::store::{self, Store, meta_set};
 use crate::unseal::{self, KdfParams, Source};
 
+/// Held by a running `serve` ([`DataDir::lock_for_serving`]); unlocks
+/// when dropped.
+pub struct ServeLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
 /// The files of one data directory.
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -50,6 +56,30 @@ impl DataDir {
     /// The default Unix socket of `serve`.
     pub fn socket(&self) -> PathBuf {
         self.root.join("tessera.sock")
+    }
+
+    /// Takes the lock `serve` holds while it runs, so that a second broker
+    /// on this store is refused (each would act on what it cached of rows
+    /// the other changes). Released when the returned lock is dropped, or
+    /// when the process ends, however it ends.
+    pub fn lock_for_serving(&self) -> Result<ServeLock> {
+        let path = self.root.join("serve.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(ServeLock { _lock: lock }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::FailedPrecondition(format!(
+                "another broker is already serving the store in {}; stop it first (two \
+                 brokers on one store would each act on what they cached of it)",
+                self.root.display()
+            ))),
+            Err((_, e)) => Err(Error::Io(format!("cannot lock {}: {e}", path.display()))),
+        }
     }
 
     /// The directory and store files that other users may reach, each with

@@ -324,7 +324,8 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(Error::FailedPrecondition(format!(
-                "another broker is already listening on {}; stop it first or pass --socket",
+                "another broker is already listening on {}; stop it first, or give this one \
+                 another --socket",
                 path.display()
             )));
         }

@@ -419,6 +419,8 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     };
     server::check_limits(&limits)?;
     let source = peek_source(&dir)?;
+    // Held until `serve` returns.
+    let _serving = dir.lock_for_serving()?;
     for problem in dir.open_to_others() {
         tracing::warn!("{problem}");
     }

@@ -1,6 +1,7 @@
 //! End-to-end: the real `tessera` binary, a real SQLite file, a real Unix
 //! socket, the real OS keychain.
 
+use std::path::Path;
 use std::time::Duration;
 
 use tessera_broker::proto;
@@ -400,14 +401,34 @@ fn sigterm_drains_and_exits_cleanly() {
 }
 
 #[test]
-fn second_broker_on_the_same_socket_is_refused() {
+fn a_second_broker_on_the_same_store_or_socket_is_refused() {
     let w = World::new();
     w.init_passphrase();
     let _s = w.serve(&[]);
+    let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
+    // The same store, on its socket or on another one.
+    let r = w.run_with(&["serve"], None, &pass).fails_with(5);
+    assert!(r.stderr.contains("already serving the store"), "{r:#?}");
+    let other = w.tmp.path().join("other.sock");
+    let other = other.to_str().expect("utf-8");
     let r = w
-        .run_with(&["serve"], None, &[("TESSERA_PASSPHRASE", PASSPHRASE)])
+        .run_with(&["serve", "--socket", other], None, &pass)
+        .fails_with(5);
+    assert!(r.stderr.contains("already serving the store"), "{r:#?}");
+    assert!(!Path::new(other).exists(), "it bound nothing");
+    // Another store on the first one's socket.
+    let v = World::new();
+    v.init_passphrase();
+    let socket = w.socket();
+    let r = v
+        .run_with(
+            &["serve", "--socket", socket.to_str().expect("utf-8")],
+            None,
+            &pass,
+        )
         .fails_with(5);
     assert!(r.stderr.contains("already listening"), "{r:#?}");
+    w.run(&["status"]).ok();
 }
 
 #[test]
