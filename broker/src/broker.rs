@@ -94,9 +94,27 @@ impl RootKeys {
         }
     }
 
-    /// Seals under the current key.
-    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
-        self.current().seal(aad, plaintext)
+    /// Seals under the current key, in a write transaction on `conn`,
+    /// once it is checked to be still the store's root key: a process
+    /// that unsealed the store before another one re-keyed it (`tessera
+    /// rotate --due` opening the store while the broker runs `rekey root`)
+    /// must not wrap a key that the store's next start cannot open.
+    pub fn seal(
+        &self,
+        conn: &rusqlite::Connection,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        let k = self.current();
+        let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
+        if !ct_eq(&check, &unseal::check_value(&k)) {
+            return Err(Error::FailedPrecondition(
+                "the store's root key was rotated by another process since this one unsealed \
+                 it; nothing was stored: run this again (a broker must be restarted)"
+                    .into(),
+            ));
+        }
+        k.seal(aad, plaintext)
     }
 
     /// Opens with the current key, else the previous one.

@@ -506,7 +506,7 @@ impl Broker {
                     }
                 }
                 let wrapped =
-                    rk.seal(&class_key_aad(&req.name, req.generation), key.expose_bytes())?;
+                    rk.seal(ctx.conn, &class_key_aad(&req.name, req.generation), key.expose_bytes())?;
                 ctx.conn.execute(
                     "INSERT INTO classes (name, retain_secs, deadline, holders, threshold,
                         early_threshold, key_fingerprint, generation, wrapped_key, state, created_at)
@@ -653,7 +653,7 @@ impl Broker {
                     ctx.audit(&admin_entry("class.create", &name, false, e.to_string(), &rid))?;
                     return Ok(Err(e));
                 }
-                let wrapped = rk.seal(&class_key_aad(&name, 1), class_key.expose_bytes())?;
+                let wrapped = rk.seal(ctx.conn, &class_key_aad(&name, 1), class_key.expose_bytes())?;
                 ctx.conn.execute(
                     "INSERT INTO classes (name, retain_secs, deadline, holders, threshold,
                         early_threshold, key_fingerprint, generation, wrapped_key, state, created_at)
@@ -1572,7 +1572,7 @@ fn rekey_class(conn: &Connection, rk: &crate::broker::RootKeys, class: &str) -> 
             state = 'active' WHERE name = ?1",
         params![
             class,
-            rk.seal(&class_key_aad(class, generation), new.expose_bytes())?,
+            rk.seal(conn, &class_key_aad(class, generation), new.expose_bytes())?,
             generation as i64,
             &fingerprint[..]
         ],

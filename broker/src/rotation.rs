@@ -1128,7 +1128,7 @@ impl Broker {
                     "SELECT coalesce(max(version), 0) + 1 FROM secret_versions WHERE name = ?1",
                     [&n], |r| r.get(0))?;
                 let version = version as u64;
-                let wrapped = rk.seal(&data_key_aad(&n, version), dk.expose_bytes())?;
+                let wrapped = rk.seal(ctx.conn, &data_key_aad(&n, version), dk.expose_bytes())?;
                 let ct = dk.seal(&value_aad(&n, version), &v)?;
                 ctx.conn.execute(
                     "INSERT INTO secret_versions (name, version, created_at, wrapped_key, ciphertext,

@@ -81,7 +81,7 @@ impl Broker {
                     .optional()?
                     .flatten();
                 let version = current.map_or(1, |v| v as u64 + 1);
-                let wrapped = rk_wrap.seal(&data_key_aad(&name, version), dk.expose_bytes())?;
+                let wrapped = rk_wrap.seal(ctx.conn, &data_key_aad(&name, version), dk.expose_bytes())?;
                 let ct = dk.seal(&value_aad(&name, version), &value)?;
                 let created = ctx.conn.execute(
                     "INSERT INTO secrets (name, current_version, created_at, updated_at)

@@ -440,6 +440,64 @@ fn issue_serves_a_rotation_made_by_another_process() {
     w.run(&["audit", "verify"]).ok();
 }
 
+/// A process that unsealed the store before the broker re-keyed it
+/// (`rotate --due` opening the store itself) wraps nothing with its old
+/// root key: the store's next start could not open it.
+#[test]
+fn a_rotation_by_a_process_with_a_replaced_root_key_stores_nothing() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&["--no-scheduler"]);
+    w.put("api/key", b"k0");
+    let (started, go) = (w.tmp.path().join("started"), w.tmp.path().join("go"));
+    let slow = script(
+        &w,
+        "slow.sh",
+        &format!(
+            "cat >/dev/null; touch {}; while [ ! -e {} ]; do sleep 0.1; done; echo k1",
+            started.display(),
+            go.display()
+        ),
+    );
+    w.run(&["secret", "config", "api/key", "--rotate-cmd", &slow])
+        .ok();
+    w.run(&["rotate", "schedule", "api/key", "--every", "1s"])
+        .ok();
+    let token = w.agent("bot", "api/*", "15m");
+    let socket = w.socket();
+    let aside = w.tmp.path().join("aside.sock");
+    std::fs::rename(&socket, &aside).expect("move the socket aside");
+    std::thread::sleep(Duration::from_secs(2));
+    let mut offline = w.command();
+    offline
+        .args(["rotate", "--due", "--json"])
+        .env("TESSERA_PASSPHRASE", PASSPHRASE)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let offline = offline.spawn().expect("spawn rotate --due");
+    wait_for("the rotate command", 60, || started.exists());
+    std::fs::rename(&aside, &socket).expect("put the socket back");
+    let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
+    w.run_with(&["rekey", "root", "--json"], None, &pass).ok();
+    std::fs::write(&go, "").expect("let the command finish");
+    let out = offline.wait_with_output().expect("rotate --due");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{doc} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(doc["results"][0]["outcome"], "failed", "{doc}");
+    let message = doc["results"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("rotated by another process"), "{doc}");
+    // After a restart (the new key only) every version still opens.
+    s.terminate();
+    let _s = w.serve(&["--no-scheduler"]);
+    assert_eq!(w.get("api/key", &token).ok().stdout, "k0");
+    w.run(&["audit", "verify"]).ok();
+}
+
 #[test]
 fn rotate_due_from_two_processes_rotates_once_and_missed_slots_rotate_once() {
     let w = World::new();
