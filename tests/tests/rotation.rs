@@ -401,6 +401,45 @@ fn rotation_and_verify_commands_get_values_off_argv() {
     assert!(!logs.contains("ghp-current") && !logs.contains("ghp-next"));
 }
 
+/// A broker (without its scheduler) serving `api/key` = "k0", due every
+/// second and rotated by a command whose body is `cmd`, and the token of
+/// an agent allowed to read it.
+fn due_every_second(w: &World, cmd: &str) -> (tessera_e2e::Server, String) {
+    w.init_passphrase();
+    let s = w.serve(&["--no-scheduler"]);
+    w.put("api/key", b"k0");
+    let cmd = script(w, "rotate.sh", cmd);
+    w.run(&["secret", "config", "api/key", "--rotate-cmd", &cmd])
+        .ok();
+    w.run(&["rotate", "schedule", "api/key", "--every", "1s"])
+        .ok();
+    (s, w.agent("bot", "api/*", "15m"))
+}
+
+/// Moves the broker's socket aside, so that the CLI no longer finds the
+/// broker where it looks and `rotate --due` opens the store itself while
+/// the broker keeps serving; waits until `api/key` is due. Dropped, it
+/// puts the socket back.
+struct SocketAside {
+    socket: std::path::PathBuf,
+    aside: std::path::PathBuf,
+}
+
+impl SocketAside {
+    fn new(w: &World) -> Self {
+        let (socket, aside) = (w.socket(), w.tmp.path().join("aside.sock"));
+        std::fs::rename(&socket, &aside).expect("move the socket aside");
+        std::thread::sleep(Duration::from_secs(2));
+        SocketAside { socket, aside }
+    }
+}
+
+impl Drop for SocketAside {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(&self.aside, &self.socket);
+    }
+}
+
 /// A rotation made by another process on the store (`rotate --due` from
 /// cron, while the broker listens where the CLI does not look) reaches the
 /// running broker's `Issue` at once: the version it had cached is read
@@ -408,22 +447,9 @@ fn rotation_and_verify_commands_get_values_off_argv() {
 #[test]
 fn issue_serves_a_rotation_made_by_another_process() {
     let w = World::new();
-    w.init_passphrase();
-    let _s = w.serve(&["--no-scheduler"]);
-    w.put("api/key", b"k0");
-    let next = script(&w, "next.sh", "cat >/dev/null; echo k1");
-    w.run(&["secret", "config", "api/key", "--rotate-cmd", &next])
-        .ok();
-    w.run(&["rotate", "schedule", "api/key", "--every", "1s"])
-        .ok();
-    let token = w.agent("bot", "api/*", "15m");
+    let (_s, token) = due_every_second(&w, "cat >/dev/null; echo k1");
     assert_eq!(w.get("api/key", &token).ok().stdout, "k0");
-    // The CLI no longer finds the broker where it looks, so `rotate --due`
-    // opens the store itself while the broker keeps serving.
-    let socket = w.socket();
-    let aside = w.tmp.path().join("aside.sock");
-    std::fs::rename(&socket, &aside).expect("move the socket aside");
-    std::thread::sleep(Duration::from_secs(2));
+    let aside = SocketAside::new(&w);
     let r = w
         .run_with(
             &["rotate", "--due", "--json"],
@@ -433,7 +459,7 @@ fn issue_serves_a_rotation_made_by_another_process() {
         .ok()
         .json();
     assert_eq!(r["results"][0]["outcome"], "rotated", "{r}");
-    std::fs::rename(&aside, &socket).expect("put the socket back");
+    drop(aside);
     // The broker's writer continues the audit trail after the other
     // process's records (before, its next write clashed on their numbers).
     assert_eq!(w.get("api/key", &token).ok().stdout, "k1");
@@ -446,28 +472,16 @@ fn issue_serves_a_rotation_made_by_another_process() {
 #[test]
 fn a_rotation_by_a_process_with_a_replaced_root_key_stores_nothing() {
     let w = World::new();
-    w.init_passphrase();
-    let mut s = w.serve(&["--no-scheduler"]);
-    w.put("api/key", b"k0");
     let (started, go) = (w.tmp.path().join("started"), w.tmp.path().join("go"));
-    let slow = script(
+    let (mut s, token) = due_every_second(
         &w,
-        "slow.sh",
         &format!(
             "cat >/dev/null; touch {}; while [ ! -e {} ]; do sleep 0.1; done; echo k1",
             started.display(),
             go.display()
         ),
     );
-    w.run(&["secret", "config", "api/key", "--rotate-cmd", &slow])
-        .ok();
-    w.run(&["rotate", "schedule", "api/key", "--every", "1s"])
-        .ok();
-    let token = w.agent("bot", "api/*", "15m");
-    let socket = w.socket();
-    let aside = w.tmp.path().join("aside.sock");
-    std::fs::rename(&socket, &aside).expect("move the socket aside");
-    std::thread::sleep(Duration::from_secs(2));
+    let aside = SocketAside::new(&w);
     let mut offline = w.command();
     offline
         .args(["rotate", "--due", "--json"])
@@ -476,18 +490,14 @@ fn a_rotation_by_a_process_with_a_replaced_root_key_stores_nothing() {
         .stderr(std::process::Stdio::piped());
     let offline = offline.spawn().expect("spawn rotate --due");
     wait_for("the rotate command", 60, || started.exists());
-    std::fs::rename(&aside, &socket).expect("put the socket back");
+    drop(aside);
     let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
     w.run_with(&["rekey", "root", "--json"], None, &pass).ok();
     std::fs::write(&go, "").expect("let the command finish");
     let out = offline.wait_with_output().expect("rotate --due");
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{doc} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{doc} {stderr}");
     assert_eq!(doc["results"][0]["outcome"], "failed", "{doc}");
     let message = doc["results"][0]["message"].as_str().unwrap_or_default();
     assert!(message.contains("rotated by another process"), "{doc}");
