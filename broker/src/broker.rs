@@ -105,16 +105,17 @@ impl RootKeys {
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>> {
-        let k = self.current();
-        let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
-        if !ct_eq(&check, &unseal::check_value(&k)) {
-            return Err(Error::FailedPrecondition(
-                "the store's root key was rotated by another process since this one unsealed \
-                 it; nothing was stored: run this again (a broker must be restarted)"
-                    .into(),
-            ));
+        if self.replaced(conn)? {
+            return Err(root_key_replaced());
         }
-        k.seal(aad, plaintext)
+        self.current().seal(aad, plaintext)
+    }
+
+    /// Whether the store on `conn` was re-keyed by another process since
+    /// this one unsealed it.
+    pub(crate) fn replaced(&self, conn: &rusqlite::Connection) -> Result<bool> {
+        let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
+        Ok(!ct_eq(&check, &unseal::check_value(&self.current())))
     }
 
     /// Opens with the current key, else the previous one.
@@ -144,6 +145,15 @@ impl RootKeys {
         self.swapped
             .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
+}
+
+/// Why a process that holds a replaced root key can neither wrap nor open.
+pub(crate) fn root_key_replaced() -> Error {
+    Error::FailedPrecondition(
+        "the store's root key was replaced by another process (`tessera rekey root`) since this \
+         one unsealed it; run this again, and restart a broker that serves the store"
+            .into(),
+    )
 }
 
 /// Most agents kept in the token cache before it is cleared.
@@ -613,6 +623,16 @@ impl Broker {
     }
 
     /// Decrypts a value sealed under a data key wrapped by the root key.
+    /// `e`, unless the store was re-keyed by another process since this
+    /// one unsealed it: that explains a key that does not open.
+    pub(crate) fn unopened(&self, e: Error) -> Error {
+        match self.store.read(|conn| self.root_key.replaced(conn)) {
+            Ok(true) => root_key_replaced(),
+            _ => e,
+        }
+    }
+
+    /// Decrypts version `version` of `name` from its stored row.
     pub(crate) fn open_value(
         &self,
         name: &str,
@@ -627,10 +647,13 @@ impl Broker {
                  secret again"
             ))
         };
-        let dk_raw = self
+        let Some(dk_raw) = self
             .root_key
             .open(&crate::keys::data_key_aad(name, version), wrapped_key)
-            .ok_or_else(tampered)?;
+        else {
+            // Not the row's fault if this process's key was replaced.
+            return Err(self.unopened(tampered()));
+        };
         let dk = SymmetricKey::from_bytes(&dk_raw)?;
         dk.open(&crate::keys::value_aad(name, version), ciphertext)
             .ok_or_else(tampered)

@@ -53,6 +53,11 @@ impl DataDir {
         self.root.join("admin.token")
     }
 
+    /// The lock a running `serve` holds.
+    pub fn serve_lock(&self) -> PathBuf {
+        self.root.join("serve.lock")
+    }
+
     /// The default Unix socket of `serve`.
     pub fn socket(&self) -> PathBuf {
         self.root.join("tessera.sock")
@@ -63,12 +68,13 @@ impl DataDir {
     /// the other changes). Released when the returned lock is dropped, or
     /// when the process ends, however it ends.
     pub fn lock_for_serving(&self) -> Result<ServeLock> {
-        let path = self.root.join("serve.lock");
+        let path = self.serve_lock();
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
@@ -107,6 +113,7 @@ impl DataDir {
             db.with_extension("db-wal"),
             db.with_extension("db-shm"),
             self.admin_token(),
+            self.serve_lock(),
         ];
         for f in files {
             if let Some(m) = mode(&f).filter(|m| m & 0o077 != 0) {

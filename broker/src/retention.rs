@@ -1009,11 +1009,11 @@ impl Broker {
             .root_key
             .open(&class_key_aad(name, row.generation), &wrapped)
             .ok_or_else(|| {
-                Error::Tampered(format!(
+                self.unopened(Error::Tampered(format!(
                     "the stored key of class {name} failed authentication: the row was altered \
                      or moved; restore the store from a backup or recover the class from its \
                      holders' shares"
-                ))
+                )))
             })?;
         let key = Arc::new(ClassKey {
             generation: row.generation,

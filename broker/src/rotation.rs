@@ -995,10 +995,15 @@ impl Broker {
         fault("rotate-after-value");
         let version = match self
             .store_pending(request_id, actor, name, &value, &label, due)
-            .await?
+            .await
         {
-            Some(v) => v,
-            None => {
+            Ok(Some(v)) => v,
+            Err(e) => {
+                self.record_failure(request_id, actor, name, &settings, owner, due, &e)
+                    .await?;
+                return Err(e);
+            }
+            Ok(None) => {
                 let (n, o) = (name.to_string(), owner.to_string());
                 self.store
                     .write(move |ctx| release_lock(ctx.conn, &n, &o))

@@ -419,11 +419,13 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     };
     server::check_limits(&limits)?;
     let source = peek_source(&dir)?;
-    // Held until `serve` returns.
-    let _serving = dir.lock_for_serving()?;
+    // First: a directory open to others also explains a lock held by
+    // someone else.
     for problem in dir.open_to_others() {
         tracing::warn!("{problem}");
     }
+    // Held until `serve` returns.
+    let _serving = dir.lock_for_serving()?;
     let pass = match source {
         Source::Passphrase => Some(passphrase(a.passphrase_file.as_deref(), false)?),
         Source::Keychain(_) | Source::Shares => None,
