@@ -414,10 +414,10 @@ impl Broker {
                         Error::Internal(format!("cannot sign the certificate: {e}"))
                     })?;
                     ctx.conn.execute(
-                    "UPDATE classes SET wrapped_key = NULL, state = 'shredded', shredded_at = ?2,
-                        certificate = ?3 WHERE name = ?1",
-                    params![c.class, t, signed],
-                )?;
+                        "UPDATE classes SET wrapped_key = NULL, state = 'shredded',
+                            shredded_at = ?2, certificate = ?3 WHERE name = ?1",
+                        params![c.class, t, signed],
+                    )?;
                     ctx.conn
                         .execute("UPDATE ceremonies SET state = 'done' WHERE id = ?1", [&cid])?;
                     meta_set(ctx.conn, "compact_pending", b"1")?;

@@ -1028,17 +1028,24 @@ mod tests {
         }
     }
 
+    /// A new store in a temporary directory (kept while the returned
+    /// guard lives), its audit trail keyed by `key`; and its database path.
+    fn new_store(key: SymmetricKey) -> (tempfile::TempDir, PathBuf, Arc<Store>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tessera.db");
+        let conn = open_rw(&path, true).expect("new store");
+        let store = Arc::new(Store::start(&path, conn, key, 1).expect("start"));
+        (dir, path, store)
+    }
+
     /// A failing guarded job undoes only its own rows and audit records;
     /// its neighbours in the same batch commit, and the chain stays whole.
     /// A failing unguarded job fails its whole batch.
     #[test]
     fn one_failing_write_does_not_fail_its_neighbours() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("tessera.db");
-        let conn = open_rw(&path, true).expect("new store");
         let key = SymmetricKey::generate().expect("key");
         let verify_key = SymmetricKey::from_bytes(key.expose_bytes()).expect("key copy");
-        let store = Arc::new(Store::start(&path, conn, key, 1).expect("start"));
+        let (_dir, _, store) = new_store(key);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -1176,12 +1183,7 @@ mod tests {
     #[test]
     fn commit_hooks_run_before_watchers_hear_of_the_commit() {
         use std::sync::atomic::AtomicBool;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("tessera.db");
-        let conn = open_rw(&path, true).expect("new store");
-        let store = Arc::new(
-            Store::start(&path, conn, SymmetricKey::generate().expect("key"), 1).expect("start"),
-        );
+        let (_dir, _, store) = new_store(SymmetricKey::generate().expect("key"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -1219,12 +1221,7 @@ mod tests {
     /// its limit instead of growing with every commit.
     #[test]
     fn the_wal_stays_bounded_under_steady_writes() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("tessera.db");
-        let conn = open_rw(&path, true).expect("new store");
-        let store = Arc::new(
-            Store::start(&path, conn, SymmetricKey::generate().expect("key"), 1).expect("start"),
-        );
+        let (_dir, path, store) = new_store(SymmetricKey::generate().expect("key"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
