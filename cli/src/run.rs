@@ -64,6 +64,18 @@ struct Binding {
     /// The lease was revoked, expired or rotated away and a new one could
     /// not be fetched yet (the broker was away).
     stale: bool,
+    /// The version a `secret.rotated` event named: a new lease on an older
+    /// version is refused once (see [`refresh`]).
+    rotated_to: u64,
+}
+
+impl Binding {
+    /// Whether a new `lease` is on a version older than the one the last
+    /// `secret.rotated` event named. Asked once per event: the next lease
+    /// is taken whatever its version.
+    fn refuses(&mut self, lease: &proto::Lease) -> bool {
+        lease.version < std::mem::take(&mut self.rotated_to)
+    }
 }
 
 async fn issue(broker: &mut Broker, token: &str, secret: &str) -> Result<proto::Lease, CliError> {
@@ -159,6 +171,7 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
                     lease,
                     fetched: tokio::time::Instant::now(),
                     stale: false,
+                    rotated_to: 0,
                 });
             }
             if let Some(sig) = stopped {
@@ -395,6 +408,9 @@ async fn supervise(
                 let (mut any, mut replaced) = (false, false);
                 for b in bindings.iter_mut() {
                     let rotated = ev.kind == "secret.rotated" && ev.secret == b.secret && ev.version > b.lease.version;
+                    if rotated {
+                        b.rotated_to = b.rotated_to.max(ev.version);
+                    }
                     b.stale |= rotated || revokes(&ev, &b.secret, &b.lease);
                     replaced |= b.stale;
                     any |= refresh(broker, token, b).await?;
@@ -422,11 +438,17 @@ async fn supervise(
 /// same value, after a revocation or at the end of a lease's lifetime,
 /// leaves the command alone). While the broker is away the binding stays
 /// stale and is retried at the next renewal.
+///
+/// After a `secret.rotated` event, a lease on a version older than the one
+/// the event named is given back and fetched again at the next renewal
+/// (the broker serves the new version once it has told of it; this guards
+/// against one that does not). Only once: if the broker still serves the
+/// older version, the secret was put back since, and its answer stands.
 async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bool, CliError> {
     if !b.stale {
         return Ok(false);
     }
-    let lease = match issue(broker, token, &b.secret).await {
+    let mut lease = match issue(broker, token, &b.secret).await {
         Ok(l) => l,
         Err(e) if transient(&e) => {
             tracing_note(&format!(
@@ -437,20 +459,39 @@ async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bo
         }
         Err(e) => return Err(e),
     };
+    if b.refuses(&lease) {
+        tracing_note(&format!(
+            "the broker served version {} of {}, older than the rotated version; retrying",
+            lease.version, b.secret
+        ));
+        give_back(broker, token, &mut lease).await?;
+        return Ok(false);
+    }
     let mut old = std::mem::replace(&mut b.lease, lease);
     b.fetched = tokio::time::Instant::now();
     b.stale = false;
     let changed = !bool::from(old.value.ct_eq(&b.lease.value));
     // The old value is no longer in use: give its lease back.
+    give_back(broker, token, &mut old).await?;
+    Ok(changed)
+}
+
+/// Revokes a lease this process no longer uses; a failure is left to the
+/// lease's expiry.
+async fn give_back(
+    broker: &mut Broker,
+    token: &str,
+    lease: &mut proto::Lease,
+) -> Result<(), CliError> {
     let _ = broker
         .revoke(authed(
             proto::RevokeRequest {
-                lease_id: std::mem::take(&mut old.lease_id),
+                lease_id: std::mem::take(&mut lease.lease_id),
             },
             token,
         )?)
         .await;
-    Ok(changed)
+    Ok(())
 }
 
 fn tracing_note(m: &str) {
@@ -539,6 +580,7 @@ mod tests {
             lease: lease("lse_1", 1_000, 1_000 + ttl),
             fetched: tokio::time::Instant::now(),
             stale,
+            rotated_to: 0,
         };
         let in_secs = |bs: &[Binding]| {
             next_renewal(bs)
@@ -553,5 +595,29 @@ mod tests {
         // second at the least.
         assert_eq!(in_secs(&[binding(900, true)]), STALE_RETRY_SECS);
         assert_eq!(in_secs(&[binding(0, false)]), 1);
+    }
+
+    #[test]
+    fn a_lease_older_than_the_rotation_heard_of_is_refused_once() {
+        let waiting_for = |version: u64| Binding {
+            var: "A".into(),
+            secret: "svc/a".into(),
+            lease: lease("lse_1", 1_000, 1_900),
+            fetched: tokio::time::Instant::now(),
+            stale: true,
+            rotated_to: version,
+        };
+        let old = lease("lse_2", 1_010, 1_910); // version 2
+        let mut new = lease("lse_3", 1_010, 1_910);
+        new.version = 3;
+        // The event named version 3: a lease on it is taken at once.
+        assert!(!waiting_for(3).refuses(&new));
+        // An older one is refused, once; the retry takes what it is given
+        // (the secret was put back since).
+        let mut b = waiting_for(3);
+        assert!(b.refuses(&old));
+        assert!(!b.refuses(&old));
+        // Without a rotation event nothing is refused.
+        assert!(!waiting_for(0).refuses(&old));
     }
 }
