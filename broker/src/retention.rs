@@ -162,12 +162,7 @@ pub(crate) fn standing_holds(conn: &Connection, class: &str) -> Result<Vec<(i64,
 /// Seals `text` to an age X25519 recipient, ASCII-armored, so that
 /// `age -d -i IDENTITY` opens it.
 pub fn seal_to_holder(recipient: &str, text: &[u8]) -> Result<String> {
-    let r: age::x25519::Recipient = recipient.parse().map_err(|_| {
-        Error::invalid(
-            "pubkey",
-            "the age recipient is not a valid X25519 recipient (age1…)",
-        )
-    })?;
+    let r = parse_recipient(recipient, "pubkey")?;
     let fail = |e: &dyn std::fmt::Display| Error::Internal(format!("age encryption failed: {e}"));
     let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
         .map_err(|e| fail(&e))?;
@@ -178,6 +173,16 @@ pub fn seal_to_holder(recipient: &str, text: &[u8]) -> Result<String> {
     w.write_all(text).map_err(|e| fail(&e))?;
     w.finish().and_then(|a| a.finish()).map_err(|e| fail(&e))?;
     String::from_utf8(out).map_err(|e| fail(&e))
+}
+
+/// `recipient` as an age X25519 recipient; `field` names it in the error.
+pub fn parse_recipient(recipient: &str, field: &'static str) -> Result<age::x25519::Recipient> {
+    recipient.parse().map_err(|_| {
+        Error::invalid(
+            field,
+            "the age recipient is not a valid X25519 recipient (age1…)",
+        )
+    })
 }
 
 /// An Ed25519 public key.

@@ -207,16 +207,11 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
             ));
         }
     };
-    if let Some(d) = &a.share_dir
-        && d.join("operator-1.share").exists()
-    {
-        return Err(CliError::new(
-            Exit::Precondition,
-            format!(
-                "{} already holds operator shares; choose an empty --share-dir",
-                d.display()
-            ),
-        ));
+    if let Some(split) = &split {
+        // Everything that could stop the shares from being delivered is
+        // checked before the store exists: a store whose shares were never
+        // handed out can never be unsealed.
+        check_share_delivery(split.shares, &a)?;
     }
     let dir = data_dir(g);
     let done = tessera_broker::init::init(InitOptions {
@@ -230,7 +225,18 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
     for problem in dir.open_to_others() {
         eprintln!("warning: {problem}");
     }
-    let shares = deliver_operator_shares(&done.operator_shares, &a)?;
+    let shares = deliver_operator_shares(&done.operator_shares, &a).map_err(|e| {
+        CliError::new(
+            e.exit,
+            format!(
+                "{}; the store in {} was created but its operator shares were not all \
+                 delivered, so it can never be unsealed: remove that directory and run \
+                 init again",
+                e.message,
+                dir.root().display()
+            ),
+        )
+    })?;
     if g.json {
         print_json(json!({
             "store": done.db_path,
@@ -268,6 +274,41 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
         println!("Next: tessera serve --data-dir {}", dir.root().display());
     }
     Ok(())
+}
+
+/// Checks, before `init` creates anything, that `n` operator shares can be
+/// delivered as asked: every `--operator-recipient` parses, and
+/// `--share-dir` can be created and written and holds no share file yet.
+fn check_share_delivery(n: u8, a: &crate::InitArgs) -> Result<(), CliError> {
+    for (i, r) in a.operator_recipient.iter().enumerate() {
+        tessera_broker::retention::parse_recipient(r, "operator_recipient").map_err(|e| {
+            let e = CliError::from(e);
+            CliError::new(e.exit, format!("{} (recipient {})", e.message, i + 1))
+        })?;
+    }
+    let Some(d) = &a.share_dir else {
+        return Ok(());
+    };
+    if let Some(f) = (1..=n)
+        .map(|i| d.join(format!("operator-{i}.share")))
+        .find(|f| f.exists())
+    {
+        return Err(CliError::new(
+            Exit::Precondition,
+            format!(
+                "{} already exists; choose an empty --share-dir",
+                f.display()
+            ),
+        ));
+    }
+    let cannot = |e: std::io::Error| {
+        CliError::new(
+            Exit::Failure,
+            format!("cannot write operator shares to {}: {e}", d.display()),
+        )
+    };
+    std::fs::create_dir_all(d).map_err(cannot)?;
+    tempfile::tempfile_in(d).map(drop).map_err(cannot)
 }
 
 /// Writes operator shares to --share-dir (age-sealed to the operators'

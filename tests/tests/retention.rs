@@ -1001,7 +1001,7 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
 #[test]
 fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
     let w = World::new();
-    // Operators 1 and 2 get age-sealed shares; operator 3's is plain.
+    // Each operator gets a share sealed to their own age key.
     let mut recipients = Vec::new();
     let mut op_keys = Vec::new();
     for i in 1..=3 {
@@ -1023,8 +1023,8 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
         op_keys.push(key);
     }
     let shares_dir = w.tmp.path().join("shares");
-    let init = w
-        .run(&[
+    let init_to = |dir: &std::path::Path, third: &str| {
+        w.run(&[
             "init",
             "--unseal",
             "shares",
@@ -1033,17 +1033,27 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
             "--threshold",
             "2",
             "--share-dir",
-            shares_dir.to_str().expect("p"),
+            dir.to_str().expect("p"),
             "--operator-recipient",
             &recipients[0],
             "--operator-recipient",
             &recipients[1],
             "--operator-recipient",
-            &recipients[2],
+            third,
             "--json",
         ])
-        .ok()
-        .json();
+    };
+    // Shares that could not all be delivered leave no store behind (one
+    // whose shares were never handed out could never be unsealed).
+    let typo = init_to(&shares_dir, "age1notarecipient").fails_with(7);
+    assert!(typo.stderr.contains("recipient 3"), "{typo:#?}");
+    let taken = w.tmp.path().join("taken");
+    std::fs::create_dir(&taken).expect("dir");
+    std::fs::write(taken.join("operator-2.share"), "an earlier share").expect("write");
+    let clash = init_to(&taken, &recipients[2]).fails_with(5);
+    assert!(clash.stderr.contains("operator-2.share"), "{clash:#?}");
+    assert!(!w.db().exists(), "a store was created: {clash:#?}");
+    let init = init_to(&shares_dir, &recipients[2]).ok().json();
     assert_eq!(init["unseal"], "shares");
     assert_eq!(init["operator_shares"].as_array().map(Vec::len), Some(3));
     let share = |i: usize| shares_dir.join(format!("operator-{i}.share"));
