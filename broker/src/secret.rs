@@ -14,6 +14,17 @@ use crate::keys::{SymmetricKey, data_key_aad, value_aad};
 
 use crate::agent::admin_entry;
 use crate::lease::{Scope, revoke_active};
+
+/// What `secret rm` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// Versions deleted (all but the archived ones).
+    pub versions: u64,
+    /// Active leases revoked.
+    pub leases: u64,
+    /// Archived versions left for their retention class's shred ceremony.
+    pub archived_kept: u64,
+}
 use crate::names;
 use crate::proto::SecretInfo;
 use crate::rowmac;
@@ -142,9 +153,11 @@ impl Broker {
         Ok(out)
     }
 
-    /// Deletes `name` and every version of it, and revokes its leases, in
-    /// one transaction. Returns (versions deleted, leases revoked).
-    pub async fn delete_secret(&self, request_id: &str, name: String) -> Result<(u64, u64)> {
+    /// Deletes `name` and its versions, and revokes its leases, in one
+    /// transaction. Archived versions stay: they are retention data under
+    /// their class, which only a shred ceremony destroys (an admin's
+    /// delete must not do what takes a quorum, or get round a legal hold).
+    pub async fn delete_secret(&self, request_id: &str, name: String) -> Result<Deleted> {
         if let Err(e) = names::secret(&name, "name") {
             return Err(self
                 .deny(ACTOR_ADMIN.into(), "secret.delete", &name, request_id, e)
@@ -160,9 +173,15 @@ impl Broker {
             .write_then(
                 move |ctx| {
                     let t = now();
-                    let versions = ctx
-                        .conn
-                        .execute("DELETE FROM secret_versions WHERE name = ?1", [&name])?;
+                    let versions = ctx.conn.execute(
+                        "DELETE FROM secret_versions WHERE name = ?1 AND state != 'archived'",
+                        [&name],
+                    )? as u64;
+                    let archived_kept = ctx.conn.query_row(
+                        "SELECT count(*) FROM secret_versions WHERE name = ?1",
+                        [&name],
+                        |r| r.get::<_, i64>(0),
+                    )? as u64;
                     let existed = ctx
                         .conn
                         .execute("DELETE FROM secrets WHERE name = ?1", [&name])?;
@@ -186,10 +205,17 @@ impl Broker {
                         action: "secret.delete".into(),
                         target: name.clone(),
                         allowed: true,
-                        reason: format!("{versions} versions deleted, {leases} leases revoked"),
+                        reason: format!(
+                            "{versions} versions deleted, {leases} leases revoked, \
+                             {archived_kept} archived versions kept"
+                        ),
                         request_id: rid,
                     })?;
-                    Ok(Ok((versions as u64, leases)))
+                    Ok(Ok(Deleted {
+                        versions,
+                        leases,
+                        archived_kept,
+                    }))
                 },
                 forget,
             )

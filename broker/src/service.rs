@@ -308,13 +308,14 @@ impl admin_server::Admin for Services {
         let rid = self
             .admin(&req, "secret.delete", &req.get_ref().name)
             .await?;
-        let (versions_deleted, leases_revoked) = self
+        let d = self
             .broker()?
             .delete_secret(&rid, req.into_inner().name)
             .await?;
         Ok(Response::new(proto::DeleteSecretResponse {
-            versions_deleted,
-            leases_revoked,
+            versions_deleted: d.versions,
+            leases_revoked: d.leases,
+            archived_kept: d.archived_kept,
         }))
     }
 

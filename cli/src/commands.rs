@@ -640,13 +640,20 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                 .into_inner();
             if g.json {
                 print_json(
-                    json!({"name": name, "versions_deleted": r.versions_deleted, "leases_revoked": r.leases_revoked}),
+                    json!({"name": name, "versions_deleted": r.versions_deleted, "leases_revoked": r.leases_revoked, "archived_kept": r.archived_kept}),
                 );
             } else {
                 println!(
                     "Deleted {name}: {} versions, {} leases revoked",
                     r.versions_deleted, r.leases_revoked
                 );
+                if r.archived_kept > 0 {
+                    println!(
+                        "Kept {} archived versions: retention data, destroyed only by a shred \
+                         ceremony of their class",
+                        r.archived_kept
+                    );
+                }
             }
         }
     }

@@ -1198,6 +1198,20 @@ fn retired_versions_are_archived_under_the_class_and_die_with_its_shred() {
         c["data_keys"], 1,
         "the archived version's data key is under the class"
     );
+    // Deleting the secret keeps its archived version: retention data, which
+    // only a shred ceremony of its class destroys.
+    let rm = w.run(&["secret", "rm", "bank/api", "--json"]).ok().json();
+    assert_eq!(rm["versions_deleted"], 1, "{rm}");
+    assert_eq!(rm["archived_kept"], 1, "{rm}");
+    w.put("bank/api", b"new-credential");
+    let d = show(&w, "bank/api");
+    assert_eq!(
+        states(&d),
+        [(1, "archived".to_string()), (2, "active".to_string())],
+        "{d}"
+    );
+    let c = w.run(&["class", "show", "sox", "--json"]).ok().json();
+    assert_eq!(c["data_keys"], 1);
     // Shredding the class destroys the archived version's key with it.
     let id = w
         .run(&["shred", "open", "--class", "sox", "--early", "--json"])
