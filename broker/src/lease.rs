@@ -129,7 +129,7 @@ impl Broker {
                         renewable_until,
                     });
                 }
-                Issued::Superseded => {
+                Issued::Reread => {
                     self.current_rows.forget(&secret);
                     last_try = true;
                 }
@@ -146,7 +146,10 @@ impl Broker {
     /// Stores a lease and its audit record, re-checking in the transaction
     /// what was read before it: the agent's revocation and the version.
     /// Unless `last_try`, a version that is no longer current writes
-    /// nothing and comes back `Superseded`.
+    /// nothing and comes back `Reread`: the row may have come from a cache
+    /// that another process's rotation left behind (and that this broker
+    /// has retired since). On the last try a superseded version, still in
+    /// its overlap, is issued, and a retired or deleted one refused.
     async fn write_lease(
         &self,
         request_id: &str,
@@ -189,8 +192,8 @@ impl Broker {
                     Some(e) => Some(e),
                     None => match check_version(ctx.conn, &name, version, &ciphertext)? {
                         VersionCheck::Current => None,
-                        VersionCheck::Superseded if last_try => None,
-                        VersionCheck::Superseded => return Ok(Issued::Superseded),
+                        _ if !last_try => return Ok(Issued::Reread),
+                        VersionCheck::Superseded => None,
                         VersionCheck::Gone(e) => Some(e),
                     },
                 };
@@ -746,8 +749,9 @@ enum Issued {
         expires_at: i64,
         renewable_until: i64,
     },
-    /// Nothing written: read the current version again.
-    Superseded,
+    /// Nothing written: the version read is no longer the current one
+    /// (from a stale cache, or replaced since); read it again.
+    Reread,
     /// Refused (and audited).
     Refused(Error),
 }

@@ -466,6 +466,28 @@ fn issue_serves_a_rotation_made_by_another_process() {
     w.run(&["audit", "verify"]).ok();
 }
 
+/// The version a broker had cached, rotated away by another process and
+/// then retired by this broker at the end of its overlap, is read again,
+/// not refused (before, every `Issue` failed until a restart).
+#[test]
+fn issue_rereads_a_cached_version_retired_after_another_process_rotated_it() {
+    let w = World::new();
+    let (_s, token) = due_every_second(&w, "cat >/dev/null; echo k1");
+    w.run(&["secret", "config", "api/key", "--overlap", "1s"])
+        .ok();
+    assert_eq!(w.get("api/key", &token).ok().stdout, "k0");
+    let aside = SocketAside::new(&w);
+    let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
+    let r = w.run_with(&["rotate", "--due", "--json"], None, &pass);
+    assert_eq!(r.ok().json()["results"][0]["outcome"], "rotated");
+    drop(aside);
+    wait_for("version 1 to be retired", 30, || {
+        states(&show(&w, "api/key"))[0].1 == "retired"
+    });
+    assert_eq!(w.get("api/key", &token).ok().stdout, "k1");
+    w.run(&["audit", "verify"]).ok();
+}
+
 /// A process that unsealed the store before the broker re-keyed it
 /// (`rotate --due` opening the store itself) wraps nothing with its old
 /// root key: the store's next start could not open it.
