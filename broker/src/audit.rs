@@ -6,6 +6,8 @@
 //! Records never hold a secret value or a token: a token that fails to
 //! authenticate appears as an HMAC fingerprint.
 
+use std::borrow::Cow;
+
 use crate::keys::SymmetricKey;
 
 /// Who or what acted.
@@ -43,6 +45,56 @@ pub struct Record {
     pub prev_hash: [u8; 32],
     /// This record's chained hash.
     pub hash: [u8; 32],
+}
+
+/// Longest target a record keeps, in bytes (names are at most 128).
+pub const MAX_TARGET: usize = 256;
+/// Longest reason a record keeps, in bytes.
+pub const MAX_REASON: usize = 1024;
+
+impl Entry {
+    /// The entry as it is stored: a target or reason that came from a
+    /// caller (a name that failed validation, an unknown lease id, sent
+    /// before any token was checked) is cut to [`MAX_TARGET`] /
+    /// [`MAX_REASON`] bytes, and control characters are escaped, so that
+    /// nobody can fill the permanent trail or put terminal escapes in
+    /// `audit export`. Borrowed when nothing needs changing (the usual
+    /// case).
+    pub fn bounded(&self) -> std::borrow::Cow<'_, Entry> {
+        let (target, reason) = (
+            bounded(&self.target, MAX_TARGET),
+            bounded(&self.reason, MAX_REASON),
+        );
+        if matches!((&target, &reason), (Cow::Borrowed(_), Cow::Borrowed(_))) {
+            return Cow::Borrowed(self);
+        }
+        Cow::Owned(Entry {
+            target: target.into_owned(),
+            reason: reason.into_owned(),
+            ..self.clone()
+        })
+    }
+}
+
+/// `s` cut to `max` bytes (on a character boundary, saying how long it
+/// was) with control characters escaped.
+fn bounded(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max && !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(max.min(s.len()) + 32);
+    for c in s.chars() {
+        if out.len() + c.len_utf8() > max {
+            out.push_str(&format!("… ({} bytes)", s.len()));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// The decision word stored for `allowed`.
@@ -185,6 +237,27 @@ impl<'k> Verifier<'k> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_are_stored_bounded_and_escaped() {
+        let e = entry(1);
+        assert!(matches!(e.bounded(), Cow::Borrowed(_)));
+        let long = Entry {
+            target: format!("\u{1b}]0;{}", "é".repeat(MAX_TARGET)),
+            reason: "x".repeat(MAX_REASON + 1),
+            ..entry(1)
+        };
+        let b = long.bounded();
+        assert!(b.target.starts_with("\\u{1b}]0;éé"), "{}", b.target);
+        assert!(
+            b.target
+                .ends_with(&format!("… ({} bytes)", long.target.len()))
+        );
+        assert!(b.target.len() < MAX_TARGET + 32);
+        assert!(!b.reason.chars().any(char::is_control));
+        assert!(b.reason.len() < MAX_REASON + 32);
+        assert_eq!((b.actor.as_str(), b.time), ("admin", 1));
+    }
 
     fn entry(n: i64) -> Entry {
         Entry {

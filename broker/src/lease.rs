@@ -256,6 +256,11 @@ impl Broker {
         ttl: u64,
     ) -> Result<Lease> {
         const ACTION: &str = "lease.renew";
+        if let Err(e) = names::lease_id(&lease_id, "lease_id") {
+            return Err(self
+                .deny(agent.actor(), ACTION, &lease_id, request_id, e)
+                .await);
+        }
         let ttl = if ttl == 0 {
             agent.max_ttl
         } else {
@@ -333,6 +338,11 @@ impl Broker {
         lease_id: String,
     ) -> Result<u64> {
         const ACTION: &str = "lease.revoke";
+        if let Err(e) = names::lease_id(&lease_id, "lease_id") {
+            return Err(self
+                .deny(agent.actor(), ACTION, &lease_id, request_id, e)
+                .await);
+        }
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
         self.store
@@ -436,7 +446,8 @@ impl Broker {
         let checked = match &sel {
             Selector::Agent(name) => names::agent(name, "agent").map_err(|e| (name, e)),
             Selector::Secret(name) => names::secret(name, "secret").map_err(|e| (name, e)),
-            Selector::Id(_) | Selector::All => Ok(()),
+            Selector::Id(id) => names::lease_id(id, "lease_id").map_err(|e| (id, e)),
+            Selector::All => Ok(()),
         };
         if let Err((target, e)) = checked {
             return Err(self

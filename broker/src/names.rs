@@ -25,6 +25,23 @@ pub fn secret(name: &str, field: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// A lease id as tessera makes them: `lse_` and hex digits (checked
+/// loosely: ids are looked up, never parsed).
+pub fn lease_id(id: &str, field: &'static str) -> Result<()> {
+    let ok = id.len() <= 64
+        && id
+            .strip_prefix("lse_")
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            "a lease id looks like `lse_` and 32 hex digits; `tessera lease list` shows them",
+        ))
+    }
+}
+
 /// An agent name: one segment, as in a secret name.
 pub fn agent(name: &str, field: &'static str) -> Result<()> {
     if name.is_empty() {
@@ -170,6 +187,21 @@ mod tests {
             &"x".repeat(129),
         ] {
             assert!(secret(bad, "name").is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn lease_ids() {
+        let made = crate::keys::lease_id(1).expect("lease id");
+        assert!(lease_id(&made, "lease_id").is_ok(), "{made}");
+        for bad in [
+            "",
+            "lse_",
+            "lse_xyz",
+            "sk-1234",
+            &format!("lse_{}", "a".repeat(61)),
+        ] {
+            assert!(lease_id(bad, "lease_id").is_err(), "{bad:?} accepted");
         }
     }
 

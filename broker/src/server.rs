@@ -162,8 +162,9 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let services = Services::new(Arc::clone(&gate));
     let broker_svc = BrokerServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
-    let retention_svc = RetentionServer::new(services.clone());
-    let holders_svc = HoldersServer::new(services.clone());
+    let retention_svc =
+        RetentionServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
+    let holders_svc = HoldersServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
     let envelope_svc = EnvelopeServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE);
     let admin_svc = AdminServer::new(services).max_decoding_message_size(MAX_MESSAGE);
 

@@ -415,6 +415,7 @@ impl Chain {
     }
 
     fn append(&mut self, conn: &Connection, e: &Entry) -> Result<()> {
+        let e = &*e.bounded();
         let seq = self.head.seq + 1;
         let prev = self.head.hash;
         let hash = audit::chain_hash(&self.key, seq, &prev, e);

@@ -286,17 +286,43 @@ async fn renew_rules_expired_and_revoked_leases() {
         .expect_err("revoked lease renewed");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("revoked"), "{e:?}");
-    let e = c
-        .renew(authed(
+    let renew = |lease_id: &str| {
+        let mut c = c.clone();
+        let req = authed(
             proto::RenewRequest {
-                lease_id: "lse_nope".into(),
+                lease_id: lease_id.into(),
                 ttl_seconds: 1,
             },
             &token,
-        ))
+        );
+        async move { c.renew(req).await.expect_err("renewed") }
+    };
+    let e = renew("lse_00000000000000000000000000000000").await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = renew("lse_nope").await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("lease_id"), "{e:?}");
+    // What a caller sends before any token is checked is audited cut short,
+    // control characters escaped: nobody fills the trail or puts terminal
+    // escapes in the export.
+    let huge = format!("\x1b[31m{}", "a".repeat(500_000));
+    let e = c
+        .issue(proto::IssueRequest {
+            secret: huge,
+            ttl_seconds: 0,
+        })
         .await
-        .expect_err("unknown lease renewed");
-    assert_eq!(e.code(), Code::NotFound);
+        .expect_err("issued without a token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let export = w.run(&["audit", "export"]).ok().stdout;
+    let last = export
+        .lines()
+        .rfind(|l| l.contains(r#""action":"lease.issue""#))
+        .expect("the refused Issue's record");
+    assert!(last.len() < 4096, "{} bytes", last.len());
+    assert!(last.contains("\\u{1b}[31maaa"), "{last}");
+    assert!(!last.contains('\x1b'), "{last}");
+    w.run(&["audit", "verify"]).ok();
     let e = c
         .issue(authed(
             proto::IssueRequest {
@@ -358,9 +384,18 @@ fn lease_revoke_by_lease_secret_agent_and_all() {
         1
     );
     let r = w
-        .run(&["lease", "revoke", "--lease", "lse_missing"])
+        .run(&[
+            "lease",
+            "revoke",
+            "--lease",
+            "lse_0000000000000000000000000000abcd",
+        ])
         .fails_with(3);
     assert!(r.stderr.contains("no lease"), "{r:#?}");
+    let r = w
+        .run(&["lease", "revoke", "--lease", "lse_missing"])
+        .fails_with(7);
+    assert!(r.stderr.contains("invalid lease_id"), "{r:#?}");
     // A mistyped secret name is not "0 leases revoked".
     let r = w
         .run(&["lease", "revoke", "--secret", "a/mistyped"])
