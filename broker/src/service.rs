@@ -108,6 +108,16 @@ impl broker_server::Broker for Services {
         let (rid, agent) = self.agent(&req, "watch", "events").await?;
         let r = req.into_inner();
         let broker = self.broker()?;
+        if i64::try_from(r.after_event_id).is_err() {
+            let e = Error::invalid(
+                "after_event_id",
+                "it is past any event id; resume after the id of the last event received, or 0",
+            );
+            return Err(broker
+                .deny(agent.actor(), "watch", "events", &rid, e)
+                .await
+                .into());
+        }
         let (rx, cursor) = broker.watch(&rid, Arc::clone(&agent), r.after_event_id, r.resume)?;
         broker
             .audit(crate::lease::agent_entry(
@@ -434,7 +444,9 @@ impl admin_server::Admin for Services {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let broker = Arc::clone(self.broker()?);
         tokio::spawn(async move {
-            let mut from = r.from_seq.max(1);
+            // Past any sequence number, a start finds nothing (not, cast to
+            // a negative, everything).
+            let mut from = r.from_seq.clamp(1, i64::MAX as u64);
             loop {
                 match broker.audit_page(from, r.since, 1000) {
                     Ok(page) if page.is_empty() => break,

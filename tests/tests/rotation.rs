@@ -790,6 +790,19 @@ async fn watch_sees_rotations_and_resumes_after_a_restart() {
     )
     .ok();
     let mut c = w.broker_client().await;
+    // An id past any event is refused, not read as "from the start".
+    let e = c
+        .watch(authed(
+            proto::WatchRequest {
+                after_event_id: u64::MAX,
+                resume: true,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("a watch after u64::MAX");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("after_event_id"), "{e:?}");
     let mut stream = c
         .watch(authed(
             proto::WatchRequest {
