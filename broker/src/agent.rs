@@ -56,6 +56,24 @@ impl Agent {
         )))
     }
 
+    /// Why this agent, authenticated from the cache before the write, may
+    /// no longer act, as the writer's transaction at `at` sees it: a revoke
+    /// acknowledged before this write always wins.
+    pub(crate) fn refused_in(&self, conn: &rusqlite::Connection, at: i64) -> Result<Option<Error>> {
+        let revoked: Option<Option<i64>> = conn
+            .prepare_cached("SELECT revoked_at FROM agents WHERE id = ?1")?
+            .query_row([self.id], |r| r.get(0))
+            .optional()?;
+        Ok(if matches!(revoked, Some(None)) {
+            self.expired(at)
+        } else {
+            Some(Error::Unauthenticated(format!(
+                "the token of agent {:?} was revoked; ask an admin for a new agent token",
+                self.name
+            )))
+        })
+    }
+
     /// The latest a lease issued now may end: `max_lifetime` from `at`,
     /// and never after the token expires.
     pub fn lease_limit(&self, at: i64) -> i64 {
@@ -442,5 +460,42 @@ pub(crate) fn admin_entry(
         allowed,
         reason,
         request_id: request_id.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer's re-check: a revoke or an expiry that the cached agent
+    /// does not know of refuses the write.
+    #[test]
+    fn refused_in_reads_the_agent_row_the_transaction_sees() {
+        let dir = tempfile::tempdir().expect("dir");
+        let conn = crate::store::open_rw(&dir.path().join("t.db"), true).expect("new store");
+        conn.execute(
+            "INSERT INTO agents (id, name, token_hash, allow, max_ttl, max_lifetime, created_at)
+             VALUES (1, 'bot', x'00', '*', 60, 60, 0)",
+            [],
+        )
+        .expect("agent row");
+        let agent = Agent {
+            id: 1,
+            name: "bot".into(),
+            allow: vec!["*".into()],
+            max_ttl: 60,
+            max_lifetime: 60,
+            expires_at: Some(100),
+            token_hash: [0; 32],
+        };
+        assert!(agent.refused_in(&conn, 99).expect("check").is_none());
+        let expired = agent.refused_in(&conn, 100).expect("check");
+        assert!(matches!(expired, Some(Error::Unauthenticated(m)) if m.contains("expired")));
+        conn.execute("UPDATE agents SET revoked_at = 50", [])
+            .expect("revoke");
+        let revoked = agent.refused_in(&conn, 99).expect("check");
+        assert!(matches!(revoked, Some(Error::Unauthenticated(m)) if m.contains("revoked")));
+        conn.execute("DELETE FROM agents", []).expect("delete");
+        assert!(agent.refused_in(&conn, 99).expect("check").is_some());
     }
 }

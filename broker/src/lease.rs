@@ -173,19 +173,7 @@ impl Broker {
                 let t = now();
                 // The token check above may have used the cache: re-check
                 // in the transaction so a concurrent revoke always wins.
-                let revoked: Option<Option<i64>> = ctx
-                    .conn
-                    .prepare_cached("SELECT revoked_at FROM agents WHERE id = ?1")?
-                    .query_row([agent_id], |r| r.get(0))
-                    .optional()?;
-                let refused = if matches!(revoked, Some(None)) {
-                    actor.expired(t)
-                } else {
-                    Some(Error::Unauthenticated(format!(
-                        "the token of agent {:?} was revoked; ask an admin for a new agent token",
-                        actor.name
-                    )))
-                };
+                let refused = actor.refused_in(ctx.conn, t)?;
                 // The value was read before this transaction: a delete that
                 // committed since (and revoked the secret's leases) wins.
                 let refused = match refused {

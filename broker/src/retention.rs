@@ -1080,6 +1080,7 @@ impl Broker {
         let dk_bytes = Zeroizing::new(dk.expose_bytes().to_vec());
         let ctx_bytes = context_digest(context);
         let class = class.to_string();
+        let who = agent.clone();
         let actor = agent.actor();
         let action = action.to_string();
         let rid = request_id.to_string();
@@ -1087,10 +1088,12 @@ impl Broker {
             .store
             .write(move |ctx| {
                 let t = now();
-                // The class may have been shredded or re-keyed since the key
-                // was read: the writer's view decides.
+                // The agent may have been revoked, and the class shredded or
+                // re-keyed, since they were read: the writer's view decides.
                 let live = load_class(ctx.conn, &class)?;
+                let revoked = who.refused_in(ctx.conn, t)?;
                 let refusal = match &live {
+                    _ if revoked.is_some() => revoked,
                     None => Some(no_class(&class)),
                     Some(c) if c.state == class_state::SHREDDED => Some(shredded_error(c)),
                     Some(c) if c.generation != ck.generation => Some(Error::Unavailable(
@@ -1226,7 +1229,8 @@ impl Broker {
             Ok((id, _)) => (true, format!("data key {id} used")),
             Err(e) => (false, e.to_string()),
         };
-        self.audit(Entry {
+        let who = agent.clone();
+        let mut entry = Entry {
             time: now(),
             actor: agent.actor(),
             action: action.into(),
@@ -1234,8 +1238,25 @@ impl Broker {
             allowed,
             reason,
             request_id: request_id.into(),
-        })
-        .await?;
+        };
+        // Nothing is returned to an agent whose revoke was acknowledged
+        // before this record is written.
+        let refused = self
+            .store
+            .write(move |ctx| {
+                let refused = who.refused_in(ctx.conn, entry.time)?;
+                if let Some(e) = &refused {
+                    entry.allowed = false;
+                    entry.reason = e.to_string();
+                }
+                ctx.audit(&entry)?;
+                Ok(refused)
+            })
+            .await?;
+        if let Some(e) = refused {
+            self.forget_agent_id(agent.id);
+            return Err(e);
+        }
         let (_, plaintext) = out?;
         Ok(proto::DecryptResponse {
             plaintext: plaintext.to_vec(),
