@@ -64,10 +64,11 @@ pub(crate) fn target(g: &Global) -> Target {
     }
 }
 
-/// The admin token: TESSERA_ADMIN_TOKEN, else --admin-token-file, else the
-/// data directory's admin.token.
+/// The admin token: --admin-token-file, else TESSERA_ADMIN_TOKEN, else the
+/// data directory's admin.token (a flag given wins over the environment).
 pub(crate) fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
-    if let Ok(t) = std::env::var("TESSERA_ADMIN_TOKEN")
+    if g.admin_token_file.is_none()
+        && let Ok(t) = std::env::var("TESSERA_ADMIN_TOKEN")
         && !t.is_empty()
     {
         return Ok(Zeroizing::new(t));
@@ -1022,12 +1023,24 @@ fn read_checkpoint(path: &std::path::Path) -> Result<String, CliError> {
 }
 
 async fn status(g: &Global) -> Result<(), CliError> {
-    let token = admin_token(g)?;
+    // A sealed broker answers anyone (operators giving shares hold no admin
+    // token); an unsealed one wants the token, and its absence is then
+    // explained here rather than by the broker.
+    let token = admin_token(g);
+    let req = match &token {
+        Ok(t) => authed(proto::StatusRequest {}, t)?,
+        Err(_) => tonic::Request::new(proto::StatusRequest {}),
+    };
     let mut admin = target(g).admin().await?;
-    let s = admin
-        .status(authed(proto::StatusRequest {}, &token)?)
-        .await?
-        .into_inner();
+    let s = match admin.status(req).await {
+        Ok(r) => r.into_inner(),
+        Err(st) => {
+            return Err(match token {
+                Err(e) if st.code() == tonic::Code::Unauthenticated => e,
+                _ => st.into(),
+            });
+        }
+    };
     if g.json {
         print_json(json!({
             "sealed": s.sealed,

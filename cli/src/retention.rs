@@ -442,7 +442,9 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                 )?)
                 .await?
                 .into_inner();
-            if !g.json {
+            // On stderr, so that stdout stays one JSON document; shown
+            // whenever the holder is asked to confirm, --json or not.
+            if !g.json || !yes {
                 eprintln!("You are asked, as the {} holder, to sign:\n", key.role);
                 for line in cer.statement.lines() {
                     eprintln!("    {line}");

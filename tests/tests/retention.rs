@@ -1083,6 +1083,15 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
             "--json",
         ])
     };
+    // Operators hold no admin token: a sealed broker tells anyone how far
+    // unsealing has come (the flag wins over the data dir's token file).
+    let no_token = [
+        "status",
+        "--json",
+        "--admin-token-file",
+        "/nonexistent/admin.token",
+    ];
+    assert_eq!(w.run(&no_token).ok().json()["sealed"], true);
     let first = unseal(1, 0).ok().json();
     assert_eq!(
         (first["sealed"].clone(), first["received"].clone()),
@@ -1111,6 +1120,14 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
     let status = w.run(&["status", "--json"]).ok().json();
     assert_eq!(status["sealed"], false);
     assert_eq!(status["unseal_source"], "shares");
+    let admin = w.admin_token();
+    let refused = w
+        .run_with(&no_token, None, &[("TESSERA_ADMIN_TOKEN", &admin)])
+        .fails_with(4);
+    assert!(
+        refused.stderr.contains("no admin credential"),
+        "{refused:#?}"
+    );
     w.run(&["audit", "verify"]).ok();
     let audit = w.run(&["audit", "export"]).ok().stdout;
     assert!(audit.contains("unseal.share") && audit.contains("store.unseal"));
