@@ -275,9 +275,12 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `rotate --due`: through the running broker, or, when none answers,
-/// in this process on the store itself.
+/// `rotate --due`: through the running broker, or, when none answers on a
+/// local socket (the default, or a `unix://` `--addr` as the systemd unit
+/// and cron job give), in this process on the store itself. A broker at a
+/// TCP address may serve a store on another machine: that is only reported.
 async fn rotate_due(g: &Global) -> Result<(), CliError> {
+    let local = g.addr.as_deref().is_none_or(|a| a.starts_with("unix:"));
     let results = match target(g).admin().await {
         Ok(mut admin) => {
             let token = admin_token(g)?;
@@ -287,7 +290,7 @@ async fn rotate_due(g: &Global) -> Result<(), CliError> {
                 .into_inner()
                 .results
         }
-        Err(e) if e.exit == Exit::Unavailable && g.addr.is_none() => {
+        Err(e) if e.exit == Exit::Unavailable && local => {
             let dir = data_dir(g);
             let source = peek_source(&dir)?;
             let pass = match source {

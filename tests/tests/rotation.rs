@@ -450,11 +450,14 @@ fn issue_serves_a_rotation_made_by_another_process() {
     let (_s, token) = due_every_second(&w, "cat >/dev/null; echo k1");
     assert_eq!(w.get("api/key", &token).ok().stdout, "k0");
     let aside = SocketAside::new(&w);
+    // With the socket's address given, as the systemd unit and the cron
+    // job do: no broker answers there, so the store is opened here.
+    let addr = format!("unix://{}", w.socket().display());
     let r = w
         .run_with(
             &["rotate", "--due", "--json"],
             None,
-            &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+            &[("TESSERA_PASSPHRASE", PASSPHRASE), ("TESSERA_ADDR", &addr)],
         )
         .ok()
         .json();
