@@ -99,9 +99,11 @@ fn spawn(args: &RunArgs, bindings: &[Binding]) -> Result<Child, CliError> {
         )
     })?;
     let mut cmd = Command::new(program);
-    cmd.args(rest)
-        .env_remove("TESSERA_TOKEN")
-        .kill_on_drop(true);
+    cmd.args(rest).kill_on_drop(true);
+    // The command gets its values, not tessera's own credentials.
+    for cred in ["TESSERA_TOKEN", "TESSERA_ADMIN_TOKEN", "TESSERA_PASSPHRASE"] {
+        cmd.env_remove(cred);
+    }
     for b in bindings {
         let v = Zeroizing::new(String::from_utf8_lossy(&b.lease.value).into_owned());
         cmd.env(&b.var, v.as_str());

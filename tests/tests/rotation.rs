@@ -999,7 +999,9 @@ fn tessera_run_restarts_its_command_with_the_new_value() {
         "child.sh",
         &format!(
             "trap 'echo term >> {out}; exit 7' TERM; \
-             echo \"start $OPENAI_API_KEY token=${{TESSERA_TOKEN:-none}} args=$*\" >> {out}; \
+             echo \"start $OPENAI_API_KEY token=${{TESSERA_TOKEN:-none}} \
+             admin=${{TESSERA_ADMIN_TOKEN:-none}} pass=${{TESSERA_PASSPHRASE:-none}} \
+             args=$*\" >> {out}; \
              while true; do sleep 0.1; done",
             out = out.display()
         ),
@@ -1015,12 +1017,18 @@ fn tessera_run_restarts_its_command_with_the_new_value() {
         "plain-arg",
     ])
     .env("TESSERA_TOKEN", &token)
+    .env("TESSERA_ADMIN_TOKEN", "tsa_not-for-the-child")
+    .env("TESSERA_PASSPHRASE", "not for the child")
     .stdout(std::process::Stdio::null())
     .stderr(std::fs::File::create(&notes).expect("notes file"));
     let mut run = run.spawn().expect("spawn tessera run");
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
     wait_for("the child to start", 60, || read().contains("start sk-one"));
-    assert!(read().contains("token=none args=plain-arg"), "{}", read());
+    assert!(
+        read().contains("token=none admin=none pass=none args=plain-arg"),
+        "{}",
+        read()
+    );
     rotate_until_seen(&w, "openai/prod", "sk-two", &out, "start sk-two", &notes);
     assert!(
         read().contains("term"),
