@@ -90,6 +90,27 @@ pub(crate) fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
     Ok(Zeroizing::new(raw.trim().to_string()))
 }
 
+/// Reads all of stdin: `what` it is for. On a terminal it first says so
+/// (else the command would seem to hang); an empty read is refused, naming
+/// `instead`, the other way to give it.
+pub(crate) fn read_stdin(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("Reading {what} from stdin; end with Ctrl-D.");
+    }
+    let mut buf = Zeroizing::new(Vec::new());
+    stdin
+        .read_to_end(&mut buf)
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
+    if buf.is_empty() {
+        return Err(CliError::new(
+            Exit::InvalidArgument,
+            format!("invalid value: stdin was empty; pipe {what} in{instead}. Nothing was changed"),
+        ));
+    }
+    Ok(buf)
+}
+
 pub(crate) fn agent_token() -> Result<Zeroizing<String>, CliError> {
     match std::env::var("TESSERA_TOKEN") {
         Ok(t) if !t.is_empty() => Ok(Zeroizing::new(t)),
@@ -395,13 +416,7 @@ async fn unseal(g: &Global, a: crate::UnsealArgs) -> Result<(), CliError> {
                 format!("cannot read {}: {e}", f.display()),
             )
         })?),
-        None => {
-            let mut b = Zeroizing::new(Vec::new());
-            std::io::stdin()
-                .read_to_end(&mut b)
-                .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
-            b
-        }
+        None => read_stdin("your operator share", ", or give its file")?,
     };
     let text = crate::retention::open_share_bytes(raw, &a.identity_file, "the share")?;
     let r = target(g)
@@ -559,12 +574,7 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                     })?;
                 }
                 None => {
-                    if std::io::stdin().is_terminal() {
-                        eprintln!("Reading the value of {name} from stdin; end with Ctrl-D.");
-                    }
-                    std::io::stdin().read_to_end(&mut value).map_err(|e| {
-                        CliError::new(Exit::Failure, format!("cannot read stdin: {e}"))
-                    })?;
+                    value = read_stdin(&format!("the value of {name}"), " or use --from-file")?;
                 }
             }
             // Past this, the request would not fit in one gRPC message and

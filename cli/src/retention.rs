@@ -1,7 +1,7 @@
 //! Subcommands for key holders, retention classes, legal holds, the shred
 //! ceremony, offline share work and envelope encryption.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use serde_json::json;
@@ -829,14 +829,6 @@ fn context(a: &EnvelopeArgs) -> std::collections::HashMap<String, String> {
     a.context.iter().cloned().collect()
 }
 
-fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
-    let mut buf = Zeroizing::new(Vec::new());
-    std::io::stdin()
-        .read_to_end(&mut buf)
-        .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
-    Ok(buf)
-}
-
 fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     out.write_all(bytes)
@@ -846,7 +838,7 @@ fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
 
 pub(crate) async fn encrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError> {
     let token = agent_token()?;
-    let plaintext = read_stdin()?;
+    let plaintext = crate::commands::read_stdin("the data to encrypt", "")?;
     let r = target(g)
         .envelope()
         .await?
@@ -870,7 +862,7 @@ pub(crate) async fn encrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError>
 
 pub(crate) async fn decrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError> {
     let token = agent_token()?;
-    let ciphertext = read_stdin()?;
+    let ciphertext = crate::commands::read_stdin("the ciphertext to decrypt", "")?;
     let mut r = target(g)
         .envelope()
         .await?

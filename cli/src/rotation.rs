@@ -1,7 +1,7 @@
 //! Subcommands for rotation (`rotate …`, `secret show|config`) and for
 //! agents that follow rotations (`get --watch`).
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::Write;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -168,18 +168,10 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
         } => {
             let mut value = Zeroizing::new(Vec::new());
             if from_stdin {
-                if std::io::stdin().is_terminal() {
-                    eprintln!("Reading the new value of {name} from stdin; end with Ctrl-D.");
-                }
-                std::io::stdin()
-                    .read_to_end(&mut value)
-                    .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
-                if value.is_empty() {
-                    return Err(CliError::new(
-                        Exit::InvalidArgument,
-                        "invalid value: stdin was empty; nothing was changed",
-                    ));
-                }
+                value = crate::commands::read_stdin(
+                    &format!("the new value of {name}"),
+                    ", or leave out --from-stdin for a generated value",
+                )?;
             }
             let r = admin
                 .rotate_now(authed(

@@ -297,6 +297,22 @@ async fn renew_rules_expired_and_revoked_leases() {
         );
         async move { c.renew(req).await.expect_err("renewed") }
     };
+    // An empty value, which the CLI refuses before sending, is refused by
+    // the broker too.
+    let e = w
+        .admin_client()
+        .await
+        .put_secret(authed(
+            proto::PutSecretRequest {
+                name: "openai/empty".into(),
+                value: Vec::new(),
+            },
+            &w.admin_token(),
+        ))
+        .await
+        .expect_err("empty value stored");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("empty"), "{e:?}");
     let e = renew("lse_00000000000000000000000000000000").await;
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = renew("lse_nope").await;
