@@ -947,17 +947,13 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
             }
         }
         AuditCmd::Checkpoint { out } => {
+            check_new_file(out.as_deref())?;
             let cp = admin
                 .checkpoint_audit(authed(proto::CheckpointAuditRequest {}, &token)?)
                 .await?
                 .into_inner();
             match &out {
-                Some(path) => std::fs::write(path, &cp.text).map_err(|e| {
-                    CliError::new(
-                        Exit::Failure,
-                        format!("cannot write {}: {e}", path.display()),
-                    )
-                })?,
+                Some(path) => write_new_file(path, cp.text.as_bytes())?,
                 None if !g.json => print!("{}", cp.text),
                 None => {}
             }
@@ -1007,13 +1003,34 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Writes `--out` files (checkpoints, certificates): a new file, 0600,
+/// never over an existing one (an older checkpoint is a rollback anchor).
+pub(crate) fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), CliError> {
+    check_new_file(Some(path))?;
+    Ok(tessera_broker::init::write_private_file(path, contents)?)
+}
+
+/// Refuses an `--out` that exists, before anything is asked of the broker.
+pub(crate) fn check_new_file(path: Option<&Path>) -> Result<(), CliError> {
+    match path {
+        Some(p) if p.exists() => Err(CliError::new(
+            Exit::Precondition,
+            format!(
+                "{} already exists; give --out a new file name (tessera does not overwrite it)",
+                p.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A checkpoint file: the signed text, or the JSON line `audit checkpoint
 /// --json` prints (as saved from a log), whose `checkpoint` field holds it.
 fn read_checkpoint(path: &std::path::Path) -> Result<String, CliError> {
     use std::io::Read;
     let unreadable = |e: &dyn std::fmt::Display| {
         CliError::new(
-            Exit::Usage,
+            Exit::InvalidArgument,
             format!("cannot read the checkpoint {}: {e}", path.display()),
         )
     };

@@ -527,6 +527,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             }
         }
         ShredCmd::Certificate(CertificateCmd::Show { class, out }) => {
+            crate::commands::check_new_file(out.as_deref())?;
             let token = admin_token(g)?;
             let r = target(g)
                 .retention()
@@ -536,9 +537,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                 .into_inner();
             match out {
                 Some(f) => {
-                    std::fs::write(&f, &r.certificate).map_err(|e| {
-                        CliError::new(Exit::Failure, format!("cannot write {}: {e}", f.display()))
-                    })?;
+                    crate::commands::write_new_file(&f, r.certificate.as_bytes())?;
                     if g.json {
                         print_json(certificate_json(&r));
                     } else {
