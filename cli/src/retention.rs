@@ -876,5 +876,11 @@ pub(crate) async fn decrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError>
         .await?
         .into_inner();
     let plaintext = Zeroizing::new(std::mem::take(&mut r.plaintext));
-    write_stdout(&plaintext)
+    if g.json {
+        let hexed = Zeroizing::new(hex(&plaintext));
+        print_json(json!({"class": a.class, "plaintext": hexed.as_str()}));
+        Ok(())
+    } else {
+        write_stdout(&plaintext)
+    }
 }

@@ -649,7 +649,9 @@ fn a_signed_checkpoint_catches_a_store_rolled_back_to_an_older_copy() {
     let seq = r.json()["seq"].as_u64().expect("seq");
     let text = std::fs::read_to_string(&cp).expect("checkpoint written");
     // A kept checkpoint is never overwritten.
-    let again = w.run(&["audit", "checkpoint", "--out", cp_arg]).fails_with(5);
+    let again = w
+        .run(&["audit", "checkpoint", "--out", cp_arg])
+        .fails_with(5);
     assert!(again.stderr.contains("already exists"), "{again:#?}");
     assert_eq!(std::fs::read_to_string(&cp).expect("kept"), text);
     assert!(text.starts_with("tessera-audit-checkpoint-v1\n"), "{text}");

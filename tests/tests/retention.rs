@@ -171,6 +171,25 @@ fn whole_shred_story_through_the_binary() {
         )
         .ok();
     assert_eq!(plain.stdout, "general ledger 2019");
+    let doc = w
+        .run_with(
+            &[
+                "decrypt",
+                "--class",
+                "sox",
+                "--context",
+                "ledger=2019",
+                "--json",
+            ],
+            Some(&ciphertext),
+            &env,
+        )
+        .ok()
+        .json();
+    assert_eq!(
+        unhex(doc["plaintext"].as_str().expect("hex")),
+        b"general ledger 2019"
+    );
     let wrong = w
         .run_with(
             &["decrypt", "--class", "sox", "--context", "ledger=2020"],
