@@ -555,7 +555,8 @@ pub struct RunArgs {
     #[arg(
         long,
         default_value = "restart",
-        value_name = "restart|signal:NAME|ignore"
+        value_name = "restart|signal:NAME|ignore",
+        value_parser = crate::run::on_rotate_arg
     )]
     pub on_rotate: String,
     /// The command and its arguments (after --).

@@ -26,6 +26,14 @@ enum OnRotate {
     Ignore,
 }
 
+/// Clap's check of `--on-rotate`, so that a bad value is a usage error
+/// (exit 2) like any other flag's.
+pub(crate) fn on_rotate_arg(s: &str) -> Result<String, String> {
+    parse_on_rotate(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.message)
+}
+
 fn parse_on_rotate(s: &str) -> Result<OnRotate, CliError> {
     match s {
         "restart" => Ok(OnRotate::Restart),

@@ -1335,6 +1335,19 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
     let _ = watch.kill();
     let _ = watch.wait();
 
+    // A signal that does not exist is a usage error, before anything runs.
+    let bad = w
+        .run(&[
+            "run",
+            "--env",
+            "A=gh/token",
+            "--on-rotate",
+            "signal:NOPE",
+            "--",
+            "true",
+        ])
+        .fails_with(2);
+    assert!(bad.stderr.contains("not a signal name"), "{bad:#?}");
     // --on-rotate signal:HUP: the command keeps running and gets SIGHUP.
     let log = w.tmp.path().join("hup.out");
     let child = script(
