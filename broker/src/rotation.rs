@@ -420,7 +420,12 @@ fn run_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if via_env {
-        cmd.env(env_name, String::from_utf8_lossy(input).as_ref());
+        // The value's bytes as they are (a lossy conversion would alter a
+        // value that is not UTF-8).
+        cmd.env(
+            env_name,
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(input),
+        );
     }
     let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -431,19 +436,24 @@ fn run_command(
     })?;
     let mut stdin = child.stdin.take();
     let input = Zeroizing::new(if via_env { Vec::new() } else { input.to_vec() });
-    let writer = std::thread::spawn(move || {
+    // The writer and readers are never joined: a process the command
+    // started in the background (or in a session of its own) may hold the
+    // pipes open for ever, and must not hold up the broker's loop.
+    std::thread::spawn(move || {
         if let Some(si) = stdin.as_mut() {
             let _ = si.write_all(&input);
         }
     });
     let read_limited = |r: Option<Box<dyn Read + Send>>, limit: usize| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         std::thread::spawn(move || {
             let mut buf = Zeroizing::new(Vec::new());
             if let Some(r) = r {
                 let _ = r.take(limit as u64 + 1).read_to_end(&mut buf);
             }
-            buf
-        })
+            let _ = tx.send(buf);
+        });
+        rx
     };
     let out = read_limited(
         child
@@ -459,21 +469,12 @@ fn run_command(
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
         64 * 1024,
     );
-    let start = Instant::now();
+    let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
-            Ok(None) if start.elapsed() >= timeout => {
-                // The whole group the command leads (never our own: it was
-                // started with process_group(0)).
-                if let Ok(pgid) = i32::try_from(child.id())
-                    && pgid > 1
-                {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pgid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+            Ok(None) if Instant::now() >= deadline => {
+                kill_group(&child);
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
@@ -482,9 +483,19 @@ fn run_command(
             Err(e) => return Err(format!("cannot wait for {program:?}: {e}")),
         }
     };
-    let _ = writer.join();
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
+    // Its output is complete when the pipes close: wait for that until the
+    // same deadline (after a kill, a moment for the pipes to close).
+    let until = deadline.max(Instant::now() + Duration::from_millis(500));
+    let collect = |rx: &std::sync::mpsc::Receiver<Zeroizing<Vec<u8>>>| {
+        rx.recv_timeout(until.saturating_duration_since(Instant::now()))
+            .ok()
+    };
+    let (stdout, stderr) = (collect(&out), collect(&err));
+    let held_open = status.is_some() && (stdout.is_none() || stderr.is_none());
+    if held_open {
+        kill_group(&child);
+    }
+    let (stdout, stderr) = (stdout.unwrap_or_default(), stderr.unwrap_or_default());
     let mut shown = String::from_utf8_lossy(&stderr).into_owned();
     for s in secrets.iter().chain(std::iter::once(&&stdout[..])) {
         let s = String::from_utf8_lossy(s);
@@ -502,6 +513,14 @@ fn run_command(
             timeout.as_secs()
         ));
     };
+    if held_open {
+        return Err(format!(
+            "the command {program:?} exited, but a process it started kept its output open \
+             past {}s; what was left of its process group was killed (a rotation command \
+             must not leave processes running in the background)",
+            timeout.as_secs()
+        ));
+    }
     if stdout.len() > max_out {
         return Err(format!(
             "the command {program:?} printed more than the {max_out}-byte value limit"
@@ -511,6 +530,19 @@ fn run_command(
         return Err(format!("the command {program:?} failed ({status})"));
     }
     Ok(stdout)
+}
+
+/// Kills the process group a command leads (never our own: commands are
+/// started with `process_group(0)`), so whatever it started goes too.
+fn kill_group(child: &std::process::Child) {
+    if let Ok(pgid) = i32::try_from(child.id())
+        && pgid > 1
+    {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 /// Trims one trailing newline (what `echo` adds) from a command's output.
@@ -1517,23 +1549,27 @@ impl Broker {
         .unwrap_or_else(|e| fail(e.to_string()))
     }
 
-    /// Periodic rotation work: retire versions past their overlap, warn of
-    /// leases about to expire, and (when `scheduler` is set) rotate what is
-    /// due and resume pending rotations.
-    pub async fn rotation_tick(&self, scheduler: bool) -> Result<()> {
+    /// Periodic rotation housekeeping: retire versions past their overlap
+    /// and warn of leases about to expire.
+    pub async fn rotation_tick(&self) -> Result<()> {
         self.retire_due().await?;
-        self.warn_expiring().await?;
-        if scheduler {
-            for r in self.rotate_due("scheduler", ACTOR_SYSTEM).await? {
-                match r.outcome.as_str() {
-                    "rotated" => {
-                        tracing::info!(secret = %r.name, version = r.version, "scheduled rotation done")
-                    }
-                    "failed" => {
-                        tracing::warn!(secret = %r.name, error = %r.message, "scheduled rotation failed")
-                    }
-                    _ => {}
+        self.warn_expiring().await
+    }
+
+    /// The scheduler's turn: rotate what is due and resume pending
+    /// rotations. Run on a task of its own, so that a slow rotation command
+    /// (up to its timeout) never holds up the sweeps, retirements and
+    /// ceremonies of [`Broker::rotation_tick`].
+    pub async fn scheduler_tick(&self) -> Result<()> {
+        for r in self.rotate_due("scheduler", ACTOR_SYSTEM).await? {
+            match r.outcome.as_str() {
+                "rotated" => {
+                    tracing::info!(secret = %r.name, version = r.version, "scheduled rotation done")
                 }
+                "failed" => {
+                    tracing::warn!(secret = %r.name, error = %r.message, "scheduled rotation failed")
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -1886,5 +1922,55 @@ mod tests {
         assert!(!owner_is_dead(&format!("{host}:not-a-pid:x")));
         assert!(!owner_is_dead(&format!("{host}:0:x")));
         assert!(!owner_is_dead("garbage"));
+    }
+
+    fn sh(script: &str, input: &[u8], via_env: bool) -> std::result::Result<Vec<u8>, String> {
+        let argv = ["/bin/sh".to_string(), "-c".into(), script.into()];
+        run_command(
+            &argv,
+            input,
+            via_env,
+            "VALUE",
+            Duration::from_secs(2),
+            1024,
+            &[],
+        )
+        .map(|v| v.to_vec())
+    }
+
+    /// A command is given the value's bytes as they are, and its output is
+    /// what it printed before its pipes closed.
+    #[test]
+    fn a_command_gets_the_value_and_its_output_is_read_to_the_end() {
+        assert_eq!(sh("cat", b"v1", false).expect("stdin"), b"v1");
+        let odd = b"\xff\xfe not UTF-8";
+        let via_env = sh("printf %s \"$VALUE\"", odd, true).expect("env");
+        assert_eq!(via_env, odd);
+        let err = sh("exit 3", b"", false).expect_err("failed");
+        assert!(err.contains("failed"), "{err}");
+    }
+
+    /// A command that leaves a process holding its output open, even one in
+    /// a session of its own, fails at its timeout instead of holding up the
+    /// broker's loop for ever.
+    #[test]
+    fn a_process_left_holding_the_output_fails_the_command_at_its_timeout() {
+        let err = sh("sleep 60 & echo v1", b"", false).expect_err("held open");
+        assert!(err.contains("kept its output open"), "{err}");
+        if let Ok(setsid) = which_setsid() {
+            let err = sh(&format!("{setsid} sleep 60 & echo v1"), b"", false)
+                .expect_err("held open in another session");
+            assert!(err.contains("kept its output open"), "{err}");
+        }
+        let err = sh("sleep 60", b"", false).expect_err("timed out");
+        assert!(err.contains("did not finish"), "{err}");
+    }
+
+    fn which_setsid() -> std::result::Result<String, ()> {
+        ["/usr/bin/setsid", "/bin/setsid"]
+            .iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .map(|p| p.to_string())
+            .ok_or(())
     }
 }

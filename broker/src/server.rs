@@ -261,13 +261,32 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
                     if let Err(e) = sweeper_broker.retention_tick().await {
                         tracing::warn!(error = %e, "retention work failed; will retry");
                     }
-                    if let Err(e) = sweeper_broker.rotation_tick(scheduler).await {
+                    if let Err(e) = sweeper_broker.rotation_tick().await {
                         tracing::warn!(error = %e, "rotation work failed; will retry");
                     }
                 }
                 _ = sweep_rx.changed() => break,
             }
         }
+    });
+    let scheduler_gate = Arc::clone(&gate);
+    let mut scheduler_rx = shutdown_rx.clone();
+    let scheduler = scheduler.then(|| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweep_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let Some(b) = scheduler_gate.broker() else { continue };
+                        if let Err(e) = b.scheduler_tick().await {
+                            tracing::warn!(error = %e, "scheduled rotations failed; will retry");
+                        }
+                    }
+                    _ = scheduler_rx.changed() => break,
+                }
+            }
+        })
     });
 
     let socket = opts.socket.clone();
@@ -303,6 +322,11 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
             }
         };
         let _ = sweeper.await;
+        // A rotation under way finishes (or times out) first; one killed
+        // instead is resumed at the next start.
+        if let Some(scheduler) = scheduler {
+            let _ = scheduler.await;
+        }
         let flushed = match gate.broker() {
             Some(b) => b.flush().await,
             None => Ok(()),
