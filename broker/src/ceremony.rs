@@ -573,6 +573,7 @@ impl Broker {
         let role = holder.role.clone();
         let actor = holder.actor();
         let target = class.clone();
+        let broker_key = self.signing_public;
         let out = self
             .store
             .write(move |ctx| {
@@ -591,13 +592,36 @@ impl Broker {
                     }
                     let digest = certificate::digest(signed_part(text));
                     let msg = certificate::confirmation_text(&digest, &role);
-                    judge_role_signature(
-                        ctx.conn,
-                        &role,
-                        msg.as_bytes(),
-                        &signature,
-                        "confirmation",
-                    )?;
+                    // Checked against the key the certificate names for the
+                    // role (the one that held its share), as every reader
+                    // of the certificate checks it: a confirmation by a key
+                    // enrolled since would make the certificate fail to
+                    // verify for good.
+                    let cert =
+                        certificate::verify(signed_part(text), Some(&broker_key)).map_err(|e| {
+                            Error::Tampered(format!(
+                                "the stored certificate of class {class} does not verify: {e}"
+                            ))
+                        })?;
+                    let held_by = cert
+                        .certificate
+                        .holders
+                        .iter()
+                        .find(|(r, _)| *r == role)
+                        .map(|(_, k)| *k)
+                        .ok_or_else(|| {
+                            Error::PermissionDenied(format!(
+                                "role {role} held no share of class {class}"
+                            ))
+                        })?;
+                    if !tessera_shred::holder::verify(&held_by, msg.as_bytes(), &signature) {
+                        return Err(Error::Unauthenticated(format!(
+                            "the confirmation does not verify under the key that held role \
+                             {role}'s share of class {class} (fingerprint {}); only that \
+                             holder can confirm destroying it",
+                            tessera_shred::holder::fingerprint(&held_by)
+                        )));
+                    }
                     ctx.conn.execute(
                         "INSERT OR IGNORE INTO confirmations (class, role, signature, confirmed_at)
                          VALUES (?1, ?2, ?3, ?4)",

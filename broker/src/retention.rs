@@ -185,6 +185,43 @@ pub fn parse_recipient(recipient: &str, field: &'static str) -> Result<age::x255
     })
 }
 
+/// Why `key` cannot be `role`'s holder key: it is another role's (one
+/// person holding two roles would meet a quorum alone, and get two shares
+/// of each class), or it was retired from a role (its old shares are
+/// destroyed; it is never enrolled again).
+fn key_taken(conn: &Connection, key: &HolderPublicKey, role: &str) -> Result<Option<Error>> {
+    let other: Option<String> = conn
+        .query_row(
+            "SELECT role FROM holders
+             WHERE (signing_key = ?1 OR age_recipient = ?2) AND role != ?3",
+            params![&key.signing_key[..], key.age_recipient, role],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(other) = other {
+        return Ok(Some(Error::AlreadyExists(format!(
+            "this key is already the holder key of role {other:?}; each role needs a holder of \
+             its own, with a key of its own (`tessera holder init` makes one)"
+        ))));
+    }
+    let retired: Option<String> = conn
+        .query_row(
+            "SELECT role FROM holder_keys_retired WHERE signing_key = ?1",
+            [&key.signing_key[..]],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(retired.map(|r| {
+        Error::invalid(
+            "pubkey",
+            format!(
+                "this key was replaced as the holder key of role {r:?} and is never enrolled \
+                 again; the holder makes a new one with `tessera holder init`"
+            ),
+        )
+    }))
+}
+
 /// An Ed25519 public key.
 type SigningKey = [u8; 32];
 
@@ -339,6 +376,16 @@ impl Broker {
                     ))?;
                     return Ok(Err(e));
                 }
+                if let Some(e) = key_taken(ctx.conn, &key, &role)? {
+                    ctx.audit(&admin_entry(
+                        "holder.enroll",
+                        &role,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
+                    return Ok(Err(e));
+                }
                 ctx.conn.execute(
                     "INSERT INTO holders (role, age_recipient, signing_key, enrolled_at)
                      VALUES (?1, ?2, ?3, ?4)",
@@ -411,6 +458,9 @@ impl Broker {
                         "pubkey",
                         "this is the role's current key; a replacement needs the new holder's key",
                     );
+                    return refuse(ctx, e);
+                }
+                if let Some(e) = key_taken(ctx.conn, &key, &role)? {
                     return refuse(ctx, e);
                 }
                 ctx.conn.execute(
@@ -880,6 +930,7 @@ impl Broker {
         &self,
         request_id: &str,
         class: String,
+        hold: u64,
         reason: String,
     ) -> Result<proto::HoldInfo> {
         if reason.trim().is_empty() {
@@ -899,15 +950,36 @@ impl Broker {
                     Err(no_class(&class))
                 } else {
                     let h = standing_holds(ctx.conn, &class)?;
-                    if h.is_empty() {
-                        Err(Error::FailedPrecondition(format!(
+                    let ids = || {
+                        h.iter()
+                            .map(|(id, _)| id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    match (h.len(), hold) {
+                        (0, _) => Err(Error::FailedPrecondition(format!(
                             "class {class} has no standing legal hold to release"
-                        )))
-                    } else {
-                        Ok(h)
+                        ))),
+                        (1, 0) => Ok(h[0].clone()),
+                        (_, 0) => Err(Error::FailedPrecondition(format!(
+                            "class {class} has {} standing holds (ids {}); release one at a \
+                             time with --hold ID",
+                            h.len(),
+                            ids()
+                        ))),
+                        _ => h
+                            .iter()
+                            .find(|(id, _)| *id as u64 == hold)
+                            .cloned()
+                            .ok_or_else(|| {
+                                Error::NotFound(format!(
+                                    "class {class} has no standing hold {hold} (standing: {})",
+                                    ids()
+                                ))
+                            }),
                     }
                 };
-                let holds = match holds {
+                let (id, placed_reason) = match holds {
                     Ok(h) => h,
                     Err(e) => {
                         ctx.audit(&admin_entry(
@@ -921,16 +993,14 @@ impl Broker {
                     }
                 };
                 ctx.conn.execute(
-                    "UPDATE holds SET released_at = ?2, release_reason = ?3
-                     WHERE class = ?1 AND released_at IS NULL",
-                    params![class, t, reason],
+                    "UPDATE holds SET released_at = ?2, release_reason = ?3 WHERE id = ?1",
+                    params![id, t, reason],
                 )?;
-                let (id, placed_reason) = holds.last().cloned().unwrap_or_default();
                 ctx.audit(&admin_entry(
                     "hold.release",
                     &class,
                     true,
-                    format!("{} hold(s) released: {reason}", holds.len()),
+                    format!("hold {id} released: {reason}"),
                     &rid,
                 ))?;
                 Ok(Ok(proto::HoldInfo {

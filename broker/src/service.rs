@@ -657,7 +657,9 @@ impl retention_server::Retention for Services {
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
-            self.broker()?.release_hold(&rid, r.class, r.reason).await?,
+            self.broker()?
+                .release_hold(&rid, r.class, r.hold, r.reason)
+                .await?,
         ))
     }
 

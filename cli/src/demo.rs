@@ -273,6 +273,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
             proto::HoldRequest {
                 class: "sox-demo".into(),
                 reason: "litigation 2026-17".into(),
+                hold: 0,
             },
             admin_token,
         )?)
@@ -289,6 +290,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
             proto::HoldRequest {
                 class: "sox-demo".into(),
                 reason: "case closed".into(),
+                hold: 0,
             },
             admin_token,
         )?)

@@ -247,6 +247,9 @@ pub enum HoldCmd {
         /// The class.
         #[arg(long)]
         class: String,
+        /// The hold to release (its id; needed while several stand).
+        #[arg(long, value_name = "ID")]
+        hold: Option<u64>,
         /// Why, e.g. 'case closed'.
         #[arg(long)]
         reason: String,

@@ -358,11 +358,22 @@ fn ceremony_json(c: &proto::CeremonyInfo) -> serde_json::Value {
 pub(crate) async fn hold(g: &Global, c: HoldCmd) -> Result<(), CliError> {
     let token = admin_token(g)?;
     let mut client = target(g).retention().await?;
-    let (placing, class, reason) = match c {
-        HoldCmd::Place { class, reason } => (true, class, reason),
-        HoldCmd::Release { class, reason } => (false, class, reason),
+    let (placing, class, hold, reason) = match c {
+        HoldCmd::Place { class, reason } => (true, class, None, reason),
+        HoldCmd::Release {
+            class,
+            hold,
+            reason,
+        } => (false, class, hold, reason),
     };
-    let req = authed(proto::HoldRequest { class, reason }, &token)?;
+    let req = authed(
+        proto::HoldRequest {
+            class,
+            reason,
+            hold: hold.unwrap_or(0),
+        },
+        &token,
+    )?;
     let h = if placing {
         client.place_hold(req).await?
     } else {

@@ -318,15 +318,40 @@ fn whole_shred_story_through_the_binary() {
         None,
         "no ceremony opens while a hold stands"
     );
-    w.run(&[
-        "hold",
-        "release",
-        "--class",
-        "sox",
-        "--reason",
-        "case closed",
-    ])
-    .ok();
+    // Each matter's hold is lifted on its own.
+    let second = w
+        .run(&[
+            "hold",
+            "place",
+            "--class",
+            "sox",
+            "--reason",
+            "audit 2027",
+            "--json",
+        ])
+        .ok()
+        .json()["id"]
+        .as_u64()
+        .expect("hold id");
+    let release = |more: &[&str]| {
+        let mut a = vec![
+            "hold",
+            "release",
+            "--class",
+            "sox",
+            "--reason",
+            "case closed",
+        ];
+        a.extend_from_slice(more);
+        w.run(&a)
+    };
+    let which = release(&[]).fails_with(5);
+    assert!(which.stderr.contains("--hold ID"), "{which:#?}");
+    release(&["--hold", &(second + 100).to_string()]).fails_with(3);
+    release(&["--hold", &second.to_string()]).ok();
+    let still = w.run(&["shred", "open", "--class", "sox"]).fails_with(5);
+    assert!(still.stderr.contains("litigation 2026-17"), "{still:#?}");
+    release(&[]).ok();
 
     // The broker opens the ceremony itself now that the deadline passed.
     wait_class(&w, "sox", "an open ceremony", |c| {
@@ -445,6 +470,33 @@ fn whole_shred_story_through_the_binary() {
         a.extend(id_args(key));
         run(&w, &a).ok();
     }
+    // A holder enrolled for the role since never held its share: their
+    // confirmation is refused, and the certificate still verifies.
+    let new_legal = w.tmp.path().join("new-legal.key");
+    let made = w
+        .run(&[
+            "holder",
+            "init",
+            "--role",
+            "legal",
+            "--identity-file",
+            new_legal.to_str().expect("p"),
+            "--json",
+        ])
+        .ok()
+        .json();
+    let pubkey = made["pubkey"].as_str().expect("pubkey");
+    w.run(&["holder", "replace", "--role", "legal", "--pubkey", pubkey])
+        .ok();
+    let mut a = strings(&["shred", "confirm", "--class", "sox", "--role", "legal"]);
+    a.extend(id_args(&Some(new_legal)));
+    let refused = run(&w, &a).fails_with(4);
+    assert!(
+        refused
+            .stderr
+            .contains("the key that held role legal's share"),
+        "{refused:#?}"
+    );
     w.run(&[
         "shred",
         "certificate",
@@ -708,6 +760,58 @@ fn shred_is_crash_safe_at_every_step() {
             .ok();
         w.run(&["audit", "verify"]).ok();
     }
+}
+
+/// One key holds one role: a person holding two roles would meet a quorum
+/// alone (and get two shares of each class), and a replaced key whose
+/// shares were destroyed does not come back.
+#[test]
+fn a_holder_key_holds_one_role_and_a_replaced_one_never_returns() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let pubkey = |role: &str, file: &str| -> String {
+        let key = w.tmp.path().join(file);
+        w.run(&[
+            "holder",
+            "init",
+            "--role",
+            role,
+            "--identity-file",
+            key.to_str().expect("p"),
+            "--json",
+        ])
+        .ok()
+        .json()["pubkey"]
+            .as_str()
+            .expect("pubkey")
+            .to_string()
+    };
+    let legal = pubkey("legal", "legal.key");
+    w.run(&["holder", "enroll", "--role", "legal", "--pubkey", &legal])
+        .ok();
+    let twice = w
+        .run(&["holder", "enroll", "--role", "ciso", "--pubkey", &legal])
+        .fails_with(5);
+    assert!(
+        twice
+            .stderr
+            .contains("already the holder key of role \"legal\""),
+        "{twice:#?}"
+    );
+    w.holder("ciso", true);
+    w.run(&["holder", "replace", "--role", "ciso", "--pubkey", &legal])
+        .fails_with(5);
+    let legal2 = pubkey("legal", "legal2.key");
+    w.run(&["holder", "replace", "--role", "legal", "--pubkey", &legal2])
+        .ok();
+    let back = w
+        .run(&["holder", "enroll", "--role", "board", "--pubkey", &legal])
+        .fails_with(7);
+    assert!(back.stderr.contains("never enrolled again"), "{back:#?}");
+    let holders = w.run(&["holder", "list", "--json"]).ok().json();
+    assert_eq!(holders["holders"].as_array().map(Vec::len), Some(2));
+    w.run(&["audit", "verify"]).ok();
 }
 
 #[test]
