@@ -173,6 +173,32 @@ impl Broker {
             .write_then(
                 move |ctx| {
                     let t = now();
+                    // A legal hold keeps what its class holds, live values
+                    // included: they are deleted once it is released.
+                    let class: Option<String> = ctx
+                        .conn
+                        .query_row("SELECT class FROM secrets WHERE name = ?1", [&name], |r| {
+                            r.get(0)
+                        })
+                        .optional()?
+                        .flatten();
+                    if let Some(class) = class {
+                        let holds = crate::retention::standing_holds(ctx.conn, &class)?;
+                        if let Some((id, reason)) = holds.first() {
+                            let e = Error::FailedPrecondition(format!(
+                                "secret {name:?} belongs to class {class}, which is under legal \
+                                 hold {id} ({reason}); it can be deleted once the hold is released"
+                            ));
+                            ctx.audit(&admin_entry(
+                                "secret.delete",
+                                &name,
+                                false,
+                                e.to_string(),
+                                &rid,
+                            ))?;
+                            return Ok(Err(e));
+                        }
+                    }
                     let versions = ctx.conn.execute(
                         "DELETE FROM secret_versions WHERE name = ?1 AND state != 'archived'",
                         [&name],

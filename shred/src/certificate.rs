@@ -146,7 +146,12 @@ pub fn verify(text: &str, pinned_broker_key: Option<&[u8; 32]>) -> Result<Verifi
             holder::fingerprint(pin)
         )));
     }
-    if cert.sign_check(&sig).is_err() {
+    // Byte for byte as the broker wrote it: the body is parsed leniently
+    // (`+10`, `010`, lines in another order), and a text the signature
+    // check accepted in another spelling would name another digest.
+    if cert.sign_check(&sig).is_err()
+        || signed != format!("{}{SIGNATURE_LINE}{sig_hex}\n", cert.body())
+    {
         return Err(Error::BadSignature(
             "the broker's signature over the certificate does not verify: it was altered".into(),
         ));
@@ -381,5 +386,26 @@ mod tests {
         assert!(verify(&signed, Some(&[0; 32])).is_err());
         let forged = format!("{signed}confirm: board {}\n", hex(&[0u8; 64]));
         assert!(verify(&forged, None).is_err());
+        // So does a respelling that parses to the same body (it would name
+        // another digest for the confirmations).
+        for (from, to) in [
+            ("deadline: 10\n", "deadline: +10\n"),
+            ("deadline: 10\n", "deadline: 010\n"),
+        ] {
+            let respelled = signed.replace(from, to);
+            assert_ne!(respelled, signed);
+            assert!(verify(&respelled, None).is_err(), "{to:?} accepted");
+        }
+        let lines: Vec<&str> = signed.lines().collect();
+        let holder_at = lines
+            .iter()
+            .position(|l| l.starts_with("holder: "))
+            .expect("holder");
+        let mut swapped = lines.clone();
+        swapped.swap(holder_at, holder_at + 1);
+        assert!(
+            verify(&(swapped.join("\n") + "\n"), None).is_err(),
+            "holders reordered"
+        );
     }
 }

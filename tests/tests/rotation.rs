@@ -1244,6 +1244,12 @@ fn retired_versions_are_archived_under_the_class_and_die_with_its_shred() {
         c["data_keys"], 1,
         "the archived version's data key is under the class"
     );
+    // Under a legal hold on its class, the secret is not deleted at all.
+    let hold = ["--class", "sox", "--reason", "matter 7"];
+    w.run(&[&["hold", "place"][..], &hold].concat()).ok();
+    let held = w.run(&["secret", "rm", "bank/api"]).fails_with(5);
+    assert!(held.stderr.contains("legal hold"), "{held:#?}");
+    w.run(&[&["hold", "release"][..], &hold].concat()).ok();
     // Deleting the secret keeps its archived version: retention data, which
     // only a shred ceremony of its class destroys.
     let rm = w.run(&["secret", "rm", "bank/api", "--json"]).ok().json();
