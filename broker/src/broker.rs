@@ -364,7 +364,8 @@ impl Broker {
     }
 
     /// Ends every open `Watch` stream (with UNAVAILABLE, so clients
-    /// reconnect), for a graceful shutdown.
+    /// reconnect), and stops the scheduler between secrets, for a graceful
+    /// shutdown.
     pub fn stop_watches(&self) {
         self.stopping.send_replace(true);
     }

@@ -322,8 +322,8 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
             }
         };
         let _ = sweeper.await;
-        // A rotation under way finishes (or times out) first; one killed
-        // instead is resumed at the next start.
+        // The rotation under way, if any, finishes (or times out) first;
+        // the scheduler starts no other once stopping.
         if let Some(scheduler) = scheduler {
             let _ = scheduler.await;
         }
