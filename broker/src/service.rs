@@ -108,10 +108,18 @@ impl broker_server::Broker for Services {
         let (rid, agent) = self.agent(&req, "watch", "events").await?;
         let r = req.into_inner();
         let broker = self.broker()?;
-        if i64::try_from(r.after_event_id).is_err() {
+        // An id this broker never gave (past its newest event: a client's
+        // mistake, or a store put back from an older copy) would wait
+        // silently for events that already happened.
+        let last = broker.last_event_id()?;
+        if r.after_event_id > last {
             let e = Error::invalid(
                 "after_event_id",
-                "it is past any event id; resume after the id of the last event received, or 0",
+                format!(
+                    "{} is past the newest event ({last}); resume after the id of the last \
+                     event received from this broker, or 0",
+                    r.after_event_id
+                ),
             );
             return Err(broker
                 .deny(agent.actor(), "watch", "events", &rid, e)

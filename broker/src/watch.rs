@@ -49,6 +49,17 @@ fn in_scope(agent: &Agent, e: &Row) -> bool {
 }
 
 impl Broker {
+    /// The id of the newest event (0 when there is none).
+    pub(crate) fn last_event_id(&self) -> Result<u64> {
+        self.store.read(|conn| {
+            Ok(
+                conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
+                    r.get::<_, i64>(0)
+                })? as u64,
+            )
+        })
+    }
+
     fn events_after(&self, cursor: u64) -> Result<Vec<Row>> {
         self.store.read(|conn| {
             let mut stmt = conn.prepare_cached(
@@ -93,13 +104,7 @@ impl Broker {
         resume: bool,
     ) -> Result<(mpsc::Receiver<Result<proto::Event, Status>>, u64)> {
         let mut cursor = if after == 0 && !resume {
-            self.store.read(|conn| {
-                Ok(
-                    conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
-                        r.get::<_, i64>(0)
-                    })? as u64,
-                )
-            })?
+            self.last_event_id()?
         } else {
             after
         };
