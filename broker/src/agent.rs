@@ -467,8 +467,8 @@ pub(crate) fn admin_entry(
 mod tests {
     use super::*;
 
-    /// The writer's re-check: a revoke or an expiry that the cached agent
-    /// does not know of refuses the write.
+    /// The writer's re-check: a revoke the cached agent does not know of,
+    /// or the token's expiry, refuses the write.
     #[test]
     fn refused_in_reads_the_agent_row_the_transaction_sees() {
         let dir = tempfile::tempdir().expect("dir");

@@ -362,21 +362,15 @@ impl Broker {
                         r.get(0)
                     })
                     .optional()?;
-                if exists.is_some() {
-                    let e = Error::AlreadyExists(format!(
+                let refusal = if exists.is_some() {
+                    Some(Error::AlreadyExists(format!(
                         "role {role:?} already has a holder; to hand it to someone else use \
                          `tessera holder replace --role {role} --pubkey …`"
-                    ));
-                    ctx.audit(&admin_entry(
-                        "holder.enroll",
-                        &role,
-                        false,
-                        e.to_string(),
-                        &rid,
-                    ))?;
-                    return Ok(Err(e));
-                }
-                if let Some(e) = key_taken(ctx.conn, &key, &role)? {
+                    )))
+                } else {
+                    key_taken(ctx.conn, &key, &role)?
+                };
+                if let Some(e) = refusal {
                     ctx.audit(&admin_entry(
                         "holder.enroll",
                         &role,

@@ -173,31 +173,40 @@ impl Broker {
             .write_then(
                 move |ctx| {
                     let t = now();
-                    // A legal hold keeps what its class holds, live values
-                    // included: they are deleted once it is released.
-                    let class: Option<String> = ctx
+                    // None: no such secret; Some(None): one without a class.
+                    let class: Option<Option<String>> = ctx
                         .conn
                         .query_row("SELECT class FROM secrets WHERE name = ?1", [&name], |r| {
                             r.get(0)
                         })
-                        .optional()?
-                        .flatten();
-                    if let Some(class) = class {
-                        let holds = crate::retention::standing_holds(ctx.conn, &class)?;
-                        if let Some((id, reason)) = holds.first() {
-                            let e = Error::FailedPrecondition(format!(
-                                "secret {name:?} belongs to class {class}, which is under legal \
-                                 hold {id} ({reason}); it can be deleted once the hold is released"
-                            ));
-                            ctx.audit(&admin_entry(
-                                "secret.delete",
-                                &name,
-                                false,
-                                e.to_string(),
-                                &rid,
-                            ))?;
-                            return Ok(Err(e));
-                        }
+                        .optional()?;
+                    let refusal = match &class {
+                        None => Some(Error::NotFound(format!(
+                            "no secret named {name:?}; `tessera secret list` shows what exists"
+                        ))),
+                        // A legal hold keeps what its class holds, live
+                        // values included: they are deleted once it is
+                        // released.
+                        Some(Some(class)) => crate::retention::standing_holds(ctx.conn, class)?
+                            .first()
+                            .map(|(id, reason)| {
+                                Error::FailedPrecondition(format!(
+                                    "secret {name:?} belongs to class {class}, which is under \
+                                     legal hold {id} ({reason}); it can be deleted once the hold \
+                                     is released"
+                                ))
+                            }),
+                        Some(None) => None,
+                    };
+                    if let Some(e) = refusal {
+                        ctx.audit(&admin_entry(
+                            "secret.delete",
+                            &name,
+                            false,
+                            e.to_string(),
+                            &rid,
+                        ))?;
+                        return Ok(Err(e));
                     }
                     let versions = ctx.conn.execute(
                         "DELETE FROM secret_versions WHERE name = ?1 AND state != 'archived'",
@@ -208,22 +217,8 @@ impl Broker {
                         [&name],
                         |r| r.get::<_, i64>(0),
                     )? as u64;
-                    let existed = ctx
-                        .conn
+                    ctx.conn
                         .execute("DELETE FROM secrets WHERE name = ?1", [&name])?;
-                    if existed == 0 {
-                        let e = Error::NotFound(format!(
-                            "no secret named {name:?}; `tessera secret list` shows what exists"
-                        ));
-                        ctx.audit(&admin_entry(
-                            "secret.delete",
-                            &name,
-                            false,
-                            e.to_string(),
-                            &rid,
-                        ))?;
-                        return Ok(Err(e));
-                    }
                     let leases = revoke_active(ctx, Scope::Secret(&name), t)?;
                     ctx.audit(&Entry {
                         time: t,

@@ -78,11 +78,15 @@ pub(crate) fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
         .clone()
         .unwrap_or_else(|| data_dir(g).admin_token());
     let raw = std::fs::read_to_string(&path).map_err(|e| {
+        let instead = if g.admin_token_file.is_some() {
+            "check the --admin-token-file path"
+        } else {
+            "set TESSERA_ADMIN_TOKEN or pass --admin-token-file"
+        };
         CliError::new(
             Exit::Denied,
             format!(
-                "no admin credential: cannot read {} ({e}); set TESSERA_ADMIN_TOKEN or pass \
-                 --admin-token-file",
+                "no admin credential: cannot read {} ({e}); {instead}",
                 path.display()
             ),
         )
