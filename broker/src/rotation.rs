@@ -436,54 +436,75 @@ fn run_command(
     })?;
     let input = Zeroizing::new(if via_env { Vec::new() } else { input.to_vec() });
     let deadline = Instant::now() + timeout;
-    let mut io = CommandIo::new(&mut child, input, max_out);
-    let mut status = None;
+    let mut io = match CommandIo::new(&mut child, input, max_out) {
+        Ok(io) => io,
+        Err(e) => {
+            kill_group(&child);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("cannot read the output of {program:?}: {e}"));
+        }
+    };
+    let mut done = false;
     // Once it has exited with its stdout closed, its stderr gets a moment.
     let mut grace: Option<Instant> = None;
     loop {
-        if status.is_none() {
-            status = child
-                .try_wait()
-                .map_err(|e| format!("cannot wait for {program:?}: {e}"))?;
-        }
+        done = done || exited(&mut child);
         // Its output is complete when its pipes close (which may come
         // after it exits, from a process it left behind).
         let now = Instant::now();
-        if status.is_some() && io.stdout_open.is_none() && grace.is_none() {
+        if done && io.stdout_open.is_none() && grace.is_none() {
             grace = Some((now + Duration::from_millis(500)).min(deadline));
         }
-        if (status.is_some() && io.output_closed())
+        if (done && io.output_closed())
             || now >= deadline
             || grace.is_some_and(|g| now >= g)
+            || io.stdout.len() > max_out
         {
             break;
         }
         io.step(grace.unwrap_or(deadline));
     }
-    let held_open = status.is_some() && !io.output_closed();
-    if status.is_none() {
-        kill_group(&child);
+    // What came just before the deadline counts too.
+    io.drain_ready();
+    let over = io.stdout.len() > max_out;
+    let held_open = done && !io.output_closed();
+    // Whatever it left behind in its group goes with it (a rotation command
+    // must not leave processes running), then it is reaped.
+    kill_group(&child);
+    let status = if done && !over {
+        child.wait().ok()
+    } else {
         let _ = child.kill();
         let _ = child.wait();
-    } else if held_open {
-        kill_group(&child);
-    }
+        None
+    };
     // Whatever is still open is closed here, even if a process in a session
     // of its own holds the other end: nothing waits on it any more.
     let CommandIo {
         stdout,
-        stderr,
+        mut stderr,
         stdout_open,
+        stderr_open,
         ..
     } = io;
     let complete = status.is_some() && stdout_open.is_none();
     if complete {
-        let mut shown = String::from_utf8_lossy(&stderr).into_owned();
+        // Cut short (at its limit, or still open), it may end inside a
+        // value, which would not be masked: only whole lines are shown.
+        if stderr_open.is_some() || stderr.len() >= MAX_STDERR {
+            let whole = stderr
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            stderr.truncate(whole);
+        }
+        let mut shown = Zeroizing::new(String::from_utf8_lossy(&stderr).into_owned());
         for s in secrets.iter().chain(std::iter::once(&&stdout[..])) {
-            let s = String::from_utf8_lossy(s);
+            let s = Zeroizing::new(String::from_utf8_lossy(s).into_owned());
             let s = s.trim();
             if !s.is_empty() {
-                shown = shown.replace(s, "[redacted]");
+                *shown = shown.replace(s, "[redacted]");
             }
         }
         for line in shown.lines().filter(|l| !l.trim().is_empty()).take(20) {
@@ -492,6 +513,11 @@ fn run_command(
     } else if !stderr.is_empty() {
         // Its output is partial: a value half printed could not be masked.
         tracing::warn!(command = %program, "rotation command wrote to stderr; not shown, since its output did not complete");
+    }
+    if over {
+        return Err(format!(
+            "the command {program:?} printed more than the {max_out}-byte value limit"
+        ));
     }
     let Some(status) = status else {
         return Err(format!(
@@ -509,11 +535,6 @@ fn run_command(
     }
     if held_open {
         tracing::warn!(command = %program, "a process the rotation command started kept its stderr open; what was left of its process group was killed");
-    }
-    if stdout.len() > max_out {
-        return Err(format!(
-            "the command {program:?} printed more than the {max_out}-byte value limit"
-        ));
     }
     if !status.success() {
         return Err(format!("the command {program:?} failed ({status})"));
@@ -540,30 +561,52 @@ struct CommandIo {
 const MAX_STDERR: usize = 64 * 1024;
 
 impl CommandIo {
-    fn new(child: &mut std::process::Child, input: Zeroizing<Vec<u8>>, max_out: usize) -> Self {
+    fn new(
+        child: &mut std::process::Child,
+        input: Zeroizing<Vec<u8>>,
+        max_out: usize,
+    ) -> nix::Result<Self> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
         use std::os::fd::AsFd;
-        let nonblocking = |fd: std::os::fd::BorrowedFd<'_>| {
-            let _ = nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            );
+        let nonblocking = |fd: std::os::fd::BorrowedFd<'_>| -> nix::Result<()> {
+            let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+            fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
         };
         let (stdin, stdout_open, stderr_open) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
-        stdin.iter().for_each(|p| nonblocking(p.as_fd()));
-        stdout_open.iter().for_each(|p| nonblocking(p.as_fd()));
-        stderr_open.iter().for_each(|p| nonblocking(p.as_fd()));
+        for fd in [
+            stdin.as_ref().map(|p| p.as_fd()),
+            stdout_open.as_ref().map(|p| p.as_fd()),
+            stderr_open.as_ref().map(|p| p.as_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            nonblocking(fd)?;
+        }
         // Nothing to give: stdin is closed at once (the command sees EOF).
         let stdin = stdin.filter(|_| !input.is_empty());
-        CommandIo {
+        Ok(CommandIo {
             stdin,
             input,
             written: 0,
             stdout_open,
             stderr_open,
-            stdout: Zeroizing::new(Vec::new()),
-            stderr: Zeroizing::new(Vec::new()),
+            // At their full size from the start: a buffer that grew would
+            // leave copies of the value behind in freed memory.
+            stdout: Zeroizing::new(Vec::with_capacity(max_out + 1)),
+            stderr: Zeroizing::new(Vec::with_capacity(MAX_STDERR)),
             max_out,
+        })
+    }
+
+    /// Reads what the output pipes hold now, without waiting.
+    fn drain_ready(&mut self) {
+        if drain(&mut self.stdout_open, &mut self.stdout, self.max_out + 1) {
+            self.stdout_open = None;
+        }
+        if drain(&mut self.stderr_open, &mut self.stderr, MAX_STDERR) {
+            self.stderr_open = None;
         }
     }
 
@@ -599,9 +642,15 @@ impl CommandIo {
                 std::thread::sleep(wait);
                 return;
             }
-            let ms = u16::try_from(wait.as_millis()).unwrap_or(20);
-            if poll(&mut fds, ms).is_err() {
-                return;
+            // Rounded up: a wait under a millisecond is not a busy poll.
+            let ms = u16::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(20);
+            match poll(&mut fds, ms) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => return,
+                Err(_) => {
+                    std::thread::sleep(wait);
+                    return;
+                }
             }
             which
                 .into_iter()
@@ -633,6 +682,7 @@ impl CommandIo {
         match p.write(&self.input[self.written..]) {
             Ok(n) => self.written += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
             // The command closed its stdin: it takes no more.
             Err(_) => self.written = self.input.len(),
         }
@@ -653,6 +703,7 @@ fn drain<R: Read>(pipe: &mut Option<R>, buf: &mut Vec<u8>, limit: usize) -> bool
         match p.read(&mut chunk[..]) {
             Ok(0) => return true,
             Ok(n) => {
+                // (Within the capacity reserved for it: never reallocated.)
                 let room = limit.saturating_sub(buf.len());
                 buf.extend_from_slice(&chunk[..n.min(room)]);
             }
@@ -662,6 +713,24 @@ fn drain<R: Read>(pipe: &mut Option<R>, buf: &mut Vec<u8>, limit: usize) -> bool
         }
     }
     false
+}
+
+/// Whether a command has exited, asked without reaping it (Linux): until
+/// it is reaped its process group id cannot be given to anyone else, so
+/// killing the group afterwards cannot hit another process.
+#[cfg(target_os = "linux")]
+fn exited(child: &mut std::process::Child) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    !matches!(waitid(Id::Pid(pid), flags), Ok(WaitStatus::StillAlive))
+}
+
+/// Whether a command has exited (elsewhere, where there is no `WNOWAIT`,
+/// this reaps it).
+#[cfg(not(target_os = "linux"))]
+fn exited(child: &mut std::process::Child) -> bool {
+    child.try_wait().map_or(true, |s| s.is_some())
 }
 
 /// Kills the process group a command leads (never our own: commands are
@@ -2094,6 +2163,50 @@ mod tests {
         assert_eq!(via_env, odd);
         let err = sh("exit 3", b"", false).expect_err("failed");
         assert!(err.contains("failed"), "{err}");
+        // More than a pipe holds, both ways.
+        let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let argv = ["/bin/cat".to_string()];
+        let out = run_command(
+            &argv,
+            &big,
+            false,
+            "V",
+            Duration::from_secs(60),
+            400_000,
+            &[],
+        )
+        .expect("cat");
+        assert_eq!(&out[..], &big[..]);
+    }
+
+    /// What a command leaves running in its process group is killed when
+    /// it ends.
+    #[test]
+    fn a_command_leaves_nothing_running() {
+        let dir = tempfile::tempdir().expect("dir");
+        let pid_file = dir.path().join("pid");
+        let script = format!(
+            "sleep 30 >/dev/null 2>&1 & echo $! > {}; echo v1",
+            pid_file.display()
+        );
+        assert_eq!(sh(&script, b"", false).expect("ran"), b"v1\n");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        // Killed, and reaped by init: gone (or at most a zombie for a moment).
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        };
+        let mut tries = 0;
+        while alive() && tries < 100 {
+            std::thread::sleep(Duration::from_millis(50));
+            tries += 1;
+        }
+        assert!(!alive(), "the background sleep {pid} still runs");
     }
 
     /// A command that leaves a process holding its output open, even one in
@@ -2106,7 +2219,7 @@ mod tests {
         let err = sh_for(5, "sleep 60 & echo v1", b"", false).expect_err("held open");
         assert!(err.contains("kept its output open"), "{err}");
         if let Ok(setsid) = which_setsid() {
-            let err = sh_for(5, &format!("{setsid} sleep 60 & echo v1"), b"", false)
+            let err = sh_for(5, &format!("{setsid} sleep 8 & echo v1"), b"", false)
                 .expect_err("held open in another session");
             assert!(err.contains("kept its output open"), "{err}");
         }
@@ -2115,9 +2228,9 @@ mod tests {
         assert_eq!(v, b"v1\n");
         let err = sh_for(2, "sleep 60", b"", false).expect_err("timed out");
         assert!(err.contains("did not finish"), "{err}");
-        // A command that never stops printing still meets its deadline.
-        let err = sh_for(2, "yes", b"", false).expect_err("endless output");
-        assert!(err.contains("did not finish"), "{err}");
+        // A command that never stops printing is stopped at the value limit.
+        let err = sh("yes", b"", false).expect_err("endless output");
+        assert!(err.contains("more than the 1024-byte value limit"), "{err}");
     }
 
     fn which_setsid() -> std::result::Result<String, ()> {
