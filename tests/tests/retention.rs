@@ -26,6 +26,26 @@ fn strings(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
 
+/// `holder init --role ROLE` into a new identity file `file` (in the test's
+/// temp dir): (the file, the public key to enrol, its fingerprint).
+fn new_holder_key(w: &World, role: &str, file: &str) -> (PathBuf, String, String) {
+    let key = w.tmp.path().join(file);
+    let made = w
+        .run(&[
+            "holder",
+            "init",
+            "--role",
+            role,
+            "--identity-file",
+            key.to_str().expect("p"),
+            "--json",
+        ])
+        .ok()
+        .json();
+    let field = |f: &str| made[f].as_str().expect(f).to_string();
+    (key, field("pubkey"), field("key_fingerprint"))
+}
+
 fn join(w: &World, ceremony: &str, role: &str, key: &Option<PathBuf>) -> tessera_e2e::Ran {
     let mut a = strings(&["shred", "join", ceremony, "--role", role, "--yes", "--json"]);
     a.extend(id_args(key));
@@ -472,21 +492,8 @@ fn whole_shred_story_through_the_binary() {
     }
     // A holder enrolled for the role since never held its share: their
     // confirmation is refused, and the certificate still verifies.
-    let new_legal = w.tmp.path().join("new-legal.key");
-    let made = w
-        .run(&[
-            "holder",
-            "init",
-            "--role",
-            "legal",
-            "--identity-file",
-            new_legal.to_str().expect("p"),
-            "--json",
-        ])
-        .ok()
-        .json();
-    let pubkey = made["pubkey"].as_str().expect("pubkey");
-    w.run(&["holder", "replace", "--role", "legal", "--pubkey", pubkey])
+    let (new_legal, pubkey, _) = new_holder_key(&w, "legal", "new-legal.key");
+    w.run(&["holder", "replace", "--role", "legal", "--pubkey", &pubkey])
         .ok();
     let mut a = strings(&["shred", "confirm", "--class", "sox", "--role", "legal"]);
     a.extend(id_args(&Some(new_legal)));
@@ -770,23 +777,7 @@ fn a_holder_key_holds_one_role_and_a_replaced_one_never_returns() {
     let w = World::new();
     w.init_passphrase();
     let _s = w.serve(&[]);
-    let pubkey = |role: &str, file: &str| -> String {
-        let key = w.tmp.path().join(file);
-        w.run(&[
-            "holder",
-            "init",
-            "--role",
-            role,
-            "--identity-file",
-            key.to_str().expect("p"),
-            "--json",
-        ])
-        .ok()
-        .json()["pubkey"]
-            .as_str()
-            .expect("pubkey")
-            .to_string()
-    };
+    let pubkey = |role: &str, file: &str| new_holder_key(&w, role, file).1;
     let legal = pubkey("legal", "legal.key");
     w.run(&["holder", "enroll", "--role", "legal", "--pubkey", &legal])
         .ok();
@@ -882,19 +873,7 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
     let old_wrapped = wrapped_key(&w, "hr").expect("wrapped");
 
     // The legal role passes to a new holder.
-    let new_key = w.tmp.path().join("legal-new.key");
-    let made = w
-        .run(&[
-            "holder",
-            "init",
-            "--role",
-            "legal",
-            "--identity-file",
-            new_key.to_str().expect("p"),
-            "--json",
-        ])
-        .ok()
-        .json();
+    let (_, new_pubkey, new_fingerprint) = new_holder_key(&w, "legal", "legal-new.key");
     let replaced = w
         .run(&[
             "holder",
@@ -902,7 +881,7 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
             "--role",
             "legal",
             "--pubkey",
-            made["pubkey"].as_str().expect("pk"),
+            &new_pubkey,
             "--json",
         ])
         .ok()
@@ -986,7 +965,7 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
         .as_array()
         .and_then(|a| a.iter().find(|h| h["role"] == "legal"))
         .expect("legal");
-    assert_eq!(legal["key_fingerprint"], made["key_fingerprint"]);
+    assert_eq!(legal["key_fingerprint"], new_fingerprint.as_str());
     w.run(&["audit", "verify"]).ok();
 }
 
@@ -1128,20 +1107,7 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
     let mut recipients = Vec::new();
     let mut op_keys = Vec::new();
     for i in 1..=3 {
-        let key = w.tmp.path().join(format!("op{i}.key"));
-        let made = w
-            .run(&[
-                "holder",
-                "init",
-                "--role",
-                &format!("op{i}"),
-                "--identity-file",
-                key.to_str().expect("p"),
-                "--json",
-            ])
-            .ok()
-            .json();
-        let pubkey = made["pubkey"].as_str().expect("pk").to_string();
+        let (key, pubkey, _) = new_holder_key(&w, &format!("op{i}"), &format!("op{i}.key"));
         recipients.push(pubkey.split(':').nth(1).expect("age part").to_string());
         op_keys.push(key);
     }
