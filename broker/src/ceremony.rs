@@ -155,9 +155,10 @@ fn open_in_tx(
         Ok(v) => v,
         Err(OpenRefusal::AlreadyShredded) => return Ok(Err(shredded_error(&c))),
         Err(OpenRefusal::Hold { reason }) => {
+            let which = if holds.len() > 1 { " --hold ID" } else { "" };
             return Ok(Err(Error::FailedPrecondition(format!(
                 "class {class} is under legal hold ({reason}); nothing can be shredded until \
-                 `tessera hold release --class {class} --reason …`"
+                 `tessera hold release --class {class}{which} --reason …`"
             ))));
         }
         Err(OpenRefusal::BeforeDeadline { deadline }) => {

@@ -108,8 +108,8 @@ fn segment(seg: &str, field: &'static str, hint: &str) -> Result<()> {
                 Err(Error::invalid(
                     field,
                     format!(
-                        "the character {:?} is not allowed (use letters, digits, `.`, `_`, `-` and `/`)",
-                        bad.escape_default().to_string()
+                        "the character {bad:?} is not allowed (only ASCII letters, digits, `.`, \
+                         `_` and `-`); {hint}"
                     ),
                 ))
             } else {

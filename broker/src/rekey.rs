@@ -45,7 +45,18 @@ impl Broker {
         let mut passphrase_wrap = None;
         let mut operator_shares = Vec::new();
         let mut fingerprint = None;
-        let prepared: Result<()> = match self.source() {
+        let source = self.source();
+        if !matches!(source, Source::Shares) && (req.shares != 0 || req.threshold != 0) {
+            let e = Error::invalid(
+                "shares",
+                "this store's root key is not split among operators (it is sealed by the OS \
+                 keychain or a passphrase, and stays so): leave out --shares and --threshold",
+            );
+            return Err(self
+                .deny("admin".into(), "root.rekey", "root-key", request_id, e)
+                .await);
+        }
+        let prepared: Result<()> = match source {
             Source::Keychain(which) => {
                 let item = unseal::root_item_gen(which, &store_id, next);
                 let bytes = new_bytes.clone();
@@ -95,14 +106,19 @@ impl Broker {
                         "this store's root key is split among operators: give --shares N and --threshold K for the new split",
                     ))
                 } else {
+                    let count = |n: u32| u8::try_from(n).unwrap_or(u8::MAX);
                     let split = OperatorSplit {
-                        threshold: req.threshold.min(255) as u8,
-                        shares: req.shares.min(255) as u8,
+                        threshold: count(req.threshold),
+                        shares: count(req.shares),
                     };
-                    unseal::split_root_key(&new_rk, split).map(|(s, fp)| {
-                        operator_shares = s;
-                        fingerprint = Some((fp, split));
-                    })
+                    if req.shares > 255 {
+                        Err(Error::invalid("shares", "at most 255 shares can be made"))
+                    } else {
+                        unseal::split_root_key(&new_rk, split).map(|(s, fp)| {
+                            operator_shares = s;
+                            fingerprint = Some((fp, split));
+                        })
+                    }
                 }
             }
         };

@@ -990,6 +990,11 @@ impl Broker {
                     "UPDATE holds SET released_at = ?2, release_reason = ?3 WHERE id = ?1",
                     params![id, t, reason],
                 )?;
+                let placed_at: i64 =
+                    ctx.conn
+                        .query_row("SELECT placed_at FROM holds WHERE id = ?1", [id], |r| {
+                            r.get(0)
+                        })?;
                 ctx.audit(&admin_entry(
                     "hold.release",
                     &class,
@@ -1001,7 +1006,7 @@ impl Broker {
                     id: id as u64,
                     class,
                     reason: placed_reason,
-                    placed_at: 0,
+                    placed_at,
                     released_at: t,
                     release_reason: reason,
                 }))

@@ -808,7 +808,7 @@ impl Broker {
                     .read(|conn| crate::retention::load_class(conn, c))?
                     .is_some_and(|c| c.state != crate::retention::class_state::SHREDDED);
                 if !exists {
-                    return Err(Error::FailedPrecondition(format!(
+                    return Err(Error::NotFound(format!(
                         "no live retention class {c:?}; create it with `tessera class create`"
                     )));
                 }

@@ -83,10 +83,12 @@ pub fn check_listen(opts: &ListenOptions) -> Result<()> {
             "the socket may be readable by its owner and group only (0600 or 0660)",
         ));
     }
-    if opts.sweep_interval.is_zero() {
+    // Scheduled rotations and ceremony deadlines ride on the sweep too: an
+    // interval over an hour would put them off.
+    if opts.sweep_interval.is_zero() || opts.sweep_interval > Duration::from_secs(3600) {
         return Err(Error::invalid(
             "sweep_interval",
-            "--sweep-interval must be longer than zero, e.g. 1s",
+            "--sweep-interval must be longer than zero and at most 1h, e.g. 1s",
         ));
     }
     Ok(())

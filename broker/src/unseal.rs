@@ -361,7 +361,8 @@ fn with_timeout<T: Send + 'static>(
     rx.recv_timeout(KEYCHAIN_TIMEOUT).unwrap_or_else(|_| {
         Err(Error::Keychain(format!(
             "the OS keychain did not answer within {}s while trying to {what}; is it locked \
-             and waiting for a password prompt? Unlock it, or use --unseal passphrase",
+             and waiting for a password prompt? Unlock it, or keep the key elsewhere \
+             (`--unseal passphrase` for a store, `--identity-file` for a holder key)",
             KEYCHAIN_TIMEOUT.as_secs()
         )))
     })
@@ -504,7 +505,12 @@ fn keychain_error(e: &keyring_core::Error, what: &str, doing: &str) -> Error {
         ),
         K::PlatformFailure(inner) => format!(
             "the OS keychain is not reachable (could not {doing}: {inner}); {KEYCHAIN_HINT}, \
-             or use --unseal passphrase"
+             or {}",
+            if what == "holder key" {
+                "keep the key in a file with --identity-file"
+            } else {
+                "use --unseal passphrase"
+            }
         ),
         // These two carry the raw stored bytes: never format them.
         K::BadEncoding(_) | K::BadDataFormat(..) => format!(

@@ -126,6 +126,12 @@ impl Target {
                 ),
             )
         };
+        if !["unix://", "http://", "https://"]
+            .iter()
+            .any(|scheme| addr.starts_with(scheme))
+        {
+            return Err(bad(&"unsupported scheme"));
+        }
         let mut ep = Endpoint::from_shared(addr.clone()).map_err(|e| bad(&e))?;
         // Keepalive pings notice a broker that vanished without closing the
         // connection (a long watch, `tessera run`).
@@ -152,7 +158,13 @@ impl Target {
                 Exit::Unavailable,
                 format!(
                     "the broker at {addr} is not reachable ({e}); is `tessera serve` running, \
-                     and does --addr / TESSERA_ADDR point at it?"
+                     and does --addr / TESSERA_ADDR point at it?{}",
+                    if addr.starts_with("https://") {
+                        " (https:// needs a broker started with --tls-cert/--tls-key; use \
+                         http:// for one without TLS)"
+                    } else {
+                        ""
+                    }
                 ),
             )
         })

@@ -115,6 +115,28 @@ pub(crate) fn read_stdin(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>
     Ok(buf)
 }
 
+/// Reads a secret value: piped in, all of stdin as it is (bytes, newlines
+/// kept); typed at a terminal, one line without echo (so it is neither
+/// shown on screen nor stored with the Enter that ended it).
+pub(crate) fn read_value(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    if !std::io::stdin().is_terminal() {
+        return read_stdin(what, instead);
+    }
+    let typed = Zeroizing::new(
+        rpassword::prompt_password(format!("{what} (typing is hidden; end with Enter): "))
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot read the value: {e}")))?,
+    );
+    if typed.is_empty() {
+        return Err(CliError::new(
+            Exit::InvalidArgument,
+            format!(
+                "invalid value: nothing was typed; type {what}, pipe it in{instead}. Nothing was changed"
+            ),
+        ));
+    }
+    Ok(Zeroizing::new(typed.as_bytes().to_vec()))
+}
+
 pub(crate) fn agent_token() -> Result<Zeroizing<String>, CliError> {
     match std::env::var("TESSERA_TOKEN") {
         Ok(t) if !t.is_empty() => Ok(Zeroizing::new(t)),
@@ -129,6 +151,17 @@ pub(crate) fn agent_token() -> Result<Zeroizing<String>, CliError> {
 /// prompt when stdin is a terminal.
 fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<Vec<u8>>, CliError> {
     if let Some(f) = file {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(f)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            eprintln!(
+                "warning: --passphrase-file {} can be read by other users (mode {:o}); \
+                 `chmod 600` it",
+                f.display(),
+                m.permissions().mode() & 0o777
+            );
+        }
         let raw = Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
             CliError::new(
                 Exit::InvalidArgument,
@@ -207,6 +240,10 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
     };
     let split = match (source, a.shares, a.threshold) {
         (Source::Shares, Some(n), Some(k)) => {
+            // Before anything (the data directory included) is made.
+            tessera_shred::shamir::check_threshold(k as usize, n as usize).map_err(|e| {
+                CliError::new(Exit::InvalidArgument, format!("invalid threshold: {e}"))
+            })?;
             if !a.operator_recipient.is_empty() && a.operator_recipient.len() != n as usize {
                 return Err(CliError::new(
                     Exit::InvalidArgument,
@@ -455,6 +492,8 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in a log file or journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
@@ -578,7 +617,7 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                     })?;
                 }
                 None => {
-                    value = read_stdin(&format!("the value of {name}"), " or use --from-file")?;
+                    value = read_value(&format!("the value of {name}"), " or use --from-file")?;
                 }
             }
             // Past this, the request would not fit in one gRPC message and
@@ -710,19 +749,12 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             max_lifetime,
             expires_in,
         } => {
-            if expires_in.is_some_and(|d| d.as_secs() == 0) {
-                return Err(CliError::new(
-                    Exit::InvalidArgument,
-                    "--expires-in must be at least 1s; leave it out for a token that does not \
-                     expire",
-                ));
-            }
             let req = proto::CreateAgentRequest {
                 name,
                 allow,
-                max_ttl_seconds: max_ttl.as_secs(),
-                max_lifetime_seconds: max_lifetime.map_or(0, |d| d.as_secs()),
-                expires_in_seconds: expires_in.map_or(0, |d| d.as_secs()),
+                max_ttl_seconds: seconds(max_ttl, "--max-ttl")?,
+                max_lifetime_seconds: seconds_or_default(max_lifetime, "--max-lifetime")?,
+                expires_in_seconds: seconds_or_default(expires_in, "--expires-in")?,
             };
             let mut r = admin.create_agent(authed(req, &token)?).await?.into_inner();
             let info = r.agent.take().unwrap_or_default();
@@ -804,7 +836,7 @@ async fn get(g: &Global, a: crate::GetArgs) -> Result<(), CliError> {
     let mut broker = target(g).broker().await?;
     let req = proto::IssueRequest {
         secret: a.name,
-        ttl_seconds: a.ttl.map_or(0, |d| d.as_secs()),
+        ttl_seconds: seconds_or_default(a.ttl, "--ttl")?,
     };
     let mut lease = broker.issue(authed(req, &token)?).await?.into_inner();
     let value = Zeroizing::new(std::mem::take(&mut lease.value));
@@ -933,7 +965,9 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({
                     "ok": r.ok,
-                    "records": r.records,
+                    // Records verified: none can be counted on when the
+                    // trail is broken.
+                    "records": if r.ok { r.records.into() } else { serde_json::Value::Null },
                     "first_bad_seq": if r.ok { serde_json::Value::Null } else { r.first_bad_seq.into() },
                     "problem": if r.ok { serde_json::Value::Null } else { r.problem.clone().into() },
                 }));
@@ -998,13 +1032,44 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                     "prev_hash": r.prev_hash,
                     "hash": r.hash,
                 });
-                writeln!(out, "{line}").map_err(|e| {
-                    CliError::new(Exit::Failure, format!("cannot write stdout: {e}"))
-                })?;
+                match writeln!(out, "{line}") {
+                    Ok(()) => {}
+                    // The reader stopped early (`| head`): the export ends.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => {
+                        return Err(CliError::new(
+                            Exit::Failure,
+                            format!("cannot write stdout: {e}"),
+                        ));
+                    }
+                }
             }
         }
     }
     Ok(())
+}
+
+/// A duration flag as whole seconds, at least one: `0s` or `500ms` would
+/// otherwise reach the broker as 0, which there means "the default".
+pub(crate) fn seconds(d: std::time::Duration, flag: &str) -> Result<u64, CliError> {
+    if d.as_secs() == 0 || d.subsec_nanos() != 0 {
+        return Err(CliError::new(
+            Exit::InvalidArgument,
+            format!(
+                "{flag} must be a positive whole number of seconds (at least 1s), e.g. 30s, 15m \
+                 or 1h; leave it out for the default"
+            ),
+        ));
+    }
+    Ok(d.as_secs())
+}
+
+/// An optional duration flag: [`seconds`], or 0 (the default) when absent.
+pub(crate) fn seconds_or_default(
+    d: Option<std::time::Duration>,
+    flag: &str,
+) -> Result<u64, CliError> {
+    d.map_or(Ok(0), |d| seconds(d, flag))
 }
 
 /// Writes `--out` files (checkpoints, certificates): a new file, 0600,

@@ -382,7 +382,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
          shares still to be confirmed destroyed",
         &class.key_fingerprint[..16],
         v.certificate.destroyed,
-        tessera_shred::holder::fingerprint(&v.certificate.broker_key),
+        &tessera_shred::hex(&v.certificate.broker_key)[..16],
         v.outstanding()
     );
     Ok(())

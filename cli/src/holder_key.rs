@@ -31,6 +31,9 @@ pub struct HolderKey {
 impl HolderKey {
     /// Fresh keys for `role`.
     pub fn generate(role: &str) -> Result<Self, CliError> {
+        // The role the key will be enrolled for: refuse a name the broker
+        // would refuse, before a key is written.
+        tessera_broker::names::role(role, "role")?;
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| {
             CliError::new(

@@ -264,9 +264,11 @@ pub enum ShredCmd {
         /// The class.
         #[arg(long)]
         class: String,
-        /// Why (recorded in the audit trail).
-        #[arg(long, default_value = "retention period ended")]
-        reason: String,
+        /// Why (recorded in the audit trail and the certificate)
+        /// [default: "retention period ended", or with --early "shredded
+        /// early, before the retention period ended"]
+        #[arg(long)]
+        reason: Option<String>,
         /// Before the deadline: needs the class's early threshold.
         #[arg(long)]
         early: bool,

@@ -168,7 +168,7 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                 .create_class(authed(
                     proto::CreateClassRequest {
                         name,
-                        retain_seconds: retain.as_secs(),
+                        retain_seconds: crate::commands::seconds(retain, "--retain")?,
                         holders,
                         threshold,
                         early_threshold: early_threshold.unwrap_or(0),
@@ -404,6 +404,13 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             early,
             expires,
         } => {
+            let reason = reason.unwrap_or_else(|| {
+                if early {
+                    "shredded early, before the retention period ended".into()
+                } else {
+                    "retention period ended".into()
+                }
+            });
             let token = admin_token(g)?;
             let cer = target(g)
                 .retention()
@@ -413,7 +420,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                         class,
                         reason,
                         early,
-                        expires_seconds: expires.as_secs(),
+                        expires_seconds: crate::commands::seconds(expires, "--expires")?,
                     },
                     &token,
                 )?)
@@ -610,7 +617,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             } else {
                 println!(
                     "Certificate valid: signed by broker key {}{}.",
-                    tessera_shred::holder::fingerprint(&c.broker_key),
+                    hex(&c.broker_key),
                     if pin.is_some() {
                         " (the pinned key)"
                     } else {
@@ -870,9 +877,29 @@ pub(crate) async fn encrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError>
     }
 }
 
+/// The ciphertext as `encrypt` wrote it, or as the hex `encrypt --json`
+/// printed (a raw envelope starts with `tse1`/`tsk1`, never a hex digit, so
+/// the two cannot be confused).
+fn from_hex_if_hex(input: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+    let text = input.trim_ascii();
+    if text.is_empty() || !text.iter().all(u8::is_ascii_hexdigit) {
+        return input;
+    }
+    match std::str::from_utf8(text)
+        .ok()
+        .and_then(tessera_shred::unhex)
+    {
+        Some(bytes) => Zeroizing::new(bytes),
+        None => input,
+    }
+}
+
 pub(crate) async fn decrypt(g: &Global, a: EnvelopeArgs) -> Result<(), CliError> {
     let token = agent_token()?;
-    let ciphertext = crate::commands::read_stdin("the ciphertext to decrypt", "")?;
+    let ciphertext = from_hex_if_hex(crate::commands::read_stdin(
+        "the ciphertext to decrypt",
+        "",
+    )?);
     let mut r = target(g)
         .envelope()
         .await?

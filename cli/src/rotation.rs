@@ -168,7 +168,7 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
         } => {
             let mut value = Zeroizing::new(Vec::new());
             if from_stdin {
-                value = crate::commands::read_stdin(
+                value = crate::commands::read_value(
                     &format!("the new value of {name}"),
                     ", or leave out --from-stdin for a generated value",
                 )?;
@@ -197,17 +197,12 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
             tz,
             jitter,
         } => {
-            if every.is_some_and(|d| d.as_secs() == 0) {
-                return Err(CliError::new(
-                    Exit::InvalidArgument,
-                    "invalid every: the interval must be positive (at least 1s), e.g. --every 30d",
-                ));
-            }
+            let every_seconds = crate::commands::seconds_or_default(every, "--every")?;
             let d = admin
                 .schedule_rotation(authed(
                     proto::ScheduleRotationRequest {
                         name,
-                        every_seconds: every.map_or(0, |d| d.as_secs()),
+                        every_seconds,
                         cron: cron.unwrap_or_default(),
                         tz: tz.unwrap_or_default(),
                         jitter_seconds: jitter.map_or(0, |d| d.as_secs()),
@@ -343,9 +338,10 @@ async fn rotate_due(g: &Global) -> Result<(), CliError> {
 pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
     let token = agent_token()?;
     let mut broker = target(g).broker().await?;
+    let ttl_seconds = crate::commands::seconds_or_default(a.ttl, "--ttl")?;
     let issue = |name: String| proto::IssueRequest {
         secret: name,
-        ttl_seconds: a.ttl.map_or(0, |d| d.as_secs()),
+        ttl_seconds,
     };
     let mut stream = broker
         .watch(authed(proto::WatchRequest::default(), &token)?)
@@ -369,21 +365,31 @@ pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
         .and_then(|()| out.flush())
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))
     };
-    let lease = broker
+    // Stopped by SIGINT or SIGTERM, it gives its lease back, as `run` does.
+    let mut signals = crate::run::Signals::install()?;
+    let mut lease = broker
         .issue(authed(issue(a.name.clone()), &token)?)
         .await?
         .into_inner();
     print(&lease)?;
-    let mut version = lease.version;
-    while let Some(ev) = stream.message().await? {
-        if ev.kind == "secret.rotated" && ev.secret == a.name && ev.version > version {
-            let lease = broker
-                .issue(authed(issue(a.name.clone()), &token)?)
-                .await?
-                .into_inner();
-            version = lease.version;
+    loop {
+        let ev = tokio::select! {
+            ev = stream.message() => ev,
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+        };
+        let Some(ev) = ev? else { break };
+        if ev.kind == "secret.rotated" && ev.secret == a.name && ev.version > lease.version {
+            let mut old = std::mem::replace(
+                &mut lease,
+                broker
+                    .issue(authed(issue(a.name.clone()), &token)?)
+                    .await?
+                    .into_inner(),
+            );
             print(&lease)?;
+            crate::run::give_back(&mut broker, &token, &mut old).await?;
         }
     }
-    Ok(())
+    crate::run::give_back(&mut broker, &token, &mut lease).await
 }

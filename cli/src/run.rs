@@ -129,7 +129,7 @@ fn signal(child: &Child, sig: Signal) {
 /// How long `run` waits before trying to resume a lost watch, at most.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-type Broker = tessera_broker::proto::broker_client::BrokerClient<Channel>;
+pub(crate) type Broker = tessera_broker::proto::broker_client::BrokerClient<Channel>;
 
 /// Runs the command; returns its exit code (128 + signal if killed).
 /// Whatever ends it (the command's exit, or `run` failing on its own), the
@@ -254,13 +254,13 @@ fn transient(e: &CliError) -> bool {
 
 /// SIGTERM and SIGINT, caught from the start of `run` and forwarded to the
 /// command.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+pub(crate) struct Signals {
+    pub(crate) term: tokio::signal::unix::Signal,
+    pub(crate) int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn install() -> Result<Self, CliError> {
+    pub(crate) fn install() -> Result<Self, CliError> {
         use tokio::signal::unix::{SignalKind, signal};
         let watch = |kind, name| {
             signal(kind)
@@ -488,7 +488,7 @@ async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bo
 
 /// Revokes a lease this process no longer uses; a failure is left to the
 /// lease's expiry.
-async fn give_back(
+pub(crate) async fn give_back(
     broker: &mut Broker,
     token: &str,
     lease: &mut proto::Lease,

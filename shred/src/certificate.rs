@@ -141,9 +141,10 @@ pub fn verify(text: &str, pinned_broker_key: Option<&[u8; 32]>) -> Result<Verifi
         && pin != &cert.broker_key
     {
         return Err(Error::BadSignature(format!(
-            "the certificate was signed by broker key {}, not the pinned key {}",
-            holder::fingerprint(&cert.broker_key),
-            holder::fingerprint(pin)
+            "the certificate was signed by broker key {}, not the pinned key {} (`tessera \
+             status` shows your broker's key)",
+            crate::hex(&cert.broker_key),
+            crate::hex(pin)
         )));
     }
     // Byte for byte as the broker wrote it: the body is parsed leniently

@@ -115,7 +115,8 @@ pub fn combine_checked(
     let got = key_check(&key);
     if !bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &expected_check[..])) {
         return Err(Error::WrongCombination(format!(
-            "the {} shares do not combine to the class key (check value mismatch): a share \
+            "the {} shares do not combine to the key they were made from (check value \
+             mismatch): a share \
              is wrong or altered, or fewer shares than the threshold were given",
             shares.len()
         )));

@@ -425,7 +425,8 @@ impl Server {
     }
 }
 
-fn signal_term(pid: u32) -> std::io::Result<()> {
+/// Sends SIGTERM to process `pid`.
+pub fn signal_term(pid: u32) -> std::io::Result<()> {
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()?;

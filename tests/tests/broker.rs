@@ -134,6 +134,40 @@ fn init_refuses_a_stray_admin_token_and_creates_nothing() {
     w.init_passphrase();
 }
 
+/// `--passphrase-file` wins over TESSERA_PASSPHRASE, and a file others can
+/// read is warned about.
+#[test]
+fn passphrase_file_is_used_and_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    w.init_passphrase();
+    let file = w.tmp.path().join("passphrase.txt");
+    std::fs::write(&file, "not the passphrase\n").expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let r = w
+        .run_with(
+            &["serve", "--passphrase-file", file.to_str().expect("p")],
+            None,
+            &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+        )
+        .fails_with(5);
+    assert!(
+        r.stderr.contains("can be read by other users") && r.stderr.contains("644"),
+        "{r:#?}"
+    );
+    assert!(r.stderr.contains("passphrase does not unlock"), "{r:#?}");
+    // The right one, kept private: served, with no warning.
+    std::fs::write(&file, format!("{PASSPHRASE}\n")).expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let s = w.serve(&["--passphrase-file", file.to_str().expect("p")]);
+    assert_eq!(w.run(&["status", "--json"]).ok().json()["sealed"], false);
+    assert!(
+        !s.logs().contains("can be read by other users"),
+        "{}",
+        s.logs()
+    );
+}
+
 #[test]
 fn bad_input_gets_precise_status_and_keeps_data() {
     let w = World::new();
@@ -583,6 +617,23 @@ fn audit_export_selects_by_time_and_sequence() {
             .any(|r| r["action"] == "status" && r["decision"] == "allow"),
         "status is not audited: {before:#?}"
     );
+    // A reader that stops early (`| head`; here, before the first line)
+    // ends the export quietly.
+    let mut early = w
+        .command()
+        .args(["audit", "export"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tessera");
+    drop(early.stdout.take());
+    let out = early.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last_ts = before.iter().map(|r| r["ts"].as_i64().expect("ts")).max();
     // Records carry whole seconds: the next ones land in a later second.
     std::thread::sleep(Duration::from_millis(1100));
@@ -651,6 +702,15 @@ fn serve_refuses_an_unusable_value_size_limit() {
         )
         .fails_with(7);
     assert!(r.stderr.contains("--sweep-interval"), "{r:#?}");
+    // Sweeps carry scheduled rotations and ceremony deadlines: at most 1h.
+    let r = w
+        .run_with(
+            &["serve", "--sweep-interval", "2h"],
+            None,
+            &[("TESSERA_PASSPHRASE", PASSPHRASE)],
+        )
+        .fails_with(7);
+    assert!(r.stderr.contains("at most 1h"), "{r:#?}");
     // The largest allowed limit works end to end.
     let max = tessera_broker::server::MAX_VALUE_SIZE.to_string();
     let _s = w.serve(&["--max-value-size", &max]);
@@ -739,6 +799,40 @@ fn expiring_agent_token_caps_its_leases_then_is_refused() {
         ];
         let r = w.run(&args).fails_with(7);
         assert!(r.stderr.contains(field), "{r:#?}");
+    }
+    // Zero and sub-second durations are refused, never taken as "0 = the
+    // default" (which would be the agent's maximum).
+    let zero: [(&[&str], &str); 4] = [
+        (&["get", "a/key", "--ttl", "0s"], "--ttl"),
+        (&["get", "a/key", "--ttl", "500ms"], "--ttl"),
+        (
+            &[
+                "agent",
+                "create",
+                "y",
+                "--allow",
+                "a/*",
+                "--max-lifetime",
+                "0s",
+            ],
+            "--max-lifetime",
+        ),
+        (
+            &[
+                "agent",
+                "create",
+                "y",
+                "--allow",
+                "a/*",
+                "--max-ttl",
+                "1500ms",
+            ],
+            "--max-ttl",
+        ),
+    ];
+    for (args, flag) in zero {
+        let r = w.run_with(args, None, &env).fails_with(7);
+        assert!(r.stderr.contains(flag), "{r:#?}");
     }
 
     // A watch open across the expiry ends with it.

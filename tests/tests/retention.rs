@@ -367,8 +367,15 @@ fn whole_shred_story_through_the_binary() {
     };
     let which = release(&[]).fails_with(5);
     assert!(which.stderr.contains("--hold ID"), "{which:#?}");
+    // With two holds standing, the refusal's hint names --hold too.
+    let two = w.run(&["shred", "open", "--class", "sox"]).fails_with(5);
+    assert!(two.stderr.contains("--hold ID"), "{two:#?}");
     release(&["--hold", &(second + 100).to_string()]).fails_with(3);
-    release(&["--hold", &second.to_string()]).ok();
+    let released = release(&["--hold", &second.to_string(), "--json"])
+        .ok()
+        .json();
+    assert!(released["placed_at"].as_i64() > Some(0), "{released}");
+    assert!(released["released_at"].as_i64() >= released["placed_at"].as_i64());
     let still = w.run(&["shred", "open", "--class", "sox"]).fails_with(5);
     assert!(still.stderr.contains("litigation 2026-17"), "{still:#?}");
     release(&[]).ok();
@@ -471,15 +478,25 @@ fn whole_shred_story_through_the_binary() {
         forged.to_str().expect("p"),
     ])
     .fails_with(9);
-    w.run(&[
-        "shred",
-        "certificate",
-        "verify",
-        cert.to_str().expect("p"),
-        "--broker-key",
-        &"00".repeat(32),
-    ])
-    .fails_with(9);
+    let pinned = w
+        .run(&[
+            "shred",
+            "certificate",
+            "verify",
+            cert.to_str().expect("p"),
+            "--broker-key",
+            &"00".repeat(32),
+        ])
+        .fails_with(9);
+    // It names both keys as `status` and --broker-key write them.
+    let broker_key = w.run(&["status", "--json"]).ok().json()["broker_key"]
+        .as_str()
+        .expect("broker_key")
+        .to_string();
+    assert!(
+        pinned.stderr.contains(&broker_key) && pinned.stderr.contains(&"00".repeat(32)),
+        "{pinned:#?}"
+    );
 
     // Holders confirm destroying their offline shares: once fewer than k
     // remain anywhere, the certificate says the key is irrecoverable.
@@ -778,6 +795,20 @@ fn a_holder_key_holds_one_role_and_a_replaced_one_never_returns() {
     w.init_passphrase();
     let _s = w.serve(&[]);
     let pubkey = |role: &str, file: &str| new_holder_key(&w, role, file).1;
+    // A role the broker would refuse gets no key written for it.
+    let bad = w.tmp.path().join("bad.key");
+    let r = w
+        .run(&[
+            "holder",
+            "init",
+            "--role",
+            "bad/role",
+            "--identity-file",
+            bad.to_str().expect("p"),
+        ])
+        .fails_with(7);
+    assert!(r.stderr.contains("role"), "{r:#?}");
+    assert!(!bad.exists());
     let legal = pubkey("legal", "legal.key");
     w.run(&["holder", "enroll", "--role", "legal", "--pubkey", &legal])
         .ok();
@@ -1132,6 +1163,20 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
             "--json",
         ])
     };
+    // An impossible split is refused before the data directory is made.
+    let r = w
+        .run(&[
+            "init",
+            "--unseal",
+            "shares",
+            "--shares",
+            "2",
+            "--threshold",
+            "3",
+        ])
+        .fails_with(7);
+    assert!(r.stderr.contains("threshold"), "{r:#?}");
+    assert!(!w.data.exists(), "init left a data directory: {r:#?}");
     // Shares that could not all be delivered leave no store behind (one
     // whose shares were never handed out could never be unsealed).
     let typo = init_to(&shares_dir, "age1notarecipient").fails_with(7);

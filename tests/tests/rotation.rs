@@ -1125,7 +1125,8 @@ fn rekey_root_rewraps_everything_and_survives_a_crash_at_each_step() {
             )
             .ok()
             .json();
-        let ct = tessera_shred::unhex(ct["ciphertext"].as_str().expect("ct")).expect("hex");
+        let ct_hex = ct["ciphertext"].as_str().expect("ct").to_string();
+        let ct = tessera_shred::unhex(&ct_hex).expect("hex");
         let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
         if !fault.is_empty() {
             // Restart the broker with the fault armed.
@@ -1159,6 +1160,15 @@ fn rekey_root_rewraps_everything_and_survives_a_crash_at_each_step() {
             )
             .ok();
         assert_eq!(plain.stdout, "archived", "{fault}");
+        // The hex that `encrypt --json` printed decrypts as well.
+        let plain = w
+            .run_with(
+                &["decrypt", "--class", "c"],
+                Some(format!("{ct_hex}\n").as_bytes()),
+                &[("TESSERA_TOKEN", env_agent.as_str())],
+            )
+            .ok();
+        assert_eq!(plain.stdout, "archived", "{fault}");
         w.run(&["audit", "verify"]).ok();
         // A re-run completes the rotation (or rotates again).
         let again = w
@@ -1175,6 +1185,16 @@ fn rekey_root_rewraps_everything_and_survives_a_crash_at_each_step() {
             &[("TESSERA_PASSPHRASE", "not the passphrase")],
         )
         .fails_with(5);
+        // Shares asked of a passphrase store are refused, not ignored.
+        let r = w
+            .run_with(
+                &["rekey", "root", "--shares", "3", "--threshold", "2"],
+                None,
+                &pass,
+            )
+            .fails_with(7);
+        assert!(r.stderr.contains("leave out --shares"), "{r:#?}");
+        assert_eq!(w.get("a/one", &token).ok().stdout, "value-2");
     }
 }
 
@@ -1338,8 +1358,22 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
             _s.logs()
         );
     }
-    let _ = watch.kill();
-    let _ = watch.wait();
+    // Stopped by SIGTERM it ends cleanly, and it kept no lease: the one the
+    // rotation replaced was given back then, the last one now.
+    tessera_e2e::signal_term(watch.id()).expect("SIGTERM");
+    let status = watch.wait().expect("wait get --watch");
+    assert!(status.success(), "{status:?}; log:\n{}", read(&err));
+    let leases = w
+        .run(&["lease", "list", "--secret", "gh/token", "--json"])
+        .ok()
+        .json();
+    let active = leases["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .filter(|l| l["state"] == "active")
+        .count();
+    assert_eq!(active, 0, "{leases}");
 
     // A signal that does not exist is a usage error, before anything runs.
     let bad = w

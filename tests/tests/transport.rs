@@ -124,6 +124,11 @@ fn tls_on_tcp_serves_clients_that_trust_the_ca() {
     let http = format!("http://127.0.0.1:{port}");
     let r = w.run(&["status", "--addr", &http]).fails_with(6);
     assert!(r.stderr.contains("https://"), "{r:#?}");
+    // An address tessera cannot speak to is a bad argument, not a down broker.
+    let r = w
+        .run(&["status", "--addr", "ftp://127.0.0.1:1"])
+        .fails_with(7);
+    assert!(r.stderr.contains("unsupported scheme"), "{r:#?}");
 }
 
 #[test]
