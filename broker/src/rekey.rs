@@ -111,8 +111,11 @@ impl Broker {
                         threshold: count(req.threshold),
                         shares: count(req.shares),
                     };
-                    if req.shares > 255 {
-                        Err(Error::invalid("shares", "at most 255 shares can be made"))
+                    if req.shares > 255 || req.threshold > 255 {
+                        Err(Error::invalid(
+                            "shares",
+                            "at most 255 shares can be made, with a threshold of at most 255",
+                        ))
                     } else {
                         unseal::split_root_key(&new_rk, split).map(|(s, fp)| {
                             operator_shares = s;

@@ -803,14 +803,19 @@ impl Broker {
                 && c != "-"
             {
                 names::class(c, "class")?;
-                let exists = self
+                match self
                     .store
                     .read(|conn| crate::retention::load_class(conn, c))?
-                    .is_some_and(|c| c.state != crate::retention::class_state::SHREDDED);
-                if !exists {
-                    return Err(Error::NotFound(format!(
-                        "no live retention class {c:?}; create it with `tessera class create`"
-                    )));
+                {
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "no retention class {c:?}; create it with `tessera class create`"
+                        )));
+                    }
+                    Some(row) if row.state == crate::retention::class_state::SHREDDED => {
+                        return Err(crate::retention::shredded_error(&row));
+                    }
+                    Some(_) => {}
                 }
             }
             if let Some(v) = req.value_via.as_deref()

@@ -116,25 +116,61 @@ pub(crate) fn read_stdin(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>
 }
 
 /// Reads a secret value: piped in, all of stdin as it is (bytes, newlines
-/// kept); typed at a terminal, one line without echo (so it is neither
-/// shown on screen nor stored with the Enter that ended it).
+/// kept); typed or pasted at a terminal, everything up to Ctrl-D without
+/// echo (so it never shows on screen, and a multi-line paste is taken
+/// whole rather than left for the shell), with one final newline dropped.
 pub(crate) fn read_value(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
     if !std::io::stdin().is_terminal() {
         return read_stdin(what, instead);
     }
-    let typed = Zeroizing::new(
-        rpassword::prompt_password(format!("{what} (typing is hidden; end with Enter): "))
-            .map_err(|e| CliError::new(Exit::Failure, format!("cannot read the value: {e}")))?,
-    );
-    if typed.is_empty() {
+    let mut buf = Zeroizing::new(Vec::new());
+    {
+        let _hidden = HiddenInput::start()?;
+        // Only now: what is typed after the prompt is never echoed.
+        eprintln!("Type or paste {what}, then Ctrl-D (input is hidden).");
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    if buf.is_empty() {
         return Err(CliError::new(
             Exit::InvalidArgument,
             format!(
-                "invalid value: nothing was typed; type {what}, pipe it in{instead}. Nothing was changed"
+                "invalid value: nothing was typed; type {what}, pipe it in{instead}. Nothing \
+                 was changed"
             ),
         ));
     }
-    Ok(Zeroizing::new(typed.as_bytes().to_vec()))
+    Ok(buf)
+}
+
+/// Terminal echo off while it lives (restored on drop, errors included).
+struct HiddenInput {
+    saved: nix::sys::termios::Termios,
+}
+
+impl HiddenInput {
+    fn start() -> Result<Self, CliError> {
+        use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+        let failed =
+            |e: nix::Error| CliError::new(Exit::Failure, format!("cannot hide the input: {e}"));
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).map_err(failed)?;
+        let mut hidden = saved.clone();
+        hidden.local_flags.remove(LocalFlags::ECHO);
+        tcsetattr(&stdin, SetArg::TCSANOW, &hidden).map_err(failed)?;
+        Ok(HiddenInput { saved })
+    }
+}
+
+impl Drop for HiddenInput {
+    fn drop(&mut self) {
+        use nix::sys::termios::{SetArg, tcsetattr};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
+    }
 }
 
 pub(crate) fn agent_token() -> Result<Zeroizing<String>, CliError> {

@@ -168,6 +168,76 @@ fn passphrase_file_is_used_and_checked() {
     );
 }
 
+/// A value typed or pasted at a terminal (a pty from `script`) is not
+/// echoed, is taken whole up to Ctrl-D (a multi-line paste is not left for
+/// the shell), and loses only its final newline.
+#[test]
+fn a_value_typed_at_a_terminal_is_hidden_and_taken_whole() {
+    use std::io::{Read, Write};
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let cmd = format!("{} secret put tty/pasted", tessera_e2e::bin().display());
+    let template = w.command();
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_clear()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in template.get_envs() {
+        if let Some(v) = v {
+            script.env(k, v);
+        }
+    }
+    let mut child = script.spawn().expect("script (bsdutils)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    // Everything the terminal shows, read as it comes.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut shown = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&shown).contains("input is hidden") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(b) => shown.extend(b),
+            Err(_) => panic!(
+                "no prompt; the terminal showed {:?}",
+                String::from_utf8_lossy(&shown)
+            ),
+        }
+    }
+    // A paste of two lines, then Ctrl-D on a line of its own.
+    stdin
+        .write_all(b"paste-line-1\npaste-line-2\n\x04")
+        .expect("type");
+    drop(stdin);
+    let status = child.wait().expect("wait script");
+    while let Ok(b) = rx.recv_timeout(Duration::from_secs(2)) {
+        shown.extend(b);
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(status.success(), "{status:?}: {shown}");
+    assert!(
+        !shown.contains("paste-line"),
+        "the value was echoed: {shown:?}"
+    );
+    let token = w.agent("tty", "tty/*", "15m");
+    assert_eq!(
+        w.get("tty/pasted", &token).ok().stdout,
+        "paste-line-1\npaste-line-2"
+    );
+}
+
 #[test]
 fn bad_input_gets_precise_status_and_keeps_data() {
     let w = World::new();

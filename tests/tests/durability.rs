@@ -464,6 +464,8 @@ fn tampered_audit_is_detected(edit: &str, expect: &str) {
     let _s = w.serve(&[]);
     let r = w.run(&["audit", "verify", "--json"]).fails_with(8);
     assert_eq!(r.json()["ok"], false);
+    assert!(r.json()["records"].is_null(), "{r:#?}");
+    assert!(r.json()["first_bad_seq"].is_u64(), "{r:#?}");
     let problem = r.json()["problem"].as_str().unwrap_or_default().to_string();
     assert!(problem.contains(expect), "{problem} lacks {expect:?}");
 }

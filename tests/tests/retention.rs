@@ -654,6 +654,10 @@ fn early_shred_needs_the_stricter_quorum_and_ceremonies_expire() {
         .json();
     assert_eq!(opened["action"], "shred-early");
     assert_eq!(opened["required"], 3);
+    assert_eq!(
+        opened["reason"],
+        "shredded early, before the retention period ended"
+    );
     let id = opened["id"].as_str().expect("id").to_string();
     w.run(&["shred", "open", "--class", "gdpr", "--early"])
         .fails_with(5);

@@ -253,6 +253,11 @@ fn bad_rotation_input_is_refused_and_changes_nothing() {
             "unknown generator",
         ),
         (
+            &["secret", "config", "db/prod", "--class", "nope"],
+            3,
+            "no retention class",
+        ),
+        (
             &["secret", "config", "db/prod", "--rotate-cmd", "rotate.sh"],
             7,
             "absolute path",
@@ -1311,6 +1316,11 @@ fn retired_versions_are_archived_under_the_class_and_die_with_its_shred() {
     // The current version is untouched.
     let token = w.agent("app", "bank/*", "15m");
     assert_eq!(w.get("bank/api", &token).ok().stdout, "new-credential");
+    // A shredded class takes no more secrets: it exists, so not NOT_FOUND.
+    let r = w
+        .run(&["secret", "config", "bank/api", "--class", "sox"])
+        .fails_with(5);
+    assert!(r.stderr.contains("shredded"), "{r:#?}");
 }
 
 #[test]
