@@ -452,18 +452,18 @@ fn whole_shred_story_through_the_binary() {
         cert.to_str().expect("p"),
     ])
     .ok();
-    let verified = w
-        .run(&[
+    let verify_pinned = |key: &str| {
+        w.run(&[
             "shred",
             "certificate",
             "verify",
             cert.to_str().expect("p"),
             "--broker-key",
-            &broker_key,
+            key,
             "--json",
         ])
-        .ok()
-        .json();
+    };
+    let verified = verify_pinned(&broker_key).ok().json();
     assert_eq!(verified["class"], "sox");
     assert_eq!(verified["key_fingerprint"], fingerprint.as_str());
     assert_eq!(verified["irrecoverable"], false);
@@ -478,21 +478,8 @@ fn whole_shred_story_through_the_binary() {
         forged.to_str().expect("p"),
     ])
     .fails_with(9);
-    let pinned = w
-        .run(&[
-            "shred",
-            "certificate",
-            "verify",
-            cert.to_str().expect("p"),
-            "--broker-key",
-            &"00".repeat(32),
-        ])
-        .fails_with(9);
+    let pinned = verify_pinned(&"00".repeat(32)).fails_with(9);
     // It names both keys as `status` and --broker-key write them.
-    let broker_key = w.run(&["status", "--json"]).ok().json()["broker_key"]
-        .as_str()
-        .expect("broker_key")
-        .to_string();
     assert!(
         pinned.stderr.contains(&broker_key) && pinned.stderr.contains(&"00".repeat(32)),
         "{pinned:#?}"
