@@ -597,6 +597,7 @@ pub enum RotateCmd {
         generate: Option<String>,
     },
     /// Rotate on a schedule: an interval or a 5-field cron expression.
+    #[command(group(clap::ArgGroup::new("when").required(true).args(["every", "cron"])))]
     Schedule {
         /// Secret name.
         name: String,

@@ -248,6 +248,11 @@ fn bad_rotation_input_is_refused_and_changes_nothing() {
             "positive",
         ),
         (
+            &["rotate", "schedule", "db/prod"],
+            2,
+            "--every <EVERY>|--cron <CRON>",
+        ),
+        (
             &["secret", "config", "db/prod", "--generate", "uuid:4"],
             7,
             "unknown generator",
