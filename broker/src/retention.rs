@@ -288,13 +288,14 @@ pub(crate) fn judge_role_signature(
 
 impl Broker {
     /// Checks a holder's signed request (role, time, signature over the
-    /// request text). A failure is audited.
+    /// request text naming the gRPC `method`). A failure is audited under
+    /// `action`, the name the trail gives the operation once it is allowed.
     pub async fn authenticate_holder(
         &self,
         role: Option<&str>,
         time: Option<&str>,
         signature: Option<&str>,
-        method: &str,
+        (method, action): (&str, &str),
         target: &str,
         request_id: &str,
     ) -> Result<HolderCaller> {
@@ -305,7 +306,7 @@ impl Broker {
                  and x-tessera-holder-signature (the tessera CLI does this with the holder's key)"
                     .into(),
             );
-            return Err(self.deny(actor, method, target, request_id, e).await);
+            return Err(self.deny(actor, action, target, request_id, e).await);
         };
         let checked = (|| {
             let t: i64 = time.parse().map_err(|_| {
@@ -332,7 +333,7 @@ impl Broker {
                 role: role.to_string(),
                 signing_key,
             }),
-            Err(e) => Err(self.deny(actor, method, target, request_id, e).await),
+            Err(e) => Err(self.deny(actor, action, target, request_id, e).await),
         }
     }
 
@@ -412,7 +413,7 @@ impl Broker {
         request_id: &str,
         role: String,
         pubkey: String,
-    ) -> Result<(proto::HolderInfo, Vec<String>)> {
+    ) -> Result<(proto::HolderInfo, Vec<String>, Vec<String>)> {
         let key = match parse_holder_key(&role, &pubkey) {
             Ok(k) => k,
             Err(e) => {
@@ -475,9 +476,11 @@ impl Broker {
                     )?
                     .query_map([&role], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
+                let mut cancelled = Vec::new();
                 for class in &classes {
-                    let summary = rekey_class(ctx.conn, &rk, class)?;
+                    let (summary, ids) = rekey_class(ctx.conn, &rk, class)?;
                     ctx.audit(&admin_entry("class.rekey", class, true, summary, &rid))?;
+                    cancelled.extend(ids);
                 }
                 if !classes.is_empty() {
                     crate::store::meta_set(ctx.conn, "compact_pending", b"1")?;
@@ -503,6 +506,7 @@ impl Broker {
                         classes: classes.clone(),
                     },
                     classes,
+                    cancelled,
                 )))
             }, forget)
             .await??;
@@ -1515,14 +1519,25 @@ fn recover_key(req: &proto::RecoverClassRequest) -> Result<SymmetricKey> {
 /// envelope data keys, holder public keys and holds. None of it is secret
 /// without a quorum of shares.
 pub fn export_class(old_db: &std::path::Path, class: &str) -> Result<proto::RecoverClassRequest> {
+    // The old file is the caller's argument: a path that cannot be read
+    // or is no store is INVALID_ARGUMENT, not a broker that is down.
+    if !old_db.is_file() {
+        return Err(Error::invalid(
+            "from",
+            format!(
+                "{} is not a file; give the old store's tessera.db",
+                old_db.display()
+            ),
+        ));
+    }
     let conn = Connection::open_with_flags(old_db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| Error::Store(format!("cannot open {}: {e}", old_db.display())))?;
+        .map_err(|e| Error::invalid("from", format!("cannot open {}: {e}", old_db.display())))?;
     let c = load_class(&conn, class)
         .map_err(|_| {
-            Error::Store(format!(
-                "{} is not a tessera store with classes",
-                old_db.display()
-            ))
+            Error::invalid(
+                "from",
+                format!("{} is not a tessera store with classes", old_db.display()),
+            )
         })?
         .ok_or_else(|| {
             Error::NotFound(format!(
@@ -1599,9 +1614,14 @@ pub fn export_class(old_db: &std::path::Path, class: &str) -> Result<proto::Reco
 
 /// Re-keys `class` inside a write transaction: a new class key (the next
 /// generation), its shares sealed to the current holders, every envelope
-/// data key re-wrapped, open ceremonies cancelled. Returns a summary for
-/// the audit.
-fn rekey_class(conn: &Connection, rk: &crate::broker::RootKeys, class: &str) -> Result<String> {
+/// data key re-wrapped, open ceremonies cancelled (their statements name
+/// the old key). Returns a summary for the audit and the cancelled
+/// ceremonies' ids.
+fn rekey_class(
+    conn: &Connection,
+    rk: &crate::broker::RootKeys,
+    class: &str,
+) -> Result<(String, Vec<String>)> {
     let c = load_class(conn, class)?.ok_or_else(|| no_class(class))?;
     let wrapped: Vec<u8> = conn
         .query_row(
@@ -1658,7 +1678,11 @@ fn rekey_class(conn: &Connection, rk: &crate::broker::RootKeys, class: &str) -> 
             params![class, id, new.seal(&aad, &dk)?],
         )?;
     }
-    let cancelled = conn.execute(
+    let cancelled: Vec<String> = conn
+        .prepare("SELECT id FROM ceremonies WHERE class = ?1 AND state = 'open' ORDER BY id")?
+        .query_map([class], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    conn.execute(
         "UPDATE ceremonies SET state = 'cancelled' WHERE class = ?1 AND state = 'open'",
         [class],
     )?;
@@ -1672,14 +1696,20 @@ fn rekey_class(conn: &Connection, rk: &crate::broker::RootKeys, class: &str) -> 
             &fingerprint[..]
         ],
     )?;
-    Ok(format!(
+    let summary = format!(
         "key {} replaced by {} (generation {generation}); {} data keys re-wrapped; {} open \
-         ceremony cancelled",
+         ceremony cancelled{}",
         &hex(&c.key_fingerprint)[..16],
         &hex(&fingerprint)[..16],
         rows.len(),
-        cancelled
-    ))
+        cancelled.len(),
+        if cancelled.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", cancelled.join(", "))
+        }
+    );
+    Ok((summary, cancelled))
 }
 
 /// Leading bytes of an `Encrypt` ciphertext.

@@ -539,7 +539,7 @@ impl Services {
     async fn holder<T>(
         &self,
         req: &Request<T>,
-        method: &str,
+        (method, action): (&str, &str),
         target: &str,
     ) -> Result<(String, HolderCaller), Status> {
         let rid = request_id(req);
@@ -549,7 +549,7 @@ impl Services {
                 meta(req, "x-tessera-holder"),
                 meta(req, "x-tessera-holder-time"),
                 meta(req, "x-tessera-holder-signature"),
-                method,
+                (method, action),
                 target,
                 &rid,
             )
@@ -581,13 +581,14 @@ impl retention_server::Retention for Services {
             .admin(&req, "holder.replace", &req.get_ref().role)
             .await?;
         let r = req.into_inner();
-        let (holder, rekeyed) = self
+        let (holder, rekeyed, cancelled) = self
             .broker()?
             .replace_holder(&rid, r.role, r.pubkey)
             .await?;
         Ok(Response::new(proto::ReplaceHolderResponse {
             holder: Some(holder),
             rekeyed,
+            cancelled,
         }))
     }
 
@@ -713,7 +714,7 @@ impl holders_server::Holders for Services {
         req: Request<proto::ExportShareRequest>,
     ) -> Result<Response<proto::ExportShareResponse>, Status> {
         let (rid, holder) = self
-            .holder(&req, "ExportShare", &req.get_ref().class)
+            .holder(&req, ("ExportShare", "share.export"), &req.get_ref().class)
             .await?;
         Ok(Response::new(
             self.broker()?
@@ -727,7 +728,7 @@ impl holders_server::Holders for Services {
         req: Request<proto::GetCeremonyRequest>,
     ) -> Result<Response<proto::CeremonyInfo>, Status> {
         let (rid, holder) = self
-            .holder(&req, "GetCeremony", &req.get_ref().ceremony)
+            .holder(&req, ("GetCeremony", "shred.show"), &req.get_ref().ceremony)
             .await?;
         Ok(Response::new(
             self.broker()?
@@ -741,7 +742,7 @@ impl holders_server::Holders for Services {
         req: Request<proto::JoinShredRequest>,
     ) -> Result<Response<proto::CeremonyInfo>, Status> {
         let (rid, holder) = self
-            .holder(&req, "JoinShred", &req.get_ref().ceremony)
+            .holder(&req, ("JoinShred", "shred.join"), &req.get_ref().ceremony)
             .await?;
         let r = req.into_inner();
         Ok(Response::new(
@@ -756,7 +757,11 @@ impl holders_server::Holders for Services {
         req: Request<proto::GetCertificateRequest>,
     ) -> Result<Response<proto::CertificateResponse>, Status> {
         let (rid, holder) = self
-            .holder(&req, "GetCertificate", &req.get_ref().class)
+            .holder(
+                &req,
+                ("GetCertificate", "shred.certificate"),
+                &req.get_ref().class,
+            )
             .await?;
         let class = req.into_inner().class;
         let cert = self.broker()?.certificate(&class)?;
@@ -770,7 +775,11 @@ impl holders_server::Holders for Services {
         req: Request<proto::ConfirmShredRequest>,
     ) -> Result<Response<proto::CertificateResponse>, Status> {
         let (rid, holder) = self
-            .holder(&req, "ConfirmShred", &req.get_ref().class)
+            .holder(
+                &req,
+                ("ConfirmShred", "shred.confirm"),
+                &req.get_ref().class,
+            )
             .await?;
         let r = req.into_inner();
         Ok(Response::new(

@@ -303,28 +303,37 @@ fn keychain_user(store_id: &str) -> String {
 }
 
 #[cfg(target_os = "linux")]
-fn credential_store(which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
+fn credential_store(
+    which: KeychainStore,
+    what: &str,
+) -> Result<Arc<keyring_core::CredentialStore>> {
     let store: Arc<keyring_core::CredentialStore> = match which {
         KeychainStore::Os => zbus_secret_service_keyring_store::Store::new()
-            .map_err(|e| keychain_error(&e, "keychain", "open the Secret Service keychain"))?,
+            .map_err(|e| keychain_error(&e, what, "open the Secret Service keychain"))?,
         KeychainStore::Keyutils => linux_keyutils_keyring_store::Store::new()
-            .map_err(|e| keychain_error(&e, "keychain", "open the kernel keyutils keyring"))?,
+            .map_err(|e| keychain_error(&e, what, "open the kernel keyutils keyring"))?,
     };
     Ok(store)
 }
 
 #[cfg(target_os = "macos")]
-fn credential_store(which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
+fn credential_store(
+    which: KeychainStore,
+    what: &str,
+) -> Result<Arc<keyring_core::CredentialStore>> {
     let store: Arc<keyring_core::CredentialStore> = match which {
         KeychainStore::Os => apple_native_keyring_store::keychain::Store::new()
-            .map_err(|e| keychain_error(&e, "keychain", "open the macOS keychain"))?,
+            .map_err(|e| keychain_error(&e, what, "open the macOS keychain"))?,
         KeychainStore::Keyutils => return Err(not_here("the kernel keyutils keyring")),
     };
     Ok(store)
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
-fn credential_store(_which: KeychainStore) -> Result<Arc<keyring_core::CredentialStore>> {
+fn credential_store(
+    _which: KeychainStore,
+    _what: &str,
+) -> Result<Arc<keyring_core::CredentialStore>> {
     Err(not_here("an OS keychain store"))
 }
 
@@ -384,7 +393,7 @@ pub struct KeychainItem {
 
 impl KeychainItem {
     fn entry(&self, doing: &str) -> Result<keyring_core::Entry> {
-        let store = credential_store(self.store)?;
+        let store = credential_store(self.store, self.what)?;
         keyring_core::Entry::new_in_store(&store, &self.service, &self.user)
             .map_err(|e| keychain_error(&e, self.what, doing))
     }

@@ -690,7 +690,7 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
         }
         SecretCmd::Config(a) => {
             let d = admin
-                .configure_secret(authed(crate::rotation::config_request(a), &token)?)
+                .configure_secret(authed(crate::rotation::config_request(a)?, &token)?)
                 .await?
                 .into_inner();
             crate::rotation::print_detail(g, &d);
@@ -788,7 +788,7 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             let req = proto::CreateAgentRequest {
                 name,
                 allow,
-                max_ttl_seconds: seconds(max_ttl, "--max-ttl")?,
+                max_ttl_seconds: seconds_defaulted(max_ttl, "--max-ttl")?,
                 max_lifetime_seconds: seconds_or_default(max_lifetime, "--max-lifetime")?,
                 expires_in_seconds: seconds_or_default(expires_in, "--expires-in")?,
             };
@@ -1088,12 +1088,21 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
 /// A duration flag as whole seconds, at least one: `0s` or `500ms` would
 /// otherwise reach the broker as 0, which there means "the default".
 pub(crate) fn seconds(d: std::time::Duration, flag: &str) -> Result<u64, CliError> {
+    positive_seconds(d, flag, "")
+}
+
+/// [`seconds`], for a flag that has a default.
+pub(crate) fn seconds_defaulted(d: std::time::Duration, flag: &str) -> Result<u64, CliError> {
+    positive_seconds(d, flag, "; leave it out for the default")
+}
+
+fn positive_seconds(d: std::time::Duration, flag: &str, hint: &str) -> Result<u64, CliError> {
     if d.as_secs() == 0 || d.subsec_nanos() != 0 {
         return Err(CliError::new(
             Exit::InvalidArgument,
             format!(
                 "{flag} must be a positive whole number of seconds (at least 1s), e.g. 30s, 15m \
-                 or 1h; leave it out for the default"
+                 or 1h{hint}"
             ),
         ));
     }
@@ -1105,7 +1114,22 @@ pub(crate) fn seconds_or_default(
     d: Option<std::time::Duration>,
     flag: &str,
 ) -> Result<u64, CliError> {
-    d.map_or(Ok(0), |d| seconds(d, flag))
+    d.map_or(Ok(0), |d| seconds_defaulted(d, flag))
+}
+
+/// An optional duration flag for which 0 is a value of its own (no
+/// overlap, no jitter): whole seconds, so that `500ms` is not silently 0.
+pub(crate) fn whole_seconds(
+    d: Option<std::time::Duration>,
+    flag: &str,
+) -> Result<Option<u64>, CliError> {
+    match d {
+        Some(d) if d.subsec_nanos() != 0 => Err(CliError::new(
+            Exit::InvalidArgument,
+            format!("{flag} must be a whole number of seconds, e.g. 0s, 30s, 15m or 1h"),
+        )),
+        d => Ok(d.map(|d| d.as_secs())),
+    }
 }
 
 /// Writes `--out` files (checkpoints, certificates): a new file, 0600,

@@ -138,12 +138,23 @@ impl HolderKey {
         match identity_file {
             Some(f) => {
                 tessera_broker::init::write_private_file(f, text.as_bytes()).map_err(|e| {
-                    CliError::new(
-                        Exit::Precondition,
-                        format!(
-                            "{e}; an existing holder key is never overwritten (move it away first)"
-                        ),
-                    )
+                    if f.exists() {
+                        CliError::new(
+                            Exit::Precondition,
+                            format!(
+                                "{e}; an existing holder key is never overwritten (move it away \
+                                 first)"
+                            ),
+                        )
+                    } else {
+                        CliError::new(
+                            Exit::InvalidArgument,
+                            format!(
+                                "{e}; give --identity-file a path in a directory that exists and \
+                                 that you can write to"
+                            ),
+                        )
+                    }
                 })?;
                 Ok(format!("identity file {}", f.display()))
             }

@@ -242,7 +242,7 @@ pub enum HoldCmd {
         #[arg(long)]
         reason: String,
     },
-    /// Release the class's standing holds.
+    /// Release a standing hold on the class (the only one, or --hold ID).
     Release {
         /// The class.
         #[arg(long)]
@@ -264,7 +264,7 @@ pub enum ShredCmd {
         /// The class.
         #[arg(long)]
         class: String,
-        /// Why (recorded in the audit trail and the certificate)
+        /// Why (recorded with the ceremony and in the audit trail)
         /// [default: "retention period ended", or with --early "shredded
         /// early, before the retention period ended"]
         #[arg(long)]
@@ -608,7 +608,7 @@ pub enum RotateCmd {
         #[arg(long)]
         cron: Option<String>,
         /// Time zone for --cron, e.g. Europe/Berlin [default: UTC]
-        #[arg(long)]
+        #[arg(long, requires = "cron")]
         tz: Option<String>,
         /// Random delay added to each due time, up to this, e.g. 10m.
         #[arg(long, value_parser = parse_duration)]

@@ -71,7 +71,14 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
             if g.json {
                 let mut doc = holder_json(&h);
                 doc["rekeyed"] = json!(r.rekeyed);
+                doc["cancelled_ceremonies"] = json!(r.cancelled);
                 print_json(doc);
+            } else if r.rekeyed.is_empty() {
+                println!(
+                    "Role {} now belongs to key {}; it holds a share of no class, so nothing \
+                     was re-keyed.",
+                    h.role, h.key_fingerprint
+                );
             } else {
                 println!(
                     "Role {} now belongs to key {}; re-keyed {} classes ({}). Shares of the old \
@@ -81,6 +88,13 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
                     r.rekeyed.len(),
                     r.rekeyed.join(", ")
                 );
+                if !r.cancelled.is_empty() {
+                    println!(
+                        "Cancelled, because they named the old class keys: shred ceremony {}. \
+                         Open them again with `tessera shred open`.",
+                        r.cancelled.join(", ")
+                    );
+                }
             }
         }
         HolderCmd::List => {
@@ -389,8 +403,8 @@ pub(crate) async fn hold(g: &Global, c: HoldCmd) -> Result<(), CliError> {
         );
     } else {
         println!(
-            "Released the legal holds on class {}: {}",
-            h.class, h.release_reason
+            "Released legal hold {} on class {}: {}",
+            h.id, h.class, h.release_reason
         );
     }
     Ok(())
@@ -420,7 +434,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                         class,
                         reason,
                         early,
-                        expires_seconds: crate::commands::seconds(expires, "--expires")?,
+                        expires_seconds: crate::commands::seconds_defaulted(expires, "--expires")?,
                     },
                     &token,
                 )?)
@@ -472,6 +486,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             if !yes {
                 confirm_signing(&cer)?;
             }
+            let already = cer.joined.contains(&key.role);
             let sig = key.sign(cer.statement.as_bytes())?;
             let done = client
                 .join_shred(key.request(
@@ -498,7 +513,8 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                 );
             } else {
                 println!(
-                    "Joined as {}: {} of {} roles have joined ceremony {}.",
+                    "{} as {}: {} of {} roles have joined ceremony {}.",
+                    if already { "Already joined" } else { "Joined" },
                     key.role,
                     done.joined.len(),
                     done.required,

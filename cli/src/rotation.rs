@@ -11,17 +11,19 @@ use tessera_broker::unseal::Source;
 use zeroize::Zeroizing;
 
 use crate::client::{CliError, Exit, authed};
-use crate::commands::{admin_token, agent_token, data_dir, print_json, target, time};
+use crate::commands::{admin_token, data_dir, print_json, target, time};
 use crate::{GetArgs, Global, RotateArgs, RotateCmd, SecretConfigArgs};
 
 /// The gRPC request for `secret config`.
-pub(crate) fn config_request(a: SecretConfigArgs) -> proto::ConfigureSecretRequest {
+pub(crate) fn config_request(
+    a: SecretConfigArgs,
+) -> Result<proto::ConfigureSecretRequest, CliError> {
     let cmd = |path: Option<String>, args: Vec<String>| -> Vec<String> {
         path.into_iter().chain(args).collect()
     };
-    proto::ConfigureSecretRequest {
+    Ok(proto::ConfigureSecretRequest {
         name: a.name,
-        overlap_seconds: a.overlap.map(|d| d.as_secs()),
+        overlap_seconds: crate::commands::whole_seconds(a.overlap, "--overlap")?,
         class: a.class,
         generate: a.generate,
         set_rotate_cmd: a.rotate_cmd.is_some() || a.no_rotate_cmd,
@@ -29,8 +31,8 @@ pub(crate) fn config_request(a: SecretConfigArgs) -> proto::ConfigureSecretReque
         set_verify_cmd: a.verify_cmd.is_some() || a.no_verify_cmd,
         verify_cmd: cmd(a.verify_cmd, a.verify_arg),
         value_via: a.value_via,
-        cmd_timeout_seconds: a.cmd_timeout.map(|d| d.as_secs()),
-    }
+        cmd_timeout_seconds: crate::commands::whole_seconds(a.cmd_timeout, "--cmd-timeout")?,
+    })
 }
 
 fn detail_json(d: &proto::SecretDetail) -> serde_json::Value {
@@ -115,20 +117,17 @@ pub(crate) fn print_detail(g: &Global, d: &proto::SecretDetail) {
         println!("  last result: {} ({})", d.last_result, time(d.last_run_at));
     }
     println!(
-        "  {:>7}  {:<36} {:<20}  SOURCE",
+        "  {:>7}  {:<38} {:<20}  SOURCE",
         "VERSION", "STATE", "CREATED"
     );
     for v in &d.versions {
         let state = match v.state.as_str() {
-            "overlapping" => format!(
-                "overlapping until {}",
-                time(v.retire_at).trim_end_matches('Z')
-            ),
+            "overlapping" => format!("overlapping until {}", time(v.retire_at)),
             "archived" => format!("archived ({})", v.archived_class),
             s => s.to_string(),
         };
         println!(
-            "  {:>7}  {:<36} {:<20}  {}",
+            "  {:>7}  {:<38} {:<20}  {}",
             v.version,
             state,
             time(v.created_at),
@@ -205,7 +204,8 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
                         every_seconds,
                         cron: cron.unwrap_or_default(),
                         tz: tz.unwrap_or_default(),
-                        jitter_seconds: jitter.map_or(0, |d| d.as_secs()),
+                        jitter_seconds: crate::commands::whole_seconds(jitter, "--jitter")?
+                            .unwrap_or(0),
                     },
                     &token,
                 )?)
@@ -334,19 +334,9 @@ async fn rotate_due(g: &Global) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `get NAME --watch`: print the value, then again on each rotation.
+/// `get NAME --watch`: print the value, then again each time it changes.
 pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
-    let token = agent_token()?;
-    let mut broker = target(g).broker().await?;
     let ttl_seconds = crate::commands::seconds_or_default(a.ttl, "--ttl")?;
-    let issue = |name: String| proto::IssueRequest {
-        secret: name,
-        ttl_seconds,
-    };
-    let mut stream = broker
-        .watch(authed(proto::WatchRequest::default(), &token)?)
-        .await?
-        .into_inner();
     let print = |lease: &proto::Lease| -> Result<(), CliError> {
         let value = Zeroizing::new(lease.value.clone());
         let mut out = std::io::stdout().lock();
@@ -365,31 +355,9 @@ pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
         .and_then(|()| out.flush())
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))
     };
-    // Stopped by SIGINT or SIGTERM, it gives its lease back, as `run` does.
-    let mut signals = crate::run::Signals::install()?;
-    let mut lease = broker
-        .issue(authed(issue(a.name.clone()), &token)?)
-        .await?
-        .into_inner();
-    print(&lease)?;
-    loop {
-        let ev = tokio::select! {
-            ev = stream.message() => ev,
-            _ = signals.term.recv() => break,
-            _ = signals.int.recv() => break,
-        };
-        let Some(ev) = ev? else { break };
-        if ev.kind == "secret.rotated" && ev.secret == a.name && ev.version > lease.version {
-            let mut old = std::mem::replace(
-                &mut lease,
-                broker
-                    .issue(authed(issue(a.name.clone()), &token)?)
-                    .await?
-                    .into_inner(),
-            );
-            print(&lease)?;
-            crate::run::give_back(&mut broker, &token, &mut old).await?;
-        }
+    match crate::run::get_watch(g, &a.name, ttl_seconds, &print).await? {
+        0 => Ok(()),
+        // Stopped by a signal before the first value came.
+        code => std::process::exit(code),
     }
-    crate::run::give_back(&mut broker, &token, &mut lease).await
 }

@@ -3,6 +3,9 @@
 //! the leases while it runs, follow rotations and revocations through
 //! `Watch` (restart CMD, signal it, or ignore), forward SIGTERM/SIGINT,
 //! revoke the leases when CMD exits, and exit with CMD's status.
+//!
+//! `tessera get NAME --watch` is the same loop with stdout in place of the
+//! command: it prints the value, and again each time it changes.
 
 use std::time::Duration;
 
@@ -86,12 +89,17 @@ impl Binding {
     }
 }
 
-async fn issue(broker: &mut Broker, token: &str, secret: &str) -> Result<proto::Lease, CliError> {
+async fn issue(
+    broker: &mut Broker,
+    token: &str,
+    secret: &str,
+    ttl_seconds: u64,
+) -> Result<proto::Lease, CliError> {
     Ok(broker
         .issue(authed(
             proto::IssueRequest {
                 secret: secret.into(),
-                ttl_seconds: 0,
+                ttl_seconds,
             },
             token,
         )?)
@@ -135,8 +143,48 @@ pub(crate) type Broker = tessera_broker::proto::broker_client::BrokerClient<Chan
 /// Whatever ends it (the command's exit, or `run` failing on its own), the
 /// leases it holds are given back.
 pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
-    let token = agent_token()?;
     let on_rotate = parse_on_rotate(&args.on_rotate)?;
+    check_envs(&args.env)?;
+    let envs = args
+        .env
+        .iter()
+        .map(|e| parse_env(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    hold(
+        g,
+        &envs,
+        0,
+        Sink::Command {
+            args: &args,
+            on_rotate,
+        },
+    )
+    .await
+}
+
+/// `get NAME --watch`: prints the value, then again each time it changes
+/// (a rotation, or a new lease after a revocation that brings another
+/// value), renewing its lease and riding out broker restarts like `run`.
+/// SIGINT or SIGTERM ends it (exit 0) and gives the lease back.
+pub(crate) async fn get_watch(
+    g: &Global,
+    name: &str,
+    ttl_seconds: u64,
+    print: &dyn Fn(&proto::Lease) -> Result<(), CliError>,
+) -> Result<i32, CliError> {
+    hold(g, &[("", name)], ttl_seconds, Sink::Print(print)).await
+}
+
+/// Fetches a lease per `(variable, secret)`, feeds the values to `sink`
+/// and keeps them current until the command exits (or, for stdout, a
+/// signal); then gives every lease back.
+async fn hold(
+    g: &Global,
+    envs: &[(&str, &str)],
+    ttl_seconds: u64,
+    sink: Sink<'_>,
+) -> Result<i32, CliError> {
+    let token = agent_token()?;
     // Before anything else: a SIGTERM or SIGINT while the leases are
     // fetched stops `run` cleanly (what it fetched is given back).
     let mut signals = Signals::install()?;
@@ -154,9 +202,8 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let events = events.into_inner();
     let mut bindings = Vec::new();
     let outcome = async {
-        for e in &args.env {
-            let (var, secret) = parse_env(e)?;
-            let call = issue(&mut broker, &token, secret);
+        for &(var, secret) in envs {
+            let call = issue(&mut broker, &token, secret, ttl_seconds);
             tokio::pin!(call);
             let got = tokio::select! {
                 r = &mut call => Ok(r),
@@ -188,18 +235,18 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
                 return Ok(128 + sig as i32);
             }
         }
-        let child = spawn(&args, &bindings)?;
+        let running = sink.start(&bindings)?;
         let watch = (events, cursor);
         let session = Session {
             broker: &mut broker,
             token: &token,
-            on_rotate,
-            args: &args,
+            ttl_seconds,
         };
-        supervise(session, &mut bindings, child, watch, signals).await
+        supervise(session, &mut bindings, running, watch, signals).await
     }
     .await;
-    // The command is gone (on an error it was killed when dropped). Giving
+    // The command is gone (on an error it was stopped: SIGTERM, then
+    // SIGKILL after a grace period). Giving
     // the leases back is best effort: a hung broker must not hold `run`
     // (they expire anyway).
     let give_back = async {
@@ -224,25 +271,146 @@ pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     outcome
 }
 
+/// What the values feed.
+enum Sink<'a> {
+    /// `tessera run`: a command's environment.
+    Command {
+        args: &'a RunArgs,
+        on_rotate: OnRotate,
+    },
+    /// `tessera get --watch`: stdout.
+    Print(&'a dyn Fn(&proto::Lease) -> Result<(), CliError>),
+}
+
+impl<'a> Sink<'a> {
+    /// Starts the command, or prints the first values.
+    fn start(self, bindings: &[Binding]) -> Result<Running<'a>, CliError> {
+        Ok(match self {
+            Sink::Command { args, on_rotate } => Running::Command {
+                child: spawn(args, bindings)?,
+                args,
+                on_rotate,
+            },
+            Sink::Print(print) => {
+                for b in bindings {
+                    print(&b.lease)?;
+                }
+                Running::Print(print)
+            }
+        })
+    }
+}
+
+/// A started [`Sink`].
+enum Running<'a> {
+    Command {
+        child: Child,
+        args: &'a RunArgs,
+        on_rotate: OnRotate,
+    },
+    Print(&'a dyn Fn(&proto::Lease) -> Result<(), CliError>),
+}
+
+impl Running<'_> {
+    /// The command's exit code (128 + signal if killed); stdout never
+    /// ends on its own.
+    async fn exited(&mut self) -> Result<i32, CliError> {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            Running::Command { child, .. } => {
+                let status = child.wait().await.map_err(|e| {
+                    CliError::new(Exit::Failure, format!("cannot wait for the command: {e}"))
+                })?;
+                Ok(status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+            }
+            Running::Print(_) => std::future::pending().await,
+        }
+    }
+
+    /// A SIGTERM or SIGINT for `run`: forwarded to the command, which
+    /// decides; for stdout, the end (exit 0).
+    fn signalled(&mut self, sig: Signal) -> Option<i32> {
+        match self {
+            Running::Command { child, .. } => {
+                signal(child, sig);
+                None
+            }
+            Running::Print(_) => Some(0),
+        }
+    }
+
+    /// Applies a change of value: `--on-rotate` for a command; for
+    /// stdout, the new value printed.
+    async fn changed(&mut self, bindings: &[Binding]) -> Result<(), CliError> {
+        match self {
+            Running::Command {
+                child,
+                args,
+                on_rotate,
+            } => changed(child, *on_rotate, args, bindings).await,
+            Running::Print(print) => bindings.iter().try_for_each(|b| print(&b.lease)),
+        }
+    }
+
+    /// Ends the command when `run` cannot go on.
+    async fn stop(&mut self) {
+        if let Running::Command { child, .. } = self {
+            stop(child).await;
+        }
+    }
+}
+
 /// How long `run` waits on the broker while stopping.
 const CLEANUP_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Splits `VAR=secret/name`.
+/// Splits `VAR=secret/name`; `VAR` is a shell variable name.
 fn parse_env(e: &str) -> Result<(&str, &str), CliError> {
-    e.split_once('=').ok_or_else(|| {
+    let bad = |why: &str| {
         CliError::new(
             Exit::InvalidArgument,
-            format!("invalid env {e:?}: write VAR=secret/name, e.g. OPENAI_API_KEY=openai/prod"),
+            format!(
+                "invalid --env {e:?}: {why}; write VAR=secret/name, e.g. \
+                 OPENAI_API_KEY=openai/prod"
+            ),
         )
-    })
+    };
+    let (var, secret) = e.split_once('=').ok_or_else(|| bad("no `=`"))?;
+    let mut chars = var.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(bad(
+            "the variable name must be letters, digits and `_`, not starting with a digit",
+        ));
+    }
+    Ok((var, secret))
+}
+
+/// Checks every `--env` before anything is fetched: each well formed, no
+/// variable given twice.
+fn check_envs(envs: &[String]) -> Result<(), CliError> {
+    let mut seen = std::collections::HashSet::new();
+    for e in envs {
+        let (var, _) = parse_env(e)?;
+        if !seen.insert(var) {
+            return Err(CliError::new(
+                Exit::InvalidArgument,
+                format!("--env sets {var} twice; give each variable once"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What `supervise` and its helpers act with.
 struct Session<'a> {
     broker: &'a mut Broker,
     token: &'a str,
-    on_rotate: OnRotate,
-    args: &'a RunArgs,
+    /// The TTL asked for each lease and renewal (0: the agent's maximum).
+    ttl_seconds: u64,
 }
 
 /// Whether a failed call may succeed later: the broker is away (restarting,
@@ -317,14 +485,44 @@ fn revokes(ev: &proto::Event, secret: &str, lease: &proto::Lease) -> bool {
 /// (resuming it from the last event after the broker comes back), forwards
 /// signals.
 async fn supervise(
+    session: Session<'_>,
+    bindings: &mut [Binding],
+    mut running: Running<'_>,
+    watch: (tonic::Streaming<proto::Event>, u64),
+    signals: Signals,
+) -> Result<i32, CliError> {
+    let outcome = watch_over(session, bindings, &mut running, watch, signals).await;
+    if outcome.is_err() {
+        // `run` cannot go on (the agent was revoked, a secret deleted): the
+        // command gets SIGTERM and a moment to shut down cleanly, as on a
+        // restart, before it is killed.
+        running.stop().await;
+    }
+    outcome
+}
+
+/// How long a command has to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// SIGTERM, then SIGKILL if the command is still there after [`STOP_GRACE`].
+async fn stop(child: &mut Child) {
+    signal(child, Signal::SIGTERM);
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+async fn watch_over(
     Session {
         broker,
         token,
-        on_rotate,
-        args,
+        ttl_seconds,
     }: Session<'_>,
     bindings: &mut [Binding],
-    mut child: Child,
+    running: &mut Running<'_>,
     (events, cursor): (tonic::Streaming<proto::Event>, u64),
     Signals { mut term, mut int }: Signals,
 ) -> Result<i32, CliError> {
@@ -335,7 +533,7 @@ async fn supervise(
     let mut backoff = Duration::from_secs(1);
     let resume = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(resume);
-    let status = loop {
+    loop {
         let watching = events.is_some();
         let next_event = async {
             match events.as_mut() {
@@ -344,17 +542,19 @@ async fn supervise(
             }
         };
         tokio::select! {
-            status = child.wait() => {
-                break status.map_err(|e| CliError::new(Exit::Failure, format!("cannot wait for the command: {e}")))?;
-            }
-            _ = term.recv() => signal(&child, Signal::SIGTERM),
-            _ = int.recv() => signal(&child, Signal::SIGINT),
+            code = running.exited() => return code,
+            _ = term.recv() => if let Some(code) = running.signalled(Signal::SIGTERM) {
+                return Ok(code);
+            },
+            _ = int.recv() => if let Some(code) = running.signalled(Signal::SIGINT) {
+                return Ok(code);
+            },
             _ = &mut renew => {
                 let mut any = false;
                 for b in bindings.iter_mut() {
                     if !b.stale {
                         let renewed = broker.renew(authed(proto::RenewRequest {
-                            lease_id: b.lease.lease_id.clone(), ttl_seconds: 0,
+                            lease_id: b.lease.lease_id.clone(), ttl_seconds,
                         }, token)?).await;
                         match renewed {
                             Ok(r) => {
@@ -376,10 +576,10 @@ async fn supervise(
                             }
                         }
                     }
-                    any |= refresh(broker, token, b).await?;
+                    any |= refresh(broker, token, ttl_seconds, b).await?;
                 }
                 if any {
-                    child = changed(child, on_rotate, args, bindings).await?;
+                    running.changed(bindings).await?;
                 }
                 renew.as_mut().reset(next_renewal(bindings));
             }
@@ -423,7 +623,7 @@ async fn supervise(
                     }
                     b.stale |= rotated || revokes(&ev, &b.secret, &b.lease);
                     replaced |= b.stale;
-                    any |= refresh(broker, token, b).await?;
+                    any |= refresh(broker, token, ttl_seconds, b).await?;
                 }
                 if replaced {
                     // Only a new lease can bring the renewal forward; other
@@ -432,15 +632,11 @@ async fn supervise(
                     renew.as_mut().reset(next);
                 }
                 if any {
-                    child = changed(child, on_rotate, args, bindings).await?;
+                    running.changed(bindings).await?;
                 }
             }
         }
-    };
-    use std::os::unix::process::ExitStatusExt;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
 }
 
 /// Replaces a stale binding's lease with a new one and gives the old one
@@ -454,11 +650,16 @@ async fn supervise(
 /// (the broker serves the new version once it has told of it; this guards
 /// against one that does not). Only once: if the broker still serves the
 /// older version, the secret was put back since, and its answer stands.
-async fn refresh(broker: &mut Broker, token: &str, b: &mut Binding) -> Result<bool, CliError> {
+async fn refresh(
+    broker: &mut Broker,
+    token: &str,
+    ttl_seconds: u64,
+    b: &mut Binding,
+) -> Result<bool, CliError> {
     if !b.stale {
         return Ok(false);
     }
-    let mut lease = match issue(broker, token, &b.secret).await {
+    let mut lease = match issue(broker, token, &b.secret, ttl_seconds).await {
         Ok(l) => l,
         Err(e) if transient(&e) => {
             tracing_note(&format!(
@@ -510,29 +711,21 @@ fn tracing_note(m: &str) {
 
 /// Applies `on_rotate` after a value changed.
 async fn changed(
-    mut child: Child,
+    child: &mut Child,
     on_rotate: OnRotate,
     args: &RunArgs,
     bindings: &[Binding],
-) -> Result<Child, CliError> {
+) -> Result<(), CliError> {
     match on_rotate {
-        OnRotate::Ignore => Ok(child),
-        OnRotate::Signal(sig) => {
-            signal(&child, sig);
-            Ok(child)
-        }
+        OnRotate::Ignore => {}
+        OnRotate::Signal(sig) => signal(child, sig),
         OnRotate::Restart => {
             tracing_note("a value changed; restarting the command");
-            signal(&child, Signal::SIGTERM);
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
-            spawn(args, bindings)
+            stop(child).await;
+            *child = spawn(args, bindings)?;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -629,5 +822,23 @@ mod tests {
         assert!(!b.refuses(&old));
         // Without a rotation event nothing is refused.
         assert!(!waiting_for(0).refuses(&old));
+    }
+
+    #[test]
+    fn each_env_names_a_shell_variable_once() {
+        let ok =
+            |envs: &[&str]| check_envs(&envs.iter().map(|e| e.to_string()).collect::<Vec<_>>());
+        assert!(ok(&["OPENAI_API_KEY=openai/prod", "_X1=a"]).is_ok());
+        for bad in [
+            &["=openai/prod"][..],
+            &["1A=x"],
+            &["A-B=x"],
+            &["A B=x"],
+            &["openai/prod"],
+            &["GH=a", "GH=b"],
+        ] {
+            let e = ok(bad).expect_err("refused");
+            assert_eq!(e.exit, Exit::InvalidArgument, "{bad:?}");
+        }
     }
 }

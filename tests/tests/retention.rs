@@ -396,10 +396,27 @@ fn whole_shred_story_through_the_binary() {
     )
     .fails_with(4);
     assert!(r.stderr.contains("enrolled key of role board"), "{r:#?}");
+    // The refusal is audited under the operation's own name, as a success
+    // would be, not under the gRPC method's.
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    let refused = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line"))
+        .find(|r| r["actor"] == "holder:board" && r["decision"] == "deny")
+        .expect("the refused join is audited");
+    assert_eq!(refused["action"], "shred.join", "{refused}");
+    assert_eq!(refused["target"], ceremony.as_str(), "{refused}");
     let first = join(&w, &ceremony, "legal", &legal).ok().json();
     assert_eq!(first["state"], "open");
     let again = join(&w, &ceremony, "legal", &legal).ok().json();
     assert_eq!(again["joined"].as_array().map(Vec::len), Some(1));
+    let mut a = strings(&["shred", "join", &ceremony, "--role", "legal", "--yes"]);
+    a.extend(id_args(&legal));
+    let told = run(&w, &a).ok();
+    assert!(
+        told.stdout.starts_with("Already joined as legal: 1 of 2"),
+        "{told:#?}"
+    );
     let done = join(&w, &ceremony, "ciso", &ciso).ok().json();
     assert_eq!(done["state"], "done");
     let shredded = class_json(&w, "sox");
@@ -800,6 +817,18 @@ fn a_holder_key_holds_one_role_and_a_replaced_one_never_returns() {
         .fails_with(7);
     assert!(r.stderr.contains("role"), "{r:#?}");
     assert!(!bad.exists());
+    let nowhere = w.tmp.path().join("no-such-dir").join("legal.key");
+    let r = w
+        .run(&[
+            "holder",
+            "init",
+            "--role",
+            "legal",
+            "--identity-file",
+            nowhere.to_str().expect("p"),
+        ])
+        .fails_with(7);
+    assert!(r.stderr.contains("a directory that exists"), "{r:#?}");
     let legal = pubkey("legal", "legal.key");
     w.run(&["holder", "enroll", "--role", "legal", "--pubkey", &legal])
         .ok();
@@ -894,6 +923,13 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
     let old_key = unhex(old["key"].as_str().expect("key"));
     let old_wrapped = wrapped_key(&w, "hr").expect("wrapped");
 
+    // A ceremony open on the class names its old key: the handover
+    // cancels it, and says so.
+    let opened = w
+        .run(&["shred", "open", "--class", "hr", "--early", "--json"])
+        .ok()
+        .json();
+
     // The legal role passes to a new holder.
     let (_, new_pubkey, new_fingerprint) = new_holder_key(&w, "legal", "legal-new.key");
     let replaced = w
@@ -909,6 +945,10 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
         .ok()
         .json();
     assert_eq!(replaced["rekeyed"], serde_json::json!(["hr"]));
+    assert_eq!(
+        replaced["cancelled_ceremonies"],
+        serde_json::json!([opened["id"]])
+    );
     let after = class_json(&w, "hr");
     assert_ne!(after["key_fingerprint"], before["key_fingerprint"]);
 
@@ -1065,6 +1105,12 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
         args.extend(ids.iter().cloned());
         run(&b, &args)
     };
+    let missing = b.tmp.path().join("no-such.db").display().to_string();
+    let mut args = strings(&["class", "recover", "--class", "tax", "--from", &missing]);
+    args.extend(strings(&["--share", &s_legal, "--share", &s_board]));
+    args.extend(ids.iter().cloned());
+    let r = run(&b, &args).fails_with(7);
+    assert!(r.stderr.contains("is not a file"), "{r:#?}");
     let few = recover(&[&s_legal]).fails_with(7);
     assert!(few.stderr.contains("needs 2 of 3"), "{few:#?}");
     let mixed = recover(&[&s_legal, &s_other]).fails_with(7);

@@ -62,13 +62,15 @@ fn rotate_until_seen(w: &World, secret: &str, value: &str, out: &Path, expect: &
 }
 
 /// A command for `tessera run` that appends `start <vars>` to `out` (e.g.
-/// `$A $B`), then runs until SIGTERM, which it answers by exiting 0.
+/// `$A $B`), then runs until SIGTERM, which it answers by appending
+/// `stopped` and exiting 0.
 fn looping_child(w: &World, out: &Path, vars: &str) -> String {
     script(
         w,
         "child.sh",
         &format!(
-            "trap 'exit 0' TERM; echo \"start {vars}\" >> {out}; while true; do sleep 0.1; done",
+            "trap 'echo stopped >> {out}; exit 0' TERM; echo \"start {vars}\" >> {out}; \
+             while true; do sleep 0.1; done",
             out = out.display()
         ),
     )
@@ -1440,6 +1442,61 @@ fn get_watch_prints_each_new_value_and_run_can_signal_instead() {
     stop_run(run);
 }
 
+/// `get --watch` holds its lease like `run`: renewed before it ends, a
+/// revoked one replaced (the same value is not printed again), the watch
+/// resumed after a broker restart (a rotation made then is printed), and
+/// it ends with NOT_FOUND once the secret is deleted.
+#[test]
+fn get_watch_renews_replaces_and_rides_out_a_broker_restart() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("gh/token", b"ghp-1");
+    let token = w.agent("bot", "gh/*", "4s");
+    let out = w.tmp.path().join("watch.out");
+    let err = w.tmp.path().join("watch.err");
+    let mut watch = w.command();
+    watch
+        .args(["get", "gh/token", "--watch"])
+        .env("TESSERA_TOKEN", &token)
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .stderr(std::fs::File::create(&err).expect("err"));
+    let mut watch = watch.spawn().expect("spawn get --watch");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_for("the first value", 30, || read(&out) == "ghp-1\n");
+    // Its 4 s lease is renewed while it runs.
+    std::thread::sleep(Duration::from_secs(6));
+    let held = active_leases(&w, "bot");
+    assert_eq!(held.len(), 1, "log:\n{}", read(&err));
+    // A revoked lease is replaced; the value is the same, so not printed.
+    w.run(&["lease", "revoke", "--secret", "gh/token"]).ok();
+    wait_for("a new lease", 20, || {
+        let now = active_leases(&w, "bot");
+        now.len() == 1 && now != held
+    });
+    assert_eq!(read(&out), "ghp-1\n");
+    // The broker restarts; a rotation made once it is back is printed.
+    s.terminate();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        watch.try_wait().expect("try_wait").is_none(),
+        "get --watch gave up while the broker was away; log:\n{}",
+        read(&err)
+    );
+    let _s = w.serve(&[]);
+    w.run_with(
+        &["rotate", "now", "gh/token", "--from-stdin"],
+        Some(b"ghp-2"),
+        &[],
+    )
+    .ok();
+    wait_for("the rotated value", 60, || read(&out) == "ghp-1\nghp-2\n");
+    w.run(&["secret", "rm", "gh/token"]).ok();
+    let status = watch.wait().expect("wait get --watch");
+    assert_eq!(status.code(), Some(3), "log:\n{}", read(&err));
+    assert!(active_leases(&w, "bot").is_empty());
+}
+
 /// `tessera run` keeps its command running while the broker restarts,
 /// resumes its watch after the last event it saw (a rotation made once the
 /// broker is back still reaches the command), and when it fails on its own
@@ -1471,10 +1528,16 @@ fn tessera_run_rides_out_a_broker_restart_and_cleans_up_when_it_fails() {
     rotate_until_seen(&w, "svc/a", "a-two", &out, "start a-two b-one", &notes);
 
     // Deleting svc/b revokes its lease; no new one can be had, so run fails
-    // (NOT_FOUND), stops the command and gives back the lease on svc/a.
+    // (NOT_FOUND), stops the command (with SIGTERM, which it can catch) and
+    // gives back the lease on svc/a.
     w.run(&["secret", "rm", "svc/b"]).ok();
     let status = run.wait().expect("wait run");
     assert_eq!(status.code(), Some(3), "run exits NOT_FOUND");
+    assert!(
+        read().ends_with("stopped\n"),
+        "not stopped cleanly: {}",
+        read()
+    );
     let leases = active_leases(&w, "gw");
     assert!(leases.is_empty(), "every lease was given back: {leases:?}");
 }
