@@ -241,7 +241,13 @@ fn settings_or_refuse(
     Ok(Err(e))
 }
 
+/// Why `name` has no row: it is not a valid name (INVALID_ARGUMENT, so
+/// the hint to `secret put` it is never given for a name that would be
+/// refused there), or no secret has it.
 fn no_secret(name: &str) -> Error {
+    if let Err(e) = crate::names::secret(name, "name") {
+        return e;
+    }
     Error::NotFound(format!(
         "no secret named {name:?}; store a first value with `tessera secret put {name}`"
     ))
@@ -1008,7 +1014,7 @@ impl Broker {
                 let due = first + jitter_secs(jitter);
                 ctx.conn.execute(
                     "UPDATE secrets SET schedule = ?2, schedule_tz = ?3, jitter_secs = ?4,
-                        next_due = ?5 WHERE name = ?1",
+                        next_due = ?5, failures = 0 WHERE name = ?1",
                     params![req.name, stored, tz, jitter as i64, due],
                 )?;
                 rowmac::seal_secret(ctx.conn, &key, &req.name)?;
@@ -1082,8 +1088,20 @@ impl Broker {
         } else {
             ValueSource::Configured
         };
-        self.rotate(request_id, "admin", &req.name, source, None, &lock_owner())
-            .await
+        let r = self
+            .rotate(request_id, "admin", &req.name, source, None, &lock_owner())
+            .await?;
+        // A rotation asked for now that rotated nothing (another runner
+        // holds the lock, or a newer version overtook this one) is not a
+        // success to the one who asked: a script rotating after a leak must
+        // be able to tell.
+        if r.outcome == "skipped" {
+            return Err(Error::FailedPrecondition(format!(
+                "{} was not rotated: {}; check `tessera secret show {}` and retry",
+                r.name, r.message, r.name
+            )));
+        }
+        Ok(r)
     }
 
     /// Rotates every secret that is due (scheduler and `rotate --due`);
@@ -1227,8 +1245,12 @@ impl Broker {
                 name: name.into(),
                 outcome: "skipped".into(),
                 version: 0,
-                message: "another runner holds the rotation lock, or the slot was already served"
-                    .into(),
+                message: if due.is_some() {
+                    "another runner holds the rotation lock, or the slot was already served"
+                } else {
+                    "another rotation of it is running (it holds the rotation lock)"
+                }
+                .into(),
                 due_at: due.unwrap_or(0),
             });
         }
@@ -1626,10 +1648,12 @@ impl Broker {
                 // A scheduled secret keeps its slot (so the retry serves the
                 // same due time) but is retried after the backoff.
                 let retry = scheduled.then_some(t + backoff);
+                // `failures` counts the schedule's consecutive failures (it
+                // sets the backoff): a manual attempt is not one of them.
                 ctx.conn.execute(
-                    "UPDATE secrets SET failures = failures + 1, last_result = ?2, last_run_at = ?3,
-                        next_due = coalesce(?4, next_due) WHERE name = ?1",
-                    params![n, format!("failed: {msg}"), t, retry],
+                    "UPDATE secrets SET failures = failures + ?5, last_result = ?2,
+                        last_run_at = ?3, next_due = coalesce(?4, next_due) WHERE name = ?1",
+                    params![n, format!("failed: {msg}"), t, retry, i64::from(scheduled)],
                 )?;
                 release_lock(ctx.conn, &n, &o)?;
                 ctx.audit(&Entry {

@@ -396,15 +396,16 @@ fn whole_shred_story_through_the_binary() {
     )
     .fails_with(4);
     assert!(r.stderr.contains("enrolled key of role board"), "{r:#?}");
-    // The refusal is audited under the operation's own name, as a success
-    // would be, not under the gRPC method's.
+    // The refusal (of the join's first step, reading the statement) is
+    // audited under the operation's own name, as a success would be, not
+    // under the gRPC method's.
     let audit = w.run(&["audit", "export"]).ok().stdout;
     let refused = audit
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line"))
         .find(|r| r["actor"] == "holder:board" && r["decision"] == "deny")
         .expect("the refused join is audited");
-    assert_eq!(refused["action"], "shred.join", "{refused}");
+    assert_eq!(refused["action"], "shred.show", "{refused}");
     assert_eq!(refused["target"], ceremony.as_str(), "{refused}");
     let first = join(&w, &ceremony, "legal", &legal).ok().json();
     assert_eq!(first["state"], "open");

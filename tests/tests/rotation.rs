@@ -227,6 +227,52 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// A `rotate now` that rotates nothing because another rotation of the
+/// secret is running fails (exit 5): a script rotating after a leak can
+/// tell it from success.
+#[test]
+fn rotate_now_that_rotates_nothing_is_not_a_success() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("db/prod", b"pw-1");
+    let marker = w.tmp.path().join("verifying");
+    let verify = script(
+        &w,
+        "verify.sh",
+        &format!("touch {}; sleep 3; exit 0", marker.display()),
+    );
+    w.run(&[
+        "secret",
+        "config",
+        "db/prod",
+        "--generate",
+        "hex:8",
+        "--verify-cmd",
+        &verify,
+    ])
+    .ok();
+    let mut first = w.command();
+    first
+        .args(["rotate", "now", "db/prod"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut first = first.spawn().expect("spawn rotate now");
+    // The first holds the rotation lock while its verify command runs.
+    wait_for("the first rotation's verify command", 30, || {
+        marker.exists()
+    });
+    let second = w.run(&["rotate", "now", "db/prod"]).fails_with(5);
+    assert!(
+        second
+            .stderr
+            .contains("was not rotated: another rotation of it is running"),
+        "{second:#?}"
+    );
+    assert!(first.wait().expect("first rotation").success());
+    assert_eq!(show(&w, "db/prod")["current_version"], 2);
+}
+
 #[test]
 fn bad_rotation_input_is_refused_and_changes_nothing() {
     let w = World::new();
@@ -275,6 +321,8 @@ fn bad_rotation_input_is_refused_and_changes_nothing() {
             "no way to make new values",
         ),
         (&["rotate", "now", "nope/none"], 3, "no secret"),
+        (&["rotate", "now", "Bad Name"], 7, "not allowed"),
+        (&["secret", "show", "Bad Name"], 7, "not allowed"),
         (
             &[
                 "rotate",
@@ -675,6 +723,28 @@ fn the_broker_scheduler_rotates_and_a_failing_command_retries_later() {
     assert!(d["failures"].as_u64() >= Some(1));
     // The retry waits (backoff), rather than hammering every tick.
     assert!(d["next_due"].as_i64().expect("due") >= tessera_broker::init::now() + 30);
+    // Manual attempts that fail do not stretch the schedule's backoff...
+    let counted = d["failures"].as_u64();
+    for _ in 0..3 {
+        w.run(&["rotate", "now", "svc/token"]).fails_with(5);
+    }
+    let d = show(&w, "svc/token");
+    assert_eq!(d["failures"].as_u64(), counted, "{d}");
+    assert!(
+        d["last_result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("failed"))
+    );
+    // ...and a new schedule starts the count again: the first retry after
+    // its first failure is a minute away, not the longer backoff.
+    w.run(&["rotate", "schedule", "svc/token", "--every", "2s"])
+        .ok();
+    assert_eq!(show(&w, "svc/token")["failures"], 0);
+    wait_for("a failed scheduled attempt", 20, || {
+        show(&w, "svc/token")["failures"].as_u64() == Some(1)
+    });
+    let due = show(&w, "svc/token")["next_due"].as_i64().expect("due");
+    assert!(due <= tessera_broker::init::now() + 60, "retry at {due}");
 }
 
 #[test]
