@@ -185,7 +185,10 @@ pub(crate) fn agent_token() -> Result<Zeroizing<String>, CliError> {
 
 /// The passphrase: --passphrase-file, else TESSERA_PASSPHRASE, else a
 /// prompt when stdin is a terminal.
-fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Zeroizing<Vec<u8>>, CliError> {
+pub(crate) fn passphrase(
+    file: Option<&Path>,
+    confirm: bool,
+) -> Result<Zeroizing<Vec<u8>>, CliError> {
     if let Some(f) = file {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(m) = std::fs::metadata(f)

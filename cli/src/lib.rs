@@ -577,6 +577,10 @@ pub struct RotateArgs {
     /// timer; works with or without a running broker); exit 1 if any failed.
     #[arg(long)]
     pub due: bool,
+    /// With --due and no broker running, on a passphrase store: read the
+    /// passphrase from this file (first line) instead of TESSERA_PASSPHRASE.
+    #[arg(long, value_name = "FILE", requires = "due")]
+    pub passphrase_file: Option<PathBuf>,
     #[allow(missing_docs)]
     #[command(subcommand)]
     pub cmd: Option<RotateCmd>,

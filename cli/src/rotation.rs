@@ -2,6 +2,7 @@
 //! agents that follow rotations (`get --watch`).
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -148,7 +149,7 @@ fn result_json(r: &proto::RotationResult) -> serde_json::Value {
 
 pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
     if a.due {
-        return rotate_due(g).await;
+        return rotate_due(g, a.passphrase_file.as_deref()).await;
     }
     let Some(cmd) = a.cmd else {
         return Err(CliError::new(
@@ -266,7 +267,7 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
 /// local socket (the default, or a `unix://` `--addr` as the systemd unit
 /// and cron job give), in this process on the store itself. A broker at a
 /// TCP address may serve a store on another machine: that is only reported.
-async fn rotate_due(g: &Global) -> Result<(), CliError> {
+async fn rotate_due(g: &Global, passphrase_file: Option<&Path>) -> Result<(), CliError> {
     let local = g.addr.as_deref().is_none_or(|a| a.starts_with("unix:"));
     let results = match target(g).admin().await {
         Ok(mut admin) => {
@@ -281,16 +282,19 @@ async fn rotate_due(g: &Global) -> Result<(), CliError> {
             let dir = data_dir(g);
             let source = peek_source(&dir)?;
             let pass = match source {
-                Source::Passphrase => match std::env::var("TESSERA_PASSPHRASE") {
-                    Ok(p) if !p.is_empty() => Some(Zeroizing::new(p.into_bytes())),
-                    _ => {
-                        return Err(CliError::new(
-                            Exit::Precondition,
-                            "no broker is running and this store is sealed with a passphrase: \
-                             set TESSERA_PASSPHRASE for `rotate --due`",
-                        ));
+                Source::Passphrase => {
+                    match (passphrase_file, std::env::var("TESSERA_PASSPHRASE")) {
+                        (Some(f), _) => Some(crate::commands::passphrase(Some(f), false)?),
+                        (None, Ok(p)) if !p.is_empty() => Some(Zeroizing::new(p.into_bytes())),
+                        _ => {
+                            return Err(CliError::new(
+                                Exit::Precondition,
+                                "no broker is running and this store is sealed with a passphrase: \
+                             give `rotate --due` --passphrase-file or TESSERA_PASSPHRASE",
+                            ));
+                        }
                     }
-                },
+                }
                 Source::Shares => {
                     return Err(CliError::new(
                         Exit::Precondition,

@@ -540,8 +540,15 @@ fn issue_rereads_a_cached_version_retired_after_another_process_rotated_it() {
         .ok();
     assert_eq!(w.get("api/key", &token).ok().stdout, "k0");
     let aside = SocketAside::new(&w);
-    let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
-    let r = w.run_with(&["rotate", "--due", "--json"], None, &pass);
+    // From a passphrase file this time, as a cron job would keep it.
+    let file = w.tmp.path().join("passphrase");
+    std::fs::write(&file, format!("{PASSPHRASE}\n")).expect("passphrase file");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let file = file.display().to_string();
+    let without = w.run(&["rotate", "--due"]).fails_with(5);
+    assert!(without.stderr.contains("--passphrase-file"), "{without:#?}");
+    let r = w.run(&["rotate", "--due", "--json", "--passphrase-file", &file]);
     assert_eq!(r.ok().json()["results"][0]["outcome"], "rotated");
     drop(aside);
     wait_for("version 1 to be retired", 30, || {
