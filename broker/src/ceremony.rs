@@ -13,7 +13,7 @@
 //! completed by the next tick.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tessera_shred::ceremony::{self as rules, OpenRefusal, Statement};
+use tessera_shred::ceremony::{self as rules, Action, OpenRefusal, Statement};
 use tessera_shred::certificate::{self, Certificate};
 
 use crate::audit::{ACTOR_SYSTEM, Entry};
@@ -124,7 +124,8 @@ fn open_ceremony_of(conn: &Connection, class: &str) -> Result<Option<String>> {
 }
 
 /// Opens a ceremony inside a write transaction; `Ok(Err(_))` is a refusal
-/// (already audited by the caller).
+/// (already audited by the caller). Returns the new ceremony's id, and the
+/// id of an early ceremony it superseded, if any.
 fn open_in_tx(
     conn: &Connection,
     class: &str,
@@ -133,7 +134,7 @@ fn open_in_tx(
     early: bool,
     expires_secs: u64,
     t: i64,
-) -> Result<Result<String>> {
+) -> Result<Result<(String, Option<String>)>> {
     let Some(c) = load_class(conn, class)? else {
         return Ok(Err(no_class(class)));
     };
@@ -172,11 +173,19 @@ fn open_in_tx(
             ))));
         }
     };
+    let mut superseded = None;
     if let Some(id) = open_ceremony_of(conn, class)? {
-        return Ok(Err(Error::AlreadyExists(format!(
-            "shred ceremony {id} is already open for class {class}; holders join it with \
-             `tessera shred join {id}`"
-        ))));
+        if action != Action::Shred || !early_short_of_quorum(conn, &id)? {
+            return Ok(Err(Error::AlreadyExists(format!(
+                "shred ceremony {id} is already open for class {class}; holders join it with \
+                 `tessera shred join {id}`"
+            ))));
+        }
+        conn.execute(
+            "UPDATE ceremonies SET state = 'cancelled' WHERE id = ?1",
+            [&id],
+        )?;
+        superseded = Some(id);
     }
     let id = random_id("cer_")?;
     let mut nonce = [0u8; 16];
@@ -210,7 +219,23 @@ fn open_in_tx(
         "UPDATE classes SET state = 'shredding' WHERE name = ?1",
         [class],
     )?;
-    Ok(Ok(id))
+    Ok(Ok((id, superseded)))
+}
+
+/// Whether open ceremony `id` is an early shred still short of its
+/// quorum: once the deadline has passed, a normal ceremony (which needs
+/// only the class's threshold) supersedes it.
+fn early_short_of_quorum(conn: &Connection, id: &str) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT action = ?2 AND required > (SELECT count(*) FROM ceremony_joins j
+                                               WHERE j.ceremony = c.id)
+             FROM ceremonies c WHERE id = ?1",
+            params![id, Action::ShredEarly.name()],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(false))
 }
 
 impl Broker {
@@ -244,9 +269,16 @@ impl Broker {
                 let t = now();
                 let out = open_in_tx(ctx.conn, &class, &actor, &reason, early, expires_secs, t)?;
                 let why = match &out {
-                    Ok(id) => format!(
-                        "ceremony {id} opened{}: {reason}",
-                        if early { " (early)" } else { "" }
+                    Ok((id, superseded)) => format!(
+                        "ceremony {id} opened{}: {reason}{}",
+                        if early { " (early)" } else { "" },
+                        superseded
+                            .as_ref()
+                            .map(|old| format!(
+                                "; it supersedes early ceremony {old}, cancelled now that the \
+                                 deadline has passed (its holders join the new one)"
+                            ))
+                            .unwrap_or_default()
                     ),
                     Err(e) => e.to_string(),
                 };
@@ -259,7 +291,7 @@ impl Broker {
                     reason: why,
                     request_id: rid,
                 })?;
-                Ok(out)
+                Ok(out.map(|(id, _)| id))
             })
             .await??;
         self.store.read(|conn| ceremony_info(conn, &id))
@@ -483,11 +515,17 @@ impl Broker {
             };
             let expired =
                 ids("SELECT id FROM ceremonies WHERE state = 'open' AND expires_at <= ?1")?;
-            let due = ids(
-                "SELECT name FROM classes c WHERE state = 'active' AND deadline <= ?1
+            // Past the deadline: a class with no ceremony, or one whose
+            // early ceremony is still short of its (larger) quorum.
+            let due = ids("SELECT name FROM classes c WHERE deadline <= ?1
+                 AND (state = 'active'
+                      OR (state = 'shredding' AND EXISTS (
+                          SELECT 1 FROM ceremonies e WHERE e.class = c.name
+                          AND e.state = 'open' AND e.action = 'shred-early'
+                          AND e.required > (SELECT count(*) FROM ceremony_joins j
+                                            WHERE j.ceremony = e.id))))
                  AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.class = c.name
-                                 AND h.released_at IS NULL)",
-            )?;
+                                 AND h.released_at IS NULL)")?;
             let ready = ids(
                 "SELECT id FROM ceremonies c WHERE state = 'open' AND expires_at > ?1
                  AND required <= (SELECT count(*) FROM ceremony_joins j WHERE j.ceremony = c.id)",

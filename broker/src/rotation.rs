@@ -865,7 +865,35 @@ impl Broker {
         let key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
-                if let Err(e) = settings_or_refuse(ctx, &key, &req.name, "secret.config", &rid)? {
+                let s = match settings_or_refuse(ctx, &key, &req.name, "secret.config", &rid)? {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
+                };
+                // A scheduled secret keeps a way to make values, or every
+                // scheduled run would fail.
+                let generates = req
+                    .generate
+                    .as_deref()
+                    .map_or(s.generator.is_some(), |g| g != "-");
+                let runs_cmd = if req.set_rotate_cmd {
+                    !req.rotate_cmd.is_empty()
+                } else {
+                    s.rotate_cmd.is_some()
+                };
+                if s.schedule.is_some() && !generates && !runs_cmd {
+                    let e = Error::FailedPrecondition(format!(
+                        "{0} rotates on a schedule, which needs a generator or a rotate command: \
+                         keep one, or take it off the schedule first (`tessera rotate unschedule \
+                         {0}`)",
+                        req.name
+                    ));
+                    ctx.audit(&admin_entry(
+                        "secret.config",
+                        &req.name,
+                        false,
+                        e.to_string(),
+                        &rid,
+                    ))?;
                     return Ok(Err(e));
                 }
                 let mut changed = Vec::new();

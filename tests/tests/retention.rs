@@ -1340,3 +1340,64 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
     let got = w.run(&["secret", "list", "--json"]).ok().json();
     assert_eq!(got["secrets"][0]["name"], "db/prod");
 }
+
+/// Once the deadline passes, an early ceremony still short of its (larger)
+/// quorum gives way to a normal one, which the broker opens itself: the
+/// class's own threshold then suffices.
+#[test]
+fn an_early_ceremony_gives_way_to_the_normal_one_at_the_deadline() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
+        .iter()
+        .map(|r| w.holder(r, true))
+        .collect();
+    w.run(&[
+        "class",
+        "create",
+        "c",
+        "--retain",
+        "4s",
+        "--holders",
+        "legal,ciso,board",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+    let early = w
+        .run(&["shred", "open", "--class", "c", "--early", "--json"])
+        .ok()
+        .json();
+    assert_eq!(early["action"], "shred-early", "{early}");
+    let early_id = early["id"].as_str().expect("id").to_string();
+    join(&w, &early_id, "legal", &keys[0]).ok();
+    wait_class(&w, "c", "a normal ceremony", |c| {
+        open_ceremony(c).is_some_and(|id| id != early_id)
+    });
+    let c = class_json(&w, "c");
+    let state_of = |id: &str| {
+        c["ceremonies"]
+            .as_array()
+            .expect("ceremonies")
+            .iter()
+            .find(|x| x["id"] == id)
+            .map(|x| (x["action"].clone(), x["state"].clone()))
+    };
+    assert_eq!(
+        state_of(&early_id),
+        Some(("shred-early".into(), "cancelled".into()))
+    );
+    let normal = open_ceremony(&c).expect("open");
+    assert_eq!(state_of(&normal), Some(("shred".into(), "open".into())));
+    join(&w, &normal, "legal", &keys[0]).ok();
+    let done = join(&w, &normal, "ciso", &keys[1]).ok().json();
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(class_json(&w, "c")["state"], "shredded");
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    assert!(
+        audit.contains(&format!("supersedes early ceremony {early_id}")),
+        "{audit}"
+    );
+    w.run(&["audit", "verify"]).ok();
+}

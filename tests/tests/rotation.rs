@@ -397,6 +397,28 @@ fn bad_rotation_input_is_refused_and_changes_nothing() {
     assert_eq!(w.get("db/prod", &token).ok().stdout, "pw-1");
     let audit = w.run(&["audit", "export"]).ok().stdout;
     assert!(audit.contains("secret.verify") && !audit.contains("pw-2"));
+
+    // A scheduled secret keeps a way to make values.
+    w.run(&["rotate", "schedule", "db/prod", "--every", "30d"])
+        .ok();
+    let r = w
+        .run(&["secret", "config", "db/prod", "--no-rotate-cmd"])
+        .fails_with(5);
+    assert!(r.stderr.contains("rotates on a schedule"), "{r:#?}");
+    assert!(
+        show(&w, "db/prod")["rotate_cmd"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+    );
+    w.run(&[
+        "secret",
+        "config",
+        "db/prod",
+        "--generate",
+        "hex:8",
+        "--no-rotate-cmd",
+    ])
+    .ok();
 }
 
 #[test]
