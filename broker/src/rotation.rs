@@ -1068,9 +1068,10 @@ impl Broker {
         let key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
-                if let Err(e) = settings_or_refuse(ctx, &key, &name, "rotate.unschedule", &rid)? {
-                    return Ok(Err(e));
-                }
+                let s = match settings_or_refuse(ctx, &key, &name, "rotate.unschedule", &rid)? {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
+                };
                 ctx.conn.execute(
                     "UPDATE secrets SET schedule = NULL, schedule_tz = NULL, next_due = NULL
                      WHERE name = ?1",
@@ -1081,7 +1082,10 @@ impl Broker {
                     "rotate.unschedule",
                     &name,
                     true,
-                    "schedule removed".into(),
+                    match s.schedule {
+                        Some(was) => format!("schedule {was} removed"),
+                        None => "it was not scheduled; nothing changed".into(),
+                    },
                     &rid,
                 ))?;
                 Ok(Ok(secret_detail(ctx.conn, &key, &name)?))
