@@ -37,7 +37,9 @@ pub mod state {
     pub const DONE: &str = "done";
     /// It expired before enough holders joined.
     pub const EXPIRED: &str = "expired";
-    /// A legal hold cancelled it.
+    /// A legal hold, a re-key of its class (its statement names the old
+    /// key) or, past the deadline, a normal ceremony replacing an early one
+    /// cancelled it.
     pub const CANCELLED: &str = "cancelled";
 }
 
@@ -124,8 +126,8 @@ fn open_ceremony_of(conn: &Connection, class: &str) -> Result<Option<String>> {
 }
 
 /// Opens a ceremony inside a write transaction; `Ok(Err(_))` is a refusal
-/// (already audited by the caller). Returns the new ceremony's id, and the
-/// id of an early ceremony it superseded, if any.
+/// (already audited by the caller). Returns the new ceremony's id and
+/// action, and the id of an early ceremony it superseded, if any.
 fn open_in_tx(
     conn: &Connection,
     class: &str,
@@ -134,7 +136,7 @@ fn open_in_tx(
     early: bool,
     expires_secs: u64,
     t: i64,
-) -> Result<Result<(String, Option<String>)>> {
+) -> Result<Result<(String, Action, Option<String>)>> {
     let Some(c) = load_class(conn, class)? else {
         return Ok(Err(no_class(class)));
     };
@@ -175,7 +177,7 @@ fn open_in_tx(
     };
     let mut superseded = None;
     if let Some(id) = open_ceremony_of(conn, class)? {
-        if action != Action::Shred || !early_short_of_quorum(conn, &id)? {
+        if action != Action::Shred || !superseded_at_deadline(conn, &id)? {
             return Ok(Err(Error::AlreadyExists(format!(
                 "shred ceremony {id} is already open for class {class}; holders join it with \
                  `tessera shred join {id}`"
@@ -219,23 +221,26 @@ fn open_in_tx(
         "UPDATE classes SET state = 'shredding' WHERE name = ?1",
         [class],
     )?;
-    Ok(Ok((id, superseded)))
+    Ok(Ok((id, action, superseded)))
 }
 
-/// Whether open ceremony `id` is an early shred still short of its
-/// quorum: once the deadline has passed, a normal ceremony (which needs
-/// only the class's threshold) supersedes it.
-fn early_short_of_quorum(conn: &Connection, id: &str) -> Result<bool> {
-    Ok(conn
-        .query_row(
-            "SELECT action = ?2 AND required > (SELECT count(*) FROM ceremony_joins j
-                                               WHERE j.ceremony = c.id)
-             FROM ceremonies c WHERE id = ?1",
-            params![id, Action::ShredEarly.name()],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(false))
+/// Which ceremonies `e` a normal one supersedes once the deadline has
+/// passed: an open early shred that needs more holders than the class's
+/// threshold and is still short of them (one that reached its quorum is
+/// finished, not replaced). `?2` is the early action's name.
+const SUPERSEDED_AT_DEADLINE: &str = "e.state = 'open' AND e.action = ?2
+    AND e.required > (SELECT threshold FROM classes k WHERE k.name = e.class)
+    AND e.required > (SELECT count(*) FROM ceremony_joins j WHERE j.ceremony = e.id)";
+
+/// Whether open ceremony `id` is one a normal ceremony supersedes at the
+/// deadline ([`SUPERSEDED_AT_DEADLINE`]).
+fn superseded_at_deadline(conn: &Connection, id: &str) -> Result<bool> {
+    let n: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM ceremonies e WHERE e.id = ?1 AND {SUPERSEDED_AT_DEADLINE}"),
+        params![id, Action::ShredEarly.name()],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
 }
 
 impl Broker {
@@ -269,9 +274,13 @@ impl Broker {
                 let t = now();
                 let out = open_in_tx(ctx.conn, &class, &actor, &reason, early, expires_secs, t)?;
                 let why = match &out {
-                    Ok((id, superseded)) => format!(
+                    Ok((id, action, superseded)) => format!(
                         "ceremony {id} opened{}: {reason}{}",
-                        if early { " (early)" } else { "" },
+                        if *action == Action::ShredEarly {
+                            " (early)"
+                        } else {
+                            ""
+                        },
                         superseded
                             .as_ref()
                             .map(|old| format!(
@@ -291,7 +300,7 @@ impl Broker {
                     reason: why,
                     request_id: rid,
                 })?;
-                Ok(out.map(|(id, _)| id))
+                Ok(out.map(|(id, ..)| id))
             })
             .await??;
         self.store.read(|conn| ceremony_info(conn, &id))
@@ -508,24 +517,31 @@ impl Broker {
     pub async fn retention_tick(&self) -> Result<()> {
         let (expired, due, ready) = self.store.read(|conn| {
             let t = now();
+            let early = Action::ShredEarly.name();
             let ids = |sql: &str| -> Result<Vec<String>> {
                 let mut stmt = conn.prepare_cached(sql)?;
-                let rows = stmt.query_map([t], |r| r.get(0))?;
+                // The due query also names the early action (`?2`).
+                let p: &[&dyn rusqlite::ToSql] = if stmt.parameter_count() == 2 {
+                    &[&t, &early]
+                } else {
+                    &[&t]
+                };
+                let rows = stmt.query_map(p, |r| r.get(0))?;
                 Ok(rows.collect::<rusqlite::Result<_>>()?)
             };
             let expired =
                 ids("SELECT id FROM ceremonies WHERE state = 'open' AND expires_at <= ?1")?;
-            // Past the deadline: a class with no ceremony, or one whose
-            // early ceremony is still short of its (larger) quorum.
-            let due = ids("SELECT name FROM classes c WHERE deadline <= ?1
+            // Past the deadline: a class with no ceremony, or with an early
+            // one that a normal ceremony supersedes.
+            let due = ids(&format!(
+                "SELECT name FROM classes c WHERE deadline <= ?1
                  AND (state = 'active'
                       OR (state = 'shredding' AND EXISTS (
                           SELECT 1 FROM ceremonies e WHERE e.class = c.name
-                          AND e.state = 'open' AND e.action = 'shred-early'
-                          AND e.required > (SELECT count(*) FROM ceremony_joins j
-                                            WHERE j.ceremony = e.id))))
+                          AND {SUPERSEDED_AT_DEADLINE})))
                  AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.class = c.name
-                                 AND h.released_at IS NULL)")?;
+                                 AND h.released_at IS NULL)"
+            ))?;
             let ready = ids(
                 "SELECT id FROM ceremonies c WHERE state = 'open' AND expires_at > ?1
                  AND required <= (SELECT count(*) FROM ceremony_joins j WHERE j.ceremony = c.id)",
@@ -717,10 +733,18 @@ fn join_in_tx(
             "shred ceremony {id} expired at {}; an admin must open a new one",
             rfc3339(c.expires_at)
         )),
-        state::CANCELLED => Some(format!(
-            "shred ceremony {id} was cancelled by a legal hold on class {}",
-            c.class
-        )),
+        state::CANCELLED => Some(match open_ceremony_of(conn, &c.class)? {
+            Some(open) => format!(
+                "shred ceremony {id} was cancelled; ceremony {open} is open for class {} \
+                 now: join that one (`tessera shred join {open}`)",
+                c.class
+            ),
+            None => format!(
+                "shred ceremony {id} was cancelled (a legal hold on class {}, or a re-key \
+                 after a change of holder); `tessera class show {}` tells which",
+                c.class, c.class
+            ),
+        }),
         _ => Some(format!("shred ceremony {id} is already complete")),
     };
     if let Some(m) = refusal {

@@ -1697,16 +1697,15 @@ fn rekey_class(
         ],
     )?;
     let summary = format!(
-        "key {} replaced by {} (generation {generation}); {} data keys re-wrapped; {} open \
-         ceremony cancelled{}",
+        "key {} replaced by {} (generation {generation}); {} data keys re-wrapped; open \
+         ceremonies cancelled: {}",
         &hex(&c.key_fingerprint)[..16],
         &hex(&fingerprint)[..16],
         rows.len(),
-        cancelled.len(),
         if cancelled.is_empty() {
-            String::new()
+            "none".to_string()
         } else {
-            format!(" ({})", cancelled.join(", "))
+            cancelled.join(", ")
         }
     );
     Ok((summary, cancelled))

@@ -198,7 +198,8 @@ fn refuse_tampered(
             }
         }
         ctx.conn.execute(
-            "UPDATE secrets SET failures = failures + 1, last_result = ?2, last_run_at = ?3,
+            "UPDATE secrets SET failures = failures + (?5 IS NOT NULL), last_result = ?2,
+                last_run_at = ?3,
                 next_due = CASE WHEN next_due <= ?3 AND (?5 IS NULL OR next_due = ?5)
                                 THEN ?4 ELSE next_due END
              WHERE name = ?1",
@@ -1127,13 +1128,31 @@ impl Broker {
         // holds the lock, or a newer version overtook this one) is not a
         // success to the one who asked: a script rotating after a leak must
         // be able to tell.
-        if r.outcome == "skipped" {
-            return Err(Error::FailedPrecondition(format!(
-                "{} was not rotated: {}; check `tessera secret show {}` and retry",
-                r.name, r.message, r.name
-            )));
+        if r.outcome != "skipped" {
+            return Ok(r);
         }
-        Ok(r)
+        let name = r.name;
+        let exists = self.store.read(|conn| {
+            Ok(conn
+                .query_row("SELECT 1 FROM secrets WHERE name = ?1", [&name], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })?;
+        if !exists {
+            return Err(no_secret(&name));
+        }
+        let e = Error::FailedPrecondition(format!(
+            "{name} was not rotated: {}; check `tessera secret show {name}` and retry",
+            r.message
+        ));
+        // A skip that got as far as a version was audited where it was
+        // decided; one that never took the lock is audited here.
+        if r.version == 0 {
+            return Err(self
+                .deny("admin".into(), "secret.rotate", &name, request_id, e)
+                .await);
+        }
+        Err(e)
     }
 
     /// Rotates every secret that is due (scheduler and `rotate --due`);
@@ -1562,27 +1581,28 @@ impl Broker {
                         )
                         .optional()?,
                 );
-                let Some(current) = current else {
-                    release_lock(ctx.conn, &n, &o)?;
-                    return Ok(Ok(Some(format!(
+                let why = match current {
+                    None => Some(format!(
                         "{n} was deleted during the rotation; version {version} was not activated"
-                    ))));
+                    )),
+                    Some(_) if state.as_deref() != Some(version_state::PENDING) => {
+                        Some(format!("version {version} was already finished"))
+                    }
+                    Some(current) if current >= version as i64 => {
+                        ctx.conn.execute(
+                            "UPDATE secret_versions SET state = 'failed', wrapped_key = x'',
+                                ciphertext = x'' WHERE name = ?1 AND version = ?2",
+                            params![n, version as i64],
+                        )?;
+                        Some(format!(
+                            "version {version} was superseded by version {current} before it \
+                             could be activated; it was discarded"
+                        ))
+                    }
+                    Some(_) => None,
                 };
-                if state.as_deref() != Some(version_state::PENDING) {
+                if let Some(why) = why {
                     release_lock(ctx.conn, &n, &o)?;
-                    return Ok(Ok(Some(format!("version {version} was already finished"))));
-                }
-                if current >= version as i64 {
-                    ctx.conn.execute(
-                        "UPDATE secret_versions SET state = 'failed', wrapped_key = x'',
-                            ciphertext = x'' WHERE name = ?1 AND version = ?2",
-                        params![n, version as i64],
-                    )?;
-                    release_lock(ctx.conn, &n, &o)?;
-                    let why = format!(
-                        "version {version} was superseded by version {current} before it could \
-                         be activated; it was discarded"
-                    );
                     ctx.audit(&Entry {
                         time: t,
                         actor: a,

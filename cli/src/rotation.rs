@@ -282,19 +282,18 @@ async fn rotate_due(g: &Global, passphrase_file: Option<&Path>) -> Result<(), Cl
             let dir = data_dir(g);
             let source = peek_source(&dir)?;
             let pass = match source {
-                Source::Passphrase => {
-                    match (passphrase_file, std::env::var("TESSERA_PASSPHRASE")) {
-                        (Some(f), _) => Some(crate::commands::passphrase(Some(f), false)?),
-                        (None, Ok(p)) if !p.is_empty() => Some(Zeroizing::new(p.into_bytes())),
-                        _ => {
-                            return Err(CliError::new(
-                                Exit::Precondition,
-                                "no broker is running and this store is sealed with a passphrase: \
-                             give `rotate --due` --passphrase-file or TESSERA_PASSPHRASE",
-                            ));
-                        }
-                    }
-                }
+                Source::Passphrase => Some(
+                    crate::commands::passphrase(passphrase_file, false).map_err(|e| {
+                        CliError::new(
+                            e.exit,
+                            format!(
+                                "no broker is running and this store is sealed with a \
+                                 passphrase; {}",
+                                e.message
+                            ),
+                        )
+                    })?,
+                ),
                 Source::Shares => {
                     return Err(CliError::new(
                         Exit::Precondition,
@@ -359,9 +358,5 @@ pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
         .and_then(|()| out.flush())
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))
     };
-    match crate::run::get_watch(g, &a.name, ttl_seconds, &print).await? {
-        0 => Ok(()),
-        // Stopped by a signal before the first value came.
-        code => std::process::exit(code),
-    }
+    crate::run::get_watch(g, &a.name, ttl_seconds, &print).await
 }

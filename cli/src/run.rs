@@ -144,12 +144,7 @@ pub(crate) type Broker = tessera_broker::proto::broker_client::BrokerClient<Chan
 /// leases it holds are given back.
 pub(crate) async fn run(g: &Global, args: RunArgs) -> Result<i32, CliError> {
     let on_rotate = parse_on_rotate(&args.on_rotate)?;
-    check_envs(&args.env)?;
-    let envs = args
-        .env
-        .iter()
-        .map(|e| parse_env(e))
-        .collect::<Result<Vec<_>, _>>()?;
+    let envs = check_envs(&args.env)?;
     hold(
         g,
         &envs,
@@ -171,8 +166,10 @@ pub(crate) async fn get_watch(
     name: &str,
     ttl_seconds: u64,
     print: &dyn Fn(&proto::Lease) -> Result<(), CliError>,
-) -> Result<i32, CliError> {
-    hold(g, &[("", name)], ttl_seconds, Sink::Print(print)).await
+) -> Result<(), CliError> {
+    hold(g, &[("", name)], ttl_seconds, Sink::Print(print))
+        .await
+        .map(|_| ())
 }
 
 /// Fetches a lease per `(variable, secret)`, feeds the values to `sink`
@@ -232,7 +229,11 @@ async fn hold(
                 });
             }
             if let Some(sig) = stopped {
-                return Ok(128 + sig as i32);
+                // A command would have died of the signal; stdout just ends.
+                return Ok(match sink {
+                    Sink::Command { .. } => 128 + sig as i32,
+                    Sink::Print(_) => 0,
+                });
             }
         }
         let running = sink.start(&bindings)?;
@@ -355,9 +356,9 @@ impl Running<'_> {
     }
 
     /// Ends the command when `run` cannot go on.
-    async fn stop(&mut self) {
+    async fn stop(&mut self, signals: &mut Signals) {
         if let Running::Command { child, .. } = self {
-            stop(child).await;
+            stop(child, Some(signals)).await;
         }
     }
 }
@@ -389,20 +390,22 @@ fn parse_env(e: &str) -> Result<(&str, &str), CliError> {
     Ok((var, secret))
 }
 
-/// Checks every `--env` before anything is fetched: each well formed, no
-/// variable given twice.
-fn check_envs(envs: &[String]) -> Result<(), CliError> {
+/// Checks every `--env` before anything is fetched (each well formed, no
+/// variable given twice) and splits them.
+fn check_envs(envs: &[String]) -> Result<Vec<(&str, &str)>, CliError> {
     let mut seen = std::collections::HashSet::new();
-    for e in envs {
-        let (var, _) = parse_env(e)?;
-        if !seen.insert(var) {
-            return Err(CliError::new(
-                Exit::InvalidArgument,
-                format!("--env sets {var} twice; give each variable once"),
-            ));
-        }
-    }
-    Ok(())
+    envs.iter()
+        .map(|e| {
+            let (var, secret) = parse_env(e)?;
+            if !seen.insert(var) {
+                return Err(CliError::new(
+                    Exit::InvalidArgument,
+                    format!("--env sets {var} twice; give each variable once"),
+                ));
+            }
+            Ok((var, secret))
+        })
+        .collect()
 }
 
 /// What `supervise` and its helpers act with.
@@ -489,14 +492,14 @@ async fn supervise(
     bindings: &mut [Binding],
     mut running: Running<'_>,
     watch: (tonic::Streaming<proto::Event>, u64),
-    signals: Signals,
+    mut signals: Signals,
 ) -> Result<i32, CliError> {
-    let outcome = watch_over(session, bindings, &mut running, watch, signals).await;
+    let outcome = watch_over(session, bindings, &mut running, watch, &mut signals).await;
     if outcome.is_err() {
         // `run` cannot go on (the agent was revoked, a secret deleted): the
         // command gets SIGTERM and a moment to shut down cleanly, as on a
-        // restart, before it is killed.
-        running.stop().await;
+        // restart, before it is killed (at once if `run` is told to stop).
+        running.stop(&mut signals).await;
     }
     outcome
 }
@@ -504,13 +507,26 @@ async fn supervise(
 /// How long a command has to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// SIGTERM, then SIGKILL if the command is still there after [`STOP_GRACE`].
-async fn stop(child: &mut Child) {
+/// SIGTERM, then SIGKILL if the command is still there after
+/// [`STOP_GRACE`], or as soon as `run` itself gets SIGTERM or SIGINT.
+async fn stop(child: &mut Child, signals: Option<&mut Signals>) {
     signal(child, Signal::SIGTERM);
-    if tokio::time::timeout(STOP_GRACE, child.wait())
-        .await
-        .is_err()
-    {
+    let told = async {
+        match signals {
+            Some(s) => {
+                tokio::select! {
+                    _ = s.term.recv() => {}
+                    _ = s.int.recv() => {}
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let exited = tokio::select! {
+        r = tokio::time::timeout(STOP_GRACE, child.wait()) => r.is_ok(),
+        () = told => false,
+    };
+    if !exited {
         let _ = child.kill().await;
     }
 }
@@ -524,7 +540,7 @@ async fn watch_over(
     bindings: &mut [Binding],
     running: &mut Running<'_>,
     (events, cursor): (tonic::Streaming<proto::Event>, u64),
-    Signals { mut term, mut int }: Signals,
+    Signals { term, int }: &mut Signals,
 ) -> Result<i32, CliError> {
     let renew = tokio::time::sleep_until(next_renewal(bindings));
     tokio::pin!(renew);
@@ -721,7 +737,7 @@ async fn changed(
         OnRotate::Signal(sig) => signal(child, sig),
         OnRotate::Restart => {
             tracing_note("a value changed; restarting the command");
-            stop(child).await;
+            stop(child, None).await;
             *child = spawn(args, bindings)?;
         }
     }
@@ -826,9 +842,15 @@ mod tests {
 
     #[test]
     fn each_env_names_a_shell_variable_once() {
-        let ok =
-            |envs: &[&str]| check_envs(&envs.iter().map(|e| e.to_string()).collect::<Vec<_>>());
-        assert!(ok(&["OPENAI_API_KEY=openai/prod", "_X1=a"]).is_ok());
+        let ok = |envs: &[&str]| {
+            check_envs(&envs.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+                .map(|pairs| pairs.len())
+        };
+        let good = ["OPENAI_API_KEY=openai/prod".to_string(), "_X1=a".into()];
+        assert_eq!(
+            check_envs(&good).expect("accepted"),
+            [("OPENAI_API_KEY", "openai/prod"), ("_X1", "a")]
+        );
         for bad in [
             &["=openai/prod"][..],
             &["1A=x"],

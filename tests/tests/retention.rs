@@ -72,6 +72,31 @@ fn wait_class(w: &World, class: &str, what: &str, pred: impl Fn(&serde_json::Val
     }
 }
 
+/// Enrols holders for legal, ciso and board, each key in a file.
+fn three_holders(w: &World) -> Vec<Option<PathBuf>> {
+    ["legal", "ciso", "board"]
+        .iter()
+        .map(|r| w.holder(r, true))
+        .collect()
+}
+
+/// Creates `class`, kept for `retain`, split 2 of 3 among legal, ciso and
+/// board.
+fn two_of_three(w: &World, class: &str, retain: &str) {
+    w.run(&[
+        "class",
+        "create",
+        class,
+        "--retain",
+        retain,
+        "--holders",
+        "legal,ciso,board",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+}
+
 fn open_ceremony(c: &serde_json::Value) -> Option<String> {
     c["ceremonies"]
         .as_array()?
@@ -587,22 +612,8 @@ fn early_shred_needs_the_stricter_quorum_and_ceremonies_expire() {
     let w = World::new();
     w.init_passphrase();
     let _s = w.serve(&[]);
-    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
-        .iter()
-        .map(|r| w.holder(r, true))
-        .collect();
-    w.run(&[
-        "class",
-        "create",
-        "gdpr",
-        "--retain",
-        "1h",
-        "--holders",
-        "legal,ciso,board",
-        "--threshold",
-        "2",
-    ])
-    .ok();
+    let keys = three_holders(&w);
+    two_of_three(&w, "gdpr", "1h");
     // Bad input is refused precisely and changes nothing.
     let bad = w
         .run(&[
@@ -863,22 +874,8 @@ fn holder_replace_rekeys_and_old_shares_open_nothing() {
     let w = World::new();
     w.init_passphrase();
     let _s = w.serve(&[]);
-    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
-        .iter()
-        .map(|r| w.holder(r, true))
-        .collect();
-    w.run(&[
-        "class",
-        "create",
-        "hr",
-        "--retain",
-        "1h",
-        "--holders",
-        "legal,ciso,board",
-        "--threshold",
-        "2",
-    ])
-    .ok();
+    let keys = three_holders(&w);
+    two_of_three(&w, "hr", "1h");
     let before = class_json(&w, "hr");
     let token = w.agent("payroll", "class:hr", "15m");
     let env = [("TESSERA_TOKEN", token.as_str())];
@@ -1037,23 +1034,9 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
     let a = World::new();
     a.init_passphrase();
     let mut sa = a.serve(&[]);
-    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
-        .iter()
-        .map(|r| a.holder(r, true))
-        .collect();
+    let keys = three_holders(&a);
     for class in ["tax", "other"] {
-        a.run(&[
-            "class",
-            "create",
-            class,
-            "--retain",
-            "1h",
-            "--holders",
-            "legal,ciso,board",
-            "--threshold",
-            "2",
-        ])
-        .ok();
+        two_of_three(&a, class, "1h");
     }
     a.run(&["hold", "place", "--class", "tax", "--reason", "audit 2026"])
         .ok();
@@ -1349,22 +1332,9 @@ fn an_early_ceremony_gives_way_to_the_normal_one_at_the_deadline() {
     let w = World::new();
     w.init_passphrase();
     let _s = w.serve(&[]);
-    let keys: Vec<Option<PathBuf>> = ["legal", "ciso", "board"]
-        .iter()
-        .map(|r| w.holder(r, true))
-        .collect();
-    w.run(&[
-        "class",
-        "create",
-        "c",
-        "--retain",
-        "4s",
-        "--holders",
-        "legal,ciso,board",
-        "--threshold",
-        "2",
-    ])
-    .ok();
+    let keys = three_holders(&w);
+    // Long enough for the early ceremony to be opened and joined first.
+    two_of_three(&w, "c", "15s");
     let early = w
         .run(&["shred", "open", "--class", "c", "--early", "--json"])
         .ok()
@@ -1390,6 +1360,13 @@ fn an_early_ceremony_gives_way_to_the_normal_one_at_the_deadline() {
     );
     let normal = open_ceremony(&c).expect("open");
     assert_eq!(state_of(&normal), Some(("shred".into(), "open".into())));
+    // A holder still on the early ceremony is sent to the new one.
+    let r = join(&w, &early_id, "ciso", &keys[1]).fails_with(5);
+    assert!(
+        r.stderr
+            .contains(&format!("join that one (`tessera shred join {normal}`)")),
+        "{r:#?}"
+    );
     join(&w, &normal, "legal", &keys[0]).ok();
     let done = join(&w, &normal, "ciso", &keys[1]).ok().json();
     assert_eq!(done["state"], "done", "{done}");

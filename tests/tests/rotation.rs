@@ -755,7 +755,8 @@ fn the_broker_scheduler_rotates_and_a_failing_command_retries_later() {
     // Manual attempts that fail do not stretch the schedule's backoff...
     let counted = d["failures"].as_u64();
     for _ in 0..3 {
-        w.run(&["rotate", "now", "svc/token"]).fails_with(5);
+        let r = w.run(&["rotate", "now", "svc/token"]).fails_with(5);
+        assert!(r.stderr.contains("failed (exit status: 1)"), "{r:#?}");
     }
     let d = show(&w, "svc/token");
     assert_eq!(d["failures"].as_u64(), counted, "{d}");
@@ -1563,10 +1564,11 @@ fn get_watch_renews_replaces_and_rides_out_a_broker_restart() {
     let mut watch = watch.spawn().expect("spawn get --watch");
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     wait_for("the first value", 30, || read(&out) == "ghp-1\n");
-    // Its 4 s lease is renewed while it runs.
+    let first = active_leases(&w, "bot");
+    // Its 4 s lease is renewed while it runs: the same lease, still active.
     std::thread::sleep(Duration::from_secs(6));
     let held = active_leases(&w, "bot");
-    assert_eq!(held.len(), 1, "log:\n{}", read(&err));
+    assert_eq!(held, first, "log:\n{}", read(&err));
     // A revoked lease is replaced; the value is the same, so not printed.
     w.run(&["lease", "revoke", "--secret", "gh/token"]).ok();
     wait_for("a new lease", 20, || {
