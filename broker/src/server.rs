@@ -346,9 +346,21 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     })
 }
 
-/// Binds the Unix socket, replacing a stale one but never a live one.
+/// Binds the Unix socket, replacing a stale one but never a live one, and
+/// never anything that is not a socket.
 fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(Error::invalid(
+                "socket",
+                format!(
+                    "{} exists and is not a socket; tessera never replaces it: give --socket \
+                     a path that is free",
+                    path.display()
+                ),
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(Error::FailedPrecondition(format!(
                 "another broker is already listening on {}; stop it first, or give this one \

@@ -27,9 +27,11 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Get(a) if a.watch => crate::rotation::get_watch(g, a).await,
         Command::Get(a) => get(g, a).await,
         Command::Rotate(a) => crate::rotation::rotate(g, a).await,
-        Command::Rekey(crate::RekeyCmd::Root { shares, threshold }) => {
-            rekey_root(g, shares, threshold).await
-        }
+        Command::Rekey(crate::RekeyCmd::Root {
+            shares,
+            threshold,
+            delivery,
+        }) => rekey_root(g, shares, threshold, &delivery).await,
         Command::Run(a) => {
             // The command's own exit status becomes ours (its leases are
             // revoked by then).
@@ -283,12 +285,6 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
             tessera_shred::shamir::check_threshold(k as usize, n as usize).map_err(|e| {
                 CliError::new(Exit::InvalidArgument, format!("invalid threshold: {e}"))
             })?;
-            if !a.operator_recipient.is_empty() && a.operator_recipient.len() != n as usize {
-                return Err(CliError::new(
-                    Exit::InvalidArgument,
-                    format!("invalid operator_recipient: give one per share ({n}), or none",),
-                ));
-            }
             Some(tessera_broker::unseal::OperatorSplit {
                 threshold: k,
                 shares: n,
@@ -313,7 +309,7 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
         // Everything that could stop the shares from being delivered is
         // checked before the store exists: a store whose shares were never
         // handed out can never be unsealed.
-        check_share_delivery(split.shares, &a)?;
+        check_share_delivery(u32::from(split.shares), &a.delivery)?;
     }
     let dir = data_dir(g);
     let done = tessera_broker::init::init(InitOptions {
@@ -327,7 +323,7 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
     for problem in dir.open_to_others() {
         eprintln!("warning: {problem}");
     }
-    let shares = deliver_operator_shares(&done.operator_shares, &a).map_err(|e| {
+    let shares = deliver_operator_shares(&done.operator_shares, &a.delivery).map_err(|e| {
         CliError::new(
             e.exit,
             format!(
@@ -362,26 +358,24 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
                  until enough are given with `tessera unseal`.",
                 done.operator_shares.len()
             );
-            match &a.share_dir {
-                Some(d) => println!(
-                    "Shares written to {} (hand one to each operator):",
-                    d.display()
-                ),
-                None => println!("Operator shares (shown once; hand one to each operator):"),
-            }
-            for s in &shares {
-                println!("{}", s.as_str().unwrap_or_default());
-            }
+            show_delivered(&shares, &a.delivery);
         }
         println!("Next: tessera serve --data-dir {}", dir.root().display());
     }
     Ok(())
 }
 
-/// Checks, before `init` creates anything, that `n` operator shares can be
-/// delivered as asked: every `--operator-recipient` parses, and
+/// Checks, before `init` creates anything (or `rekey root` replaces the
+/// root key), that `n` operator shares can be delivered as asked: one
+/// `--operator-recipient` per share, or none, each one parsing, and
 /// `--share-dir` can be created and written and holds no share file yet.
-fn check_share_delivery(n: u8, a: &crate::InitArgs) -> Result<(), CliError> {
+fn check_share_delivery(n: u32, a: &crate::ShareDelivery) -> Result<(), CliError> {
+    if !a.operator_recipient.is_empty() && a.operator_recipient.len() != n as usize {
+        return Err(CliError::new(
+            Exit::InvalidArgument,
+            format!("invalid operator_recipient: give one per share ({n}), or none"),
+        ));
+    }
     for (i, r) in a.operator_recipient.iter().enumerate() {
         tessera_broker::retention::parse_recipient(r, "operator_recipient").map_err(|e| {
             let e = CliError::from(e);
@@ -417,7 +411,7 @@ fn check_share_delivery(n: u8, a: &crate::InitArgs) -> Result<(), CliError> {
 /// recipients when given) and returns, per share, its file or its text.
 fn deliver_operator_shares(
     shares: &[Zeroizing<String>],
-    a: &crate::InitArgs,
+    a: &crate::ShareDelivery,
 ) -> Result<Vec<serde_json::Value>, CliError> {
     let mut out = Vec::new();
     for (i, text) in shares.iter().enumerate() {
@@ -442,17 +436,45 @@ fn deliver_operator_shares(
     Ok(out)
 }
 
+/// Says where delivered shares went, or prints them (sealed where a
+/// recipient was given).
+fn show_delivered(shares: &[serde_json::Value], a: &crate::ShareDelivery) {
+    match &a.share_dir {
+        Some(d) => println!(
+            "Shares written to {} (hand one to each operator):",
+            d.display()
+        ),
+        None => println!("Operator shares (shown once; hand one to each operator):"),
+    }
+    for s in shares {
+        println!("{}", s.as_str().unwrap_or_default());
+    }
+}
+
 async fn rekey_root(
     g: &Global,
     shares: Option<u32>,
     threshold: Option<u32>,
+    delivery: &crate::ShareDelivery,
 ) -> Result<(), CliError> {
     let token = admin_token(g)?;
+    let asked = delivery.share_dir.is_some() || !delivery.operator_recipient.is_empty();
+    match shares {
+        Some(n) => check_share_delivery(n, delivery)?,
+        None if asked => {
+            return Err(CliError::new(
+                Exit::InvalidArgument,
+                "invalid shares: --share-dir and --operator-recipient go with --shares N \
+                 --threshold K (say again how the new root key is split)",
+            ));
+        }
+        None => {}
+    }
     let pass = match std::env::var("TESSERA_PASSPHRASE") {
         Ok(p) if !p.is_empty() => Zeroizing::new(p.into_bytes()),
         _ => Zeroizing::new(Vec::new()),
     };
-    let r = target(g)
+    let mut r = target(g)
         .admin()
         .await?
         .rekey_root(authed(
@@ -465,12 +487,36 @@ async fn rekey_root(
         )?)
         .await?
         .into_inner();
+    let texts: Vec<Zeroizing<String>> = std::mem::take(&mut r.operator_shares)
+        .into_iter()
+        .map(Zeroizing::new)
+        .collect();
+    // The new root key is in place: shares that cannot be written where
+    // asked are printed rather than lost (sealed to their operators where
+    // recipients were given), or the store could never be unsealed again.
+    let (shares, undelivered) = match deliver_operator_shares(&texts, delivery) {
+        Ok(s) => (s, None),
+        Err(e) => {
+            let fallback = crate::ShareDelivery {
+                share_dir: None,
+                operator_recipient: delivery.operator_recipient.clone(),
+            };
+            (deliver_operator_shares(&texts, &fallback)?, Some(e))
+        }
+    };
+    if let Some(e) = &undelivered {
+        eprintln!(
+            "error: {}; the root key was replaced, so the new shares are printed below \
+             instead: hand them out now",
+            e.message
+        );
+    }
     if g.json {
         print_json(json!({
             "generation": r.generation,
             "versions_rewrapped": r.versions_rewrapped,
             "classes_rewrapped": r.classes_rewrapped,
-            "operator_shares": r.operator_shares,
+            "operator_shares": shares,
         }));
     } else {
         println!(
@@ -478,14 +524,25 @@ async fn rekey_root(
              re-encrypted.",
             r.generation, r.versions_rewrapped, r.classes_rewrapped
         );
-        if !r.operator_shares.is_empty() {
-            println!("New operator shares (shown once; the old ones no longer unseal this store):");
-            for s in &r.operator_shares {
-                println!("{s}");
-            }
+        if !shares.is_empty() {
+            println!("The old operator shares no longer unseal this store.");
+            let shown = match undelivered {
+                Some(_) => &crate::ShareDelivery {
+                    share_dir: None,
+                    operator_recipient: Vec::new(),
+                },
+                None => delivery,
+            };
+            show_delivered(&shares, shown);
         }
     }
-    Ok(())
+    match undelivered {
+        Some(e) => Err(CliError::new(
+            e.exit,
+            "the new operator shares were not written where asked",
+        )),
+        None => Ok(()),
+    }
 }
 
 async fn unseal(g: &Global, a: crate::UnsealArgs) -> Result<(), CliError> {

@@ -387,11 +387,19 @@ pub struct InitArgs {
     /// With --unseal shares: how many shares unseal the broker.
     #[arg(long, requires = "shares")]
     pub threshold: Option<u8>,
-    /// With --unseal shares: write operator-N.share files (0600) here
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub delivery: ShareDelivery,
+}
+
+/// Where new operator shares go (`init --unseal shares`, `rekey root`).
+#[derive(Debug, Args)]
+pub struct ShareDelivery {
+    /// With operator shares: write operator-N.share files (0600) here
     /// instead of printing the shares.
     #[arg(long, value_name = "DIR")]
     pub share_dir: Option<PathBuf>,
-    /// With --unseal shares: seal share N to the Nth age recipient
+    /// With operator shares: seal share N to the Nth age recipient
     /// (repeatable, one per share) so only that operator can read it.
     #[arg(long, value_name = "AGE_RECIPIENT")]
     pub operator_recipient: Vec<String>,
@@ -538,7 +546,8 @@ pub struct SecretConfigArgs {
 pub enum RekeyCmd {
     /// A new root key in the configured unseal source; every data key is
     /// re-wrapped (values are not re-encrypted). Passphrase stores read
-    /// TESSERA_PASSPHRASE; operator-share stores print new shares.
+    /// TESSERA_PASSPHRASE; operator-share stores hand out new shares
+    /// (printed, or as --share-dir and --operator-recipient say).
     Root {
         /// For an operator-share store: how many new shares.
         #[arg(long, requires = "threshold")]
@@ -546,6 +555,9 @@ pub enum RekeyCmd {
         /// For an operator-share store: how many unseal.
         #[arg(long, requires = "shares")]
         threshold: Option<u32>,
+        #[allow(missing_docs)]
+        #[command(flatten)]
+        delivery: ShareDelivery,
     },
 }
 

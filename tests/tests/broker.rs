@@ -584,6 +584,18 @@ fn a_second_broker_on_the_same_store_or_socket_is_refused() {
         .fails_with(5);
     assert!(r.stderr.contains("already listening"), "{r:#?}");
     w.run(&["status"]).ok();
+    // A --socket path that holds anything but a socket is never replaced.
+    let file = v.tmp.path().join("notes.txt");
+    std::fs::write(&file, "precious").expect("file");
+    let r = v
+        .run_with(
+            &["serve", "--socket", file.to_str().expect("utf-8")],
+            None,
+            &pass,
+        )
+        .fails_with(7);
+    assert!(r.stderr.contains("is not a socket"), "{r:#?}");
+    assert_eq!(std::fs::read_to_string(&file).expect("kept"), "precious");
 }
 
 #[test]

@@ -1322,6 +1322,55 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
     .ok();
     let got = w.run(&["secret", "list", "--json"]).ok().json();
     assert_eq!(got["secrets"][0]["name"], "db/prod");
+
+    // A new root key hands out new shares as init did: sealed to each
+    // operator, written to a new directory; none is printed in clear.
+    let rekeyed = w.tmp.path().join("rekeyed");
+    let mut args = vec![
+        "rekey",
+        "root",
+        "--shares",
+        "3",
+        "--threshold",
+        "2",
+        "--json",
+    ];
+    let existing = shares_dir.to_str().expect("p");
+    let r = w
+        .run(&[&args[..], &["--share-dir", existing]].concat())
+        .fails_with(5);
+    assert!(r.stderr.contains("already exists"), "{r:#?}");
+    let rekeyed_dir = rekeyed.to_str().expect("p");
+    args.extend(["--share-dir", rekeyed_dir]);
+    for r in &recipients {
+        args.extend(["--operator-recipient", r.as_str()]);
+    }
+    let r = w.run(&args).ok();
+    assert!(!r.stdout.contains("tessera-share-v1"), "{r:#?}");
+    let new_share = |i: usize| rekeyed.join(format!("operator-{i}.share"));
+    for i in 1..=3 {
+        let mode = std::fs::metadata(new_share(i))
+            .expect("share")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+    // Restarted, the broker is sealed under the new root key.
+    drop(_s2);
+    let _s3 = w.serve_env(&[], &[]);
+    for i in [1, 3] {
+        w.run(&[
+            "unseal",
+            new_share(i).to_str().expect("p"),
+            "--identity-file",
+            op_keys[i - 1].to_str().expect("p"),
+        ])
+        .ok();
+    }
+    let got = w.run(&["secret", "list", "--json"]).ok().json();
+    assert_eq!(got["secrets"][0]["name"], "db/prod");
 }
 
 /// Once the deadline passes, an early ceremony still short of its (larger)
