@@ -254,7 +254,7 @@ pub(crate) fn print_json(mut v: serde_json::Value) {
         }
     }
     let text = Zeroizing::new(v.to_string());
-    println!("{}", text.as_str());
+    outln!("{}", text.as_str());
     wipe(&mut v);
 }
 
@@ -345,22 +345,22 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
             "operator_shares": shares,
         }));
     } else {
-        println!("Created a tessera store at {}", done.db_path.display());
-        println!("Root key sealed by: {}", source.name());
-        println!(
+        outln!("Created a tessera store at {}", done.db_path.display());
+        outln!("Root key sealed by: {}", source.name());
+        outln!(
             "Admin token (shown once; also written 0600 to {}):",
             done.admin_token_path.display()
         );
-        println!("  {}", done.admin_token.reveal_once());
+        outln!("  {}", done.admin_token.reveal_once());
         if !done.operator_shares.is_empty() {
-            println!(
+            outln!(
                 "The root key is split into {} operator shares; `tessera serve` starts sealed \
                  until enough are given with `tessera unseal`.",
                 done.operator_shares.len()
             );
             show_delivered(&shares, &a.delivery);
         }
-        println!("Next: tessera serve --data-dir {}", dir.root().display());
+        outln!("Next: tessera serve --data-dir {}", dir.root().display());
     }
     Ok(())
 }
@@ -440,14 +440,14 @@ fn deliver_operator_shares(
 /// recipient was given).
 fn show_delivered(shares: &[serde_json::Value], a: &crate::ShareDelivery) {
     match &a.share_dir {
-        Some(d) => println!(
+        Some(d) => outln!(
             "Shares written to {} (hand one to each operator):",
             d.display()
         ),
-        None => println!("Operator shares (shown once; hand one to each operator):"),
+        None => outln!("Operator shares (shown once; hand one to each operator):"),
     }
     for s in shares {
-        println!("{}", s.as_str().unwrap_or_default());
+        outln!("{}", s.as_str().unwrap_or_default());
     }
 }
 
@@ -519,13 +519,15 @@ async fn rekey_root(
             "operator_shares": shares,
         }));
     } else {
-        println!(
+        outln!(
             "Root key generation {}: {} data keys and {} class keys re-wrapped; no value was \
              re-encrypted.",
-            r.generation, r.versions_rewrapped, r.classes_rewrapped
+            r.generation,
+            r.versions_rewrapped,
+            r.classes_rewrapped
         );
         if !shares.is_empty() {
-            println!("The old operator shares no longer unseal this store.");
+            outln!("The old operator shares no longer unseal this store.");
             let shown = match undelivered {
                 Some(_) => &crate::ShareDelivery {
                     share_dir: None,
@@ -572,12 +574,14 @@ async fn unseal(g: &Global, a: crate::UnsealArgs) -> Result<(), CliError> {
             "shares": r.shares,
         }));
     } else if r.sealed {
-        println!(
+        outln!(
             "Share accepted: {} of {} received; the broker stays sealed until {} are given.",
-            r.received, r.threshold, r.threshold
+            r.received,
+            r.threshold,
+            r.threshold
         );
     } else {
-        println!("Unsealed: the broker is serving.");
+        outln!("Unsealed: the broker is serving.");
     }
     Ok(())
 }
@@ -738,7 +742,7 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(secret_json(&info));
             } else {
-                println!("Stored {} version {}", info.name, info.current_version);
+                outln!("Stored {} version {}", info.name, info.current_version);
             }
         }
         SecretCmd::Show { name } => {
@@ -765,12 +769,15 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                     json!({"secrets": r.secrets.iter().map(secret_json).collect::<Vec<_>>()}),
                 );
             } else {
-                println!(
+                outln!(
                     "{:<40} {:>7} {:>8}  {:<20}",
-                    "NAME", "VERSION", "VERSIONS", "UPDATED"
+                    "NAME",
+                    "VERSION",
+                    "VERSIONS",
+                    "UPDATED"
                 );
                 for s in r.secrets {
-                    println!(
+                    outln!(
                         "{:<40} {:>7} {:>8}  {:<20}",
                         s.name,
                         s.current_version,
@@ -793,12 +800,13 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                     json!({"name": name, "versions_deleted": r.versions_deleted, "leases_revoked": r.leases_revoked, "archived_kept": r.archived_kept}),
                 );
             } else {
-                println!(
+                outln!(
                     "Deleted {name}: {} versions, {} leases revoked",
-                    r.versions_deleted, r.leases_revoked
+                    r.versions_deleted,
+                    r.leases_revoked
                 );
                 if r.archived_kept > 0 {
-                    println!(
+                    outln!(
                         "Kept {} archived versions: retention data, destroyed only by a shred \
                          ceremony of their class",
                         r.archived_kept
@@ -859,16 +867,16 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                 v["token"] = r.token.clone().into();
                 print_json(v);
             } else {
-                println!(
+                outln!(
                     "Created agent {} (allow {})",
                     info.name,
                     info.allow.join(", ")
                 );
                 if info.expires_at != 0 {
-                    println!("The token expires at {}.", time(info.expires_at));
+                    outln!("The token expires at {}.", time(info.expires_at));
                 }
-                println!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
-                println!("  {}", r.token);
+                outln!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
+                outln!("  {}", r.token);
             }
         }
         AgentCmd::List => {
@@ -879,15 +887,18 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}));
             } else {
-                println!(
+                outln!(
                     "{:<24} {:<8} {:>8} {:>7}  ALLOW",
-                    "NAME", "STATE", "MAX TTL", "LEASES"
+                    "NAME",
+                    "STATE",
+                    "MAX TTL",
+                    "LEASES"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
                 for a in r.agents {
-                    println!(
+                    outln!(
                         "{:<24} {:<8} {:>8} {:>7}  {}",
                         a.name,
                         if a.tampered {
@@ -920,7 +931,7 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({"name": name, "leases_revoked": r.leases_revoked}));
             } else {
-                println!("Revoked agent {name} and {} leases", r.leases_revoked);
+                outln!("Revoked agent {name} and {} leases", r.leases_revoked);
             }
         }
     }
@@ -991,12 +1002,16 @@ async fn lease(g: &Global, c: LeaseCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({"leases": r.leases.iter().map(lease_json).collect::<Vec<_>>()}));
             } else {
-                println!(
+                outln!(
                     "{:<40} {:<16} {:<24} {:>3} {:<8} EXPIRES",
-                    "LEASE", "AGENT", "SECRET", "V", "STATE"
+                    "LEASE",
+                    "AGENT",
+                    "SECRET",
+                    "V",
+                    "STATE"
                 );
                 for l in r.leases {
-                    println!(
+                    outln!(
                         "{:<40} {:<16} {:<24} {:>3} {:<8} {}",
                         l.lease_id,
                         l.agent,
@@ -1037,7 +1052,7 @@ async fn lease(g: &Global, c: LeaseCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({"revoked": r.revoked}));
             } else {
-                println!("Revoked {} leases", r.revoked);
+                outln!("Revoked {} leases", r.revoked);
             }
         }
     }
@@ -1068,9 +1083,9 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                     "problem": if r.ok { serde_json::Value::Null } else { r.problem.clone().into() },
                 }));
             } else if r.ok && given == 0 {
-                println!("Audit trail intact: {} records verified", r.records);
+                outln!("Audit trail intact: {} records verified", r.records);
             } else if r.ok {
-                println!(
+                outln!(
                     "Audit trail intact: {} records verified, reaching {given} signed checkpoint{}",
                     r.records,
                     if given == 1 { "" } else { "s" }
@@ -1088,7 +1103,7 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                 .into_inner();
             match &out {
                 Some(path) => write_new_file(path, cp.text.as_bytes())?,
-                None if !g.json => print!("{}", cp.text),
+                None if !g.json => out!("{}", cp.text),
                 None => {}
             }
             if g.json {
@@ -1100,7 +1115,7 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                     "file": out.as_ref().map(|p| p.display().to_string()),
                 }));
             } else if let Some(path) = &out {
-                println!(
+                outln!(
                     "Checkpoint of audit record {} written to {}; keep a copy off this machine",
                     cp.seq,
                     path.display()
@@ -1274,30 +1289,35 @@ async fn status(g: &Global) -> Result<(), CliError> {
             "tampered": s.tampered,
         }));
     } else {
-        println!(
+        outln!(
             "tessera {} — {}",
             s.version,
             if s.sealed { "SEALED" } else { "unsealed" }
         );
-        println!("root key source: {}", s.unseal_source);
-        println!(
+        outln!("root key source: {}", s.unseal_source);
+        outln!(
             "secrets: {}  agents: {}  active leases: {}  audit records: {}",
-            s.secrets, s.agents, s.active_leases, s.audit_records
+            s.secrets,
+            s.agents,
+            s.active_leases,
+            s.audit_records
         );
         if s.sealed && s.unseal_threshold > 0 {
-            println!(
+            outln!(
                 "operator shares: {} of {} given",
-                s.unseal_received, s.unseal_threshold
+                s.unseal_received,
+                s.unseal_threshold
             );
         } else {
-            println!(
+            outln!(
                 "store: {} writes in {} commits since start",
-                s.store_writes, s.store_commits
+                s.store_writes,
+                s.store_commits
             );
-            println!("broker key (signs certificates): {}", s.broker_key);
+            outln!("broker key (signs certificates): {}", s.broker_key);
         }
         if !s.tampered.is_empty() {
-            println!(
+            outln!(
                 "TAMPERED (changed outside tessera, refused until dealt with): {}",
                 s.tampered.join(", ")
             );

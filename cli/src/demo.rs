@@ -26,7 +26,7 @@ macro_rules! say {
         if NARRATE_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!($($t)*)
         } else {
-            println!($($t)*)
+            outln!($($t)*)
         }
     };
 }
@@ -606,7 +606,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
     running.wait().await?;
     say!("\nDone. A real broker: `tessera init && tessera serve` (see README).");
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"ok": v.ok, "audit_records": v.records})
         );

@@ -4,6 +4,36 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` for a command's output: a reader that stops early
+/// (`tessera … | head`) ends the command quietly (exit 0), as `audit
+/// export` does, where `println!` would panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output; see `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
+/// Writes command output to stdout; on a closed pipe the process ends
+/// quietly with exit 0, on any other failure with exit 1.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write stdout: {e}");
+        std::process::exit(client::Exit::Failure as i32);
+    }
+}
+
 pub mod client;
 mod commands;
 pub mod demo;

@@ -33,13 +33,13 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
                     "stored_in": place,
                 }));
             } else {
-                println!(
+                outln!(
                     "Made the {} holder's keys; private keys are in the {place}.",
                     h.role
                 );
-                println!("Give this public key to the tessera admin to enrol the role:");
-                println!("  {}", public.to_text());
-                println!(
+                outln!("Give this public key to the tessera admin to enrol the role:");
+                outln!("  {}", public.to_text());
+                outln!(
                     "  (they run: tessera holder enroll --role {} --pubkey <that key>)",
                     h.role
                 );
@@ -56,7 +56,7 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(holder_json(&info));
             } else {
-                println!("Enrolled role {} (key {})", info.role, info.key_fingerprint);
+                outln!("Enrolled role {} (key {})", info.role, info.key_fingerprint);
             }
         }
         HolderCmd::Replace { role, pubkey } => {
@@ -74,13 +74,14 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
                 doc["cancelled_ceremonies"] = json!(r.cancelled);
                 print_json(doc);
             } else if r.rekeyed.is_empty() {
-                println!(
+                outln!(
                     "Role {} now belongs to key {}; it holds a share of no class, so nothing \
                      was re-keyed.",
-                    h.role, h.key_fingerprint
+                    h.role,
+                    h.key_fingerprint
                 );
             } else {
-                println!(
+                outln!(
                     "Role {} now belongs to key {}; re-keyed {} classes ({}). Shares of the old \
                      keys no longer open anything: holders export their new shares.",
                     h.role,
@@ -89,7 +90,7 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
                     r.rekeyed.join(", ")
                 );
                 if !r.cancelled.is_empty() {
-                    println!(
+                    outln!(
                         "Cancelled, because they named the old class keys: shred ceremony {}. \
                          Open them again with `tessera shred open`.",
                         r.cancelled.join(", ")
@@ -110,9 +111,9 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
                     json!({"holders": r.holders.iter().map(holder_json).collect::<Vec<_>>()}),
                 );
             } else {
-                println!("{:<16} {:<17} {:<20}  CLASSES", "ROLE", "KEY", "ENROLLED");
+                outln!("{:<16} {:<17} {:<20}  CLASSES", "ROLE", "KEY", "ENROLLED");
                 for h in r.holders {
-                    println!(
+                    outln!(
                         "{:<16} {:<17} {:<20}  {}",
                         h.role,
                         h.key_fingerprint,
@@ -143,7 +144,7 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(json!({"class": r.class, "role": r.role, "file": out}));
             } else {
-                println!(
+                outln!(
                     "Wrote the {} share of class {} to {} (age-sealed to your key; open it with \
                      `age -d -i YOUR_KEY_FILE {}`)",
                     r.role,
@@ -194,7 +195,7 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(class_json(&info));
             } else {
-                println!(
+                outln!(
                     "Created class {}: key {} split {} of {} among {}; shred due {}",
                     info.name,
                     &info.key_fingerprint[..16],
@@ -203,7 +204,7 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                     info.holders.join(", "),
                     time(info.deadline)
                 );
-                println!(
+                outln!(
                     "Each holder exports their sealed share with: tessera holder share export \
                      --role ROLE --class {} --out FILE",
                     info.name
@@ -228,7 +229,7 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(class_json(&info));
             } else {
-                println!(
+                outln!(
                     "Recovered class {} (key {}) with {} data keys; its deadline stays {}.",
                     info.name,
                     &info.key_fingerprint[..16],
@@ -247,12 +248,16 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                     json!({"classes": r.classes.iter().map(class_json).collect::<Vec<_>>()}),
                 );
             } else {
-                println!(
+                outln!(
                     "{:<20} {:<10} {:<20} {:>9}  {:<6} HOLDERS",
-                    "NAME", "STATE", "DEADLINE", "THRESHOLD", "HOLDS"
+                    "NAME",
+                    "STATE",
+                    "DEADLINE",
+                    "THRESHOLD",
+                    "HOLDS"
                 );
                 for c in r.classes {
-                    println!(
+                    outln!(
                         "{:<20} {:<10} {:<20} {:>9}  {:<6} {}",
                         c.name,
                         c.state,
@@ -272,31 +277,31 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(class_json(&c));
             } else {
-                println!("Class {}", c.name);
-                println!("  state:            {}", c.state);
-                println!("  key fingerprint:  {}", c.key_fingerprint);
-                println!("  created:          {}", time(c.created_at));
-                println!("  deadline:         {}", time(c.deadline));
-                println!(
+                outln!("Class {}", c.name);
+                outln!("  state:            {}", c.state);
+                outln!("  key fingerprint:  {}", c.key_fingerprint);
+                outln!("  created:          {}", time(c.created_at));
+                outln!("  deadline:         {}", time(c.deadline));
+                outln!(
                     "  holders:          {} (threshold {}, early shred {})",
                     c.holders.join(", "),
                     c.threshold,
                     c.early_threshold
                 );
-                println!("  data keys:        {}", c.data_keys);
+                outln!("  data keys:        {}", c.data_keys);
                 if !c.certificate.is_empty() {
-                    println!("  certificate:      {}", c.certificate);
+                    outln!("  certificate:      {}", c.certificate);
                 }
                 for h in &c.holds {
                     if h.released_at == 0 {
-                        println!(
+                        outln!(
                             "  legal hold {}:     {} (since {})",
                             h.id,
                             h.reason,
                             time(h.placed_at)
                         );
                     } else {
-                        println!(
+                        outln!(
                             "  released hold {}:  {} ({} - {}: {})",
                             h.id,
                             h.reason,
@@ -307,7 +312,7 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                     }
                 }
                 for cer in &c.ceremonies {
-                    println!(
+                    outln!(
                         "  ceremony {}: {} {} ({} of {} joined: {}), expires {}",
                         cer.id,
                         cer.action,
@@ -397,14 +402,18 @@ pub(crate) async fn hold(g: &Global, c: HoldCmd) -> Result<(), CliError> {
     if g.json {
         print_json(hold_json(&h));
     } else if placing {
-        println!(
+        outln!(
             "Legal hold {} placed on class {}: {}. No shred can open or finish until it is released.",
-            h.id, h.class, h.reason
+            h.id,
+            h.class,
+            h.reason
         );
     } else {
-        println!(
+        outln!(
             "Released legal hold {} on class {}: {}",
-            h.id, h.class, h.release_reason
+            h.id,
+            h.class,
+            h.release_reason
         );
     }
     Ok(())
@@ -443,7 +452,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(ceremony_json(&cer));
             } else {
-                println!(
+                outln!(
                     "Opened shred ceremony {} for class {} ({}): {} roles must join by {}.",
                     cer.id,
                     cer.class,
@@ -451,7 +460,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                     cer.required,
                     time(cer.expires_at)
                 );
-                println!(
+                outln!(
                     "Each holder runs: tessera shred join {} --role ROLE",
                     cer.id
                 );
@@ -502,7 +511,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(ceremony_json(&done));
             } else if done.state == "done" {
-                println!(
+                outln!(
                     "Joined. The quorum is met ({} of {}): the key of class {} is destroyed and \
                      the destruction certificate is written (tessera shred certificate show \
                      --class {}).",
@@ -512,7 +521,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                     done.class
                 );
             } else {
-                println!(
+                outln!(
                     "{} as {}: {} of {} roles have joined ceremony {}.",
                     if already { "Already joined" } else { "Joined" },
                     key.role,
@@ -553,7 +562,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             if g.json {
                 print_json(certificate_json(&r));
             } else {
-                println!(
+                outln!(
                     "Confirmed: the {} share of class {class} is destroyed.",
                     key.role
                 );
@@ -575,12 +584,12 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                     if g.json {
                         print_json(certificate_json(&r));
                     } else {
-                        println!("Wrote the certificate to {}", f.display());
+                        outln!("Wrote the certificate to {}", f.display());
                         print_provenance(&r);
                     }
                 }
                 None if g.json => print_json(certificate_json(&r)),
-                None => print!("{}", r.certificate),
+                None => out!("{}", r.certificate),
             }
         }
         ShredCmd::Certificate(CertificateCmd::Verify { file, broker_key }) => {
@@ -631,7 +640,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                     "broker_key_pinned": pin.is_some(),
                 }));
             } else {
-                println!(
+                outln!(
                     "Certificate valid: signed by broker key {}{}.",
                     hex(&c.broker_key),
                     if pin.is_some() {
@@ -640,7 +649,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                         " (not pinned: pass --broker-key to check it is your broker's)"
                     }
                 );
-                println!(
+                outln!(
                     "  class {} key {} ({} of {} shares) destroyed at {} by ceremony {} ({}).",
                     c.statement.class,
                     &hex(&c.statement.key_fingerprint)[..16],
@@ -650,7 +659,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                     c.statement.ceremony,
                     c.statement.action.name()
                 );
-                println!(
+                outln!(
                     "  joined by {} (needed {}); destroyed: {}.",
                     c.joins
                         .iter()
@@ -661,7 +670,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                     c.destroyed
                 );
                 if v.irrecoverable() {
-                    println!(
+                    outln!(
                         "  The key is provably irrecoverable: {} of {} offline shares are \
                          confirmed destroyed, so fewer than {} can remain anywhere.",
                         v.confirmed.len(),
@@ -669,7 +678,7 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                         c.key_threshold
                     );
                 } else {
-                    println!(
+                    outln!(
                         "  Not yet provably irrecoverable: {} offline shares are unconfirmed; \
                          {} more holders must run `tessera shred confirm`.",
                         v.outstanding(),
@@ -684,11 +693,11 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
 
 fn print_provenance(r: &proto::CertificateResponse) {
     if r.irrecoverable {
-        println!(
+        outln!(
             "The key is now provably irrecoverable: fewer than a quorum of shares remain anywhere."
         );
     } else {
-        println!(
+        outln!(
             "{} offline shares are not yet confirmed destroyed.",
             r.outstanding
         );
@@ -755,7 +764,7 @@ pub(crate) fn shares(g: &Global, c: SharesCmd) -> Result<(), CliError> {
             hex(&fp)
         );
         if reveal {
-            println!("{}", Zeroizing::new(hex(&key.0)).as_str());
+            outln!("{}", Zeroizing::new(hex(&key.0)).as_str());
         }
     }
     Ok(())

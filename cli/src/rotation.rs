@@ -75,34 +75,34 @@ pub(crate) fn print_detail(g: &Global, d: &proto::SecretDetail) {
         print_json(detail_json(d));
         return;
     }
-    println!("Secret {} (current version {})", d.name, d.current_version);
+    outln!("Secret {} (current version {})", d.name, d.current_version);
     if d.tampered {
-        println!(
+        outln!(
             "  TAMPERED: this row was changed outside tessera; it is not used (no value is \
              issued, no command runs). Delete the secret and store it again."
         );
     }
-    println!("  overlap:     {}s", d.overlap_seconds);
+    outln!("  overlap:     {}s", d.overlap_seconds);
     if !d.class.is_empty() {
-        println!("  archived under class {}", d.class);
+        outln!("  archived under class {}", d.class);
     }
     if !d.generate.is_empty() {
-        println!("  generator:   {}", d.generate);
+        outln!("  generator:   {}", d.generate);
     }
     if !d.rotate_cmd.is_empty() {
-        println!(
+        outln!(
             "  rotate cmd:  {} (value via {})",
             d.rotate_cmd.join(" "),
             d.value_via
         );
     }
     if !d.verify_cmd.is_empty() {
-        println!("  verify cmd:  {}", d.verify_cmd.join(" "));
+        outln!("  verify cmd:  {}", d.verify_cmd.join(" "));
     }
     if d.schedule.is_empty() {
-        println!("  schedule:    none");
+        outln!("  schedule:    none");
     } else {
-        println!(
+        outln!(
             "  schedule:    {}{} (jitter {}s); next due {}",
             d.schedule,
             if d.schedule_tz.is_empty() {
@@ -115,11 +115,13 @@ pub(crate) fn print_detail(g: &Global, d: &proto::SecretDetail) {
         );
     }
     if !d.last_result.is_empty() {
-        println!("  last result: {} ({})", d.last_result, time(d.last_run_at));
+        outln!("  last result: {} ({})", d.last_result, time(d.last_run_at));
     }
-    println!(
+    outln!(
         "  {:>7}  {:<38} {:<20}  SOURCE",
-        "VERSION", "STATE", "CREATED"
+        "VERSION",
+        "STATE",
+        "CREATED"
     );
     for v in &d.versions {
         let state = match v.state.as_str() {
@@ -127,7 +129,7 @@ pub(crate) fn print_detail(g: &Global, d: &proto::SecretDetail) {
             "archived" => format!("archived ({})", v.archived_class),
             s => s.to_string(),
         };
-        println!(
+        outln!(
             "  {:>7}  {:<38} {:<20}  {}",
             v.version,
             state,
@@ -187,7 +189,7 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
             if g.json {
                 print_json(result_json(&r));
             } else {
-                println!("{}: {}", r.name, r.message);
+                outln!("{}: {}", r.name, r.message);
             }
         }
         RotateCmd::Schedule {
@@ -215,7 +217,7 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
             if g.json {
                 print_json(detail_json(&d));
             } else {
-                println!(
+                outln!(
                     "{} rotates on {}; next due {}",
                     d.name,
                     d.schedule,
@@ -231,7 +233,7 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
             if g.json {
                 print_json(detail_json(&d));
             } else {
-                println!("{} is no longer scheduled", d.name);
+                outln!("{} is no longer scheduled", d.name);
             }
         }
         RotateCmd::Status => {
@@ -244,12 +246,14 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
                     json!({"secrets": r.secrets.iter().map(detail_json).collect::<Vec<_>>()}),
                 );
             } else {
-                println!(
+                outln!(
                     "{:<32} {:<24} {:<20}  LAST RESULT",
-                    "SECRET", "SCHEDULE", "NEXT DUE"
+                    "SECRET",
+                    "SCHEDULE",
+                    "NEXT DUE"
                 );
                 for d in r.secrets {
-                    println!(
+                    outln!(
                         "{:<32} {:<24} {:<20}  {}",
                         d.name,
                         d.schedule,
@@ -322,10 +326,10 @@ async fn rotate_due(g: &Global, passphrase_file: Option<&Path>) -> Result<(), Cl
             json!({"results": results.iter().map(result_json).collect::<Vec<_>>(), "failed": failed}),
         );
     } else if results.is_empty() {
-        println!("nothing is due");
+        outln!("nothing is due");
     } else {
         for r in &results {
-            println!("{:<8} {}: {}", r.outcome, r.name, r.message);
+            outln!("{:<8} {}: {}", r.outcome, r.name, r.message);
         }
     }
     if failed > 0 {

@@ -700,22 +700,30 @@ fn audit_export_selects_by_time_and_sequence() {
         "status is not audited: {before:#?}"
     );
     // A reader that stops early (`| head`; here, before the first line)
-    // ends the export quietly.
-    let mut early = w
-        .command()
-        .args(["audit", "export"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn tessera");
-    drop(early.stdout.take());
-    let out = early.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // ends the export, or any command's output, quietly.
+    for args in [
+        &["audit", "export"][..],
+        &["status"],
+        &["secret", "list", "--json"],
+        &["lease", "list"],
+    ] {
+        let mut early = w
+            .command()
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tessera");
+        drop(early.stdout.take());
+        let out = early.wait_with_output().expect("wait");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{args:?}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let last_ts = before.iter().map(|r| r["ts"].as_i64().expect("ts")).max();
     // Records carry whole seconds: the next ones land in a later second.
     std::thread::sleep(Duration::from_millis(1100));
