@@ -244,18 +244,20 @@ pub(crate) fn passphrase(
 /// Prints one JSON document, then wipes every string in it and the text
 /// it was printed from (some hold a value or a token).
 pub(crate) fn print_json(mut v: serde_json::Value) {
-    use zeroize::Zeroize;
-    fn wipe(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::String(s) => s.zeroize(),
-            serde_json::Value::Array(a) => a.iter_mut().for_each(wipe),
-            serde_json::Value::Object(o) => o.values_mut().for_each(wipe),
-            _ => {}
-        }
-    }
     let text = Zeroizing::new(v.to_string());
     outln!("{}", text.as_str());
-    wipe(&mut v);
+    wipe_json(&mut v);
+}
+
+/// Overwrites every string in `v` (some hold a value or a token).
+pub(crate) fn wipe_json(v: &mut serde_json::Value) {
+    use zeroize::Zeroize;
+    match v {
+        serde_json::Value::String(s) => s.zeroize(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(wipe_json),
+        serde_json::Value::Object(o) => o.values_mut().for_each(wipe_json),
+        _ => {}
+    }
 }
 
 pub(crate) fn time(t: i64) -> String {
@@ -948,17 +950,16 @@ async fn get(g: &Global, a: crate::GetArgs) -> Result<(), CliError> {
     let mut lease = broker.issue(authed(req, &token)?).await?.into_inner();
     let value = Zeroizing::new(std::mem::take(&mut lease.value));
     if g.json {
-        // json! copies it; print_json wipes that copy, Zeroizing this one.
-        let text = Zeroizing::new(String::from_utf8_lossy(&value).into_owned());
-        print_json(json!({
+        let mut doc = json!({
             "lease_id": lease.lease_id,
             "secret": lease.secret,
             "version": lease.version,
-            "value": *text,
             "issued_at": lease.issued_at,
             "expires_at": lease.expires_at,
             "renewable_until": lease.renewable_until,
-        }));
+        });
+        put_value(&mut doc, &value);
+        print_json(doc);
     } else {
         let mut out = std::io::stdout().lock();
         out.write_all(&value)
@@ -966,6 +967,16 @@ async fn get(g: &Global, a: crate::GetArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::new(Exit::Failure, format!("cannot write stdout: {e}")))?;
     }
     Ok(())
+}
+
+/// Puts a secret value into a JSON document: as `value` when it is UTF-8
+/// text, else as `value_hex` (JSON cannot carry raw bytes, and a lossy
+/// conversion would silently change the value). `print_json` wipes the copy.
+pub(crate) fn put_value(doc: &mut serde_json::Value, value: &[u8]) {
+    match std::str::from_utf8(value) {
+        Ok(text) => doc["value"] = json!(text),
+        Err(_) => doc["value_hex"] = json!(tessera_broker::keys::hex(value)),
+    }
 }
 
 fn lease_json(l: &proto::LeaseInfo) -> serde_json::Value {

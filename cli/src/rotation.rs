@@ -348,14 +348,16 @@ pub(crate) async fn get_watch(g: &Global, a: GetArgs) -> Result<(), CliError> {
         let value = Zeroizing::new(lease.value.clone());
         let mut out = std::io::stdout().lock();
         if g.json {
-            let doc = json!({
+            let mut doc = json!({
                 "lease_id": lease.lease_id,
                 "secret": lease.secret,
                 "version": lease.version,
-                "value": String::from_utf8_lossy(&value),
                 "expires_at": lease.expires_at,
             });
-            writeln!(out, "{doc}")
+            crate::commands::put_value(&mut doc, &value);
+            let text = Zeroizing::new(doc.to_string());
+            crate::commands::wipe_json(&mut doc);
+            writeln!(out, "{}", text.as_str())
         } else {
             out.write_all(&value).and_then(|()| out.write_all(b"\n"))
         }

@@ -15,7 +15,6 @@ use subtle::ConstantTimeEq;
 use tessera_broker::proto;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
-use zeroize::Zeroizing;
 
 use crate::client::{CliError, Exit, authed};
 use crate::commands::{agent_token, target};
@@ -121,8 +120,10 @@ fn spawn(args: &RunArgs, bindings: &[Binding]) -> Result<Child, CliError> {
         cmd.env_remove(cred);
     }
     for b in bindings {
-        let v = Zeroizing::new(String::from_utf8_lossy(&b.lease.value).into_owned());
-        cmd.env(&b.var, v.as_str());
+        // An environment value is bytes: a value that is not UTF-8 is
+        // passed as it is, never converted.
+        use std::os::unix::ffi::OsStrExt;
+        cmd.env(&b.var, std::ffi::OsStr::from_bytes(&b.lease.value));
     }
     cmd.spawn()
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot start {program:?}: {e}")))
@@ -619,6 +620,9 @@ async fn watch_over(
             ev = next_event => {
                 let ev = match ev {
                     Ok(Some(ev)) => ev,
+                    // The broker ended the watch with a refusal (the token
+                    // expired or was revoked): resuming would be refused too.
+                    Err(s) if !transient(&CliError::from(s.clone())) => return Err(s.into()),
                     Ok(None) | Err(_) => {
                         // The broker went away (a restart, most often): the
                         // command keeps its values; resume after the last
@@ -722,7 +726,7 @@ pub(crate) async fn give_back(
 }
 
 fn tracing_note(m: &str) {
-    eprintln!("tessera run: {m}");
+    eprintln!("tessera: {m}");
 }
 
 /// Applies `on_rotate` after a value changed.
