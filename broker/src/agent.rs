@@ -59,18 +59,38 @@ impl Agent {
     /// Why this agent, authenticated from the cache before the write, may
     /// no longer act, as the writer's transaction at `at` sees it: a revoke
     /// acknowledged before this write always wins.
+    ///
+    /// The row is also compared with this agent as it was authenticated:
+    /// tessera never changes an agent's token, allow list, limits or
+    /// expiry, so a difference is an edit made outside tessera since (the
+    /// row's MAC was checked when it was loaded), and it is refused as
+    /// such rather than served from the cache.
     pub(crate) fn refused_in(&self, conn: &rusqlite::Connection, at: i64) -> Result<Option<Error>> {
-        let revoked: Option<Option<i64>> = conn
-            .prepare_cached("SELECT revoked_at FROM agents WHERE id = ?1")?
-            .query_row([self.id], |r| r.get(0))
+        let row: Option<(Option<i64>, bool)> = conn
+            .prepare_cached(
+                "SELECT revoked_at, token_hash, allow, max_ttl, max_lifetime, expires_at
+                 FROM agents WHERE id = ?1",
+            )?
+            .query_row([self.id], |r| {
+                let same = r.get_ref(1)?.as_blob()? == &self.token_hash[..]
+                    && r.get_ref(2)?
+                        .as_str()?
+                        .split('\n')
+                        .filter(|p| !p.is_empty())
+                        .eq(self.allow.iter().map(String::as_str))
+                    && r.get::<_, i64>(3)? == self.max_ttl as i64
+                    && r.get::<_, i64>(4)? == self.max_lifetime as i64
+                    && r.get::<_, Option<i64>>(5)? == self.expires_at;
+                Ok((r.get(0)?, same))
+            })
             .optional()?;
-        Ok(if matches!(revoked, Some(None)) {
-            self.expired(at)
-        } else {
-            Some(Error::Unauthenticated(format!(
+        Ok(match row {
+            Some((_, false)) => Some(crate::rowmac::agent_tampered(&self.name)),
+            Some((None, true)) => self.expired(at),
+            _ => Some(Error::Unauthenticated(format!(
                 "the token of agent {:?} was revoked; ask an admin for a new agent token",
                 self.name
-            )))
+            ))),
         })
     }
 
@@ -136,7 +156,7 @@ impl Broker {
                     Err(Error::invalid(
                         "expires_in",
                         format!(
-                            "{expires_in} seconds is out of range: use at most 10 years (3650d), \
+                            "{expires_in} seconds is out of range: use at most 10 years (10y), \
                              or leave it out for a token that does not expire"
                         ),
                     ))
@@ -424,8 +444,9 @@ impl Broker {
     }
 }
 
-/// Longest life of an agent token, when it has one: 10 years.
-pub const TOKEN_LIFE_MAX: u64 = 3650 * 24 * 3600;
+/// Longest life of an agent token, when it has one: 10 years of 366 days
+/// (so that `10y`, 3,652.5 days, is within it, as for `--every`).
+pub const TOKEN_LIFE_MAX: u64 = 10 * 366 * 24 * 3600;
 
 fn ttl_in_range(field: &'static str, v: u64) -> Result<()> {
     if TTL_RANGE.contains(&v) {
@@ -468,14 +489,16 @@ mod tests {
     use super::*;
 
     /// The writer's re-check: a revoke the cached agent does not know of,
-    /// or the token's expiry, refuses the write.
+    /// the token's expiry, or a row edited outside tessera refuses the
+    /// write.
     #[test]
     fn refused_in_reads_the_agent_row_the_transaction_sees() {
         let dir = tempfile::tempdir().expect("dir");
         let conn = crate::store::open_rw(&dir.path().join("t.db"), true).expect("new store");
         conn.execute(
-            "INSERT INTO agents (id, name, token_hash, allow, max_ttl, max_lifetime, created_at)
-             VALUES (1, 'bot', x'00', '*', 60, 60, 0)",
+            "INSERT INTO agents (id, name, token_hash, allow, max_ttl, max_lifetime, created_at,
+                                 expires_at)
+             VALUES (1, 'bot', zeroblob(32), '*', 60, 60, 0, 100)",
             [],
         )
         .expect("agent row");
@@ -489,6 +512,14 @@ mod tests {
             token_hash: [0; 32],
         };
         assert!(agent.refused_in(&conn, 99).expect("check").is_none());
+        // A row edited outside tessera since the agent was loaded is
+        // refused as such, not served from the cache.
+        conn.execute("UPDATE agents SET allow = 'a/*\nb/*'", [])
+            .expect("edit");
+        let edited = agent.refused_in(&conn, 99).expect("check");
+        assert!(matches!(edited, Some(Error::Tampered(_))), "{edited:?}");
+        conn.execute("UPDATE agents SET allow = '*'", [])
+            .expect("undo");
         let expired = agent.refused_in(&conn, 100).expect("check");
         assert!(matches!(expired, Some(Error::Unauthenticated(m)) if m.contains("expired")));
         conn.execute("UPDATE agents SET revoked_at = 50", [])

@@ -110,7 +110,14 @@ impl Gate {
     /// opens the store and writes every attempt to the audit trail.
     pub async fn unseal(&self, share_text: &str) -> Result<proto::UnsealResponse> {
         let Some(lock) = &self.sealed else {
-            return Ok(self.response(false));
+            // Nothing was read: an operator at the wrong broker is told so,
+            // not that their share worked.
+            return Err(Error::FailedPrecondition(
+                "this broker is not sealed by operator shares (it unsealed its root key at \
+                 start, from the keychain or its passphrase): no share is needed; check \
+                 --addr / TESSERA_ADDR"
+                    .into(),
+            ));
         };
         let mut u = lock.lock().await;
         if self.broker.get().is_some() {

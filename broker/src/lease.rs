@@ -134,7 +134,10 @@ impl Broker {
                     last_try = true;
                 }
                 Issued::Refused(e) => {
-                    if matches!(e, Error::Unauthenticated(_)) {
+                    // The cached agent is gone, or its row was changed
+                    // outside tessera: the next call loads (and checks) it
+                    // again.
+                    if matches!(e, Error::Unauthenticated(_) | Error::Tampered(_)) {
                         self.forget_agent_id(agent.id);
                     }
                     return Err(e);

@@ -89,13 +89,17 @@ impl AgentRow {
 
     /// The error for a row whose MAC does not verify.
     pub fn tampered(&self) -> Error {
-        Error::Tampered(format!(
-            "the stored record of agent {:?} failed authentication: it was changed outside \
-             tessera, so it is not trusted; revoke it (`tessera agent revoke {}`) and find out \
-             who can write the database file",
-            self.name, self.name
-        ))
+        agent_tampered(&self.name)
     }
+}
+
+/// The error for agent `name`'s row, changed outside tessera.
+pub(crate) fn agent_tampered(name: &str) -> Error {
+    Error::Tampered(format!(
+        "the stored record of agent {name:?} failed authentication: it was changed outside \
+         tessera, so it is not trusted; revoke it (`tessera agent revoke {name}`) and find out \
+         who can write the database file"
+    ))
 }
 
 /// Recomputes and stores the MAC of agent `id` as its row now stands (after

@@ -123,7 +123,8 @@ impl Running {
 /// the listeners are bound.
 pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     check_listen(&opts)?;
-    let uds = bind_socket(&opts.socket, opts.socket_mode)?;
+    // Everything that can fail comes before the Unix socket is bound, so a
+    // broker that cannot start leaves no socket behind.
     let tcp = match opts.tcp {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -133,9 +134,14 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         None => None,
     };
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
-    let tls = match &opts.tls {
-        Some((cert, key)) => Some(load_tls(cert, key)?),
-        None => None,
+    let tcp_builder = match (&tcp, &opts.tls) {
+        (None, _) => None,
+        (Some(_), None) => Some(Server::builder()),
+        (Some(_), Some((cert, key))) => Some(
+            Server::builder()
+                .tls_config(load_tls(cert, key)?)
+                .map_err(|e| Error::invalid("tls_cert", format!("TLS setup failed: {e}")))?,
+        ),
     };
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -185,6 +191,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         .add_service(retention_svc.clone())
         .add_service(holders_svc.clone())
         .add_service(envelope_svc.clone());
+    let uds = bind_socket(&opts.socket, opts.socket_mode)?;
     let uds_stream = UnixListenerStream::new(uds);
     let rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -192,13 +199,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
             .serve_with_incoming_shutdown(uds_stream, signal(rx))
             .await
     }));
-    if let Some(listener) = tcp {
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            builder = builder
-                .tls_config(tls)
-                .map_err(|e| Error::invalid("tls_cert", format!("TLS setup failed: {e}")))?;
-        }
+    if let (Some(listener), Some(mut builder)) = (tcp, tcp_builder) {
         let router = builder
             .add_service(health)
             .add_service(reflection_v1)

@@ -309,9 +309,9 @@ fn credential_store(
 ) -> Result<Arc<keyring_core::CredentialStore>> {
     let store: Arc<keyring_core::CredentialStore> = match which {
         KeychainStore::Os => zbus_secret_service_keyring_store::Store::new()
-            .map_err(|e| keychain_error(&e, what, "open the Secret Service keychain"))?,
+            .map_err(|e| keychain_error(&e, which, what, "open the Secret Service keychain"))?,
         KeychainStore::Keyutils => linux_keyutils_keyring_store::Store::new()
-            .map_err(|e| keychain_error(&e, what, "open the kernel keyutils keyring"))?,
+            .map_err(|e| keychain_error(&e, which, what, "open the kernel keyutils keyring"))?,
     };
     Ok(store)
 }
@@ -323,7 +323,7 @@ fn credential_store(
 ) -> Result<Arc<keyring_core::CredentialStore>> {
     let store: Arc<keyring_core::CredentialStore> = match which {
         KeychainStore::Os => apple_native_keyring_store::keychain::Store::new()
-            .map_err(|e| keychain_error(&e, what, "open the macOS keychain"))?,
+            .map_err(|e| keychain_error(&e, which, what, "open the macOS keychain"))?,
         KeychainStore::Keyutils => return Err(not_here("the kernel keyutils keyring")),
     };
     Ok(store)
@@ -395,7 +395,7 @@ impl KeychainItem {
     fn entry(&self, doing: &str) -> Result<keyring_core::Entry> {
         let store = credential_store(self.store, self.what)?;
         keyring_core::Entry::new_in_store(&store, &self.service, &self.user)
-            .map_err(|e| keychain_error(&e, self.what, doing))
+            .map_err(|e| keychain_error(&e, self.store, self.what, doing))
     }
 
     /// Stores `bytes` (replacing any previous value).
@@ -404,7 +404,14 @@ impl KeychainItem {
         with_timeout(format!("store the {}", self.what), move || {
             item.entry("create the keychain entry")?
                 .set_secret(&bytes)
-                .map_err(|e| keychain_error(&e, item.what, &format!("store the {}", item.what)))
+                .map_err(|e| {
+                    keychain_error(
+                        &e,
+                        item.store,
+                        item.what,
+                        &format!("store the {}", item.what),
+                    )
+                })
         })
     }
 
@@ -416,7 +423,12 @@ impl KeychainItem {
                 item.entry("open the keychain entry")?
                     .get_secret()
                     .map_err(|e| {
-                        keychain_error(&e, item.what, &format!("read the {}", item.what))
+                        keychain_error(
+                            &e,
+                            item.store,
+                            item.what,
+                            &format!("read the {}", item.what),
+                        )
                     })?,
             ))
         })
@@ -433,7 +445,14 @@ impl KeychainItem {
         with_timeout(format!("delete the {}", self.what), move || {
             item.entry("open the keychain entry")?
                 .delete_credential()
-                .map_err(|e| keychain_error(&e, item.what, &format!("delete the {}", item.what)))
+                .map_err(|e| {
+                    keychain_error(
+                        &e,
+                        item.store,
+                        item.what,
+                        &format!("delete the {}", item.what),
+                    )
+                })
         })
     }
 }
@@ -498,9 +517,25 @@ pub fn keychain_delete(which: KeychainStore, store_id: &str) -> Result<()> {
     root_item(which, store_id).delete()
 }
 
-fn keychain_error(e: &keyring_core::Error, what: &str, doing: &str) -> Error {
+fn keychain_error(e: &keyring_core::Error, store: KeychainStore, what: &str, doing: &str) -> Error {
     use keyring_core::Error as K;
+    let elsewhere = if what == "holder key" {
+        "keep the key in a file with --identity-file"
+    } else {
+        "use --unseal passphrase"
+    };
     let msg = match e {
+        // The kernel keyring has no lock and no daemon: gnome-keyring
+        // advice would mislead.
+        K::NoStorageAccess(inner) | K::PlatformFailure(inner)
+            if store == KeychainStore::Keyutils =>
+        {
+            format!(
+                "the kernel keyutils keyring refused (could not {doing}: {inner}); it needs a \
+                 session keyring this user may write (a login session; not always there in \
+                 containers or services), or {elsewhere}"
+            )
+        }
         K::NoEntry if what == "root key" => format!(
             "the OS keychain has no root key for this store (could not {doing}); nothing was \
              changed. Was the store initialised by another user or on another machine?"
@@ -514,12 +549,7 @@ fn keychain_error(e: &keyring_core::Error, what: &str, doing: &str) -> Error {
         ),
         K::PlatformFailure(inner) => format!(
             "the OS keychain is not reachable (could not {doing}: {inner}); {KEYCHAIN_HINT}, \
-             or {}",
-            if what == "holder key" {
-                "keep the key in a file with --identity-file"
-            } else {
-                "use --unseal passphrase"
-            }
+             or {elsewhere}"
         ),
         // These two carry the raw stored bytes: never format them.
         K::BadEncoding(_) | K::BadDataFormat(..) => format!(

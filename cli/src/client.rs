@@ -60,9 +60,14 @@ impl From<Status> for CliError {
         // that went away mid-call) arrive as statuses whose text is the
         // transport's, which tells a person nothing: say what to check.
         let m = s.message();
-        let below_grpc = m.starts_with("h2 protocol error")
+        // (Only codes a transport failure arrives as: an INVALID_ARGUMENT
+        // such as a bad --tls-cert may quote a transport error too.)
+        let below_grpc = matches!(
+            s.code(),
+            Code::Unknown | Code::Internal | Code::Unavailable | Code::Cancelled
+        ) && (m.starts_with("h2 protocol error")
             || m.contains("transport error")
-            || (s.code() == Code::Cancelled && m.contains("operation was canceled"));
+            || (s.code() == Code::Cancelled && m.contains("operation was canceled")));
         if below_grpc {
             return CliError::new(
                 Exit::Unavailable,
@@ -160,8 +165,11 @@ impl Target {
                     "the broker at {addr} is not reachable ({e}); is `tessera serve` running, \
                      and does --addr / TESSERA_ADDR point at it?{}",
                     if addr.starts_with("https://") {
-                        " (https:// needs a broker started with --tls-cert/--tls-key; use \
-                         http:// for one without TLS)"
+                        " Over https:// the TLS handshake may have failed instead: the broker \
+                         needs --tls-cert/--tls-key, and --tls-ca the CA that signed its \
+                         certificate (a leaf certificate, CA:FALSE, naming the host in \
+                         --addr; a self-signed CA certificate is refused as a server \
+                         certificate). Use http:// for a broker without TLS."
                     } else {
                         ""
                     }

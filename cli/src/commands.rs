@@ -271,6 +271,14 @@ pub(crate) fn time(t: i64) -> String {
 }
 
 async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
+    if g.admin_token_file.is_some() {
+        return Err(CliError::new(
+            Exit::InvalidArgument,
+            "invalid admin_token_file: init always writes the admin token to \
+             DATA_DIR/admin.token (0600); --admin-token-file tells other commands where to \
+             read it. Leave it out here, and move the file afterwards if you like",
+        ));
+    }
     let source = match a.unseal {
         UnsealArg::Keychain => Source::Keychain(KeychainStore::Os),
         UnsealArg::Keyutils => Source::Keychain(KeychainStore::Keyutils),
@@ -638,7 +646,7 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
         let running = server::start(gate, opts.clone()).await?;
         tracing::info!(
             socket = %opts.socket.display(),
-            tcp = ?running.tcp_addr,
+            tcp = %running.tcp_addr.map(|a| a.to_string()).unwrap_or_default(),
             threshold = k,
             "tessera broker sealed: waiting for operator shares (tessera unseal)"
         );
@@ -662,7 +670,7 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     .await?;
     tracing::info!(
         socket = %opts.socket.display(),
-        tcp = ?running.tcp_addr,
+        tcp = %running.tcp_addr.map(|a| a.to_string()).unwrap_or_default(),
         unseal = source.name(),
         "tessera broker ready"
     );

@@ -464,10 +464,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<std::net::SocketAddr>,
     /// TLS certificate chain (PEM) for --listen.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "listen"])]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM) for --listen.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "listen"])]
     pub tls_key: Option<PathBuf>,
     /// Read the passphrase from this file (first line).
     #[arg(long, value_name = "FILE")]
@@ -726,11 +726,12 @@ pub enum LeaseCmd {
         /// Include expired and revoked leases.
         #[arg(long)]
         all: bool,
-        /// At most this many.
+        /// At most this many (0: the most one call returns, 10,000).
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
     /// Revoke leases: one, an agent's, a secret's, or all.
+    #[command(group(clap::ArgGroup::new("sel").required(true)))]
     Revoke {
         /// One lease.
         #[arg(long, group = "sel")]
@@ -789,14 +790,38 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
+/// An RFC 3339 time: UTC (`Z`, or no zone), or with an offset such as
+/// `+01:00`, which humantime does not read and is applied here.
 fn parse_time(s: &str) -> Result<i64, String> {
-    humantime::parse_rfc3339_weak(s)
-        .map_err(|e| format!("{e}; write a time like 2026-01-01T00:00:00Z"))
+    let s = s.to_ascii_uppercase();
+    let (base, offset) = split_offset(&s);
+    humantime::parse_rfc3339_weak(base)
+        .map_err(|e| {
+            format!("{e}; write a time like 2026-01-01T00:00:00Z or 2026-01-01T01:00:00+01:00")
+        })
         .and_then(|t| {
             t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
+                .map(|d| d.as_secs() as i64 - offset)
                 .map_err(|_| "times before 1970 are not accepted".to_string())
         })
+}
+
+/// Splits a trailing `+HH:MM` / `-HH:MM` off a time; returns the rest and
+/// the offset in seconds (0 when there is none).
+fn split_offset(s: &str) -> (&str, i64) {
+    let b = s.as_bytes();
+    let n = b.len();
+    if n > 16 && matches!(b[n - 6], b'+' | b'-') && b[n - 3] == b':' {
+        let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().ok();
+        if let (Some(h), Some(m)) = (num(n - 5..n - 3), num(n - 2..n))
+            && h < 24
+            && m < 60
+        {
+            let sign = if b[n - 6] == b'-' { -1 } else { 1 };
+            return (&s[..n - 6], sign * (h * 3600 + m * 60));
+        }
+    }
+    (s, 0)
 }
 
 /// Reports a command line that does not parse, and `--help`/`--version`.
@@ -845,5 +870,22 @@ pub fn run(cli: Cli) -> i32 {
             }
             e.exit as i32
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn times_take_utc_or_an_offset() {
+        let utc = parse_time("2026-12-01T00:00:00Z").expect("utc");
+        assert_eq!(utc, 1_796_083_200);
+        assert_eq!(parse_time("2026-12-01T01:00:00+01:00"), Ok(utc));
+        assert_eq!(parse_time("2026-11-30T19:00:00-05:00"), Ok(utc));
+        assert_eq!(parse_time("2026-12-01t00:00:00z"), Ok(utc));
+        assert_eq!(parse_time("2026-12-01 00:00:00"), Ok(utc));
+        assert!(parse_time("2026-12-01T00:00:00+25:00").is_err());
+        assert!(parse_time("yesterday").is_err());
     }
 }

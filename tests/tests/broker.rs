@@ -879,6 +879,17 @@ fn expiring_agent_token_caps_its_leases_then_is_refused() {
         let r = w.run(&args).fails_with(7);
         assert!(r.stderr.contains(field), "{r:#?}");
     }
+    // Ten years (`10y`, 365.25 days each) is within the limit.
+    w.run(&[
+        "agent",
+        "create",
+        "decade",
+        "--allow",
+        "a/*",
+        "--expires-in",
+        "10y",
+    ])
+    .ok();
     // Zero and sub-second durations are refused, never taken as "0 = the
     // default" (which would be the agent's maximum).
     let zero: [(&[&str], &str); 4] = [
@@ -1121,4 +1132,18 @@ fn get_json_carries_a_binary_value_as_hex() {
         .json();
     assert_eq!(bin["value_hex"], "fffe00616263", "{bin}");
     assert!(bin.get("value").is_none(), "{bin}");
+}
+
+/// `unseal` at a broker that needs no operator shares (it unsealed from
+/// its passphrase or the keychain) is refused, whatever it was given:
+/// an operator at the wrong broker is not told that their share worked.
+#[test]
+fn unseal_at_a_broker_that_needs_no_shares_is_refused() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let r = w
+        .run_with(&["unseal"], Some(b"garbage\n"), &[])
+        .fails_with(5);
+    assert!(r.stderr.contains("not sealed by operator shares"), "{r:#?}");
 }

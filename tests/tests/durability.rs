@@ -195,6 +195,27 @@ fn agent_states(w: &World) -> Vec<(String, bool, bool)> {
         .collect()
 }
 
+/// An agent row edited while the broker runs, after the agent was
+/// authenticated and cached, is refused at its next request, not served
+/// from the cache; and from then on at authentication.
+#[test]
+fn an_agent_row_edited_while_the_broker_runs_is_refused() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/one", b"value-one");
+    let reader = w.agent("reader", "a/*", "15m");
+    assert_eq!(w.get("a/one", &reader).ok().stdout, "value-one");
+    sql(&w, "UPDATE agents SET allow = '*' WHERE name = 'reader';");
+    for _ in 0..2 {
+        let r = w.get("a/one", &reader).fails_with(9);
+        assert!(
+            r.stderr.contains("agent \"reader\" failed authentication"),
+            "{r:#?}"
+        );
+    }
+}
+
 /// Agent rows edited in the file (a widened allow list, a forged agent, a
 /// lifted revocation) fail their MAC: the broker refuses those tokens with
 /// DATA_LOSS, `agent list` flags the rows, and a revoke is the remedy.

@@ -117,9 +117,11 @@ fn tls_on_tcp_serves_clients_that_trust_the_ca() {
         ])
         .ok();
     assert_eq!(r.json()["sealed"], false);
-    // Without trusting the CA, the handshake fails: the broker is unreachable.
+    // Without trusting the CA, the handshake fails: the broker is unreachable,
+    // and the message says what to check.
     let r = w.run(&["status", "--addr", &https]).fails_with(6);
     assert!(r.stderr.contains("not reachable"), "{r:#?}");
+    assert!(r.stderr.contains("--tls-ca the CA that signed"), "{r:#?}");
     // Plain text to the TLS port does not work either.
     let http = format!("http://127.0.0.1:{port}");
     let r = w.run(&["status", "--addr", &http]).fails_with(6);
@@ -147,6 +149,38 @@ fn tls_key_without_cert_is_a_usage_error() {
         &[("TESSERA_PASSPHRASE", PASSPHRASE)],
     );
     assert_eq!(r.code, 2, "{r:#?}");
+    // TLS files without --listen would be ignored: a usage error too.
+    let certs = w.tmp.path().join("certs");
+    std::fs::create_dir(&certs).expect("certs dir");
+    make_certs(&certs);
+    let (cert, key) = (certs.join("server.pem"), certs.join("server.key"));
+    let (cert, key) = (cert.to_str().expect("utf8"), key.to_str().expect("utf8"));
+    let pass = [("TESSERA_PASSPHRASE", PASSPHRASE)];
+    let r = w.run_with(
+        &["serve", "--tls-cert", cert, "--tls-key", key],
+        None,
+        &pass,
+    );
+    assert_eq!(r.code, 2, "{r:#?}");
+    // A key that is no key is a bad argument (exit 7), and the broker
+    // that could not start leaves no socket behind.
+    let r = w
+        .run_with(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                cert,
+            ],
+            None,
+            &pass,
+        )
+        .fails_with(7);
+    assert!(r.stderr.contains("tls_cert"), "{r:#?}");
+    assert!(!w.socket().exists(), "a socket was left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
