@@ -1211,7 +1211,18 @@ impl Broker {
                 })?;
                 Ok(Ok(id))
             })
-            .await??;
+            .await?;
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                // A revoked agent, or one whose row was edited outside
+                // tessera: the next call loads (and checks) it again.
+                if matches!(e, Error::Unauthenticated(_) | Error::Tampered(_)) {
+                    self.forget_agent_id(agent.id);
+                }
+                return Err(e);
+            }
+        };
         Ok((id, dk))
     }
 

@@ -386,7 +386,10 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
     nix::sys::stat::umask(umask);
     let listener =
         bound.map_err(|e| Error::Io(format!("cannot listen on {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        let _ = std::fs::remove_file(path);
+        return Err(e.into());
+    }
     Ok(listener)
 }
 

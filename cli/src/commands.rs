@@ -372,6 +372,12 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
         }
         outln!("Next: tessera serve --data-dir {}", dir.root().display());
     }
+    if !done.operator_shares.is_empty() && a.delivery.share_dir.is_none() {
+        crate::shown(&format!(
+            "the operator shares, which exist nowhere else: remove {} and run init again",
+            dir.root().display()
+        ))?;
+    }
     Ok(())
 }
 
@@ -468,17 +474,12 @@ async fn rekey_root(
     delivery: &crate::ShareDelivery,
 ) -> Result<(), CliError> {
     let token = admin_token(g)?;
-    let asked = delivery.share_dir.is_some() || !delivery.operator_recipient.is_empty();
-    match shares {
-        Some(n) => check_share_delivery(n, delivery)?,
-        None if asked => {
-            return Err(CliError::new(
-                Exit::InvalidArgument,
-                "invalid shares: --share-dir and --operator-recipient go with --shares N \
-                 --threshold K (say again how the new root key is split)",
-            ));
-        }
-        None => {}
+    if let (Some(n), Some(k)) = (shares, threshold) {
+        // The split first (the broker would refuse it), then the delivery:
+        // all before the root key is replaced.
+        tessera_shred::shamir::check_threshold(k as usize, n as usize)
+            .map_err(|e| CliError::new(Exit::InvalidArgument, format!("invalid threshold: {e}")))?;
+        check_share_delivery(n, delivery)?;
     }
     let pass = match std::env::var("TESSERA_PASSPHRASE") {
         Ok(p) if !p.is_empty() => Zeroizing::new(p.into_bytes()),
@@ -511,7 +512,18 @@ async fn rekey_root(
                 share_dir: None,
                 operator_recipient: delivery.operator_recipient.clone(),
             };
-            (deliver_operator_shares(&texts, &fallback)?, Some(e))
+            let printed = deliver_operator_shares(&texts, &fallback).map_err(|again| {
+                CliError::new(
+                    Exit::Failure,
+                    format!(
+                        "the root key was replaced, but its new operator shares could not be \
+                         handed out ({}; then {}): run `tessera rekey root` again while this \
+                         broker is unsealed, or it cannot be unsealed after a restart",
+                        e.message, again.message
+                    ),
+                )
+            })?;
+            (printed, Some(e))
         }
     };
     if let Some(e) = &undelivered {
@@ -548,10 +560,15 @@ async fn rekey_root(
             show_delivered(&shares, shown);
         }
     }
+    crate::shown(
+        "the new operator shares (the root key was replaced: run `tessera rekey root` \
+           again while this broker is unsealed)",
+    )?;
     match undelivered {
-        Some(e) => Err(CliError::new(
-            e.exit,
-            "the new operator shares were not written where asked",
+        // Not exit 6 ("nothing changed"): the root key was replaced.
+        Some(_) => Err(CliError::new(
+            Exit::Failure,
+            "the new operator shares were not written where asked (they are printed above)",
         )),
         None => Ok(()),
     }
@@ -888,6 +905,11 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                 outln!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
                 outln!("  {}", r.token);
             }
+            crate::shown(&format!(
+                "the token of agent {}, which is shown only once: `tessera agent revoke {}` \
+                 and create it again",
+                info.name, info.name
+            ))?;
         }
         AgentCmd::List => {
             let r = admin

@@ -5,8 +5,8 @@
 #![forbid(unsafe_code)]
 
 /// `println!` for a command's output: a reader that stops early
-/// (`tessera … | head`) ends the command quietly (exit 0), as `audit
-/// export` does, where `println!` would panic.
+/// (`tessera … | head`) is not an error, where `println!` would panic
+/// (see [`write_out`]).
 macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))
@@ -20,18 +20,41 @@ macro_rules! out {
     };
 }
 
-/// Writes command output to stdout; on a closed pipe the process ends
-/// quietly with exit 0, on any other failure with exit 1.
+/// Set once stdout is found closed (`tessera … | head`).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes command output to stdout. A closed pipe is remembered and later
+/// output dropped: the command goes on and ends with its own status (a
+/// broker keeps serving, `rotate --due` still reports a failure), and what
+/// must be seen once (a token, shares) is checked with [`shown`]. Any other
+/// write failure ends the process (exit 1).
 fn write_out(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
     let mut o = std::io::stdout().lock();
     if let Err(e) = o.write_fmt(args).and_then(|()| o.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+            return;
         }
         eprintln!("error: cannot write stdout: {e}");
         std::process::exit(client::Exit::Failure as i32);
     }
+}
+
+/// Fails when stdout closed before `what`, shown only once, was written:
+/// the command must not end as if it had been seen.
+pub(crate) fn shown(what: &str) -> Result<(), client::CliError> {
+    if STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(client::CliError::new(
+            client::Exit::Failure,
+            format!("stdout was closed before {what} could be shown"),
+        ));
+    }
+    Ok(())
 }
 
 pub mod client;
@@ -427,11 +450,11 @@ pub struct InitArgs {
 pub struct ShareDelivery {
     /// With operator shares: write operator-N.share files (0600) here
     /// instead of printing the shares.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", requires = "shares")]
     pub share_dir: Option<PathBuf>,
     /// With operator shares: seal share N to the Nth age recipient
     /// (repeatable, one per share) so only that operator can read it.
-    #[arg(long, value_name = "AGE_RECIPIENT")]
+    #[arg(long, value_name = "AGE_RECIPIENT", requires = "shares")]
     pub operator_recipient: Vec<String>,
 }
 

@@ -622,7 +622,9 @@ async fn watch_over(
                     Ok(Some(ev)) => ev,
                     // The broker ended the watch with a refusal (the token
                     // expired or was revoked): resuming would be refused too.
-                    Err(s) if !transient(&CliError::from(s.clone())) => return Err(s.into()),
+                    Err(s) if CliError::from(s.clone()).exit == Exit::Denied => {
+                        return Err(s.into());
+                    }
                     Ok(None) | Err(_) => {
                         // The broker went away (a restart, most often): the
                         // command keeps its values; resume after the last

@@ -724,6 +724,20 @@ fn audit_export_selects_by_time_and_sequence() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // What is shown only once (an agent's token) is not lost quietly.
+    let mut lost = w
+        .command()
+        .args(["agent", "create", "unseen", "--allow", "a/*"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tessera");
+    drop(lost.stdout.take());
+    let out = lost.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("shown only once"), "{err}");
     let last_ts = before.iter().map(|r| r["ts"].as_i64().expect("ts")).max();
     // Records carry whole seconds: the next ones land in a later second.
     std::thread::sleep(Duration::from_millis(1100));
