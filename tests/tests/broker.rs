@@ -574,26 +574,20 @@ fn a_second_broker_on_the_same_store_or_socket_is_refused() {
     // Another store on the first one's socket.
     let v = World::new();
     v.init_passphrase();
-    let socket = w.socket();
-    let r = v
-        .run_with(
-            &["serve", "--socket", socket.to_str().expect("utf-8")],
+    let serve_on = |path: &Path| {
+        v.run_with(
+            &["serve", "--socket", path.to_str().expect("utf-8")],
             None,
             &pass,
         )
-        .fails_with(5);
+    };
+    let r = serve_on(&w.socket()).fails_with(5);
     assert!(r.stderr.contains("already listening"), "{r:#?}");
     w.run(&["status"]).ok();
     // A --socket path that holds anything but a socket is never replaced.
     let file = v.tmp.path().join("notes.txt");
     std::fs::write(&file, "precious").expect("file");
-    let r = v
-        .run_with(
-            &["serve", "--socket", file.to_str().expect("utf-8")],
-            None,
-            &pass,
-        )
-        .fails_with(7);
+    let r = serve_on(&file).fails_with(7);
     assert!(r.stderr.contains("is not a socket"), "{r:#?}");
     assert_eq!(std::fs::read_to_string(&file).expect("kept"), "precious");
 }
@@ -701,12 +695,7 @@ fn audit_export_selects_by_time_and_sequence() {
     );
     // A reader that stops early (`| head`; here, before the first line)
     // ends the export, or any command's output, quietly.
-    for args in [
-        &["audit", "export"][..],
-        &["status"],
-        &["secret", "list", "--json"],
-        &["lease", "list"],
-    ] {
+    let closed_stdout = |args: &[&str]| {
         let mut early = w
             .command()
             .args(args)
@@ -716,7 +705,15 @@ fn audit_export_selects_by_time_and_sequence() {
             .spawn()
             .expect("spawn tessera");
         drop(early.stdout.take());
-        let out = early.wait_with_output().expect("wait");
+        early.wait_with_output().expect("wait")
+    };
+    for args in [
+        &["audit", "export"][..],
+        &["status"],
+        &["secret", "list", "--json"],
+        &["lease", "list"],
+    ] {
+        let out = closed_stdout(args);
         assert!(
             out.status.success() && out.stderr.is_empty(),
             "{args:?}: {:?} {}",
@@ -725,16 +722,7 @@ fn audit_export_selects_by_time_and_sequence() {
         );
     }
     // What is shown only once (an agent's token) is not lost quietly.
-    let mut lost = w
-        .command()
-        .args(["agent", "create", "unseen", "--allow", "a/*"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn tessera");
-    drop(lost.stdout.take());
-    let out = lost.wait_with_output().expect("wait");
+    let out = closed_stdout(&["agent", "create", "unseen", "--allow", "a/*"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("shown only once"), "{err}");
