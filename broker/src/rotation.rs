@@ -999,6 +999,13 @@ impl Broker {
                     "jitter",
                     "the jitter may be at most 30 days",
                 ))
+            } else if req.every_seconds > 0 && req.jitter_seconds >= req.every_seconds {
+                // A delay as long as the interval would let rotations drift
+                // past the next slot, or skip it.
+                Err(Error::invalid(
+                    "jitter",
+                    "the jitter must be shorter than the interval (--every)",
+                ))
             } else {
                 Ok(s)
             }

@@ -301,6 +301,13 @@ fn bad_rotation_input_is_refused_and_changes_nothing() {
             "--every <EVERY>|--cron <CRON>",
         ),
         (
+            &[
+                "rotate", "schedule", "db/prod", "--every", "1h", "--jitter", "2h",
+            ],
+            7,
+            "shorter than the interval",
+        ),
+        (
             &["secret", "config", "db/prod", "--generate", "uuid:4"],
             7,
             "unknown generator",
