@@ -767,6 +767,9 @@ pub(crate) fn shares(g: &Global, c: SharesCmd) -> Result<(), CliError> {
             outln!("{}", Zeroizing::new(hex(&key.0)).as_str());
         }
     }
+    if reveal {
+        crate::shown("the recombined key")?;
+    }
     Ok(())
 }
 
