@@ -442,6 +442,15 @@ impl Broker {
     pub(crate) fn forget_agent_id(&self, id: i64) {
         self.agents.forget_where(|a| a.id == id);
     }
+
+    /// Drops cached agent `id` when the writer refused it with `e` because
+    /// its token no longer stands (revoked, expired) or its row was edited
+    /// outside tessera: the next call loads (and checks) it again.
+    pub(crate) fn forget_agent_refused(&self, id: i64, e: &Error) {
+        if matches!(e, Error::Unauthenticated(_) | Error::Tampered(_)) {
+            self.forget_agent_id(id);
+        }
+    }
 }
 
 /// Longest life of an agent token, when it has one: 10 years of 366 days

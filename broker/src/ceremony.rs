@@ -224,20 +224,28 @@ fn open_in_tx(
     Ok(Ok((id, action, superseded)))
 }
 
-/// Which ceremonies `e` a normal one supersedes once the deadline has
-/// passed: an open early shred that needs more holders than the class's
-/// threshold and is still short of them (one that reached its quorum is
-/// finished, not replaced). `?2` is the early action's name.
-const SUPERSEDED_AT_DEADLINE: &str = "e.state = 'open' AND e.action = ?2
-    AND e.required > (SELECT threshold FROM classes k WHERE k.name = e.class)
-    AND e.required > (SELECT count(*) FROM ceremony_joins j WHERE j.ceremony = e.id)";
+/// The SQL condition on ceremonies `e` that a normal one supersedes once
+/// the deadline has passed: an open early shred that needs more holders
+/// than the class's threshold and is still short of them (one that reached
+/// its quorum is finished, not replaced).
+fn superseded_at_deadline_sql() -> String {
+    format!(
+        "e.state = 'open' AND e.action = '{}'
+         AND e.required > (SELECT threshold FROM classes k WHERE k.name = e.class)
+         AND e.required > (SELECT count(*) FROM ceremony_joins j WHERE j.ceremony = e.id)",
+        Action::ShredEarly.name()
+    )
+}
 
 /// Whether open ceremony `id` is one a normal ceremony supersedes at the
-/// deadline ([`SUPERSEDED_AT_DEADLINE`]).
+/// deadline ([`superseded_at_deadline_sql`]).
 fn superseded_at_deadline(conn: &Connection, id: &str) -> Result<bool> {
     let n: i64 = conn.query_row(
-        &format!("SELECT count(*) FROM ceremonies e WHERE e.id = ?1 AND {SUPERSEDED_AT_DEADLINE}"),
-        params![id, Action::ShredEarly.name()],
+        &format!(
+            "SELECT count(*) FROM ceremonies e WHERE e.id = ?1 AND {}",
+            superseded_at_deadline_sql()
+        ),
+        [id],
         |r| r.get(0),
     )?;
     Ok(n > 0)
@@ -517,16 +525,9 @@ impl Broker {
     pub async fn retention_tick(&self) -> Result<()> {
         let (expired, due, ready) = self.store.read(|conn| {
             let t = now();
-            let early = Action::ShredEarly.name();
             let ids = |sql: &str| -> Result<Vec<String>> {
                 let mut stmt = conn.prepare_cached(sql)?;
-                // The due query also names the early action (`?2`).
-                let p: &[&dyn rusqlite::ToSql] = if stmt.parameter_count() == 2 {
-                    &[&t, &early]
-                } else {
-                    &[&t]
-                };
-                let rows = stmt.query_map(p, |r| r.get(0))?;
+                let rows = stmt.query_map([t], |r| r.get(0))?;
                 Ok(rows.collect::<rusqlite::Result<_>>()?)
             };
             let expired =
@@ -538,9 +539,10 @@ impl Broker {
                  AND (state = 'active'
                       OR (state = 'shredding' AND EXISTS (
                           SELECT 1 FROM ceremonies e WHERE e.class = c.name
-                          AND {SUPERSEDED_AT_DEADLINE})))
+                          AND {})))
                  AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.class = c.name
-                                 AND h.released_at IS NULL)"
+                                 AND h.released_at IS NULL)",
+                superseded_at_deadline_sql()
             ))?;
             let ready = ids(
                 "SELECT id FROM ceremonies c WHERE state = 'open' AND expires_at > ?1

@@ -134,12 +134,7 @@ impl Broker {
                     last_try = true;
                 }
                 Issued::Refused(e) => {
-                    // The cached agent is gone, or its row was changed
-                    // outside tessera: the next call loads (and checks) it
-                    // again.
-                    if matches!(e, Error::Unauthenticated(_) | Error::Tampered(_)) {
-                        self.forget_agent_id(agent.id);
-                    }
+                    self.forget_agent_refused(agent.id, &e);
                     return Err(e);
                 }
             }

@@ -1212,17 +1212,7 @@ impl Broker {
                 Ok(Ok(id))
             })
             .await?;
-        let id = match id {
-            Ok(id) => id,
-            Err(e) => {
-                // A revoked agent, or one whose row was edited outside
-                // tessera: the next call loads (and checks) it again.
-                if matches!(e, Error::Unauthenticated(_) | Error::Tampered(_)) {
-                    self.forget_agent_id(agent.id);
-                }
-                return Err(e);
-            }
-        };
+        let id = id.inspect_err(|e| self.forget_agent_refused(agent.id, e))?;
         Ok((id, dk))
     }
 
