@@ -254,26 +254,16 @@ impl Broker {
         };
         let actor = Arc::clone(agent);
         let rid = request_id.to_string();
-        self.store
+        let renewed = self
+            .store
             .write_unguarded(move |ctx| {
                 let t = now();
-                let row = own_lease(ctx.conn, &lease_id, actor.id)?;
-                let outcome = match row {
-                    None => Err(not_found(&lease_id)),
-                    Some(l) if l.state == lease_state::REVOKED => {
-                        Err(Error::FailedPrecondition(format!(
-                            "lease {lease_id} was revoked and cannot be renewed; issue a new lease"
-                        )))
-                    }
-                    Some(l) if l.state == lease_state::EXPIRED || l.expires_at <= t => {
-                        Err(Error::FailedPrecondition(format!(
-                            "lease {lease_id} expired and cannot be renewed; issue a new lease"
-                        )))
-                    }
-                    Some(l) if l.renewable_until <= t => Err(Error::FailedPrecondition(format!(
-                        "lease {lease_id} reached its maximum lifetime; issue a new lease"
-                    ))),
-                    Some(l) => Ok(l),
+                // As for `Issue`: the agent may have been authenticated from
+                // the cache, so its row is checked in the transaction (an
+                // edit outside tessera must not keep its old limits).
+                let outcome = match actor.refused_in(ctx.conn, t)? {
+                    Some(e) => Err(e),
+                    None => renewable(own_lease(ctx.conn, &lease_id, actor.id)?, &lease_id, t),
                 };
                 let mut l = match outcome {
                     Ok(l) => l,
@@ -312,7 +302,8 @@ impl Broker {
                     renewable_until: l.renewable_until,
                 }))
             })
-            .await?
+            .await?;
+        renewed.inspect_err(|e| self.forget_agent_refused(agent.id, e))
     }
 
     /// Ends one of `agent`'s own leases now. Revoking an already ended
@@ -688,6 +679,25 @@ struct LeaseRow {
     expires_at: i64,
     renewable_until: i64,
     state: i64,
+}
+/// The lease `row` (of the agent renewing it) if it can still be renewed
+/// at `t`, else why not.
+fn renewable(row: Option<LeaseRow>, lease_id: &str, t: i64) -> Result<LeaseRow> {
+    match row {
+        None => Err(not_found(lease_id)),
+        Some(l) if l.state == lease_state::REVOKED => Err(Error::FailedPrecondition(format!(
+            "lease {lease_id} was revoked and cannot be renewed; issue a new lease"
+        ))),
+        Some(l) if l.state == lease_state::EXPIRED || l.expires_at <= t => {
+            Err(Error::FailedPrecondition(format!(
+                "lease {lease_id} expired and cannot be renewed; issue a new lease"
+            )))
+        }
+        Some(l) if l.renewable_until <= t => Err(Error::FailedPrecondition(format!(
+            "lease {lease_id} reached its maximum lifetime; issue a new lease"
+        ))),
+        Some(l) => Ok(l),
+    }
 }
 
 fn own_lease(conn: &rusqlite::Connection, id: &str, agent_id: i64) -> Result<Option<LeaseRow>> {

@@ -225,6 +225,64 @@ fn an_agent_row_edited_while_the_broker_runs_is_refused() {
     refused(&w);
 }
 
+/// `Renew` checks the agent's row in its transaction too: a lease cannot
+/// be stretched with the limits of an agent whose row was edited since it
+/// was cached, and the refusal is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_an_edited_agent_row_is_not_renewed() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/one", b"value-one");
+    let reader = w.agent("reader", "a/*", "15m");
+    let mut c = w.broker_client().await;
+    let lease = c
+        .issue(authed(
+            proto::IssueRequest {
+                secret: "a/one".into(),
+                ttl_seconds: 60,
+            },
+            &reader,
+        ))
+        .await
+        .expect("issue")
+        .into_inner();
+    sql(&w, "UPDATE agents SET max_ttl = 86400 WHERE name = 'reader';");
+    let e = c
+        .renew(authed(
+            proto::RenewRequest {
+                lease_id: lease.lease_id.clone(),
+                ttl_seconds: 86400,
+            },
+            &reader,
+        ))
+        .await
+        .expect_err("renewed with an edited row");
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(
+        e.message().contains("agent \"reader\" failed authentication"),
+        "{e:?}"
+    );
+    let expires: i64 = count(
+        &w,
+        &format!(
+            "SELECT expires_at - issued_at FROM leases WHERE id = '{}'",
+            lease.lease_id
+        ),
+    );
+    assert_eq!(expires, 60);
+    let audit = w
+        .run(&["audit", "export"])
+        .ok()
+        .stdout
+        .lines()
+        .filter(|l| l.contains("\"lease.renew\""))
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert!(audit[0].contains("\"decision\":\"deny\""), "{audit:?}");
+}
+
 /// Agent rows edited in the file (a widened allow list, a forged agent, a
 /// lifted revocation) fail their MAC: the broker refuses those tokens with
 /// DATA_LOSS, `agent list` flags the rows, and a revoke is the remedy.
