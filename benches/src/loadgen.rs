@@ -204,6 +204,7 @@ async fn setup(b: &Broker) -> String {
                 max_ttl_seconds: 3600,
                 max_lifetime_seconds: 0,
                 expires_in_seconds: 0,
+                peer_uid: None,
             },
             admin_token,
         ))

@@ -37,6 +37,8 @@ pub struct Agent {
     pub max_lifetime: u64,
     /// When its token stops working (Unix seconds), if ever.
     pub expires_at: Option<i64>,
+    /// The Unix uid its token is bound to, if any.
+    pub peer_uid: Option<u32>,
     token_hash: [u8; 32],
 }
 
@@ -56,19 +58,36 @@ impl Agent {
         )))
     }
 
+    /// The error for a token presented by `peer` (the Unix uid of the
+    /// process on the other end of the broker's Unix socket; `None` over
+    /// TCP) when the token is bound to another uid.
+    pub fn wrong_peer(&self, peer: Option<u32>) -> Option<Error> {
+        let uid = self.peer_uid.filter(|u| peer != Some(*u))?;
+        let came = match peer {
+            Some(p) => format!("from uid {p}"),
+            None => "over TCP".to_string(),
+        };
+        Some(Error::Unauthenticated(format!(
+            "the token of agent {:?} is bound to Unix uid {uid}, but this request came {came}; \
+             run the agent as that user over the broker's Unix socket",
+            self.name
+        )))
+    }
+
     /// Why this agent, authenticated from the cache before the write, may
     /// no longer act, as the writer's transaction at `at` sees it: a revoke
     /// acknowledged before this write always wins.
     ///
     /// The row is also compared with this agent as it was authenticated:
-    /// tessera never changes an agent's token, allow list, limits or
-    /// expiry, so a difference is an edit made outside tessera since (the
+    /// tessera never changes an agent's token, allow list, limits, expiry
+    /// or uid binding, so a difference is an edit made outside tessera since (the
     /// row's MAC was checked when it was loaded), and it is refused as
     /// such rather than served from the cache.
     pub(crate) fn refused_in(&self, conn: &rusqlite::Connection, at: i64) -> Result<Option<Error>> {
         let row: Option<(Option<i64>, bool)> = conn
             .prepare_cached(
-                "SELECT revoked_at, token_hash, allow, max_ttl, max_lifetime, expires_at
+                "SELECT revoked_at, token_hash, allow, max_ttl, max_lifetime, expires_at,
+                        peer_uid
                  FROM agents WHERE id = ?1",
             )?
             .query_row([self.id], |r| {
@@ -80,7 +99,8 @@ impl Agent {
                         .eq(self.allow.iter().map(String::as_str))
                     && r.get::<_, i64>(3)? == self.max_ttl as i64
                     && r.get::<_, i64>(4)? == self.max_lifetime as i64
-                    && r.get::<_, Option<i64>>(5)? == self.expires_at;
+                    && r.get::<_, Option<i64>>(5)? == self.expires_at
+                    && r.get::<_, Option<i64>>(6)? == self.peer_uid.map(i64::from);
                 Ok((r.get(0)?, same))
             })
             .optional()?;
@@ -134,6 +154,7 @@ impl Broker {
             max_ttl_seconds: max_ttl,
             max_lifetime_seconds: max_lifetime,
             expires_in_seconds: expires_in,
+            peer_uid,
         } = req;
         let max_lifetime = if max_lifetime == 0 {
             DEFAULT_MAX_LIFETIME.max(max_ttl)
@@ -211,8 +232,8 @@ impl Broker {
                 let expires_at = (expires_in > 0).then(|| t + expires_in as i64);
                 ctx.conn.execute(
                     "INSERT INTO agents (name, token_hash, allow, max_ttl, max_lifetime, created_at,
-                                         expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                                         expires_at, peer_uid)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         name,
                         &hash[..],
@@ -220,7 +241,8 @@ impl Broker {
                         max_ttl as i64,
                         max_lifetime as i64,
                         t,
-                        expires_at
+                        expires_at,
+                        peer_uid
                     ],
                 )?;
                 rowmac::seal_agent(ctx.conn, &row_key, ctx.conn.last_insert_rowid())?;
@@ -232,7 +254,11 @@ impl Broker {
                     "agent.create",
                     &name,
                     true,
-                    format!("allow {}; max ttl {max_ttl}s; {expiry}", allow.join(",")),
+                    format!(
+                        "allow {}; max ttl {max_ttl}s; {expiry}{}",
+                        allow.join(","),
+                        peer_uid.map_or_else(String::new, |u| format!("; bound to uid {u}"))
+                    ),
                     &rid,
                 ))?;
                 Ok(Ok(AgentInfo {
@@ -245,6 +271,7 @@ impl Broker {
                     revoked_at: 0,
                     active_leases: 0,
                     expires_at: expires_at.unwrap_or(0),
+                    peer_uid,
                 }))
             })
             .await??;
@@ -269,8 +296,9 @@ impl Broker {
                     max_lifetime_seconds: row.max_lifetime as u64,
                     created_at: row.created_at,
                     revoked_at: row.revoked_at.unwrap_or(0),
-                    active_leases: r.get::<_, i64>(10)? as u64,
+                    active_leases: r.get::<_, i64>(11)? as u64,
                     expires_at: row.expires_at.unwrap_or(0),
+                    peer_uid: row.peer_uid.map(|u| u as u32),
                     name: row.name,
                 })
             })?;
@@ -348,10 +376,13 @@ impl Broker {
             .await?
     }
 
-    /// Checks an agent bearer token; a failure is audited.
+    /// Checks an agent bearer token, presented by `peer` (the Unix uid of
+    /// the process on the other end of the Unix socket; `None` over TCP);
+    /// a failure is audited.
     pub async fn authenticate_agent(
         &self,
         token: Option<&str>,
+        peer: Option<u32>,
         action: &str,
         target: &str,
         request_id: &str,
@@ -367,7 +398,7 @@ impl Broker {
         };
         let hash = token_hash(token);
         if let Some(a) = self.agents.get(&hash) {
-            return match a.expired(now()) {
+            return match a.expired(now()).or_else(|| a.wrong_peer(peer)) {
                 None => Ok(a),
                 Some(e) => Err(self.deny(a.actor(), action, target, request_id, e).await),
             };
@@ -398,6 +429,7 @@ impl Broker {
                     max_ttl: row.max_ttl as u64,
                     max_lifetime: row.max_lifetime as u64,
                     expires_at: row.expires_at,
+                    peer_uid: row.peer_uid.and_then(|u| u32::try_from(u).ok()),
                     token_hash: row.token_hash.try_into().unwrap_or([0; 32]),
                     name: row.name,
                 },
@@ -414,7 +446,12 @@ impl Broker {
                 }
                 let agent = Arc::new(agent);
                 self.agents.insert(generation, hash, &agent);
-                Ok(agent)
+                match agent.wrong_peer(peer) {
+                    None => Ok(agent),
+                    Some(e) => Err(self
+                        .deny(agent.actor(), action, target, request_id, e)
+                        .await),
+                }
             }
             Some((agent, Some(_))) => {
                 let e = Error::Unauthenticated(format!(
@@ -497,6 +534,38 @@ pub(crate) fn admin_entry(
 mod tests {
     use super::*;
 
+    /// A bound token is refused from another uid and over TCP, with a
+    /// sentence that says what to do; an unbound one from anywhere.
+    #[test]
+    fn a_bound_token_is_refused_from_another_peer() {
+        let mut agent = Agent {
+            id: 1,
+            name: "bot".into(),
+            allow: vec!["*".into()],
+            max_ttl: 60,
+            max_lifetime: 60,
+            expires_at: None,
+            peer_uid: None,
+            token_hash: [0; 32],
+        };
+        assert!(agent.wrong_peer(None).is_none());
+        assert!(agent.wrong_peer(Some(0)).is_none());
+        agent.peer_uid = Some(1000);
+        assert!(agent.wrong_peer(Some(1000)).is_none());
+        let other = agent.wrong_peer(Some(0)).map(|e| e.to_string());
+        assert!(
+            other.as_deref().is_some_and(
+                |m| m.contains("bound to Unix uid 1000") && m.contains("came from uid 0")
+            ),
+            "{other:?}"
+        );
+        let tcp = agent.wrong_peer(None).map(|e| e.to_string());
+        assert!(
+            tcp.as_deref().is_some_and(|m| m.contains("came over TCP")),
+            "{tcp:?}"
+        );
+    }
+
     /// The writer's re-check: a revoke the cached agent does not know of,
     /// the token's expiry, or a row edited outside tessera refuses the
     /// write.
@@ -518,9 +587,17 @@ mod tests {
             max_ttl: 60,
             max_lifetime: 60,
             expires_at: Some(100),
+            peer_uid: None,
             token_hash: [0; 32],
         };
         assert!(agent.refused_in(&conn, 99).expect("check").is_none());
+        // A uid binding added (or removed) in the file is an edit too.
+        conn.execute("UPDATE agents SET peer_uid = 1000", [])
+            .expect("bind");
+        let bound = agent.refused_in(&conn, 99).expect("check");
+        assert!(matches!(bound, Some(Error::Tampered(_))), "{bound:?}");
+        conn.execute("UPDATE agents SET peer_uid = NULL", [])
+            .expect("undo");
         // A row edited outside tessera since the agent was loaded is
         // refused as such, not served from the cache.
         conn.execute("UPDATE agents SET allow = 'a/*\nb/*'", [])

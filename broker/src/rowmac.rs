@@ -40,11 +40,12 @@ pub(crate) struct AgentRow {
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
+    pub peer_uid: Option<i64>,
 }
 
 /// The columns [`AgentRow::from_row`] reads, in its order, then `mac`.
-pub(crate) const AGENT_COLUMNS: &str =
-    "id, name, token_hash, allow, max_ttl, max_lifetime, created_at, expires_at, revoked_at, mac";
+pub(crate) const AGENT_COLUMNS: &str = "id, name, token_hash, allow, max_ttl, max_lifetime, created_at, expires_at, revoked_at, \
+     peer_uid, mac";
 
 impl AgentRow {
     /// Reads a row selected with [`AGENT_COLUMNS`]; also returns its MAC.
@@ -60,26 +61,40 @@ impl AgentRow {
                 created_at: r.get(6)?,
                 expires_at: r.get(7)?,
                 revoked_at: r.get(8)?,
+                peer_uid: r.get(9)?,
             },
-            r.get(9)?,
+            r.get(10)?,
         ))
     }
 
     fn mac(&self, key: &SymmetricKey) -> [u8; 32] {
         let opt = |v: Option<i64>| v.map(i64::to_be_bytes);
         let (expires, revoked) = (opt(self.expires_at), opt(self.revoked_at));
-        key.mac(&[
+        let uid = opt(self.peer_uid);
+        let (id, ttl) = (self.id.to_be_bytes(), self.max_ttl.to_be_bytes());
+        let (life, created) = (
+            self.max_lifetime.to_be_bytes(),
+            self.created_at.to_be_bytes(),
+        );
+        let mut parts: Vec<&[u8]> = vec![
             b"tessera/v1/row/agent",
-            &self.id.to_be_bytes(),
+            &id,
             self.name.as_bytes(),
             &self.token_hash,
             self.allow.as_bytes(),
-            &self.max_ttl.to_be_bytes(),
-            &self.max_lifetime.to_be_bytes(),
-            &self.created_at.to_be_bytes(),
+            &ttl,
+            &life,
+            &created,
             expires.as_ref().map_or(&[][..], |b| &b[..]),
             revoked.as_ref().map_or(&[][..], |b| &b[..]),
-        ])
+        ];
+        // Added with the column: a row without a binding keeps the MAC it
+        // had before, and a binding removed in the file fails it (parts
+        // are length-prefixed, so the two forms cannot be confused).
+        if let Some(uid) = &uid {
+            parts.extend([&b"peer_uid"[..], &uid[..]]);
+        }
+        key.mac(&parts)
     }
 
     /// Whether `mac` is this row's MAC under `key`.

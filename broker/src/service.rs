@@ -88,10 +88,19 @@ impl Services {
         let token = bearer(req);
         let agent = self
             .broker()?
-            .authenticate_agent(token.as_deref(), action, target, &rid)
+            .authenticate_agent(token.as_deref(), peer_uid(req), action, target, &rid)
             .await?;
         Ok((rid, agent))
     }
+}
+
+/// The Unix uid of the process that connected over the broker's Unix
+/// socket, as the kernel reported it (`SO_PEERCRED`); `None` over TCP.
+fn peer_uid<T>(req: &Request<T>) -> Option<u32> {
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid())
 }
 
 /// Response header of `Watch`: the event id the stream starts after.

@@ -217,6 +217,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN mac BLOB;
     ALTER TABLE secrets ADD COLUMN mac BLOB;
     ",
+    // 7: agent tokens bound to a Unix peer uid.
+    "
+    ALTER TABLE agents ADD COLUMN peer_uid INTEGER;
+    ",
 ];
 
 /// Lease states as stored.

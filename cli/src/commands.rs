@@ -866,6 +866,7 @@ fn agent_json(a: &proto::AgentInfo) -> serde_json::Value {
         "expires_at": if a.expires_at == 0 { serde_json::Value::Null } else { a.expires_at.into() },
         "active_leases": a.active_leases,
         "tampered": a.tampered,
+        "peer_uid": a.peer_uid,
     })
 }
 
@@ -879,6 +880,7 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
             max_ttl,
             max_lifetime,
             expires_in,
+            uid,
         } => {
             let req = proto::CreateAgentRequest {
                 name,
@@ -886,6 +888,7 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                 max_ttl_seconds: seconds_defaulted(max_ttl, "--max-ttl")?,
                 max_lifetime_seconds: seconds_or_default(max_lifetime, "--max-lifetime")?,
                 expires_in_seconds: seconds_or_default(expires_in, "--expires-in")?,
+                peer_uid: uid,
             };
             let mut r = admin.create_agent(authed(req, &token)?).await?.into_inner();
             let info = r.agent.take().unwrap_or_default();
@@ -901,6 +904,11 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                 );
                 if info.expires_at != 0 {
                     outln!("The token expires at {}.", time(info.expires_at));
+                }
+                if let Some(uid) = info.peer_uid {
+                    outln!(
+                        "The token is accepted only from Unix uid {uid}, over the broker's Unix socket."
+                    );
                 }
                 outln!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
                 outln!("  {}", r.token);
@@ -920,18 +928,19 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                 print_json(json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}));
             } else {
                 outln!(
-                    "{:<24} {:<8} {:>8} {:>7}  ALLOW",
+                    "{:<24} {:<8} {:>8} {:>7} {:>6}  ALLOW",
                     "NAME",
                     "STATE",
                     "MAX TTL",
-                    "LEASES"
+                    "LEASES",
+                    "UID"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
                 for a in r.agents {
                     outln!(
-                        "{:<24} {:<8} {:>8} {:>7}  {}",
+                        "{:<24} {:<8} {:>8} {:>7} {:>6}  {}",
                         a.name,
                         if a.tampered {
                             "TAMPERED"
@@ -947,6 +956,8 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                         ))
                         .to_string(),
                         a.active_leases,
+                        a.peer_uid
+                            .map_or_else(|| "-".to_string(), |u| u.to_string()),
                         a.allow.join(", ")
                     );
                 }

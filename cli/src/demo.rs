@@ -222,6 +222,7 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
                 max_ttl_seconds: 900,
                 max_lifetime_seconds: 3600,
                 expires_in_seconds: 0,
+                peer_uid: None,
             },
             admin_token,
         )?)
@@ -467,6 +468,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
                 max_ttl_seconds: 900,
                 max_lifetime_seconds: 3600,
                 expires_in_seconds: 0,
+                peer_uid: None,
             },
             &admin_token,
         )?)

@@ -712,6 +712,11 @@ pub enum AgentCmd {
         /// with it end by then too [default: never]
         #[arg(long, value_parser = parse_duration)]
         expires_in: Option<std::time::Duration>,
+        /// Accept the token only from processes of this Unix user (a uid or
+        /// a user name) over the broker's Unix socket: a copied token is
+        /// refused from any other user and over TCP [default: from anywhere]
+        #[arg(long, value_name = "USER", value_parser = parse_uid)]
+        uid: Option<u32>,
     },
     /// List agents.
     List,
@@ -803,6 +808,22 @@ pub enum AuditCmd {
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{e}; write a duration like 30s, 15m, 1h or 7d"))
+}
+
+/// A Unix uid, given as a number or as a user name of this machine.
+fn parse_uid(s: &str) -> Result<u32, String> {
+    if let Ok(uid) = s.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!(
+            "there is no Unix user {s:?} on this machine; give a user name or a numeric uid"
+        )),
+        Err(e) => Err(format!(
+            "cannot look up Unix user {s:?} ({e}); give a numeric uid"
+        )),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -247,7 +247,10 @@ async fn a_lease_of_an_edited_agent_row_is_not_renewed() {
         .await
         .expect("issue")
         .into_inner();
-    sql(&w, "UPDATE agents SET max_ttl = 86400 WHERE name = 'reader';");
+    sql(
+        &w,
+        "UPDATE agents SET max_ttl = 86400 WHERE name = 'reader';",
+    );
     let e = c
         .renew(authed(
             proto::RenewRequest {
@@ -260,7 +263,8 @@ async fn a_lease_of_an_edited_agent_row_is_not_renewed() {
         .expect_err("renewed with an edited row");
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(
-        e.message().contains("agent \"reader\" failed authentication"),
+        e.message()
+            .contains("agent \"reader\" failed authentication"),
         "{e:?}"
     );
     let expires: i64 = count(
