@@ -39,7 +39,9 @@ pub struct Broker {
     pub(crate) store: Store,
     pub(crate) root_key: Arc<RootKeys>,
     pub(crate) store_id: String,
-    pub(crate) rekey_lock: tokio::sync::Mutex<()>,
+    /// One rekey at a time; holds an operator-share re-key prepared and
+    /// not yet committed.
+    pub(crate) rekey_lock: tokio::sync::Mutex<Option<crate::rekey::Pending>>,
     pub(crate) audit_key: SymmetricKey,
     pub(crate) fingerprint_key: SymmetricKey,
     admin_token_hash: [u8; 32],
@@ -348,7 +350,7 @@ impl Broker {
             fingerprint_key,
             root_key: Arc::new(RootKeys::new(root_key)),
             store_id,
-            rekey_lock: tokio::sync::Mutex::new(()),
+            rekey_lock: tokio::sync::Mutex::new(None),
             admin_token_hash,
             row_key: Arc::new(row_key),
             tampered_logged: std::sync::Mutex::new(std::collections::HashSet::new()),

@@ -11,6 +11,12 @@
 //! opens with the old key and a re-run starts over; after it, the store
 //! opens with the new key and the old keychain entry is removed (again at
 //! the next start if a crash came first).
+//!
+//! An operator-share store has nothing on disk that holds its key, so its
+//! re-key takes two calls: `prepare` makes the new key and hands out its
+//! shares, changing nothing; `commit` switches the store once the caller
+//! has kept them. A crash, a lost reply or a killed client can then never
+//! leave a store whose only key existed in a dead process's memory.
 
 use std::sync::Arc;
 
@@ -26,6 +32,16 @@ use crate::proto;
 use crate::store::{meta_get, meta_set};
 use crate::unseal::{self, KdfParams, OperatorSplit, Source};
 
+/// An operator-share re-key prepared and not yet committed (kept in
+/// memory only: a restart forgets it, and the old shares stay in effect).
+pub(crate) struct Pending {
+    id: String,
+    generation: u64,
+    key: Zeroizing<Vec<u8>>,
+    fingerprint: [u8; 32],
+    split: OperatorSplit,
+}
+
 impl Broker {
     /// Rotates the root key (see the module doc).
     pub async fn rekey_root(
@@ -34,19 +50,20 @@ impl Broker {
         mut req: proto::RekeyRootRequest,
     ) -> Result<proto::RekeyRootResponse> {
         // One rekey at a time: two would both write the next generation.
-        let _one = self.rekey_lock.lock().await;
+        let mut pending = self.rekey_lock.lock().await;
         let passphrase = Zeroizing::new(std::mem::take(&mut req.passphrase));
         let store_id = self.store_id.clone();
         let generation = self.store.read(unseal::root_generation)?;
         let next = generation + 1;
-        let new_rk = RootKey::generate()?;
-        let new_bytes = Zeroizing::new(new_rk.expose_bytes().to_vec());
+        let mut new_rk = RootKey::generate()?;
         // The new key in its source, before anything in the store changes.
         let mut passphrase_wrap = None;
         let mut operator_shares = Vec::new();
         let mut fingerprint = None;
         let source = self.source();
-        if !matches!(source, Source::Shares) && (req.shares != 0 || req.threshold != 0) {
+        if !matches!(source, Source::Shares)
+            && (req.shares != 0 || req.threshold != 0 || req.prepare || !req.commit.is_empty())
+        {
             let e = Error::invalid(
                 "shares",
                 "this store's root key is not split among operators (it is sealed by the OS \
@@ -56,8 +73,10 @@ impl Broker {
                 .deny("admin".into(), "root.rekey", "root-key", request_id, e)
                 .await);
         }
+        let new_bytes;
         let prepared: Result<()> = match source {
             Source::Keychain(which) => {
+                new_bytes = Zeroizing::new(new_rk.expose_bytes().to_vec());
                 let item = unseal::root_item_gen(which, &store_id, next);
                 let bytes = new_bytes.clone();
                 tokio::task::spawn_blocking(move || item.write(bytes))
@@ -65,6 +84,7 @@ impl Broker {
                     .map_err(|e| Error::Internal(format!("keychain task: {e}")))?
             }
             Source::Passphrase => {
+                new_bytes = Zeroizing::new(new_rk.expose_bytes().to_vec());
                 if passphrase.is_empty() {
                     Err(Error::invalid(
                         "passphrase",
@@ -99,11 +119,38 @@ impl Broker {
                     }
                 }
             }
+            Source::Shares if !req.commit.is_empty() => match pending.take() {
+                Some(p) if p.id == req.commit && p.generation == next => {
+                    new_rk = RootKey::from_bytes(&p.key)?;
+                    new_bytes = p.key;
+                    fingerprint = Some((p.fingerprint, p.split));
+                    Ok(())
+                }
+                other => {
+                    *pending = other;
+                    new_bytes = Zeroizing::new(Vec::new());
+                    Err(Error::FailedPrecondition(
+                        "no re-key with this id is waiting to be committed (the broker \
+                             restarted, or another `rekey root` replaced or finished it); \
+                             nothing was changed and the old operator shares still unseal \
+                             this store: run `tessera rekey root` again"
+                            .into(),
+                    ))
+                }
+            },
             Source::Shares => {
+                new_bytes = Zeroizing::new(new_rk.expose_bytes().to_vec());
                 if req.shares == 0 || req.threshold == 0 {
                     Err(Error::invalid(
                         "shares",
                         "this store's root key is split among operators: give --shares N and --threshold K for the new split",
+                    ))
+                } else if !req.prepare {
+                    Err(Error::invalid(
+                        "prepare",
+                        "an operator-share store is re-keyed in two steps (prepare, then \
+                         commit once the new shares are kept); use `tessera rekey root` of \
+                         this version",
                     ))
                 } else {
                     let count = |n: u32| u8::try_from(n).unwrap_or(u8::MAX);
@@ -129,6 +176,35 @@ impl Broker {
             return Err(self
                 .deny("admin".into(), "root.rekey", "root-key", request_id, e)
                 .await);
+        }
+        if let Some((fingerprint, split)) = fingerprint.filter(|_| req.commit.is_empty()) {
+            let id = crate::keys::random_id("rk_")?;
+            *pending = Some(Pending {
+                id: id.clone(),
+                generation: next,
+                key: new_bytes,
+                fingerprint,
+                split,
+            });
+            self.audit(admin_entry(
+                "root.rekey",
+                "root-key",
+                true,
+                format!(
+                    "root key generation {next} prepared ({id}), split {} of {}; not in effect \
+                     until committed",
+                    split.threshold, split.shares
+                ),
+                request_id,
+            ))
+            .await?;
+            return Ok(proto::RekeyRootResponse {
+                generation: next,
+                operator_shares: operator_shares.iter().map(|s| s.to_string()).collect(),
+                pending_id: id,
+                versions_rewrapped: 0,
+                classes_rewrapped: 0,
+            });
         }
         let handle = Arc::clone(&self.root_key);
         let swap_handle = Arc::clone(&self.root_key);
@@ -252,7 +328,8 @@ impl Broker {
             generation: next,
             versions_rewrapped: counts.0,
             classes_rewrapped: counts.1,
-            operator_shares: operator_shares.iter().map(|s| s.to_string()).collect(),
+            operator_shares: Vec::new(),
+            pending_id: String::new(),
         })
     }
 }

@@ -419,8 +419,18 @@ fn check_share_delivery(n: u32, a: &crate::ShareDelivery) -> Result<(), CliError
             format!("cannot write operator shares to {}: {e}", d.display()),
         )
     };
-    std::fs::create_dir_all(d).map_err(cannot)?;
+    share_dir(d).map_err(cannot)?;
     tempfile::tempfile_in(d).map(drop).map_err(cannot)
+}
+
+/// Creates --share-dir if needed, 0700 whatever the umask (others must not
+/// replace or remove shares before the operators collect them).
+fn share_dir(d: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(d)
 }
 
 /// Writes operator shares to --share-dir (age-sealed to the operators'
@@ -439,7 +449,7 @@ fn deliver_operator_shares(
         };
         match &a.share_dir {
             Some(d) => {
-                std::fs::create_dir_all(d).map_err(|e| {
+                share_dir(d).map_err(|e| {
                     CliError::new(Exit::Failure, format!("cannot create {}: {e}", d.display()))
                 })?;
                 let f = d.join(format!("operator-{}.share", i + 1));
@@ -448,6 +458,14 @@ fn deliver_operator_shares(
             }
             None => out.push(json!(String::from_utf8_lossy(&body))),
         }
+    }
+    // The files' names are durable too, before anything relies on them.
+    if let Some(d) = &a.share_dir {
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| {
+                CliError::new(Exit::Failure, format!("cannot sync {}: {e}", d.display()))
+            })?;
     }
     Ok(out)
 }
@@ -485,61 +503,129 @@ async fn rekey_root(
         Ok(p) if !p.is_empty() => Zeroizing::new(p.into_bytes()),
         _ => Zeroizing::new(Vec::new()),
     };
-    let mut r = target(g)
-        .admin()
-        .await?
-        .rekey_root(authed(
-            proto::RekeyRootRequest {
-                passphrase: pass.to_vec(),
-                shares: shares.unwrap_or(0),
-                threshold: threshold.unwrap_or(0),
-            },
-            &token,
-        )?)
+    let mut admin = target(g).admin().await?;
+    let call = |prepare: bool, commit: String| proto::RekeyRootRequest {
+        passphrase: pass.to_vec(),
+        shares: shares.unwrap_or(0),
+        threshold: threshold.unwrap_or(0),
+        prepare,
+        commit,
+    };
+    let (Some(_), Some(_)) = (shares, threshold) else {
+        // A keychain or passphrase store: one call (the new key is in its
+        // source before the store switches to it).
+        let r = admin
+            .rekey_root(authed(call(false, String::new()), &token)?)
+            .await?
+            .into_inner();
+        return rekeyed(g, &r, &[], delivery);
+    };
+    // Operator shares: the new shares are kept (written, or shown) before
+    // the store switches to their key, so that no crash, lost reply or
+    // killed client can leave a store that no share opens.
+    let mut prepared = admin
+        .rekey_root(authed(call(true, String::new()), &token)?)
         .await?
         .into_inner();
-    let texts: Vec<Zeroizing<String>> = std::mem::take(&mut r.operator_shares)
+    let texts: Vec<Zeroizing<String>> = std::mem::take(&mut prepared.operator_shares)
         .into_iter()
         .map(Zeroizing::new)
         .collect();
-    // The new root key is in place: shares that cannot be written where
-    // asked are printed rather than lost (sealed to their operators where
-    // recipients were given), or the store could never be unsealed again.
-    let (shares, undelivered) = match deliver_operator_shares(&texts, delivery) {
-        Ok(s) => (s, None),
-        Err(e) => {
-            let fallback = crate::ShareDelivery {
-                share_dir: None,
-                operator_recipient: delivery.operator_recipient.clone(),
-            };
-            let printed = deliver_operator_shares(&texts, &fallback).map_err(|again| {
+    let not_changed = |e: CliError| {
+        CliError::new(
+            e.exit,
+            format!(
+                "{}; the root key was not replaced and the old operator shares still unseal \
+                 this store",
+                e.message
+            ),
+        )
+    };
+    let kept = deliver_operator_shares(&texts, delivery).map_err(not_changed)?;
+    if delivery.share_dir.is_none() {
+        // Shown before the switch: once on stdout, they are the operators'.
+        if g.json {
+            print_json(json!({
+                "generation": prepared.generation,
+                "operator_shares": kept,
+            }));
+        } else {
+            outln!(
+                "New operator shares (shown once; hand one to each operator; they take effect \
+                 as the re-key below commits):"
+            );
+            for s in &kept {
+                outln!("{}", s.as_str().unwrap_or_default());
+            }
+        }
+        crate::shown("the new operator shares").map_err(not_changed)?;
+    }
+    let done = admin
+        .rekey_root(authed(call(false, prepared.pending_id.clone()), &token)?)
+        .await;
+    let r = match done {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            use tonic::Code;
+            let unknown = matches!(
+                status.code(),
+                Code::Unknown
+                    | Code::Internal
+                    | Code::Unavailable
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+            );
+            let e = CliError::from(status);
+            let shares_at = delivery.share_dir.as_ref().map_or_else(
+                || "printed above".to_string(),
+                |d| format!("in {}", d.display()),
+            );
+            return Err(if unknown {
                 CliError::new(
                     Exit::Failure,
                     format!(
-                        "the root key was replaced, but its new operator shares could not be \
-                         handed out ({}; then {}): run `tessera rekey root` again while this \
-                         broker is unsealed, or it cannot be unsealed after a restart",
-                        e.message, again.message
+                        "{}; the re-key may or may not have taken effect. Keep both the old \
+                         shares and the new ones ({shares_at}): after a restart, the set that \
+                         unseals the broker is the one in effect (`tessera unseal` refuses a \
+                         share of the other key)",
+                        e.message
                     ),
                 )
-            })?;
-            (printed, Some(e))
+            } else {
+                if delivery.share_dir.is_some() {
+                    for f in &kept {
+                        let _ = std::fs::remove_file(f.as_str().unwrap_or_default());
+                    }
+                }
+                not_changed(CliError::new(
+                    e.exit,
+                    format!("{} (the new shares {shares_at} are void)", e.message),
+                ))
+            });
         }
     };
-    if let Some(e) = &undelivered {
-        eprintln!(
-            "error: {}; the root key was replaced, so the new shares are printed below \
-             instead: hand them out now",
-            e.message
-        );
-    }
+    rekeyed(g, &r, &kept, delivery)
+}
+
+/// What `rekey root` says once the store switched to the new key: with
+/// shares written to a directory, where they are (shares shown on stdout
+/// were shown before the switch).
+fn rekeyed(
+    g: &Global,
+    r: &proto::RekeyRootResponse,
+    kept: &[serde_json::Value],
+    delivery: &crate::ShareDelivery,
+) -> Result<(), CliError> {
+    let in_dir = delivery.share_dir.is_some() && !kept.is_empty();
     if g.json {
-        print_json(json!({
-            "generation": r.generation,
-            "versions_rewrapped": r.versions_rewrapped,
-            "classes_rewrapped": r.classes_rewrapped,
-            "operator_shares": shares,
-        }));
+        if kept.is_empty() || in_dir {
+            print_json(json!({
+                "generation": r.generation,
+                "versions_rewrapped": r.versions_rewrapped,
+                "classes_rewrapped": r.classes_rewrapped,
+                "operator_shares": kept,
+            }));
+        }
     } else {
         outln!(
             "Root key generation {}: {} data keys and {} class keys re-wrapped; no value was \
@@ -548,30 +634,14 @@ async fn rekey_root(
             r.versions_rewrapped,
             r.classes_rewrapped
         );
-        if !shares.is_empty() {
+        if !kept.is_empty() {
             outln!("The old operator shares no longer unseal this store.");
-            let shown = match undelivered {
-                Some(_) => &crate::ShareDelivery {
-                    share_dir: None,
-                    operator_recipient: Vec::new(),
-                },
-                None => delivery,
-            };
-            show_delivered(&shares, shown);
+        }
+        if in_dir {
+            show_delivered(kept, delivery);
         }
     }
-    crate::shown(
-        "the new operator shares (the root key was replaced: run `tessera rekey root` \
-           again while this broker is unsealed)",
-    )?;
-    match undelivered {
-        // Not exit 6 ("nothing changed"): the root key was replaced.
-        Some(_) => Err(CliError::new(
-            Exit::Failure,
-            "the new operator shares were not written where asked (they are printed above)",
-        )),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 async fn unseal(g: &Global, a: crate::UnsealArgs) -> Result<(), CliError> {

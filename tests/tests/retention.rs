@@ -1373,6 +1373,195 @@ fn operator_shares_keep_the_broker_sealed_until_a_quorum_unseals_it() {
     assert_eq!(got["secrets"][0]["name"], "db/prod");
 }
 
+/// `rekey root` of an operator-share store keeps the new shares (written
+/// and synced, or shown) before the store switches to their key: a broker
+/// that dies just before or just after the switch leaves a store that one
+/// of the two sets unseals, and the CLI says to keep both. A commit with
+/// an unknown id changes nothing.
+#[test]
+fn an_operator_share_rekey_never_leaves_a_store_no_share_opens() {
+    for fault in ["", "rekey-before-commit", "rekey-after-commit"] {
+        let w = World::new();
+        let init = w.init_shares(3, 2);
+        let old: Vec<String> = init["operator_shares"]
+            .as_array()
+            .expect("shares")
+            .iter()
+            .map(|s| s.as_str().expect("text").to_string())
+            .collect();
+        let unseal = |share: &[u8]| w.run_with(&["unseal"], Some(share), &[]);
+        let env: Vec<(&str, &str)> = if fault.is_empty() {
+            vec![]
+        } else {
+            vec![("TESSERA_FAULT", fault)]
+        };
+        let mut s = w.serve_env(&[], &env);
+        unseal(old[0].as_bytes()).ok();
+        unseal(old[2].as_bytes()).ok();
+        w.put("db/prod", b"value-kept");
+        let dir = w.tmp.path().join("new-shares");
+        let new: Vec<String> = if fault.is_empty() {
+            // Shares that could not be shown are not switched to.
+            let mut unseen = w
+                .command()
+                .args(["rekey", "root", "--shares", "3", "--threshold", "2"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn tessera");
+            drop(unseen.stdout.take());
+            let out = unseen.wait_with_output().expect("wait");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(err.contains("the root key was not replaced"), "{err}");
+            // Printed: the JSON document comes before the switch.
+            let r = w
+                .run(&[
+                    "rekey",
+                    "root",
+                    "--shares",
+                    "3",
+                    "--threshold",
+                    "2",
+                    "--json",
+                ])
+                .ok();
+            let doc = r.json();
+            assert_eq!(doc["generation"], 2, "{r:#?}");
+            doc["operator_shares"]
+                .as_array()
+                .expect("shares")
+                .iter()
+                .map(|s| s.as_str().expect("text").to_string())
+                .collect()
+        } else {
+            let r = w.run(&[
+                "rekey",
+                "root",
+                "--shares",
+                "3",
+                "--threshold",
+                "2",
+                "--share-dir",
+                dir.to_str().expect("p"),
+            ]);
+            assert_eq!(r.code, 1, "{fault}: {r:#?}");
+            assert!(
+                r.stderr.contains("may or may not have taken effect"),
+                "{fault}: {r:#?}"
+            );
+            assert_ne!(s.wait_exit(), 0);
+            let mode = std::fs::metadata(&dir).expect("dir").permissions();
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+                0o700
+            );
+            (1..=3)
+                .map(|i| {
+                    std::fs::read_to_string(dir.join(format!("operator-{i}.share")))
+                        .expect("share written before the switch")
+                })
+                .collect()
+        };
+        s.terminate();
+        let _s = w.serve_env(&[], &[]);
+        // Before the commit the old shares still open the store; after it
+        // the new ones do, and the other set is refused.
+        let (works, refused) = if fault == "rekey-before-commit" {
+            (&old, &new)
+        } else {
+            (&new, &old)
+        };
+        let r = unseal(refused[0].as_bytes()).fails_with(7);
+        assert!(
+            r.stderr.contains("not of this store's root key"),
+            "{fault}: {r:#?}"
+        );
+        unseal(works[1].as_bytes()).ok();
+        unseal(works[2].as_bytes()).ok();
+        let status = w.run(&["status", "--json"]).ok().json();
+        assert_eq!(status["sealed"], false, "{fault}");
+        let token = w.agent("app", "db/*", "15m");
+        assert_eq!(
+            w.get("db/prod", &token).ok().stdout,
+            "value-kept",
+            "{fault}"
+        );
+        w.run(&["audit", "verify"]).ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_commit_names_the_prepared_one() {
+    let w = World::new();
+    let init = w.init_shares(2, 2);
+    let _s = w.serve_env(&[], &[]);
+    for share in init["operator_shares"].as_array().expect("shares") {
+        w.run_with(
+            &["unseal"],
+            Some(share.as_str().expect("text").as_bytes()),
+            &[],
+        )
+        .ok();
+    }
+    let mut admin = w.admin_client().await;
+    let token = w.admin_token();
+    let call = |prepare: bool, commit: &str| {
+        tessera_e2e::authed(
+            tessera_broker::proto::RekeyRootRequest {
+                passphrase: Vec::new(),
+                shares: 2,
+                threshold: 2,
+                prepare,
+                commit: commit.into(),
+            },
+            &token,
+        )
+    };
+    // One step is not offered for shares: the old ones would stop working
+    // before the new ones were kept.
+    let e = admin
+        .rekey_root(call(false, ""))
+        .await
+        .expect_err("one step");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let first = admin
+        .rekey_root(call(true, ""))
+        .await
+        .expect("prepare")
+        .into_inner();
+    let second = admin
+        .rekey_root(call(true, ""))
+        .await
+        .expect("prepare")
+        .into_inner();
+    // The first was replaced by the second: committing it changes nothing.
+    let e = admin
+        .rekey_root(call(false, &first.pending_id))
+        .await
+        .expect_err("replaced");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("old operator shares still unseal"),
+        "{e:?}"
+    );
+    let done = admin
+        .rekey_root(call(false, &second.pending_id))
+        .await
+        .expect("commit")
+        .into_inner();
+    assert_eq!(done.generation, 2);
+    // Committed once: the id is spent.
+    let e = admin
+        .rekey_root(call(false, &second.pending_id))
+        .await
+        .expect_err("committed twice");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    assert!(audit.contains("not in effect until committed"), "{audit}");
+}
+
 /// Once the deadline passes, an early ceremony still short of its (larger)
 /// quorum gives way to a normal one, which the broker opens itself: the
 /// class's own threshold then suffices.
