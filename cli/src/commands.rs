@@ -102,7 +102,7 @@ pub(crate) fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
 pub(crate) fn read_stdin(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
     let mut stdin = std::io::stdin();
     if stdin.is_terminal() {
-        eprintln!("Reading {what} from stdin; end with Ctrl-D.");
+        errln!("Reading {what} from stdin; end with Ctrl-D.");
     }
     let mut buf = Zeroizing::new(Vec::new());
     stdin
@@ -129,7 +129,7 @@ pub(crate) fn read_value(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>
     {
         let _hidden = HiddenInput::start()?;
         // Only now: what is typed after the prompt is never echoed.
-        eprintln!("Type or paste {what}, then Ctrl-D (input is hidden).");
+        errln!("Type or paste {what}, then Ctrl-D (input is hidden).");
         std::io::stdin()
             .read_to_end(&mut buf)
             .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
@@ -196,7 +196,7 @@ pub(crate) fn passphrase(
         if let Ok(m) = std::fs::metadata(f)
             && m.permissions().mode() & 0o077 != 0
         {
-            eprintln!(
+            errln!(
                 "warning: --passphrase-file {} can be read by other users (mode {:o}); \
                  `chmod 600` it",
                 f.display(),
@@ -331,7 +331,7 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
     })
     .await?;
     for problem in dir.open_to_others() {
-        eprintln!("warning: {problem}");
+        errln!("warning: {problem}");
     }
     let shares = deliver_operator_shares(&done.operator_shares, &a.delivery).map_err(|e| {
         CliError::new(
@@ -691,7 +691,11 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         // No colour codes in a log file or journal.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
+        .with_target(false)
+        // A log line that cannot be written is lost, not reported on the
+        // same stderr (which panics when that fails too): a full disk under
+        // the log must not stop the broker.
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

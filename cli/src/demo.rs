@@ -24,7 +24,7 @@ static NARRATE_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 macro_rules! say {
     ($($t:tt)*) => {
         if NARRATE_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
-            eprintln!($($t)*)
+            errln!($($t)*)
         } else {
             outln!($($t)*)
         }

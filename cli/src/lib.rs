@@ -13,6 +13,16 @@ macro_rules! outln {
     };
 }
 
+/// `errln!` for notes and errors: a stderr that cannot be written (a
+/// full disk under a log file, `2>/dev/full`) loses the line rather than
+/// panicking, which would take a running broker down with it.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// `print!` for a command's output; see `outln!`.
 macro_rules! out {
     ($($arg:tt)*) => {
@@ -40,7 +50,7 @@ fn write_out(args: std::fmt::Arguments<'_>) {
             STDOUT_CLOSED.store(true, Ordering::Relaxed);
             return;
         }
-        eprintln!("error: cannot write stdout: {e}");
+        errln!("error: cannot write stdout: {e}");
         std::process::exit(client::Exit::Failure as i32);
     }
 }
@@ -884,7 +894,7 @@ pub fn usage_error(e: clap::Error) -> i32 {
     let doc = serde_json::json!({
         "error": { "exit": Exit::Usage as i32, "message": e.render().to_string().trim_end() }
     });
-    eprintln!("{doc}");
+    errln!("{doc}");
     Exit::Usage as i32
 }
 
@@ -897,7 +907,7 @@ pub fn run(cli: Cli) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return Exit::Failure as i32;
         }
     };
@@ -908,9 +918,9 @@ pub fn run(cli: Cli) -> i32 {
                 let doc = serde_json::json!({
                     "error": { "exit": e.exit as i32, "message": e.message }
                 });
-                eprintln!("{doc}");
+                errln!("{doc}");
             } else {
-                eprintln!("error: {}", e.message);
+                errln!("error: {}", e.message);
             }
             e.exit as i32
         }

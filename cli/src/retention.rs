@@ -486,11 +486,11 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
             // On stderr, so that stdout stays one JSON document; shown
             // whenever the holder is asked to confirm, --json or not.
             if !g.json || !yes {
-                eprintln!("You are asked, as the {} holder, to sign:\n", key.role);
+                errln!("You are asked, as the {} holder, to sign:\n", key.role);
                 for line in cer.statement.lines() {
-                    eprintln!("    {line}");
+                    errln!("    {line}");
                 }
-                eprintln!();
+                errln!();
             }
             if !yes {
                 confirm_signing(&cer)?;
@@ -758,7 +758,7 @@ pub(crate) fn shares(g: &Global, c: SharesCmd) -> Result<(), CliError> {
         }
         print_json(doc);
     } else {
-        eprintln!(
+        errln!(
             "The {} shares combine to the key of class {env_class} (fingerprint {}).",
             files.len(),
             hex(&fp)

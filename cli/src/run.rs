@@ -728,7 +728,7 @@ pub(crate) async fn give_back(
 }
 
 fn tracing_note(m: &str) {
-    eprintln!("tessera: {m}");
+    errln!("tessera: {m}");
 }
 
 /// Applies `on_rotate` after a value changed.

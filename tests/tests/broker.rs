@@ -704,6 +704,45 @@ fn a_token_bound_to_a_uid_works_only_from_that_user_on_the_socket() {
     assert!(r.stderr.contains("failed authentication"), "{r:#?}");
 }
 
+/// A broker whose stderr cannot be written (a full disk under its log
+/// file) loses its log lines but keeps serving, and stops cleanly.
+#[test]
+fn a_broker_whose_log_cannot_be_written_keeps_serving() {
+    let w = World::new();
+    w.init_passphrase();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut child = w
+        .command()
+        .arg("serve")
+        .env("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE)
+        .env("TESSERA_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .spawn()
+        .expect("spawn tessera serve");
+    // No log line to wait for: wait until it answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while w.run(&["status"]).code != 0 {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "tessera serve exited"
+        );
+        assert!(std::time::Instant::now() < deadline, "never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.put("a/one", b"logged-nowhere");
+    let token = w.agent("app", "a/*", "15m");
+    assert_eq!(w.get("a/one", &token).ok().stdout, "logged-nowhere");
+    tessera_e2e::signal_term(child.id()).expect("SIGTERM");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(!w.socket().exists(), "the socket was left behind");
+}
+
 #[test]
 fn demo_walks_through_the_main_job() {
     let w = World::new();
