@@ -19,6 +19,8 @@ use crate::rowmac::{self, AgentRow};
 
 /// Shortest and longest lease TTL an agent may be given.
 pub const TTL_RANGE: std::ops::RangeInclusive<u64> = 1..=30 * 24 * 3600;
+/// Most allow patterns one agent may have.
+pub const ALLOW_MAX: usize = 256;
 /// Default total life of a lease across renewals.
 pub const DEFAULT_MAX_LIFETIME: u64 = 24 * 3600;
 
@@ -120,6 +122,26 @@ impl Agent {
         (at + self.max_lifetime as i64).min(self.expires_at.unwrap_or(i64::MAX))
     }
 
+    /// The agent's allow rules for a refusal's message: the first few, and
+    /// how many more (a message must fit in a gRPC status).
+    pub fn rules_text(&self) -> String {
+        const SHOWN: usize = 8;
+        let mut text = self
+            .allow
+            .iter()
+            .take(SHOWN)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.allow.len() > SHOWN {
+            text.push_str(&format!(
+                " and {} more: `tessera agent list` shows them",
+                self.allow.len() - SHOWN
+            ));
+        }
+        text
+    }
+
     /// The first `class:` rule that covers retention class `class`, if any.
     /// (`*` alone never grants a class: class access is always explicit.)
     pub fn rule_for_class(&self, class: &str) -> Option<&str> {
@@ -167,6 +189,16 @@ impl Broker {
                     return Err(Error::invalid(
                         "allow",
                         "give at least one secret pattern the agent may read, e.g. --allow 'openai/*'",
+                    ));
+                }
+                if allow.len() > ALLOW_MAX {
+                    return Err(Error::invalid(
+                        "allow",
+                        format!(
+                            "{} patterns is more than the {ALLOW_MAX} an agent may have; use \
+                             wildcards (e.g. 'openai/*') rather than listing every secret",
+                            allow.len()
+                        ),
                     ));
                 }
                 allow.iter().try_for_each(|p| names::pattern(p))
@@ -463,11 +495,15 @@ impl Broker {
                     .await)
             }
             _ => {
-                let e = Error::Unauthenticated(
+                let e = Error::Unauthenticated(if token.starts_with("tsa_") {
+                    "this is the admin credential (tsa_…), and agent calls take an agent token \
+                     (tsr_…, printed by `tessera agent create`): check TESSERA_TOKEN"
+                        .into()
+                } else {
                     "the agent token is not valid for this broker (unknown or mistyped); check \
                      TESSERA_TOKEN"
-                        .into(),
-                );
+                        .into()
+                });
                 let actor = self.token_fingerprint(token);
                 Err(self.deny(actor, action, target, request_id, e).await)
             }

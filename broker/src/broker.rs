@@ -317,13 +317,7 @@ impl Broker {
                     return Ok(None);
                 }
                 if rowmac::any_macs(ctx.conn)? {
-                    return Err(Error::Tampered(
-                        "the store's key check value is the one of a store without row MACs, \
-                         yet its rows carry MACs: the check value was written back from an \
-                         older copy of the file. The broker will not start on it; restore the \
-                         store from a backup and find out who can write the database file"
-                            .into(),
-                    ));
+                    return Err(rowmac::written_back());
                 }
                 let n = rowmac::adopt(ctx, &row_key, &store_id)?;
                 meta_set(ctx.conn, "root_key_check", &check)?;
@@ -332,8 +326,26 @@ impl Broker {
             if let Some(n) = adopted {
                 tracing::warn!(
                     agents = n,
-                    "this store had no row MACs: its agent rows, secret rows and admin \
-                     credential were adopted as they stood (audited as store.upgrade)"
+                    "this store had no row MACs: its agent rows, secret rows, holder and class \
+                     rows and admin credential were adopted as they stood (audited as \
+                     store.upgrade)"
+                );
+            }
+        } else if unseal::retention_macs_pending(&conn, &root_key)? {
+            let check = unseal::check_value(&root_key);
+            let adopted = store::write_before_start(&mut conn, &audit_key, |ctx| {
+                if !unseal::retention_macs_pending(ctx.conn, &root_key)? {
+                    return Ok(None);
+                }
+                let n = rowmac::adopt_retention(ctx, &row_key)?;
+                meta_set(ctx.conn, "root_key_check", &check)?;
+                Ok(Some(n))
+            })?;
+            if let Some(n) = adopted {
+                tracing::warn!(
+                    rows = n,
+                    "this store's holder and class rows had no MACs: they were adopted as they \
+                     stood (audited as store.upgrade)"
                 );
             }
         }
@@ -440,6 +452,10 @@ impl Broker {
         let err = Error::Unauthenticated(match token {
             None => "no admin credential: send `authorization: Bearer <admin token>` \
                      (the CLI reads TESSERA_ADMIN_TOKEN or the data dir's admin.token)"
+                .into(),
+            Some(t) if t.starts_with("tsr_") => "this is an agent token (tsr_…), and admin \
+                        calls take the admin credential (tsa_…): use the token `tessera init` \
+                        wrote to admin.token"
                 .into(),
             Some(_) => "the admin credential is not valid for this broker; use the token \
                         `tessera init` wrote to admin.token"

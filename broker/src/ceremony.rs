@@ -21,13 +21,17 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::init::{now, rfc3339};
+use crate::keys::SymmetricKey;
 use crate::keys::{fill_random, hex, random_id};
 use crate::proto;
+use crate::retention::ClassRow;
 use crate::retention::{
     HolderCaller, class_state, judge_role_signature, load_class, no_class, shredded_error,
     signed_part, standing_holds,
 };
+use crate::rowmac;
 use crate::store::{meta_get, meta_set};
+use std::sync::Arc;
 
 /// Ceremony states as stored.
 pub mod state {
@@ -83,6 +87,38 @@ fn load_ceremony(conn: &Connection, id: &str) -> Result<Option<CeremonyRow>> {
         .optional()?)
 }
 
+/// The quorum a ceremony needs, judged from its class's record (which
+/// carries a MAC) rather than from the ceremony's own row (which does not):
+/// its statement must be of this class and key, a normal shred needs the
+/// deadline passed and the class threshold, an early one the early
+/// threshold. A row that asks for less, or a statement of another class or
+/// key, was written outside tessera.
+fn quorum_of(c: &CeremonyRow, class: &ClassRow, statement: &Statement, t: i64) -> Result<u32> {
+    let tampered = |what: &str| {
+        Err(Error::Tampered(format!(
+            "ceremony {} failed authentication: {what} (it was changed outside tessera); \
+             nothing was destroyed. Find out who can write the database file",
+            c.id
+        )))
+    };
+    if statement.ceremony != c.id
+        || statement.class != c.class
+        || statement.key_fingerprint != class.key_fingerprint
+        || statement.deadline != class.deadline
+        || statement.action.name() != c.action
+    {
+        return tampered("its statement does not match the ceremony or its class's key");
+    }
+    let least = match statement.action {
+        Action::Shred if t < class.deadline => {
+            return tampered("a shred at the deadline, before the deadline");
+        }
+        Action::Shred => class.threshold,
+        Action::ShredEarly => class.early_threshold,
+    };
+    Ok(c.required.max(u32::from(least)))
+}
+
 fn joins(conn: &Connection, id: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT role, signature FROM ceremony_joins WHERE ceremony = ?1 ORDER BY joined_at, role",
@@ -128,8 +164,10 @@ fn open_ceremony_of(conn: &Connection, class: &str) -> Result<Option<String>> {
 /// Opens a ceremony inside a write transaction; `Ok(Err(_))` is a refusal
 /// (already audited by the caller). Returns the new ceremony's id and
 /// action, and the id of an early ceremony it superseded, if any.
+#[allow(clippy::too_many_arguments)]
 fn open_in_tx(
     conn: &Connection,
+    row_key: &SymmetricKey,
     class: &str,
     opened_by: &str,
     reason: &str,
@@ -140,6 +178,9 @@ fn open_in_tx(
     let Some(c) = load_class(conn, class)? else {
         return Ok(Err(no_class(class)));
     };
+    if let Err(e) = rowmac::check_class(conn, row_key, class) {
+        return Ok(Err(e));
+    }
     let holds: Vec<String> = standing_holds(conn, class)?
         .into_iter()
         .map(|(id, r)| format!("hold {id}: {r}"))
@@ -276,11 +317,21 @@ impl Broker {
         }
         let rid = request_id.to_string();
         let actor = actor.to_string();
+        let row_key = Arc::clone(&self.row_key);
         let id = self
             .store
             .write(move |ctx| {
                 let t = now();
-                let out = open_in_tx(ctx.conn, &class, &actor, &reason, early, expires_secs, t)?;
+                let out = open_in_tx(
+                    ctx.conn,
+                    &row_key,
+                    &class,
+                    &actor,
+                    &reason,
+                    early,
+                    expires_secs,
+                    t,
+                )?;
                 let why = match &out {
                     Ok((id, action, superseded)) => format!(
                         "ceremony {id} opened{}: {reason}{}",
@@ -357,11 +408,12 @@ impl Broker {
         let role = holder.role.clone();
         let actor = holder.actor();
         let cid = id.clone();
+        let row_key = Arc::clone(&self.row_key);
         let quorum = self
             .store
             .write(move |ctx| {
                 let t = now();
-                let out = join_in_tx(ctx.conn, &cid, &role, &signature, t)?;
+                let out = join_in_tx(ctx.conn, &row_key, &cid, &role, &signature, t)?;
                 let why = match &out {
                     Ok((n, req, fresh)) => format!(
                         "role {role} {} ({n} of {req} roles)",
@@ -401,6 +453,7 @@ impl Broker {
         let broker_key = self.signing_public;
         let cid = id.to_string();
         let rid = request_id.to_string();
+        let row_key = Arc::clone(&self.row_key);
         // The key in memory goes as the destruction commits, before anyone
         // hears of it.
         let forget = self.class_keys.forget_on_commit();
@@ -417,16 +470,20 @@ impl Broker {
                     }
                     let class =
                         load_class(ctx.conn, &c.class)?.ok_or_else(|| no_class(&c.class))?;
-                    let joined = joins(ctx.conn, &cid)?;
-                    if (joined.len() as u32) < c.required
-                        || !standing_holds(ctx.conn, &c.class)?.is_empty()
-                    {
-                        return Ok(None);
-                    }
+                    // Nothing irreversible on the word of rows edited in
+                    // the file: the class (deadline, holders, thresholds,
+                    // holds) and holder keys must verify, and the ceremony
+                    // row, which carries no MAC, is judged against them.
+                    rowmac::check_class(ctx.conn, &row_key, &c.class)?;
                     let statement = Statement::parse(&c.statement)
                         .map_err(|e| Error::Tampered(format!("ceremony {cid}: {e}")))?;
+                    let required = quorum_of(&c, &class, &statement, t)?;
+                    if !standing_holds(ctx.conn, &c.class)?.is_empty() {
+                        return Ok(None);
+                    }
                     let mut holders = Vec::new();
                     for role in &class.holders {
+                        rowmac::check_holder(ctx.conn, &row_key, role)?;
                         let key: Option<Vec<u8>> = ctx
                             .conn
                             .query_row(
@@ -439,6 +496,27 @@ impl Broker {
                             holders.push((role.clone(), k));
                         }
                     }
+                    // Each join counts only with a signature that verifies
+                    // under its role's key (a row inserted in the file does
+                    // not).
+                    let joined = joins(ctx.conn, &cid)?;
+                    let text = statement.to_text();
+                    for (role, sig) in &joined {
+                        let key = holders.iter().find(|(r, _)| r == role).map(|(_, k)| k);
+                        if !key
+                            .is_some_and(|k| tessera_shred::holder::verify(k, text.as_bytes(), sig))
+                        {
+                            return Err(Error::Tampered(format!(
+                                "ceremony {cid}: the stored join of role {role} failed \
+                                 authentication (its signature does not verify under that role's \
+                                 key: it was written outside tessera); nothing was destroyed. \
+                                 Find out who can write the database file"
+                            )));
+                        }
+                    }
+                    if (joined.len() as u32) < required {
+                        return Ok(None);
+                    }
                     let shares = ctx
                         .conn
                         .execute("DELETE FROM class_shares WHERE class = ?1", [&c.class])?;
@@ -447,7 +525,7 @@ impl Broker {
                         .execute("DELETE FROM class_data_keys WHERE class = ?1", [&c.class])?;
                     let cert = Certificate {
                         statement,
-                        required: c.required as u8,
+                        required: required as u8,
                         key_threshold: class.threshold,
                         shares: class.holders.len() as u8,
                         destroyed_at: t,
@@ -523,7 +601,7 @@ impl Broker {
     /// for classes past their deadline, complete ceremonies that reached
     /// their quorum before a crash, and finish a pending compaction.
     pub async fn retention_tick(&self) -> Result<()> {
-        let (expired, due, ready) = self.store.read(|conn| {
+        let (expired, due, ready, tampered) = self.store.read(|conn| {
             let t = now();
             let ids = |sql: &str| -> Result<Vec<String>> {
                 let mut stmt = conn.prepare_cached(sql)?;
@@ -548,8 +626,20 @@ impl Broker {
                 "SELECT id FROM ceremonies c WHERE state = 'open' AND expires_at > ?1
                  AND required <= (SELECT count(*) FROM ceremony_joins j WHERE j.ceremony = c.id)",
             )?;
-            Ok((expired, due, ready))
+            // A class whose record fails its MAC gets no ceremony (one
+            // warning in the log, not a refusal audited at every tick).
+            let (due, tampered): (Vec<_>, Vec<_>) = due
+                .into_iter()
+                .partition(|c| rowmac::check_class(conn, &self.row_key, c).is_ok());
+            Ok((expired, due, ready, tampered))
         })?;
+        for class in tampered {
+            self.warn_tampered_once(
+                &format!("class:{class}"),
+                "its retention deadline passed, but its stored record failed authentication \
+                 (changed outside tessera): no shred ceremony is opened for it",
+            );
+        }
         for id in expired {
             self.expire_ceremony(id).await?;
         }
@@ -574,9 +664,28 @@ impl Broker {
             }
         }
         for id in ready {
-            self.destroy(&id, "retention").await?;
+            match self.destroy(&id, "retention").await {
+                Err(Error::Tampered(m)) => self.warn_tampered_once(&format!("ceremony:{id}"), &m),
+                done => {
+                    done?;
+                }
+            }
         }
         self.compact_if_pending().await
+    }
+
+    /// Logs `what` once per `key` while the broker runs: a record that
+    /// failed its MAC, which the periodic tick would otherwise report again
+    /// every time.
+    fn warn_tampered_once(&self, key: &str, what: &str) {
+        let first = self
+            .tampered_logged
+            .lock()
+            .map(|mut seen| seen.insert(key.to_string()))
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(record = %key, "{what}");
+        }
     }
 
     async fn expire_ceremony(&self, id: String) -> Result<()> {
@@ -717,6 +826,7 @@ impl Broker {
 /// roles required, whether this join was new) or the refusal.
 fn join_in_tx(
     conn: &Connection,
+    row_key: &SymmetricKey,
     id: &str,
     role: &str,
     signature: &[u8],
@@ -753,6 +863,9 @@ fn join_in_tx(
         return Ok(Err(Error::FailedPrecondition(m)));
     }
     let class = load_class(conn, &c.class)?.ok_or_else(|| no_class(&c.class))?;
+    if let Err(e) = rowmac::check_class(conn, row_key, &c.class) {
+        return Ok(Err(e));
+    }
     if !class.holders.iter().any(|h| h == role) {
         return Ok(Err(Error::PermissionDenied(format!(
             "role {role} holds no share of class {} (its holders are {}), so it cannot join",
@@ -771,6 +884,7 @@ fn join_in_tx(
         .map_err(|e| Error::Tampered(format!("ceremony {id}: {e}")))?;
     let key = match judge_role_signature(
         conn,
+        row_key,
         role,
         statement.to_text().as_bytes(),
         signature,

@@ -71,7 +71,7 @@ impl Broker {
                     "agent {:?} may not read {secret:?}: it matches none of the agent's allow \
                      rules ({}); ask an admin to extend them",
                     agent.name,
-                    agent.allow.join(", ")
+                    agent.rules_text()
                 ))
             })
         });

@@ -23,6 +23,7 @@ use crate::keys::{
 };
 use crate::names;
 use crate::proto;
+use crate::rowmac;
 
 /// Longest retention a class may have (100 years).
 pub const MAX_RETAIN_SECS: u64 = 100 * 366 * 24 * 3600;
@@ -258,11 +259,13 @@ fn parse_holder_key(role: &str, pubkey: &str) -> Result<HolderPublicKey> {
 /// reason it is refused (unenrolled role, replaced key, bad signature).
 pub(crate) fn judge_role_signature(
     conn: &Connection,
+    row_key: &SymmetricKey,
     role: &str,
     message: &[u8],
     signature: &[u8],
     what: &str,
 ) -> Result<[u8; 32]> {
+    rowmac::check_holder(conn, row_key, role)?;
     let (current, retired) = holder_keys(conn, role)?;
     let Some(current) = current else {
         return Err(Error::Unauthenticated(format!(
@@ -325,7 +328,14 @@ impl Broker {
             })?;
             let text = request_text(role, method, target, t);
             self.store.read(|conn| {
-                judge_role_signature(conn, role, text.as_bytes(), &sig, "request signature")
+                judge_role_signature(
+                    conn,
+                    &self.row_key,
+                    role,
+                    text.as_bytes(),
+                    &sig,
+                    "request signature",
+                )
             })
         })();
         match checked {
@@ -354,6 +364,7 @@ impl Broker {
             }
         };
         let rid = request_id.to_string();
+        let row_key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
                 let t = now();
@@ -386,6 +397,7 @@ impl Broker {
                      VALUES (?1, ?2, ?3, ?4)",
                     params![role, key.age_recipient, &key.signing_key[..], t],
                 )?;
+                rowmac::seal_holder(ctx.conn, &row_key, &role)?;
                 ctx.audit(&admin_entry(
                     "holder.enroll",
                     &role,
@@ -424,6 +436,7 @@ impl Broker {
         };
         let rid = request_id.to_string();
         let rk = Arc::clone(&self.root_key);
+        let row_key = Arc::clone(&self.row_key);
         // The re-keyed classes' old keys are forgotten as the re-key commits.
         let forget = self.class_keys.forget_on_commit();
         let out = self
@@ -468,6 +481,7 @@ impl Broker {
                      WHERE role = ?1",
                     params![role, key.age_recipient, &key.signing_key[..], t],
                 )?;
+                rowmac::seal_holder(ctx.conn, &row_key, &role)?;
                 let classes: Vec<String> = ctx
                     .conn
                     .prepare(
@@ -478,7 +492,7 @@ impl Broker {
                     .collect::<rusqlite::Result<_>>()?;
                 let mut cancelled = Vec::new();
                 for class in &classes {
-                    let (summary, ids) = rekey_class(ctx.conn, &rk, class)?;
+                    let (summary, ids) = rekey_class(ctx.conn, &rk, &row_key, class)?;
                     ctx.audit(&admin_entry("class.rekey", class, true, summary, &rid))?;
                     cancelled.extend(ids);
                 }
@@ -533,6 +547,7 @@ impl Broker {
             }
         };
         let rk = Arc::clone(&self.root_key);
+        let row_key = Arc::clone(&self.row_key);
         let rid = request_id.to_string();
         let fingerprint = tessera_shred::unhex(&req.key_fingerprint).unwrap_or_default();
         self.store
@@ -555,6 +570,7 @@ impl Broker {
                         params![h.role, h.age_recipient, h.signing_key, t],
                     )?;
                     if n == 1 {
+                        rowmac::seal_holder(ctx.conn, &row_key, &h.role)?;
                         enrolled.push(h.role.clone());
                     }
                 }
@@ -596,6 +612,7 @@ impl Broker {
                         params![req.name, h.reason, h.placed_at],
                     )?;
                 }
+                rowmac::seal_class(ctx.conn, &row_key, &req.name)?;
                 ctx.audit(&admin_entry(
                     "class.recover",
                     &req.name,
@@ -691,6 +708,7 @@ impl Broker {
             ));
         }
         let rk = Arc::clone(&self.root_key);
+        let row_key = Arc::clone(&self.row_key);
         let roles: Vec<String> = recipients.into_iter().map(|(r, _)| r).collect();
         let rid = request_id.to_string();
         let retain = req.retain_seconds;
@@ -729,6 +747,7 @@ impl Broker {
                         params![name, role, s],
                     )?;
                 }
+                rowmac::seal_class(ctx.conn, &row_key, &name)?;
                 ctx.audit(&admin_entry(
                     "class.create",
                     &name,
@@ -794,6 +813,8 @@ impl Broker {
         let recipients = self.store.read(|conn| {
             let mut out = Vec::new();
             for r in &req.holders {
+                // A recipient swapped in the file would get the share.
+                rowmac::check_holder(conn, &self.row_key, r)?;
                 let rec: Option<String> = conn
                     .query_row(
                         "SELECT age_recipient FROM holders WHERE role = ?1",
@@ -868,6 +889,7 @@ impl Broker {
                 .await);
         }
         let rid = request_id.to_string();
+        let row_key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
                 let t = now();
@@ -889,11 +911,18 @@ impl Broker {
                         return Ok(Err(e));
                     }
                 };
+                // A hold is placed even on a class whose record fails its
+                // MAC (it only protects), but such a record is not sealed
+                // again: it stays refused.
+                let intact = rowmac::check_class(ctx.conn, &row_key, &c.name).is_ok();
                 ctx.conn.execute(
                     "INSERT INTO holds (class, reason, placed_at) VALUES (?1, ?2, ?3)",
                     params![c.name, reason, t],
                 )?;
                 let id = ctx.conn.last_insert_rowid();
+                if intact {
+                    rowmac::seal_class(ctx.conn, &row_key, &c.name)?;
+                }
                 let cancelled = ctx.conn.execute(
                     "UPDATE ceremonies SET state = 'cancelled' WHERE class = ?1 AND state = 'open'",
                     [&c.name],
@@ -941,11 +970,14 @@ impl Broker {
                 .await);
         }
         let rid = request_id.to_string();
+        let row_key = Arc::clone(&self.row_key);
         self.store
             .write(move |ctx| {
                 let t = now();
                 let holds = if load_class(ctx.conn, &class)?.is_none() {
                     Err(no_class(&class))
+                } else if let Err(e) = rowmac::check_class(ctx.conn, &row_key, &class) {
+                    Err(e)
                 } else {
                     let h = standing_holds(ctx.conn, &class)?;
                     let ids = || {
@@ -994,6 +1026,7 @@ impl Broker {
                     "UPDATE holds SET released_at = ?2, release_reason = ?3 WHERE id = ?1",
                     params![id, t, reason],
                 )?;
+                rowmac::seal_class(ctx.conn, &row_key, &class)?;
                 let placed_at: i64 =
                     ctx.conn
                         .query_row("SELECT placed_at FROM holds WHERE id = ?1", [id], |r| {
@@ -1120,7 +1153,7 @@ impl Broker {
                         "agent {:?} may not use class {class:?}: no allow rule `class:{class}` \
                      (its rules: {})",
                         agent.name,
-                        agent.allow.join(", ")
+                        agent.rules_text()
                     ))
                 })
         });
@@ -1621,8 +1654,10 @@ pub fn export_class(old_db: &std::path::Path, class: &str) -> Result<proto::Reco
 fn rekey_class(
     conn: &Connection,
     rk: &crate::broker::RootKeys,
+    row_key: &SymmetricKey,
     class: &str,
 ) -> Result<(String, Vec<String>)> {
+    rowmac::check_class(conn, row_key, class)?;
     let c = load_class(conn, class)?.ok_or_else(|| no_class(class))?;
     let wrapped: Vec<u8> = conn
         .query_row(
@@ -1648,6 +1683,7 @@ fn rekey_class(
         .map_err(|e| Error::Internal(e.to_string()))?;
     conn.execute("DELETE FROM class_shares WHERE class = ?1", [class])?;
     for (role, share) in c.holders.iter().zip(shares) {
+        rowmac::check_holder(conn, row_key, role)?;
         let recipient: String = conn.query_row(
             "SELECT age_recipient FROM holders WHERE role = ?1",
             [role],
@@ -1697,6 +1733,7 @@ fn rekey_class(
             &fingerprint[..]
         ],
     )?;
+    rowmac::seal_class(conn, row_key, class)?;
     let summary = format!(
         "key {} replaced by {} (generation {generation}); {} data keys re-wrapped; open \
          ceremonies cancelled: {}",

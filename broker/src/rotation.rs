@@ -83,7 +83,7 @@ pub(crate) fn activate_version(
         )
         .optional()?
         .unwrap_or(3600);
-    ctx.conn.execute(
+    let superseded = ctx.conn.execute(
         "UPDATE secret_versions SET state = 'overlapping', retire_at = ?3
          WHERE name = ?1 AND state = 'active' AND version != ?2",
         params![name, version as i64, t + overlap],
@@ -103,9 +103,11 @@ pub(crate) fn activate_version(
         kind: "secret.rotated",
         secret: name,
         version,
-        detail: &format!(
-            "version {version} is active; the previous one stays valid for {overlap}s"
-        ),
+        detail: &if superseded == 0 {
+            format!("version {version} is active")
+        } else {
+            format!("version {version} is active; the previous one stays valid for {overlap}s")
+        },
         ..Default::default()
     })
 }

@@ -168,7 +168,7 @@ pub(crate) fn admin_hash(
 }
 
 /// Every row that fails its MAC, for `tessera status`: `agent:NAME`,
-/// `secret:NAME`, and `admin-credential`.
+/// `secret:NAME`, `holder:ROLE`, `class:NAME` and `admin-credential`.
 pub(crate) fn tampered_rows(
     conn: &Connection,
     key: &SymmetricKey,
@@ -192,6 +192,20 @@ pub(crate) fn tampered_rows(
             out.push(format!("secret:{name}"));
         }
     }
+    for (t, check, kind) in [
+        (
+            &HOLDERS,
+            check_holder as fn(&Connection, &SymmetricKey, &str) -> Result<()>,
+            "holder",
+        ),
+        (&CLASSES, check_class, "class"),
+    ] {
+        for id in row_ids(conn, t)? {
+            if check(conn, key, &id).is_err() {
+                out.push(format!("{kind}:{id}"));
+            }
+        }
+    }
     if admin_hash(conn, key, store_id).is_err() {
         out.push("admin-credential".into());
     }
@@ -203,7 +217,9 @@ pub(crate) fn any_macs(conn: &Connection) -> Result<bool> {
     Ok(conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM agents WHERE mac IS NOT NULL)
              OR EXISTS (SELECT 1 FROM secrets WHERE mac IS NOT NULL)
-             OR EXISTS (SELECT 1 FROM meta WHERE key = 'admin_token_mac')",
+             OR EXISTS (SELECT 1 FROM meta WHERE key = 'admin_token_mac')
+             OR EXISTS (SELECT 1 FROM holders WHERE mac IS NOT NULL)
+             OR EXISTS (SELECT 1 FROM classes WHERE mac IS NOT NULL)",
         [],
         |r| r.get(0),
     )?)
@@ -232,6 +248,7 @@ pub(crate) fn adopt(ctx: &mut WriteCtx<'_>, key: &SymmetricKey, store_id: &str) 
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| Error::Store("the store has no admin credential".into()))?;
     set_admin_hash(conn, key, store_id, &hash)?;
+    let retention = seal_retention_rows(conn, key)?;
     ctx.audit(&Entry {
         time: crate::init::now(),
         actor: crate::audit::ACTOR_SYSTEM.into(),
@@ -239,8 +256,8 @@ pub(crate) fn adopt(ctx: &mut WriteCtx<'_>, key: &SymmetricKey, store_id: &str) 
         target: "row-macs".into(),
         allowed: true,
         reason: format!(
-            "{} agent rows, {} secret rows and the admin credential adopted as they \
-             stood; from now on they carry MACs under the root key",
+            "{} agent rows, {} secret rows, {retention} holder and class rows and the admin \
+             credential adopted as they stood; from now on they carry MACs under the root key",
             ids.len(),
             secrets.len()
         ),
@@ -249,29 +266,92 @@ pub(crate) fn adopt(ctx: &mut WriteCtx<'_>, key: &SymmetricKey, store_id: &str) 
     Ok(ids.len())
 }
 
-/// The columns of a secret's row that its MAC covers: what decides which
-/// version agents get and what the broker runs to rotate it (not the
-/// scheduler's bookkeeping: next due time, last result, failures).
-const SECRET_COLUMNS: &str = "name, current_version, created_at, overlap_secs, class, generator, \
-     rotate_cmd, verify_cmd, value_via, cmd_timeout, schedule, schedule_tz, jitter_secs";
+/// A table whose rows carry a MAC over some of their columns, read as
+/// SQLite values (so a NULL, an empty text and a number's text all differ).
+struct Covered {
+    table: &'static str,
+    /// The primary key column.
+    key: &'static str,
+    /// The covered columns, in MAC order.
+    columns: &'static str,
+    /// Domain separation between tables.
+    tag: &'static [u8],
+}
 
-/// A secret row's covered values and stored MAC, if the secret exists.
-type SecretRow = (Vec<rusqlite::types::Value>, Option<Vec<u8>>);
+/// A secret's row: what decides which version agents get and what the
+/// broker runs to rotate it (not the scheduler's bookkeeping: next due
+/// time, last result, failures).
+const SECRETS: Covered = Covered {
+    table: "secrets",
+    key: "name",
+    columns: "name, current_version, created_at, overlap_secs, class, generator, rotate_cmd, \
+              verify_cmd, value_via, cmd_timeout, schedule, schedule_tz, jitter_secs",
+    tag: b"tessera/v1/row/secret",
+};
 
-fn secret_row(conn: &Connection, name: &str) -> Result<Option<SecretRow>> {
-    let n = SECRET_COLUMNS.split(',').count();
+/// A key holder's row: the keys that prove the role and that its shares
+/// are sealed to.
+const HOLDERS: Covered = Covered {
+    table: "holders",
+    key: "role",
+    columns: "role, age_recipient, signing_key, enrolled_at",
+    tag: b"tessera/v1/row/holder",
+};
+
+/// A retention class's row: its deadline, holders, thresholds and key (not
+/// its state, which the ceremony moves along; a class's standing legal
+/// holds are covered too, see [`class_values`]).
+const CLASSES: Covered = Covered {
+    table: "classes",
+    key: "name",
+    columns: "name, retain_secs, deadline, holders, threshold, early_threshold, \
+              key_fingerprint, generation, created_at",
+    tag: b"tessera/v1/row/class",
+};
+
+/// Every row's key in `t`, in order.
+fn row_ids(conn: &Connection, t: &Covered) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {} FROM {} ORDER BY 1", t.key, t.table))?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// A row's covered values and stored MAC, if the row exists.
+type CoveredRow = (Vec<rusqlite::types::Value>, Option<Vec<u8>>);
+
+fn covered_row(conn: &Connection, t: &Covered, id: &str) -> Result<Option<CoveredRow>> {
+    let n = t.columns.split(',').count();
     Ok(conn
         .prepare_cached(&format!(
-            "SELECT {SECRET_COLUMNS}, mac FROM secrets WHERE name = ?1"
+            "SELECT {}, mac FROM {} WHERE {} = ?1",
+            t.columns, t.table, t.key
         ))?
-        .query_row([name], |r| {
+        .query_row([id], |r| {
             let values = (0..n).map(|i| r.get(i)).collect::<rusqlite::Result<_>>()?;
             Ok((values, r.get(n)?))
         })
         .optional()?)
 }
 
-fn secret_mac(key: &SymmetricKey, values: &[rusqlite::types::Value]) -> [u8; 32] {
+/// A class's covered values: its row's, then the ids of its standing legal
+/// holds, so that a hold deleted or released in the file fails the MAC.
+fn class_values(conn: &Connection, name: &str) -> Result<Option<CoveredRow>> {
+    use rusqlite::types::Value;
+    let Some((mut values, mac)) = covered_row(conn, &CLASSES, name)? else {
+        return Ok(None);
+    };
+    values.push(Value::Text("standing holds".into()));
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM holds WHERE class = ?1 AND released_at IS NULL ORDER BY id",
+    )?;
+    for id in stmt.query_map([name], |r| r.get::<_, i64>(0))? {
+        values.push(Value::Integer(id?));
+    }
+    Ok(Some((values, mac)))
+}
+
+fn values_mac(key: &SymmetricKey, tag: &[u8], values: &[rusqlite::types::Value]) -> [u8; 32] {
     use rusqlite::types::Value;
     let encoded: Vec<Vec<u8>> = values
         .iter()
@@ -283,17 +363,32 @@ fn secret_mac(key: &SymmetricKey, values: &[rusqlite::types::Value]) -> [u8; 32]
             Value::Blob(b) => [&[4][..], b].concat(),
         })
         .collect();
-    let mut parts: Vec<&[u8]> = vec![b"tessera/v1/row/secret"];
+    let mut parts: Vec<&[u8]> = vec![tag];
     parts.extend(encoded.iter().map(Vec::as_slice));
     key.mac(&parts)
+}
+
+fn store_mac(conn: &Connection, t: &Covered, id: &str, mac: &[u8]) -> Result<()> {
+    conn.prepare_cached(&format!(
+        "UPDATE {} SET mac = ?2 WHERE {} = ?1",
+        t.table, t.key
+    ))?
+    .execute(params![id, mac])?;
+    Ok(())
+}
+
+/// Whether `row` (values and stored MAC) verifies under `key`.
+fn verifies(key: &SymmetricKey, t: &Covered, row: &CoveredRow) -> bool {
+    row.1
+        .as_deref()
+        .is_some_and(|m| ct_eq(m, &values_mac(key, t.tag, &row.0)))
 }
 
 /// Recomputes and stores the MAC of secret `name` as its row now stands
 /// (after tessera itself wrote it).
 pub(crate) fn seal_secret(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<()> {
-    if let Some((values, _)) = secret_row(conn, name)? {
-        conn.prepare_cached("UPDATE secrets SET mac = ?2 WHERE name = ?1")?
-            .execute(params![name, &secret_mac(key, &values)[..]])?;
+    if let Some((values, _)) = covered_row(conn, &SECRETS, name)? {
+        store_mac(conn, &SECRETS, name, &values_mac(key, SECRETS.tag, &values))?;
     }
     Ok(())
 }
@@ -301,21 +396,124 @@ pub(crate) fn seal_secret(conn: &Connection, key: &SymmetricKey, name: &str) -> 
 /// Checks the MAC of secret `name`'s row: `Ok` when it verifies or there is
 /// no such secret, DATA_LOSS when the row was changed outside tessera.
 pub(crate) fn check_secret(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<()> {
-    match secret_row(conn, name)? {
-        Some((values, mac))
-            if !mac
-                .as_deref()
-                .is_some_and(|m| ct_eq(m, &secret_mac(key, &values))) =>
-        {
-            Err(Error::Tampered(format!(
-                "the stored settings of secret {name:?} failed authentication: they were \
-                 changed outside tessera, so tessera will not use them (no value is issued and \
-                 no rotation command runs); delete it (`tessera secret rm {name}`), store it \
-                 again, and find out who can write the database file"
-            )))
-        }
+    match covered_row(conn, &SECRETS, name)? {
+        Some(row) if !verifies(key, &SECRETS, &row) => Err(Error::Tampered(format!(
+            "the stored settings of secret {name:?} failed authentication: they were \
+             changed outside tessera, so tessera will not use them (no value is issued and \
+             no rotation command runs); delete it (`tessera secret rm {name}`), store it \
+             again, and find out who can write the database file"
+        ))),
         _ => Ok(()),
     }
+}
+
+/// Recomputes and stores the MAC of holder `role` (after tessera wrote it).
+pub(crate) fn seal_holder(conn: &Connection, key: &SymmetricKey, role: &str) -> Result<()> {
+    if let Some((values, _)) = covered_row(conn, &HOLDERS, role)? {
+        store_mac(conn, &HOLDERS, role, &values_mac(key, HOLDERS.tag, &values))?;
+    }
+    Ok(())
+}
+
+/// Checks holder `role`'s row (`Ok` when it verifies or there is none):
+/// a key swapped in the file would let its owner act for the role, or
+/// receive the role's shares.
+pub(crate) fn check_holder(conn: &Connection, key: &SymmetricKey, role: &str) -> Result<()> {
+    match covered_row(conn, &HOLDERS, role)? {
+        Some(row) if !verifies(key, &HOLDERS, &row) => Err(Error::Tampered(format!(
+            "the stored holder key of role {role:?} failed authentication: it was changed \
+             outside tessera, so tessera will not use it (nothing is signed, sealed or \
+             destroyed on its word); find out who can write the database file, restore the \
+             store from a backup, or hand the role to its holder again (`tessera holder \
+             replace`)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Recomputes and stores the MAC of class `name` with its standing holds
+/// (after tessera wrote the class or placed or released a hold).
+pub(crate) fn seal_class(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<()> {
+    if let Some((values, _)) = class_values(conn, name)? {
+        store_mac(conn, &CLASSES, name, &values_mac(key, CLASSES.tag, &values))?;
+    }
+    Ok(())
+}
+
+/// Checks class `name`'s row and standing holds (`Ok` when they verify or
+/// there is no such class): an edited deadline, threshold or holder list,
+/// or a legal hold deleted in the file, must not let a shred through.
+pub(crate) fn check_class(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<()> {
+    match class_values(conn, name)? {
+        Some(row) if !verifies(key, &CLASSES, &row) => Err(Error::Tampered(format!(
+            "the stored record of retention class {name:?} (its deadline, holders, \
+             thresholds or legal holds) failed authentication: it was changed outside \
+             tessera, so no ceremony of it proceeds; restore the store from a backup and find \
+             out who can write the database file"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Gives every holder and class row a MAC, in one transaction with an
+/// audit record, for a store whose other rows carry MACs already (made
+/// before holder and class rows had them). Refuses a store where some do:
+/// its check value was written back from an older copy.
+pub(crate) fn adopt_retention(ctx: &mut WriteCtx<'_>, key: &SymmetricKey) -> Result<usize> {
+    let some: bool = ctx.conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM holders WHERE mac IS NOT NULL)
+             OR EXISTS (SELECT 1 FROM classes WHERE mac IS NOT NULL)",
+        [],
+        |r| r.get(0),
+    )?;
+    if some {
+        return Err(written_back());
+    }
+    let n = seal_retention_rows(ctx.conn, key)?;
+    ctx.audit(&Entry {
+        time: crate::init::now(),
+        actor: crate::audit::ACTOR_SYSTEM.into(),
+        action: "store.upgrade".into(),
+        target: "retention-macs".into(),
+        allowed: true,
+        reason: format!(
+            "{n} holder and class rows adopted as they stood; from now on they carry MACs \
+             under the root key"
+        ),
+        request_id: crate::keys::request_id(),
+    })?;
+    Ok(n)
+}
+
+/// The refusal of a store whose key check value is older than its MACs.
+pub(crate) fn written_back() -> Error {
+    Error::Tampered(
+        "the store's key check value is the one of a store without row MACs, yet its rows \
+         carry MACs: the check value was written back from an older copy of the file. The \
+         broker will not start on it; restore the store from a backup and find out who can \
+         write the database file"
+            .into(),
+    )
+}
+
+/// Gives every holder and class row a MAC as it stands (stores made before
+/// these MACs); returns how many rows.
+pub(crate) fn seal_retention_rows(conn: &Connection, key: &SymmetricKey) -> Result<usize> {
+    let mut n = 0;
+    for (t, seal) in [
+        (
+            &HOLDERS,
+            seal_holder as fn(&Connection, &SymmetricKey, &str) -> Result<()>,
+        ),
+        (&CLASSES, seal_class),
+    ] {
+        let ids = row_ids(conn, t)?;
+        for id in &ids {
+            seal(conn, key, id)?;
+        }
+        n += ids.len();
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -337,8 +535,10 @@ mod tests {
             vec![Value::Text("a".into()), Value::Text("1".into())],
             vec![Value::Text("a".into())],
         ];
-        let macs: std::collections::HashSet<[u8; 32]> =
-            rows.iter().map(|r| secret_mac(&key, r)).collect();
+        let macs: std::collections::HashSet<[u8; 32]> = rows
+            .iter()
+            .map(|r| values_mac(&key, SECRETS.tag, r))
+            .collect();
         assert_eq!(macs.len(), rows.len());
     }
 }

@@ -169,6 +169,7 @@ impl Broker {
             seen.remove(&name);
         }
         let forget = self.current_rows.forget_on_commit();
+        let row_key = std::sync::Arc::clone(&self.row_key);
         self.store
             .write_then(
                 move |ctx| {
@@ -187,15 +188,23 @@ impl Broker {
                         // A legal hold keeps what its class holds, live
                         // values included: they are deleted once it is
                         // released.
-                        Some(Some(class)) => crate::retention::standing_holds(ctx.conn, class)?
-                            .first()
-                            .map(|(id, reason)| {
-                                Error::FailedPrecondition(format!(
-                                    "secret {name:?} belongs to class {class}, which is under \
+                        // (Its holds are read only from a class record
+                        // that verifies: a hold deleted in the file does
+                        // not count as released.)
+                        Some(Some(class)) => match crate::rowmac::check_class(
+                            ctx.conn, &row_key, class,
+                        ) {
+                            Err(e) => Some(e),
+                            Ok(()) => crate::retention::standing_holds(ctx.conn, class)?
+                                .first()
+                                .map(|(id, reason)| {
+                                    Error::FailedPrecondition(format!(
+                                        "secret {name:?} belongs to class {class}, which is under \
                                      legal hold {id} ({reason}); it can be deleted once the hold \
                                      is released"
-                                ))
-                            }),
+                                    ))
+                                }),
+                        },
                         Some(None) => None,
                     };
                     if let Some(e) = refusal {
@@ -253,21 +262,37 @@ impl Broker {
                 let generation = self.current_rows.generation();
                 let row = self.store.read(|conn| {
                     rowmac::check_secret(conn, &self.row_key, name)?;
-                    Ok(conn
+                    let found = conn
                         .prepare_cached(
-                            "SELECT v.version, v.wrapped_key, v.ciphertext
-                             FROM secrets s JOIN secret_versions v
+                            "SELECT s.current_version, v.wrapped_key, v.ciphertext
+                             FROM secrets s LEFT JOIN secret_versions v
                                ON v.name = s.name AND v.version = s.current_version
                              WHERE s.name = ?1",
                         )?
                         .query_row([name], |r| {
-                            Ok(StoredVersion {
-                                version: r.get::<_, i64>(0)? as u64,
-                                wrapped_key: r.get(1)?,
-                                ciphertext: r.get(2)?,
-                            })
+                            let version = r.get::<_, i64>(0)? as u64;
+                            let stored = r.get::<_, Option<Vec<u8>>>(1)?.zip(r.get(2)?);
+                            Ok((version, stored))
                         })
-                        .optional()?)
+                        .optional()?;
+                    match found {
+                        None => Ok(None),
+                        Some((version, Some((wrapped_key, ciphertext)))) => {
+                            Ok(Some(StoredVersion {
+                                version,
+                                wrapped_key,
+                                ciphertext,
+                            }))
+                        }
+                        // The secret's row (its MAC checked above) names a
+                        // version that is not there: deleted in the file.
+                        Some((version, None)) => Err(Error::Tampered(format!(
+                            "version {version} of secret {name:?}, its current one, is missing \
+                             from the store (deleted outside tessera); no older value is \
+                             served. Store a new value (`tessera secret put {name}`) and find \
+                             out who can write the database file"
+                        ))),
+                    }
                 })?;
                 let row = Arc::new(row.ok_or_else(|| {
                     Error::NotFound(format!(
@@ -278,7 +303,11 @@ impl Broker {
                 row
             }
         };
-        let value = self.open_value(name, row.version, &row.wrapped_key, &row.ciphertext)?;
+        // A row that fails to decrypt is not kept: once the file is put
+        // right, the next read sees it.
+        let value = self
+            .open_value(name, row.version, &row.wrapped_key, &row.ciphertext)
+            .inspect_err(|_| self.current_rows.forget(name))?;
         Ok(CurrentValue {
             version: row.version,
             value,

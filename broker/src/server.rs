@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::codegen::http::Response;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::error::{Error, Result};
@@ -23,6 +24,29 @@ use crate::service::Services;
 /// Largest gRPC message accepted (a secret value is far smaller; this only
 /// bounds what a caller can make the broker buffer).
 const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// tonic answers a request body it cannot decode (not this method's
+/// protobuf message, or a string field that is not UTF-8) with INTERNAL;
+/// the fault is the caller's input, so it becomes INVALID_ARGUMENT with a
+/// sentence that says so.
+fn undecodable_is_invalid<B>(mut res: Response<B>) -> Response<B> {
+    let h = res.headers();
+    let undecodable = h.get("grpc-status").is_some_and(|v| v == "13")
+        && h.get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode")
+            });
+    if undecodable {
+        let status = tonic::Status::invalid_argument(
+            "the request could not be decoded as this method's message (a field of the wrong \
+             type, a text field that is not UTF-8, or another method's message); check the \
+             client against tessera's .proto files",
+        );
+        let _ = status.add_header(res.headers_mut());
+    }
+    res
+}
 
 /// The largest `--max-value-size`: a value and its request's other fields
 /// must fit in one message.
@@ -142,7 +166,8 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
                 .tls_config(load_tls(cert, key)?)
                 .map_err(|e| Error::invalid("tls_cert", format!("TLS setup failed: {e}")))?,
         ),
-    };
+    }
+    .map(|b| b.layer(tower::util::MapResponseLayer::new(undecodable_is_invalid)));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -183,6 +208,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
 
     let mut tasks = Vec::new();
     let router = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid))
         .add_service(health.clone())
         .add_service(reflection_v1.clone())
         .add_service(reflection_v1alpha.clone())

@@ -71,11 +71,34 @@ impl Services {
         target: &str,
     ) -> Result<String, Status> {
         let rid = request_id(req);
+        self.one_credential(req, action, target, &rid).await?;
         let token = bearer(req);
         self.broker()?
             .authenticate_admin(token.as_deref(), action, target, &rid)
             .await?;
         Ok(rid)
+    }
+
+    /// Refuses (audited) a request with more than one `authorization`
+    /// header: which one counts would depend on the hop that reads it.
+    async fn one_credential<T>(
+        &self,
+        req: &Request<T>,
+        action: &str,
+        target: &str,
+        rid: &str,
+    ) -> Result<(), Status> {
+        if req.metadata().get_all("authorization").iter().count() > 1 {
+            let e = Error::Unauthenticated(
+                "the request carries several authorization headers; send exactly one".into(),
+            );
+            return Err(self
+                .broker()?
+                .deny("anonymous".into(), action, target, rid, e)
+                .await
+                .into());
+        }
+        Ok(())
     }
 
     async fn agent<T>(
@@ -85,6 +108,7 @@ impl Services {
         target: &str,
     ) -> Result<(String, Arc<crate::agent::Agent>), Status> {
         let rid = request_id(req);
+        self.one_credential(req, action, target, &rid).await?;
         let token = bearer(req);
         let agent = self
             .broker()?

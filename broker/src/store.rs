@@ -221,6 +221,11 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE agents ADD COLUMN peer_uid INTEGER;
     ",
+    // 8: MACs on holder and class rows (see `rowmac`).
+    "
+    ALTER TABLE holders ADD COLUMN mac BLOB;
+    ALTER TABLE classes ADD COLUMN mac BLOB;
+    ",
 ];
 
 /// Lease states as stored.
@@ -623,10 +628,22 @@ impl Store {
         std::thread::Builder::new()
             .name("tessera-checkpoint".into())
             .spawn(move || {
+                // Said once while it keeps failing (a full disk), not ten
+                // times a second.
+                let mut failing = false;
                 loop {
                     std::thread::sleep(CHECKPOINT_EVERY);
-                    if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                    match checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                        Err(e) if !failing => {
+                            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                        Ok(()) if failing => {
+                            tracing::info!("WAL checkpoint works again");
+                            failing = false;
+                        }
+                        Ok(()) => {}
                     }
                 }
             })
@@ -926,9 +943,13 @@ fn restart_wal_if_large(conn: &Connection) {
 }
 
 fn commit_failed(e: &Error) -> Error {
-    Error::Unavailable(format!(
-        "the store could not commit this request ({e}); nothing was changed, try again"
-    ))
+    match e {
+        // (Already says so, with SQLite's reason.)
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        _ => Error::Unavailable(format!(
+            "the store could not commit this request ({e}); nothing was changed, try again"
+        )),
+    }
 }
 
 /// Applies `batch` in one transaction; returns each job's answer and the

@@ -110,7 +110,21 @@ fn root_aad(store_id: &str) -> Vec<u8> {
 /// The check value stored beside the key's source: tells the right root key
 /// from a wrong one without revealing anything about it.
 pub fn check_value(rk: &RootKey) -> [u8; 32] {
+    rk.mac(&[b"tessera/v1/root-key-check", b"row-macs", b"retention-macs"])
+}
+
+/// The check value of stores whose agent, secret and admin rows carry MACs
+/// but whose holder and class rows do not yet: such a store adopts those
+/// at the next start, then records [`check_value`].
+fn rows_only_check_value(rk: &RootKey) -> [u8; 32] {
     rk.mac(&[b"tessera/v1/root-key-check", b"row-macs"])
+}
+
+/// Whether the store records the check value of a store whose holder and
+/// class rows carry no MACs yet (so they are to be adopted).
+pub(crate) fn retention_macs_pending(conn: &Connection, rk: &RootKey) -> Result<bool> {
+    let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
+    Ok(ct_eq(&check, &rows_only_check_value(rk)))
 }
 
 /// The check value of stores made before agent rows and the admin
@@ -234,7 +248,12 @@ pub fn operator_split(conn: &Connection) -> Result<(u8, u8, [u8; 32])> {
 /// Checks that `rk` is this store's root key.
 pub fn check_root_key(conn: &Connection, rk: &RootKey, source: Source) -> Result<()> {
     let check = meta_get(conn, "root_key_check")?.unwrap_or_default();
-    if !ct_eq(&check, &check_value(rk)) && !ct_eq(&check, &legacy_check_value(rk)) {
+    let known = [
+        check_value(rk),
+        rows_only_check_value(rk),
+        legacy_check_value(rk),
+    ];
+    if !known.iter().any(|k| ct_eq(&check, k)) {
         return Err(Error::FailedPrecondition(format!(
             "the root key from the {} does not belong to this store (key check failed); \
              nothing was changed. Is TESSERA_DATA_DIR pointing at the right store?",

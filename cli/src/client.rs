@@ -67,6 +67,10 @@ impl From<Status> for CliError {
             Code::Unknown | Code::Internal | Code::Unavailable | Code::Cancelled
         ) && (m.starts_with("h2 protocol error")
             || m.contains("transport error")
+            // (A reconnect to a broker that went away: the socket's own
+            // "Connection refused (os error 111)".)
+            || m.starts_with("Connection refused")
+            || m.starts_with("Connection reset")
             || (s.code() == Code::Cancelled && m.contains("operation was canceled")));
         if below_grpc {
             return CliError::new(

@@ -79,6 +79,9 @@ pub(crate) fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
         .admin_token_file
         .clone()
         .unwrap_or_else(|| data_dir(g).admin_token());
+    if g.admin_token_file.is_some() {
+        warn_if_readable(&path, "--admin-token-file");
+    }
     let raw = std::fs::read_to_string(&path).map_err(|e| {
         let instead = if g.admin_token_file.is_some() {
             "check the --admin-token-file path"
@@ -185,6 +188,21 @@ pub(crate) fn agent_token() -> Result<Zeroizing<String>, CliError> {
     }
 }
 
+/// Warns when `file`, given as `flag`, holds a credential other users can
+/// read.
+fn warn_if_readable(file: &Path, flag: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(file)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        errln!(
+            "warning: {flag} {} can be read by other users (mode {:o}); `chmod 600` it",
+            file.display(),
+            m.permissions().mode() & 0o777
+        );
+    }
+}
+
 /// The passphrase: --passphrase-file, else TESSERA_PASSPHRASE, else a
 /// prompt when stdin is a terminal.
 pub(crate) fn passphrase(
@@ -192,17 +210,7 @@ pub(crate) fn passphrase(
     confirm: bool,
 ) -> Result<Zeroizing<Vec<u8>>, CliError> {
     if let Some(f) = file {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(m) = std::fs::metadata(f)
-            && m.permissions().mode() & 0o077 != 0
-        {
-            errln!(
-                "warning: --passphrase-file {} can be read by other users (mode {:o}); \
-                 `chmod 600` it",
-                f.display(),
-                m.permissions().mode() & 0o777
-            );
-        }
+        warn_if_readable(f, "--passphrase-file");
         let raw = Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
             CliError::new(
                 Exit::InvalidArgument,

@@ -743,6 +743,97 @@ fn a_broker_whose_log_cannot_be_written_keeps_serving() {
     assert!(!w.socket().exists(), "the socket was left behind");
 }
 
+/// Calls the CLI would never make get a precise status too: a body that is
+/// not the method's message, several credentials, the wrong kind of token,
+/// an allow list too long to state in a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_calls_get_precise_statuses() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/one", b"value-one");
+    let token = w.agent("bot", "a/*", "15m");
+    // Another method's message (a bytes field where Issue has a number).
+    let mut g = tonic::client::Grpc::new(w.channel().await);
+    g.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<proto::PutSecretRequest, proto::Lease>::default();
+    let wrong = g
+        .unary(
+            authed(
+                proto::PutSecretRequest {
+                    name: "a/one".into(),
+                    value: b"not a ttl".to_vec(),
+                },
+                &token,
+            ),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/tessera.v1.Broker/Issue"),
+            codec,
+        )
+        .await
+        .expect_err("decoded");
+    assert_eq!(wrong.code(), Code::InvalidArgument, "{wrong:?}");
+    assert!(
+        wrong.message().contains("could not be decoded"),
+        "{wrong:?}"
+    );
+    // Two credentials: neither counts.
+    let mut c = w.broker_client().await;
+    let issue = || proto::IssueRequest {
+        secret: "a/one".into(),
+        ttl_seconds: 60,
+    };
+    let mut twice = authed(issue(), &token);
+    twice.metadata_mut().append(
+        "authorization",
+        format!("Bearer {}", w.admin_token())
+            .parse()
+            .expect("header"),
+    );
+    let e = c.issue(twice).await.expect_err("two credentials");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message().contains("several authorization headers"),
+        "{e:?}"
+    );
+    // The admin credential on an agent call, an agent token on an admin one.
+    let e = c
+        .issue(authed(issue(), &w.admin_token()))
+        .await
+        .expect_err("admin token issued");
+    assert!(
+        e.message().contains("this is the admin credential"),
+        "{e:?}"
+    );
+    let r = w
+        .run_with(
+            &["secret", "list"],
+            None,
+            &[("TESSERA_ADMIN_TOKEN", token.as_str())],
+        )
+        .fails_with(4);
+    assert!(r.stderr.contains("this is an agent token"), "{r:#?}");
+    // At most 256 allow patterns; a refusal names the first few.
+    let many: Vec<String> = (0..257).map(|i| format!("p{i}/*")).collect();
+    let mut args = vec!["agent", "create", "greedy"];
+    for p in &many {
+        args.extend(["--allow", p.as_str()]);
+    }
+    let r = w.run(&args).fails_with(7);
+    assert!(r.stderr.contains("more than the 256"), "{r:#?}");
+    let mut args = vec!["agent", "create", "wide"];
+    for p in &many[..20] {
+        args.extend(["--allow", p.as_str()]);
+    }
+    args.push("--json");
+    let wide = w.run(&args).ok().json()["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let r = w.get("a/one", &wide).fails_with(4);
+    assert!(r.stderr.contains("p7/* and 12 more"), "{r:#?}");
+    assert!(!r.stderr.contains("p8/*"), "{r:#?}");
+}
+
 #[test]
 fn demo_walks_through_the_main_job() {
     let w = World::new();

@@ -543,6 +543,130 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     assert_eq!(upgrades(), 1);
 }
 
+/// A store whose agent and secret rows carry MACs but whose holder and
+/// class rows do not yet (its key check value says so) adopts those once,
+/// with an audit record; an edit after that is caught, and the older check
+/// value written back is refused.
+#[test]
+fn a_store_without_retention_macs_adopts_holders_and_classes_once() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    for role in ["legal", "ciso"] {
+        w.holder(role, true);
+    }
+    w.run(&[
+        "class",
+        "create",
+        "c",
+        "--retain",
+        "1y",
+        "--holders",
+        "legal,ciso",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+    s.terminate();
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    let store_id: String = conn
+        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .map(|v| String::from_utf8(v).expect("utf-8"))
+        .expect("store id");
+    let rk =
+        tessera_broker::unseal::unseal(&conn, &store_id, Some(tessera_e2e::PASSPHRASE.as_bytes()))
+            .expect("unseal");
+    let older = rk.mac(&[b"tessera/v1/root-key-check", b"row-macs"]);
+    conn.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
+        [&older[..]],
+    )
+    .expect("older check");
+    conn.execute_batch("UPDATE holders SET mac = NULL; UPDATE classes SET mac = NULL;")
+        .expect("no macs");
+    drop(conn);
+    let upgrades = || {
+        count(
+            &w,
+            "SELECT count(*) FROM audit WHERE action = 'store.upgrade' AND target = 'retention-macs'",
+        )
+    };
+    let mut s = w.serve(&[]);
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert_eq!(status["tampered"], serde_json::json!([]), "{status}");
+    w.run(&["class", "show", "c"]).ok();
+    w.run(&["audit", "verify"]).ok();
+    s.terminate();
+    assert_eq!(upgrades(), 1);
+    sql(&w, "UPDATE classes SET threshold = 1 WHERE name = 'c';");
+    let mut s = w.serve(&[]);
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert_eq!(
+        status["tampered"],
+        serde_json::json!(["class:c"]),
+        "{status}"
+    );
+    s.terminate();
+    sql(&w, "UPDATE classes SET threshold = 2 WHERE name = 'c';");
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    conn.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
+        [&older[..]],
+    )
+    .expect("older check");
+    drop(conn);
+    let r = serve_refused(&w);
+    assert!(r.stderr.contains("written back"), "{r:#?}");
+    assert_eq!(upgrades(), 1);
+}
+
+/// A secret's current version deleted in the file is DATA_LOSS, not a
+/// missing secret, and no older value is served; a value that failed to
+/// decrypt is not kept cached once the file is put right.
+#[test]
+fn a_deleted_or_swapped_version_is_data_loss_until_put_right() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/one", b"value-one");
+    w.put("a/two", b"value-two");
+    let token = w.agent("reader", "a/*", "15m");
+    assert_eq!(w.get("a/one", &token).ok().stdout, "value-one");
+    let swap = |w: &World| {
+        let conn = rusqlite::Connection::open(w.db()).expect("db");
+        let row = |name: &str| -> (Vec<u8>, Vec<u8>) {
+            conn.query_row(
+                "SELECT wrapped_key, ciphertext FROM secret_versions WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row")
+        };
+        let (one, two) = (row("a/one"), row("a/two"));
+        for (name, (k, c)) in [("a/one", two), ("a/two", one)] {
+            conn.execute(
+                "UPDATE secret_versions SET wrapped_key = ?2, ciphertext = ?3 WHERE name = ?1",
+                rusqlite::params![name, k, c],
+            )
+            .expect("swap");
+        }
+    };
+    swap(&w);
+    w.get("a/one", &token).fails_with(9);
+    swap(&w);
+    assert_eq!(w.get("a/one", &token).ok().stdout, "value-one");
+    w.put("a/one", b"value-one-v2");
+    sql(
+        &w,
+        "DELETE FROM secret_versions WHERE name = 'a/one' AND version = 2;",
+    );
+    let r = w.get("a/one", &token).fails_with(9);
+    assert!(r.stderr.contains("is missing from the store"), "{r:#?}");
+    assert!(!r.stdout.contains("value-one"), "{r:#?}");
+}
+
 fn tampered_audit_is_detected(edit: &str, expect: &str) {
     let w = World::new();
     w.init_passphrase();

@@ -1562,6 +1562,126 @@ async fn a_rekey_commit_names_the_prepared_one() {
     assert!(audit.contains("not in effect until committed"), "{audit}");
 }
 
+/// Someone who can write the database file but holds no root key and no
+/// holder key cannot shred a class, lift a legal hold, act for a role or
+/// receive its shares: holder and class rows (with their standing holds)
+/// carry MACs, and a ceremony's quorum and joins are judged against them.
+#[test]
+fn edited_holder_class_and_hold_rows_shred_nothing() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let keys = three_holders(&w);
+    for class in ["held", "loose", "joined", "asked"] {
+        two_of_three(&w, class, "1y");
+    }
+    let sql = |stmt: &str| {
+        rusqlite::Connection::open(w.db())
+            .expect("db")
+            .execute_batch(stmt)
+            .expect("edit db");
+    };
+    let tampered = |r: tessera_e2e::Ran| {
+        let r = r.fails_with(9);
+        assert!(r.stderr.contains("failed authentication"), "{r:#?}");
+    };
+    let early = |class: &str| w.run(&["shred", "open", "--class", class, "--early"]);
+    // A legal hold deleted in the file.
+    w.run(&["hold", "place", "--class", "held", "--reason", "litigation"])
+        .ok();
+    sql("DELETE FROM holds WHERE class = 'held';");
+    tampered(early("held"));
+    // A threshold lowered, and a deadline moved into the past.
+    sql(
+        "UPDATE classes SET threshold = 1, early_threshold = 1, deadline = 0 WHERE name = 'loose';",
+    );
+    tampered(early("loose"));
+    tampered(w.run(&["shred", "open", "--class", "loose"]));
+    // The tick opens no ceremony for it either.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(open_ceremony(&class_json(&w, "loose")), None);
+    let status = w.run(&["status", "--json"]).ok().json();
+    let flagged = status["tampered"].as_array().expect("tampered").clone();
+    for row in ["class:held", "class:loose"] {
+        assert!(flagged.contains(&row.into()), "{flagged:?}");
+    }
+    // A join row written in the file does not count: the real joins of
+    // the other two roles do not complete a 3-of-3 early shred with it.
+    let id = w
+        .run(&["shred", "open", "--class", "joined", "--early", "--json"])
+        .ok()
+        .json()["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    sql(&format!(
+        "INSERT INTO ceremony_joins (ceremony, role, signature, joined_at)
+         VALUES ('{id}', 'board', zeroblob(64), 0);"
+    ));
+    join(&w, &id, "legal", &keys[0]).ok();
+    tampered(join(&w, &id, "ciso", &keys[1]));
+    assert_ne!(class_json(&w, "joined")["state"], "shredded");
+    // A ceremony row asking for fewer joins than its class: one join of a
+    // 3-of-3 early shred destroys nothing.
+    let id = w
+        .run(&["shred", "open", "--class", "asked", "--early", "--json"])
+        .ok()
+        .json()["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    sql(&format!(
+        "UPDATE ceremonies SET required = 1 WHERE id = '{id}';"
+    ));
+    join(&w, &id, "legal", &keys[0]).ok();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_ne!(class_json(&w, "asked")["state"], "shredded");
+    // A holder's keys swapped for someone else's: they cannot act for the
+    // role, and no share is sealed to their recipient.
+    let (mine, pubkey, _) = new_holder_key(&w, "legal", "mine.key");
+    let swapped = tessera_shred::holder::HolderPublicKey::parse(&pubkey).expect("pubkey");
+    sql(&format!(
+        "UPDATE holders SET signing_key = X'{}', age_recipient = '{}' WHERE role = 'legal';",
+        tessera_shred::hex(&swapped.signing_key),
+        swapped.age_recipient
+    ));
+    let out = w.tmp.path().join("stolen.share");
+    tampered(w.run(&[
+        "holder",
+        "share",
+        "export",
+        "--role",
+        "legal",
+        "--class",
+        "asked",
+        "--identity-file",
+        mine.to_str().expect("p"),
+        "--out",
+        out.to_str().expect("p"),
+    ]));
+    assert!(!out.exists());
+    tampered(w.run(&[
+        "class",
+        "create",
+        "more",
+        "--retain",
+        "1y",
+        "--holders",
+        "legal,ciso",
+        "--threshold",
+        "2",
+    ]));
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert!(
+        status["tampered"]
+            .as_array()
+            .expect("tampered")
+            .contains(&"holder:legal".into()),
+        "{status}"
+    );
+    w.run(&["audit", "verify"]).ok();
+}
+
 /// Once the deadline passes, an early ceremony still short of its (larger)
 /// quorum gives way to a normal one, which the broker opens itself: the
 /// class's own threshold then suffices.
