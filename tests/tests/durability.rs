@@ -468,6 +468,28 @@ fn an_edited_admin_credential_stops_serve() {
     assert_eq!(std::fs::read(w.db()).expect("db"), before);
 }
 
+/// The store's root key, unsealed with the test passphrase.
+fn root_key(w: &World) -> tessera_broker::keys::RootKey {
+    let conn = rusqlite::Connection::open(w.db()).expect("db");
+    let store_id: String = conn
+        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .map(|v| String::from_utf8(v).expect("utf-8"))
+        .expect("store id");
+    tessera_broker::unseal::unseal(&conn, &store_id, Some(tessera_e2e::PASSPHRASE.as_bytes()))
+        .expect("unseal")
+}
+
+/// Writes `check` as the store's root key check value.
+fn write_check(conn: &rusqlite::Connection, check: &[u8]) {
+    conn.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
+        [check],
+    )
+    .expect("check value");
+}
+
 /// A store made before row MACs (its key check value says so) adopts its
 /// agent rows and admin credential once, with an audit record; everything
 /// keeps working, and later edits are caught.
@@ -480,22 +502,10 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     let token = w.agent("reader", "a/*", "15m");
     s.terminate();
     // Make it look like a store from before: no MACs, the old check value.
+    let rk = root_key(&w);
     let conn = rusqlite::Connection::open(w.db()).expect("db");
-    let store_id: String = conn
-        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
-            r.get::<_, Vec<u8>>(0)
-        })
-        .map(|v| String::from_utf8(v).expect("utf-8"))
-        .expect("store id");
-    let rk =
-        tessera_broker::unseal::unseal(&conn, &store_id, Some(tessera_e2e::PASSPHRASE.as_bytes()))
-            .expect("unseal");
     let legacy = rk.mac(&[b"tessera/v1/root-key-check"]);
-    conn.execute(
-        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
-        [&legacy[..]],
-    )
-    .expect("old check");
+    write_check(&conn, &legacy);
     conn.execute_batch(
         "UPDATE agents SET mac = NULL; UPDATE secrets SET mac = NULL;
          DELETE FROM meta WHERE key = 'admin_token_mac';",
@@ -531,13 +541,7 @@ fn a_store_without_row_macs_adopts_its_rows_once() {
     // The old check value written back (from an older copy) is refused, not
     // taken as a reason to adopt the edited rows.
     sql(&w, "UPDATE agents SET allow = 'a/*' WHERE name = 'reader';");
-    let conn = rusqlite::Connection::open(w.db()).expect("db");
-    conn.execute(
-        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
-        [&legacy[..]],
-    )
-    .expect("old check");
-    drop(conn);
+    write_check(&rusqlite::Connection::open(w.db()).expect("db"), &legacy);
     let r = serve_refused(&w);
     assert!(r.stderr.contains("written back"), "{r:#?}");
     assert_eq!(upgrades(), 1);
@@ -568,22 +572,10 @@ fn a_store_without_retention_macs_adopts_holders_and_classes_once() {
     ])
     .ok();
     s.terminate();
+    let rk = root_key(&w);
     let conn = rusqlite::Connection::open(w.db()).expect("db");
-    let store_id: String = conn
-        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
-            r.get::<_, Vec<u8>>(0)
-        })
-        .map(|v| String::from_utf8(v).expect("utf-8"))
-        .expect("store id");
-    let rk =
-        tessera_broker::unseal::unseal(&conn, &store_id, Some(tessera_e2e::PASSPHRASE.as_bytes()))
-            .expect("unseal");
     let older = rk.mac(&[b"tessera/v1/root-key-check", b"row-macs"]);
-    conn.execute(
-        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
-        [&older[..]],
-    )
-    .expect("older check");
+    write_check(&conn, &older);
     conn.execute_batch("UPDATE holders SET mac = NULL; UPDATE classes SET mac = NULL;")
         .expect("no macs");
     drop(conn);
@@ -610,13 +602,7 @@ fn a_store_without_retention_macs_adopts_holders_and_classes_once() {
     );
     s.terminate();
     sql(&w, "UPDATE classes SET threshold = 2 WHERE name = 'c';");
-    let conn = rusqlite::Connection::open(w.db()).expect("db");
-    conn.execute(
-        "UPDATE meta SET value = ?1 WHERE key = 'root_key_check'",
-        [&older[..]],
-    )
-    .expect("older check");
-    drop(conn);
+    write_check(&rusqlite::Connection::open(w.db()).expect("db"), &older);
     let r = serve_refused(&w);
     assert!(r.stderr.contains("written back"), "{r:#?}");
     assert_eq!(upgrades(), 1);

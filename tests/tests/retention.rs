@@ -97,6 +97,16 @@ fn two_of_three(w: &World, class: &str, retain: &str) {
     .ok();
 }
 
+/// Opens an early shred ceremony of `class`; returns its id.
+fn open_early(w: &World, class: &str) -> String {
+    w.run(&["shred", "open", "--class", class, "--early", "--json"])
+        .ok()
+        .json()["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
 fn open_ceremony(c: &serde_json::Value) -> Option<String> {
     c["ceremonies"]
         .as_array()?
@@ -1607,13 +1617,7 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
     }
     // A join row written in the file does not count: the real joins of
     // the other two roles do not complete a 3-of-3 early shred with it.
-    let id = w
-        .run(&["shred", "open", "--class", "joined", "--early", "--json"])
-        .ok()
-        .json()["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = open_early(&w, "joined");
     sql(&format!(
         "INSERT INTO ceremony_joins (ceremony, role, signature, joined_at)
          VALUES ('{id}', 'board', zeroblob(64), 0);"
@@ -1623,13 +1627,7 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
     assert_ne!(class_json(&w, "joined")["state"], "shredded");
     // A ceremony row asking for fewer joins than its class: one join of a
     // 3-of-3 early shred destroys nothing.
-    let id = w
-        .run(&["shred", "open", "--class", "asked", "--early", "--json"])
-        .ok()
-        .json()["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = open_early(&w, "asked");
     sql(&format!(
         "UPDATE ceremonies SET required = 1 WHERE id = '{id}';"
     ));
