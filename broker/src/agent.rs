@@ -203,6 +203,16 @@ impl Broker {
                 }
                 allow.iter().try_for_each(|p| names::pattern(p))
             })
+            .and_then(|()| {
+                if peer_uid == Some(u32::MAX) {
+                    Err(Error::invalid(
+                        "peer_uid",
+                        "4294967295 is (uid_t)-1, which no process has; give the agent's uid",
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| ttl_in_range("max_ttl", max_ttl))
             .and_then(|()| {
                 if expires_in > TOKEN_LIFE_MAX {
@@ -461,7 +471,9 @@ impl Broker {
                     max_ttl: row.max_ttl as u64,
                     max_lifetime: row.max_lifetime as u64,
                     expires_at: row.expires_at,
-                    peer_uid: row.peer_uid.and_then(|u| u32::try_from(u).ok()),
+                    // (Out of range can only be an edit, which the MAC
+                    // catches; it binds to no one rather than to anyone.)
+                    peer_uid: row.peer_uid.map(|u| u32::try_from(u).unwrap_or(u32::MAX)),
                     token_hash: row.token_hash.try_into().unwrap_or([0; 32]),
                     name: row.name,
                 },

@@ -316,7 +316,7 @@ impl Broker {
                 if !unseal::row_macs_pending(ctx.conn, &root_key)? {
                     return Ok(None);
                 }
-                if rowmac::any_macs(ctx.conn)? {
+                if rowmac::any_macs(ctx.conn)? || rowmac::adopted_before(ctx.conn, "row-macs")? {
                     return Err(rowmac::written_back());
                 }
                 let n = rowmac::adopt(ctx, &row_key, &store_id)?;

@@ -478,7 +478,10 @@ impl Broker {
                     let statement = Statement::parse(&c.statement)
                         .map_err(|e| Error::Tampered(format!("ceremony {cid}: {e}")))?;
                     let required = quorum_of(&c, &class, &statement, t)?;
-                    if !standing_holds(ctx.conn, &c.class)?.is_empty() {
+                    // The signed expiry, not the row's: consent given to a
+                    // ceremony does not outlive it (an expired one is not
+                    // revived by editing its row).
+                    if t >= statement.expires || !standing_holds(ctx.conn, &c.class)?.is_empty() {
                         return Ok(None);
                     }
                     let mut holders = Vec::new();
@@ -548,6 +551,8 @@ impl Broker {
                     )?;
                     ctx.conn
                         .execute("UPDATE ceremonies SET state = 'done' WHERE id = ?1", [&cid])?;
+                    // Its shares are gone: the record says so from now on.
+                    rowmac::seal_class(ctx.conn, &row_key, &c.class)?;
                     meta_set(ctx.conn, "compact_pending", b"1")?;
                     fault("shred-in-destroy");
                     ctx.audit(&Entry {
@@ -567,7 +572,25 @@ impl Broker {
                 },
                 forget,
             )
-            .await?;
+            .await;
+        let class = match class {
+            // Rolled back: the refusal is audited on its own, once per
+            // ceremony (the tick would try again every second).
+            Err(e @ Error::Tampered(_)) => {
+                let first = self
+                    .tampered_logged
+                    .lock()
+                    .map(|mut seen| seen.insert(format!("destroy:{id}")))
+                    .unwrap_or(false);
+                return Err(if first {
+                    self.deny(ACTOR_SYSTEM.into(), "shred.destroy", id, request_id, e)
+                        .await
+                } else {
+                    e
+                });
+            }
+            other => other?,
+        };
         let Some(class) = class else {
             return Ok(false);
         };

@@ -42,6 +42,38 @@ struct Unsealing {
     attempts: Vec<Attempt>,
 }
 
+/// The answer to a share given to a broker that is already unsealed:
+/// nothing more is needed, but an operator who checks which set of shares
+/// is in effect (after an interrupted `rekey root`) is told whether this
+/// one is, never that it worked.
+fn already_unsealed(b: &Broker, share_text: &str) -> Error {
+    let current = b
+        .store
+        .read(|c| crate::store::meta_get(c, "root_key_fingerprint"));
+    match (ShareEnvelope::parse(share_text.as_bytes()), current) {
+        (Err(e), _) => Error::invalid("share", e.to_string()),
+        (Ok(_), Err(e)) => e,
+        (Ok(env), Ok(Some(fp)))
+            if env.class == ROOT_SHARE_CLASS && env.key_fingerprint[..] == fp[..] =>
+        {
+            Error::FailedPrecondition(
+                "the broker is already unsealed, so no share is needed now; this share is of \
+                 the root key in effect: keep it"
+                    .into(),
+            )
+        }
+        (Ok(env), _) => Error::invalid(
+            "share",
+            format!(
+                "the broker is already unsealed, and this share is not of the root key in \
+                 effect (it names {} key {}): it does not unseal this store",
+                env.class,
+                &hex(&env.key_fingerprint)[..16]
+            ),
+        ),
+    }
+}
+
 impl Gate {
     /// A gate that is open: the broker is unsealed.
     pub fn unsealed(broker: Arc<Broker>) -> Arc<Gate> {
@@ -120,8 +152,14 @@ impl Gate {
             ));
         };
         let mut u = lock.lock().await;
-        if self.broker.get().is_some() {
-            return Ok(self.response(false));
+        if let Some(b) = self.broker.get() {
+            let e = already_unsealed(b, share_text);
+            let actor = ShareEnvelope::parse(share_text.as_bytes()).map_or_else(
+                |_| "anonymous".into(),
+                |env| format!("operator:{}", env.role),
+            );
+            let rid = crate::keys::request_id();
+            return Err(b.deny(actor, "unseal.share", "root-key", &rid, e).await);
         }
         let t = now();
         let env = match ShareEnvelope::parse(share_text.as_bytes()) {

@@ -191,8 +191,8 @@ impl Broker {
                 "root-key",
                 true,
                 format!(
-                    "root key generation {next} prepared ({id}), split {} of {}; not in effect \
-                     until committed",
+                    "root key generation {next} prepared, split {} of {}; not in effect until \
+                     committed",
                     split.threshold, split.shares
                 ),
                 request_id,

@@ -255,6 +255,35 @@ fn parse_holder_key(role: &str, pubkey: &str) -> Result<HolderPublicKey> {
     Ok(k)
 }
 
+/// Why shares sealed to `recipients` (role, age recipient) as read before
+/// a write may not be stored in it: a holder row that fails its MAC, or a
+/// role handed to another holder meanwhile.
+fn holders_changed(
+    conn: &Connection,
+    row_key: &SymmetricKey,
+    recipients: &[RoleRecipient],
+) -> Result<Option<Error>> {
+    for (role, recipient) in recipients {
+        if let Err(e) = rowmac::check_holder(conn, row_key, role) {
+            return Ok(Some(e));
+        }
+        let now: Option<String> = conn
+            .query_row(
+                "SELECT age_recipient FROM holders WHERE role = ?1",
+                [role],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if now.as_ref() != Some(recipient) {
+            return Ok(Some(Error::FailedPrecondition(format!(
+                "the holder of role {role} changed while the class was being made; nothing was \
+                 changed, run the command again"
+            ))));
+        }
+    }
+    Ok(None)
+}
+
 /// Judges a signature by a role: Ok with the current key, or the precise
 /// reason it is refused (unenrolled role, replaced key, bad signature).
 pub(crate) fn judge_role_signature(
@@ -374,10 +403,29 @@ impl Broker {
                         r.get(0)
                     })
                     .optional()?;
+                // A role that classes name but that has no holder row had
+                // its row deleted in the file: enrolling someone else for
+                // it would hand them the role without a re-key.
+                let named_by: Option<String> = ctx
+                    .conn
+                    .query_row(
+                        "SELECT name FROM classes
+                         WHERE instr(',' || holders || ',', ',' || ?1 || ',') > 0 LIMIT 1",
+                        [&role],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
                 let refusal = if exists.is_some() {
                     Some(Error::AlreadyExists(format!(
                         "role {role:?} already has a holder; to hand it to someone else use \
                          `tessera holder replace --role {role} --pubkey …`"
+                    )))
+                } else if let Some(class) = named_by {
+                    Some(Error::Tampered(format!(
+                        "the holder record of role {role:?} failed authentication: class \
+                         {class} names the role but its record is missing (deleted outside \
+                         tessera), so it is not enrolled again. Restore the store from a backup \
+                         and find out who can write the database file"
                     )))
                 } else {
                     key_taken(ctx.conn, &key, &role)?
@@ -434,6 +482,7 @@ impl Broker {
                     .await);
             }
         };
+        let role_name = role.clone();
         let rid = request_id.to_string();
         let rk = Arc::clone(&self.root_key);
         let row_key = Arc::clone(&self.row_key);
@@ -523,7 +572,17 @@ impl Broker {
                     cancelled,
                 )))
             }, forget)
-            .await??;
+            .await;
+        let out = match out {
+            // Rolled back (a class or holder record failed its MAC): the
+            // refusal is audited on its own.
+            Err(e @ Error::Tampered(_)) => {
+                return Err(self
+                    .deny("admin".into(), "holder.replace", &role_name, request_id, e)
+                    .await);
+            }
+            other => other??,
+        };
         self.compact_if_pending().await?;
         Ok(out)
     }
@@ -709,18 +768,25 @@ impl Broker {
         }
         let rk = Arc::clone(&self.root_key);
         let row_key = Arc::clone(&self.row_key);
-        let roles: Vec<String> = recipients.into_iter().map(|(r, _)| r).collect();
+        let roles: Vec<String> = recipients.iter().map(|(r, _)| r.clone()).collect();
         let rid = request_id.to_string();
         let retain = req.retain_seconds;
         let created = self
             .store
             .write(move |ctx| {
                 let t = now();
-                if load_class(ctx.conn, &name)?.is_some() {
-                    let e = Error::AlreadyExists(format!(
+                let refusal = if load_class(ctx.conn, &name)?.is_some() {
+                    Some(Error::AlreadyExists(format!(
                         "a retention class named {name:?} already exists (class names are never \
                          reused, even after a shred); choose another name"
-                    ));
+                    )))
+                } else {
+                    // The shares were sealed to the holders read before
+                    // this transaction: one replaced since would hold a
+                    // share of a class its re-key never saw.
+                    holders_changed(ctx.conn, &row_key, &recipients)?
+                };
+                if let Some(e) = refusal {
                     ctx.audit(&admin_entry("class.create", &name, false, e.to_string(), &rid))?;
                     return Ok(Err(e));
                 }
@@ -893,9 +959,12 @@ impl Broker {
         self.store
             .write(move |ctx| {
                 let t = now();
+                // Not on a record that fails its MAC: sealing it again with
+                // the new hold would hide the edit, and a hold not sealed
+                // with it could be lifted unseen.
                 let c = match load_class(ctx.conn, &class)? {
                     Some(c) if c.state == class_state::SHREDDED => Err(shredded_error(&c)),
-                    Some(c) => Ok(c),
+                    Some(c) => rowmac::check_class(ctx.conn, &row_key, &class).map(|()| c),
                     None => Err(no_class(&class)),
                 };
                 let c = match c {
@@ -911,18 +980,12 @@ impl Broker {
                         return Ok(Err(e));
                     }
                 };
-                // A hold is placed even on a class whose record fails its
-                // MAC (it only protects), but such a record is not sealed
-                // again: it stays refused.
-                let intact = rowmac::check_class(ctx.conn, &row_key, &c.name).is_ok();
                 ctx.conn.execute(
                     "INSERT INTO holds (class, reason, placed_at) VALUES (?1, ?2, ?3)",
                     params![c.name, reason, t],
                 )?;
                 let id = ctx.conn.last_insert_rowid();
-                if intact {
-                    rowmac::seal_class(ctx.conn, &row_key, &c.name)?;
-                }
+                rowmac::seal_class(ctx.conn, &row_key, &c.name)?;
                 let cancelled = ctx.conn.execute(
                     "UPDATE ceremonies SET state = 'cancelled' WHERE class = ?1 AND state = 'open'",
                     [&c.name],
@@ -1063,6 +1126,7 @@ impl Broker {
             if c.state == class_state::SHREDDED {
                 return Err(shredded_error(&c));
             }
+            rowmac::check_class(conn, &self.row_key, &class)?;
             conn.query_row(
                 "SELECT sealed FROM class_shares WHERE class = ?1 AND role = ?2",
                 params![class, holder.role],

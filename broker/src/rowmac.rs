@@ -335,7 +335,9 @@ fn covered_row(conn: &Connection, t: &Covered, id: &str) -> Result<Option<Covere
 }
 
 /// A class's covered values: its row's, then the ids of its standing legal
-/// holds, so that a hold deleted or released in the file fails the MAC.
+/// holds (a hold deleted or released in the file fails the MAC), then a
+/// digest of each holder's sealed share (a share swapped in the file would
+/// be exported as the holder's escrow).
 fn class_values(conn: &Connection, name: &str) -> Result<Option<CoveredRow>> {
     use rusqlite::types::Value;
     let Some((mut values, mac)) = covered_row(conn, &CLASSES, name)? else {
@@ -347,6 +349,17 @@ fn class_values(conn: &Connection, name: &str) -> Result<Option<CoveredRow>> {
     )?;
     for id in stmt.query_map([name], |r| r.get::<_, i64>(0))? {
         values.push(Value::Integer(id?));
+    }
+    values.push(Value::Text("sealed shares".into()));
+    let mut stmt = conn
+        .prepare_cached("SELECT role, sealed FROM class_shares WHERE class = ?1 ORDER BY role")?;
+    for row in stmt.query_map([name], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })? {
+        let (role, sealed) = row?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, sealed.as_bytes());
+        values.push(Value::Text(role));
+        values.push(Value::Blob(digest.as_ref().to_vec()));
     }
     Ok(Some((values, mac)))
 }
@@ -444,6 +457,34 @@ pub(crate) fn seal_class(conn: &Connection, key: &SymmetricKey, name: &str) -> R
 /// there is no such class): an edited deadline, threshold or holder list,
 /// or a legal hold deleted in the file, must not let a shred through.
 pub(crate) fn check_class(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<()> {
+    // Holder rows are never deleted by tessera: one missing for a role the
+    // class names was deleted in the file (and its role could be enrolled
+    // again for someone else).
+    let orphaned: Option<String> = conn
+        .query_row(
+            "SELECT c.holders FROM classes c WHERE c.name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?
+        .and_then(|holders: String| {
+            holders
+                .split(',')
+                .find(|role| {
+                    conn.query_row("SELECT 1 FROM holders WHERE role = ?1", [role], |_| Ok(()))
+                        .optional()
+                        .is_ok_and(|found| found.is_none())
+                })
+                .map(str::to_string)
+        });
+    if let Some(role) = orphaned {
+        return Err(Error::Tampered(format!(
+            "the stored record of retention class {name:?} failed authentication: it names \
+             role {role:?}, whose holder record is missing (deleted outside tessera), so no \
+             ceremony of it proceeds; restore the store from a backup and find out who can \
+             write the database file"
+        )));
+    }
     match class_values(conn, name)? {
         Some(row) if !verifies(key, &CLASSES, &row) => Err(Error::Tampered(format!(
             "the stored record of retention class {name:?} (its deadline, holders, \
@@ -466,7 +507,7 @@ pub(crate) fn adopt_retention(ctx: &mut WriteCtx<'_>, key: &SymmetricKey) -> Res
         [],
         |r| r.get(0),
     )?;
-    if some {
+    if some || adopted_before(ctx.conn, "retention-macs")? {
         return Err(written_back());
     }
     let n = seal_retention_rows(ctx.conn, key)?;
@@ -483,6 +524,18 @@ pub(crate) fn adopt_retention(ctx: &mut WriteCtx<'_>, key: &SymmetricKey) -> Res
         request_id: crate::keys::request_id(),
     })?;
     Ok(n)
+}
+
+/// Whether the audit trail records an adoption of `what` already: a store
+/// that adopted its rows once never needs to again, so an older check value
+/// (with the MACs stripped as well) was written back. (The trail's chain
+/// keeps the record from being removed unnoticed.)
+pub(crate) fn adopted_before(conn: &Connection, what: &str) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM audit WHERE action = 'store.upgrade' AND target = ?1)",
+        [what],
+        |r| r.get(0),
+    )?)
 }
 
 /// The refusal of a store whose key check value is older than its MACs.

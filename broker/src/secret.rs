@@ -185,27 +185,7 @@ impl Broker {
                         None => Some(Error::NotFound(format!(
                             "no secret named {name:?}; `tessera secret list` shows what exists"
                         ))),
-                        // A legal hold keeps what its class holds, live
-                        // values included: they are deleted once it is
-                        // released.
-                        // (Its holds are read only from a class record
-                        // that verifies: a hold deleted in the file does
-                        // not count as released.)
-                        Some(Some(class)) => match crate::rowmac::check_class(
-                            ctx.conn, &row_key, class,
-                        ) {
-                            Err(e) => Some(e),
-                            Ok(()) => crate::retention::standing_holds(ctx.conn, class)?
-                                .first()
-                                .map(|(id, reason)| {
-                                    Error::FailedPrecondition(format!(
-                                        "secret {name:?} belongs to class {class}, which is under \
-                                     legal hold {id} ({reason}); it can be deleted once the hold \
-                                     is released"
-                                    ))
-                                }),
-                        },
-                        Some(None) => None,
+                        Some(class) => held(ctx.conn, &row_key, &name, class.as_deref())?,
                     };
                     if let Some(e) = refusal {
                         ctx.audit(&admin_entry(
@@ -314,6 +294,58 @@ impl Broker {
             ciphertext: row.ciphertext.clone(),
         })
     }
+}
+
+/// Why a legal hold keeps secret `name` (of `class`, as its row says) from
+/// being deleted, if one does: a hold keeps what its class holds, live
+/// values included, until it is released. Holds are read only from a class
+/// record that verifies (a hold deleted in the file is not released), and
+/// the class only from a secret row that verifies: of one that does not,
+/// any standing hold keeps it.
+fn held(
+    conn: &rusqlite::Connection,
+    row_key: &crate::keys::SymmetricKey,
+    name: &str,
+    class: Option<&str>,
+) -> Result<Option<Error>> {
+    if rowmac::check_secret(conn, row_key, name).is_err() {
+        let any: Option<(String, i64, String)> = conn
+            .query_row(
+                "SELECT class, id, reason FROM holds WHERE released_at IS NULL ORDER BY id LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        return Ok(any.map(|(c, id, reason)| {
+            Error::FailedPrecondition(format!(
+                "the stored settings of secret {name:?} failed authentication, so its class is \
+                 not known, and class {c} is under legal hold {id} ({reason}): it is not deleted \
+                 while a legal hold stands; restore the store from a backup, or delete it once \
+                 the holds are released"
+            ))
+        }));
+    }
+    let Some(class) = class else {
+        return Ok(None);
+    };
+    if crate::retention::load_class(conn, class)?.is_none() {
+        return Ok(Some(Error::Tampered(format!(
+            "secret {name:?} belongs to class {class}, which is missing from the store \
+             (deleted outside tessera); it is not deleted. Restore the store from a backup and \
+             find out who can write the database file"
+        ))));
+    }
+    if let Err(e) = rowmac::check_class(conn, row_key, class) {
+        return Ok(Some(e));
+    }
+    Ok(crate::retention::standing_holds(conn, class)?
+        .first()
+        .map(|(id, reason)| {
+            Error::FailedPrecondition(format!(
+                "secret {name:?} belongs to class {class}, which is under legal hold {id} \
+                 ({reason}); it can be deleted once the hold is released"
+            ))
+        }))
 }
 
 /// A secret version as stored: encrypted value and wrapped data key.

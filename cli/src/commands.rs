@@ -428,6 +428,21 @@ fn check_share_delivery(n: u32, a: &crate::ShareDelivery) -> Result<(), CliError
         )
     };
     share_dir(d).map_err(cannot)?;
+    // Others must not replace or remove a share before its operator has it.
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(d).map_err(cannot)?;
+    if m.mode() & 0o022 != 0 || m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(CliError::new(
+            Exit::InvalidArgument,
+            format!(
+                "invalid share_dir: {} can be written by others (mode {:o}, owner uid {}); \
+                 choose a directory only you can write, or a new one (made 0700)",
+                d.display(),
+                m.mode() & 0o7777,
+                m.uid()
+            ),
+        ));
+    }
     tempfile::tempfile_in(d).map(drop).map_err(cannot)
 }
 
@@ -467,13 +482,20 @@ fn deliver_operator_shares(
             None => out.push(json!(String::from_utf8_lossy(&body))),
         }
     }
-    // The files' names are durable too, before anything relies on them.
+    // The files' names are durable too (and the directory's own, if it
+    // was just made), before anything relies on them.
     if let Some(d) = &a.share_dir {
-        std::fs::File::open(d)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| {
-                CliError::new(Exit::Failure, format!("cannot sync {}: {e}", d.display()))
-            })?;
+        let parent = d
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        for dir in [d.as_path(), parent] {
+            std::fs::File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| {
+                    CliError::new(Exit::Failure, format!("cannot sync {}: {e}", dir.display()))
+                })?;
+        }
     }
     Ok(out)
 }
@@ -567,6 +589,12 @@ async fn rekey_root(
             }
         }
         crate::shown("the new operator shares").map_err(not_changed)?;
+    }
+    if prepared.pending_id.is_empty() {
+        // A broker from before the two steps ignores `prepare` and switches
+        // at once: the shares just kept are the ones in effect, and a
+        // second call would re-key again.
+        return rekeyed(g, &prepared, &kept, delivery);
     }
     let done = admin
         .rekey_root(authed(call(false, prepared.pending_id.clone()), &token)?)

@@ -1490,6 +1490,17 @@ fn an_operator_share_rekey_never_leaves_a_store_no_share_opens() {
         );
         unseal(works[1].as_bytes()).ok();
         unseal(works[2].as_bytes()).ok();
+        // Unsealed, it still tells an operator which set is in effect.
+        let r = unseal(refused[1].as_bytes()).fails_with(7);
+        assert!(
+            r.stderr.contains("not of the root key in effect"),
+            "{fault}: {r:#?}"
+        );
+        let r = unseal(works[0].as_bytes()).fails_with(5);
+        assert!(
+            r.stderr.contains("of the root key in effect: keep it"),
+            "{fault}: {r:#?}"
+        );
         let status = w.run(&["status", "--json"]).ok().json();
         assert_eq!(status["sealed"], false, "{fault}");
         let token = w.agent("app", "db/*", "15m");
@@ -1601,6 +1612,9 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
         .ok();
     sql("DELETE FROM holds WHERE class = 'held';");
     tampered(early("held"));
+    // No new hold is sealed into a record that fails (it would hide the
+    // edit, or be lifted unseen itself).
+    tampered(w.run(&["hold", "place", "--class", "held", "--reason", "again"]));
     // A threshold lowered, and a deadline moved into the past.
     sql(
         "UPDATE classes SET threshold = 1, early_threshold = 1, deadline = 0 WHERE name = 'loose';",
@@ -1634,6 +1648,18 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
     join(&w, &id, "legal", &keys[0]).ok();
     std::thread::sleep(Duration::from_millis(1500));
     assert_ne!(class_json(&w, "asked")["state"], "shredded");
+    // A holder's sealed share swapped in the file is not exported as the
+    // holder's escrow.
+    sql("UPDATE class_shares SET sealed = sealed || ' ' WHERE class = 'asked' AND role = 'ciso';");
+    let mut export = strings(&[
+        "holder", "share", "export", "--role", "ciso", "--class", "asked",
+    ]);
+    export.extend(id_args(&keys[1]));
+    export.extend(strings(&[
+        "--out",
+        w.tmp.path().join("ciso.share").to_str().expect("p"),
+    ]));
+    tampered(run(&w, &export));
     // A holder's keys swapped for someone else's: they cannot act for the
     // role, and no share is sealed to their recipient.
     let (mine, pubkey, _) = new_holder_key(&w, "legal", "mine.key");
@@ -1677,7 +1703,51 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
             .contains(&"holder:legal".into()),
         "{status}"
     );
+    // A holder row deleted: the classes it holds are flagged, and the role
+    // is not enrolled again for someone else.
+    sql("DELETE FROM holders WHERE role = 'board';");
+    let (_, other, _) = new_holder_key(&w, "board", "other-board.key");
+    tampered(w.run(&["holder", "enroll", "--role", "board", "--pubkey", &other]));
+    let status = w.run(&["status", "--json"]).ok().json();
+    assert!(
+        status["tampered"]
+            .as_array()
+            .expect("tampered")
+            .contains(&"class:joined".into()),
+        "{status}"
+    );
     w.run(&["audit", "verify"]).ok();
+}
+
+/// A legal hold keeps a secret of its class from `secret rm` even when the
+/// secret's row is edited to name no class, or its class row is deleted.
+#[test]
+fn a_held_secret_is_not_deleted_through_an_edited_row() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    three_holders(&w);
+    two_of_three(&w, "c", "1y");
+    w.put("kept/one", b"value");
+    w.run(&["secret", "config", "kept/one", "--class", "c"])
+        .ok();
+    w.run(&["hold", "place", "--class", "c", "--reason", "litigation"])
+        .ok();
+    let sql = |stmt: &str| {
+        rusqlite::Connection::open(w.db())
+            .expect("db")
+            .execute_batch(stmt)
+            .expect("edit db");
+    };
+    sql("UPDATE secrets SET class = NULL WHERE name = 'kept/one';");
+    let r = w.run(&["secret", "rm", "kept/one"]).fails_with(5);
+    assert!(r.stderr.contains("its class is not known"), "{r:#?}");
+    sql("UPDATE secrets SET class = 'c' WHERE name = 'kept/one';");
+    sql("DELETE FROM holds; DELETE FROM classes WHERE name = 'c';");
+    let r = w.run(&["secret", "rm", "kept/one"]).fails_with(9);
+    assert!(r.stderr.contains("missing from the store"), "{r:#?}");
+    let token = w.agent("app", "kept/*", "15m");
+    assert_eq!(w.get("kept/one", &token).ok().stdout, "value");
 }
 
 /// Once the deadline passes, an early ceremony still short of its (larger)
