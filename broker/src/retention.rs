@@ -621,6 +621,28 @@ impl Broker {
                     ctx.audit(&admin_entry("class.recover", &req.name, false, e.to_string(), &rid))?;
                     return Ok(Err(e));
                 }
+                // Every role the class names needs a holder: enrolled here
+                // already, or brought from the old store.
+                for role in &req.holders {
+                    let here = ctx
+                        .conn
+                        .query_row("SELECT 1 FROM holders WHERE role = ?1", [role], |_| Ok(()))
+                        .optional()?
+                        .is_some();
+                    if !here && !req.holder_keys.iter().any(|h| &h.role == role) {
+                        let e = Error::invalid(
+                            "holder_keys",
+                            format!(
+                                "class {} is held by role {role}, which has no holder in this \
+                                 store and none in the old one; enrol it first (`tessera holder \
+                                 enroll --role {role}`)",
+                                req.name
+                            ),
+                        );
+                        ctx.audit(&admin_entry("class.recover", &req.name, false, e.to_string(), &rid))?;
+                        return Ok(Err(e));
+                    }
+                }
                 let mut enrolled = Vec::new();
                 for h in &req.holder_keys {
                     let n = ctx.conn.execute(

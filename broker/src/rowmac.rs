@@ -12,10 +12,13 @@
 //! Stores made before these MACs existed get them once, at the first start
 //! with the root key (the rows as they stand are adopted, and an audit
 //! record says so). The store's key check value then records that this was
-//! done. A store that carries MACs but the old check value (written back
-//! from an older copy) is refused, not adopted again; one stripped of every
-//! MAC as well is adopted again, with another audit record, until a `rekey
-//! root` retires the old check value.
+//! done. A store that carries MACs, or whose audit trail records the
+//! adoption, but has the old check value (written back from an older copy)
+//! is refused, not adopted again; one stripped of every MAC and of that
+//! record as well is adopted again, and `audit verify` then fails at the
+//! deleted record (a `rekey root` retires the old check value for good).
+//! Holder and class rows, which got MACs later, are adopted the same way
+//! from the intermediate check value.
 //!
 //! What MACs cannot catch is a row put back as tessera itself once wrote
 //! it, with its own MAC, from an older copy of the file (a revoked agent's
@@ -460,23 +463,24 @@ pub(crate) fn check_class(conn: &Connection, key: &SymmetricKey, name: &str) -> 
     // Holder rows are never deleted by tessera: one missing for a role the
     // class names was deleted in the file (and its role could be enrolled
     // again for someone else).
-    let orphaned: Option<String> = conn
+    let holders: Option<String> = conn
         .query_row(
             "SELECT c.holders FROM classes c WHERE c.name = ?1",
             [name],
             |r| r.get(0),
         )
-        .optional()?
-        .and_then(|holders: String| {
-            holders
-                .split(',')
-                .find(|role| {
-                    conn.query_row("SELECT 1 FROM holders WHERE role = ?1", [role], |_| Ok(()))
-                        .optional()
-                        .is_ok_and(|found| found.is_none())
-                })
-                .map(str::to_string)
-        });
+        .optional()?;
+    let mut orphaned = None;
+    for role in holders.iter().flat_map(|h| h.split(',')) {
+        let found = conn
+            .prepare_cached("SELECT 1 FROM holders WHERE role = ?1")?
+            .query_row([role], |_| Ok(()))
+            .optional()?;
+        if found.is_none() {
+            orphaned = Some(role.to_string());
+            break;
+        }
+    }
     if let Some(role) = orphaned {
         return Err(Error::Tampered(format!(
             "the stored record of retention class {name:?} failed authentication: it names \

@@ -309,6 +309,17 @@ fn held(
     class: Option<&str>,
 ) -> Result<Option<Error>> {
     if rowmac::check_secret(conn, row_key, name).is_err() {
+        // Nor are the holds to be read from a class record that fails (a
+        // hold deleted along with the secret's class).
+        let classes: Vec<String> = conn
+            .prepare_cached("SELECT name FROM classes ORDER BY name")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for c in &classes {
+            if let Err(e) = rowmac::check_class(conn, row_key, c) {
+                return Ok(Some(e));
+            }
+        }
         let any: Option<(String, i64, String)> = conn
             .query_row(
                 "SELECT class, id, reason FROM holds WHERE released_at IS NULL ORDER BY id LIMIT 1",

@@ -489,13 +489,14 @@ fn deliver_operator_shares(
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."));
-        for dir in [d.as_path(), parent] {
-            std::fs::File::open(dir)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| {
-                    CliError::new(Exit::Failure, format!("cannot sync {}: {e}", dir.display()))
-                })?;
-        }
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| {
+                CliError::new(Exit::Failure, format!("cannot sync {}: {e}", d.display()))
+            })?;
+        // Best effort: a parent this user may not read is not a reason to
+        // stop (it matters only for a directory just made).
+        let _ = std::fs::File::open(parent).and_then(|f| f.sync_all());
     }
     Ok(out)
 }
@@ -561,7 +562,23 @@ async fn rekey_root(
         .into_iter()
         .map(Zeroizing::new)
         .collect();
+    // A broker from before the two steps ignores `prepare` and has switched
+    // already: then a failure to keep the shares is not "nothing changed".
+    let switched = prepared.pending_id.is_empty();
     let not_changed = |e: CliError| {
+        if switched {
+            // (Not the exit code of "nothing changed".)
+            return CliError::new(
+                Exit::Failure,
+                format!(
+                    "{}; the root key WAS replaced (by a broker older than this CLI, in one \
+                     step) and its new shares could not be kept: run `tessera rekey root` \
+                     again while the broker is unsealed, or it cannot be unsealed after a \
+                     restart",
+                    e.message
+                ),
+            );
+        }
         CliError::new(
             e.exit,
             format!(
@@ -590,10 +607,9 @@ async fn rekey_root(
         }
         crate::shown("the new operator shares").map_err(not_changed)?;
     }
-    if prepared.pending_id.is_empty() {
-        // A broker from before the two steps ignores `prepare` and switches
-        // at once: the shares just kept are the ones in effect, and a
-        // second call would re-key again.
+    if switched {
+        // The shares just kept are the ones in effect, and a second call
+        // would re-key again.
         return rekeyed(g, &prepared, &kept, delivery);
     }
     let done = admin

@@ -1742,8 +1742,12 @@ fn a_held_secret_is_not_deleted_through_an_edited_row() {
     sql("UPDATE secrets SET class = NULL WHERE name = 'kept/one';");
     let r = w.run(&["secret", "rm", "kept/one"]).fails_with(5);
     assert!(r.stderr.contains("its class is not known"), "{r:#?}");
+    // The hold deleted as well: the class record no longer verifies.
+    sql("DELETE FROM holds;");
+    let r = w.run(&["secret", "rm", "kept/one"]).fails_with(9);
+    assert!(r.stderr.contains("class \"c\""), "{r:#?}");
     sql("UPDATE secrets SET class = 'c' WHERE name = 'kept/one';");
-    sql("DELETE FROM holds; DELETE FROM classes WHERE name = 'c';");
+    sql("DELETE FROM classes WHERE name = 'c';");
     let r = w.run(&["secret", "rm", "kept/one"]).fails_with(9);
     assert!(r.stderr.contains("missing from the store"), "{r:#?}");
     let token = w.agent("app", "kept/*", "15m");
