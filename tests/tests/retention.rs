@@ -97,6 +97,23 @@ fn two_of_three(w: &World, class: &str, retain: &str) {
     .ok();
 }
 
+/// Runs `stmt` on the store's database file, as someone who can write it.
+fn edit_db(w: &World, stmt: &str) {
+    rusqlite::Connection::open(w.db())
+        .expect("db")
+        .execute_batch(stmt)
+        .expect("edit db");
+}
+
+/// Asserts that `tessera status` lists each of `rows` as tampered.
+fn assert_flagged(w: &World, rows: &[&str]) {
+    let status = w.run(&["status", "--json"]).ok().json();
+    let flagged = status["tampered"].as_array().expect("tampered").clone();
+    for row in rows {
+        assert!(flagged.contains(&(*row).into()), "{row}: {flagged:?}");
+    }
+}
+
 /// Opens an early shred ceremony of `class`; returns its id.
 fn open_early(w: &World, class: &str) -> String {
     w.run(&["shred", "open", "--class", class, "--early", "--json"])
@@ -1596,12 +1613,7 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
     for class in ["held", "loose", "joined", "asked"] {
         two_of_three(&w, class, "1y");
     }
-    let sql = |stmt: &str| {
-        rusqlite::Connection::open(w.db())
-            .expect("db")
-            .execute_batch(stmt)
-            .expect("edit db");
-    };
+    let sql = |stmt: &str| edit_db(&w, stmt);
     let tampered = |r: tessera_e2e::Ran| {
         let r = r.fails_with(9);
         assert!(r.stderr.contains("failed authentication"), "{r:#?}");
@@ -1624,11 +1636,7 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
     // The tick opens no ceremony for it either.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(open_ceremony(&class_json(&w, "loose")), None);
-    let status = w.run(&["status", "--json"]).ok().json();
-    let flagged = status["tampered"].as_array().expect("tampered").clone();
-    for row in ["class:held", "class:loose"] {
-        assert!(flagged.contains(&row.into()), "{flagged:?}");
-    }
+    assert_flagged(&w, &["class:held", "class:loose"]);
     // A join row written in the file does not count: the real joins of
     // the other two roles do not complete a 3-of-3 early shred with it.
     let id = open_early(&w, "joined");
@@ -1695,27 +1703,13 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
         "--threshold",
         "2",
     ]));
-    let status = w.run(&["status", "--json"]).ok().json();
-    assert!(
-        status["tampered"]
-            .as_array()
-            .expect("tampered")
-            .contains(&"holder:legal".into()),
-        "{status}"
-    );
+    assert_flagged(&w, &["holder:legal"]);
     // A holder row deleted: the classes it holds are flagged, and the role
     // is not enrolled again for someone else.
     sql("DELETE FROM holders WHERE role = 'board';");
     let (_, other, _) = new_holder_key(&w, "board", "other-board.key");
     tampered(w.run(&["holder", "enroll", "--role", "board", "--pubkey", &other]));
-    let status = w.run(&["status", "--json"]).ok().json();
-    assert!(
-        status["tampered"]
-            .as_array()
-            .expect("tampered")
-            .contains(&"class:joined".into()),
-        "{status}"
-    );
+    assert_flagged(&w, &["class:joined"]);
     w.run(&["audit", "verify"]).ok();
 }
 
@@ -1733,12 +1727,7 @@ fn a_held_secret_is_not_deleted_through_an_edited_row() {
         .ok();
     w.run(&["hold", "place", "--class", "c", "--reason", "litigation"])
         .ok();
-    let sql = |stmt: &str| {
-        rusqlite::Connection::open(w.db())
-            .expect("db")
-            .execute_batch(stmt)
-            .expect("edit db");
-    };
+    let sql = |stmt: &str| edit_db(&w, stmt);
     sql("UPDATE secrets SET class = NULL WHERE name = 'kept/one';");
     let r = w.run(&["secret", "rm", "kept/one"]).fails_with(5);
     assert!(r.stderr.contains("its class is not known"), "{r:#?}");
