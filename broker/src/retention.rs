@@ -459,6 +459,7 @@ impl Broker {
                     key_fingerprint: key.fingerprint(),
                     enrolled_at: t,
                     classes: Vec::new(),
+                    tampered: false,
                 }))
             })
             .await?
@@ -567,6 +568,7 @@ impl Broker {
                         key_fingerprint: key.fingerprint(),
                         enrolled_at: t,
                         classes: classes.clone(),
+                        tampered: false,
                     },
                     classes,
                     cancelled,
@@ -728,9 +730,13 @@ impl Broker {
                     key_fingerprint: tessera_shred::holder::fingerprint(&r.get::<_, Vec<u8>>(2)?),
                     enrolled_at: r.get(3)?,
                     classes: Vec::new(),
+                    tampered: false,
                 })
             })?;
             let mut holders: Vec<proto::HolderInfo> = rows.collect::<rusqlite::Result<_>>()?;
+            for h in &mut holders {
+                h.tampered = rowmac::failed(rowmac::check_holder(conn, &self.row_key, &h.role))?;
+            }
             let mut stmt =
                 conn.prepare("SELECT class FROM class_shares WHERE role = ?1 ORDER BY class")?;
             for h in &mut holders {
@@ -929,7 +935,7 @@ impl Broker {
     pub fn class_info(&self, name: &str) -> Result<proto::ClassInfo> {
         self.store.read(|conn| {
             let c = load_class(conn, name)?.ok_or_else(|| no_class(name))?;
-            class_info_of(conn, c)
+            class_info_of(conn, c, Some(&self.row_key))
         })
     }
 
@@ -944,7 +950,7 @@ impl Broker {
                 .iter()
                 .map(|n| {
                     let c = load_class(conn, n)?.ok_or_else(|| no_class(n))?;
-                    class_info_of(conn, c)
+                    class_info_of(conn, c, Some(&self.row_key))
                 })
                 .collect::<Result<Vec<_>>>()
         })?;
@@ -1713,6 +1719,7 @@ pub fn export_class(old_db: &std::path::Path, class: &str) -> Result<proto::Reco
     let info = class_info_of(
         &conn,
         load_class(&conn, class)?.ok_or_else(|| no_class(class))?,
+        None,
     )?;
     Ok(proto::RecoverClassRequest {
         name: c.name,
@@ -1840,7 +1847,16 @@ pub const ENVELOPE_MAGIC: &[u8; 4] = b"tse1";
 /// Leading bytes of a `GenerateDataKey` reference.
 pub const DATA_KEY_MAGIC: &[u8; 4] = b"tsk1";
 
-fn class_info_of(conn: &Connection, c: ClassRow) -> Result<proto::ClassInfo> {
+/// `key` checks the row's MAC (none for an old store file being recovered).
+fn class_info_of(
+    conn: &Connection,
+    c: ClassRow,
+    key: Option<&SymmetricKey>,
+) -> Result<proto::ClassInfo> {
+    let tampered = match key {
+        Some(k) => rowmac::failed(rowmac::check_class(conn, k, &c.name))?,
+        None => false,
+    };
     let mut holds_stmt = conn.prepare_cached(
         "SELECT id, reason, placed_at, released_at, release_reason FROM holds
          WHERE class = ?1 ORDER BY id",
@@ -1888,5 +1904,6 @@ fn class_info_of(conn: &Connection, c: ClassRow) -> Result<proto::ClassInfo> {
         holds,
         ceremonies,
         data_keys: data_keys as u64,
+        tampered,
     })
 }

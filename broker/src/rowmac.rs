@@ -170,6 +170,14 @@ pub(crate) fn admin_hash(
     Ok(hash)
 }
 
+/// Whether a check found its row tampered with; other errors pass on.
+pub(crate) fn failed(check: Result<()>) -> Result<bool> {
+    match check {
+        Err(Error::Tampered(_)) => Ok(true),
+        other => other.map(|()| false),
+    }
+}
+
 /// Every row that fails its MAC, for `tessera status`: `agent:NAME`,
 /// `secret:NAME`, `holder:ROLE`, `class:NAME` and `admin-credential`.
 pub(crate) fn tampered_rows(

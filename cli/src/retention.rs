@@ -116,7 +116,11 @@ pub(crate) async fn holder(g: &Global, c: HolderCmd) -> Result<(), CliError> {
                     outln!(
                         "{:<16} {:<17} {:<20}  {}",
                         h.role,
-                        h.key_fingerprint,
+                        if h.tampered {
+                            "TAMPERED"
+                        } else {
+                            &h.key_fingerprint
+                        },
                         time(h.enrolled_at),
                         h.classes.join(",")
                     );
@@ -165,6 +169,7 @@ fn holder_json(h: &proto::HolderInfo) -> serde_json::Value {
         "key_fingerprint": h.key_fingerprint,
         "enrolled_at": h.enrolled_at,
         "classes": h.classes,
+        "tampered": h.tampered,
     })
 }
 
@@ -260,7 +265,7 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                     outln!(
                         "{:<20} {:<10} {:<20} {:>9}  {:<6} {}",
                         c.name,
-                        c.state,
+                        if c.tampered { "TAMPERED" } else { &c.state },
                         time(c.deadline),
                         format!("{}/{}", c.threshold, c.holders.len()),
                         c.holds.iter().filter(|h| h.released_at == 0).count(),
@@ -278,6 +283,13 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                 print_json(class_json(&c));
             } else {
                 outln!("Class {}", c.name);
+                if c.tampered {
+                    outln!(
+                        "  TAMPERED: this record (deadline, holders, thresholds or legal holds) \
+                         was changed outside tessera; no ceremony of it proceeds. Restore the \
+                         store from a backup."
+                    );
+                }
                 outln!("  state:            {}", c.state);
                 outln!("  key fingerprint:  {}", c.key_fingerprint);
                 outln!("  created:          {}", time(c.created_at));
@@ -342,6 +354,7 @@ fn class_json(c: &proto::ClassInfo) -> serde_json::Value {
         "created_at": c.created_at,
         "data_keys": c.data_keys,
         "certificate": c.certificate,
+        "tampered": c.tampered,
         "holds": c.holds.iter().map(hold_json).collect::<Vec<_>>(),
         "ceremonies": c.ceremonies.iter().map(ceremony_json).collect::<Vec<_>>(),
     })

@@ -106,11 +106,52 @@ fn edit_db(w: &World, stmt: &str) {
 }
 
 /// Asserts that `tessera status` lists each of `rows` as tampered.
+/// ... and that `class list`, `class show` and `holder list` mark them.
 fn assert_flagged(w: &World, rows: &[&str]) {
     let status = w.run(&["status", "--json"]).ok().json();
     let flagged = status["tampered"].as_array().expect("tampered").clone();
+    let classes = w.run(&["class", "list", "--json"]).ok().json();
+    let holders = w.run(&["holder", "list", "--json"]).ok().json();
+    let marked = |list: &serde_json::Value, key: &str, name: &str| {
+        list.as_array()
+            .expect("list")
+            .iter()
+            .find(|x| x[key] == name)
+            .map(|x| x["tampered"] == true)
+    };
+    // The lists mark exactly the rows status names.
+    for (list, key, kind) in [
+        (&classes["classes"], "name", "class"),
+        (&holders["holders"], "role", "holder"),
+    ] {
+        for x in list.as_array().expect("list") {
+            let row = format!("{kind}:{}", x[key].as_str().expect("name"));
+            assert_eq!(
+                x["tampered"] == true,
+                flagged.contains(&row.clone().into()),
+                "{row}"
+            );
+        }
+    }
     for row in rows {
         assert!(flagged.contains(&(*row).into()), "{row}: {flagged:?}");
+        if let Some(class) = row.strip_prefix("class:") {
+            assert_eq!(
+                marked(&classes["classes"], "name", class),
+                Some(true),
+                "{row}"
+            );
+            let shown = w.run(&["class", "show", class, "--json"]).ok().json();
+            assert_eq!(shown["tampered"], true, "{row}");
+            let text = w.run(&["class", "show", class]).ok().stdout;
+            assert!(text.contains("TAMPERED"), "{text}");
+        } else if let Some(role) = row.strip_prefix("holder:") {
+            assert_eq!(
+                marked(&holders["holders"], "role", role),
+                Some(true),
+                "{row}"
+            );
+        }
     }
 }
 
