@@ -645,6 +645,23 @@ impl Broker {
                         return Ok(Err(e));
                     }
                 }
+                // Roles enrolled here under another key than in the old
+                // file: the shares copied from it are sealed to the old keys,
+                // so the class is re-keyed for the holders enrolled here.
+                let mut moved = Vec::new();
+                for h in &req.holder_keys {
+                    let here: Option<(String, Vec<u8>)> = ctx
+                        .conn
+                        .query_row(
+                            "SELECT age_recipient, signing_key FROM holders WHERE role = ?1",
+                            [&h.role],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .optional()?;
+                    if here.is_some_and(|(age, sig)| age != h.age_recipient || sig != h.signing_key) {
+                        moved.push(h.role.clone());
+                    }
+                }
                 let mut enrolled = Vec::new();
                 for h in &req.holder_keys {
                     let n = ctx.conn.execute(
@@ -696,13 +713,23 @@ impl Broker {
                     )?;
                 }
                 rowmac::seal_class(ctx.conn, &row_key, &req.name)?;
+                let rekeyed = if moved.is_empty() {
+                    String::new()
+                } else {
+                    let (summary, _) = rekey_class(ctx.conn, &rk, &row_key, &req.name)?;
+                    format!(
+                        "; re-keyed, as roles {} are enrolled here with other keys than in the \
+                         old store: {summary}",
+                        moved.join(",")
+                    )
+                };
                 ctx.audit(&admin_entry(
                     "class.recover",
                     &req.name,
                     true,
                     format!(
                         "class key {} restored from {} holder shares; {} data keys, {} standing \
-                         holds; roles enrolled from the old store: {}",
+                         holds; roles enrolled from the old store: {}{rekeyed}",
                         &req.key_fingerprint[..16.min(req.key_fingerprint.len())],
                         req.shares.len(),
                         req.data_keys.len(),

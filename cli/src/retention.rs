@@ -223,6 +223,7 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
             identity_file,
         } => {
             let mut req = tessera_broker::retention::export_class(&from, &class)?;
+            let old_key = req.key_fingerprint.clone();
             req.shares = read_shares(&share, &identity_file)?
                 .into_iter()
                 .map(|t| String::from_utf8_lossy(&t).into_owned())
@@ -241,6 +242,15 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                     info.data_keys,
                     time(info.deadline)
                 );
+                if info.key_fingerprint != old_key {
+                    outln!(
+                        "Some of its roles are enrolled here with other keys than in the old \
+                         store, so the class was re-keyed: the old shares no longer open it. \
+                         Each holder exports their new share with: tessera holder share export \
+                         --role ROLE --class {}",
+                        info.name
+                    );
+                }
             }
         }
         ClassCmd::List => {

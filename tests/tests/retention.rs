@@ -1139,6 +1139,8 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
     let s_legal = share("tax", 0, "tax.legal");
     let s_board = share("tax", 2, "tax.board");
     let s_other = share("other", 1, "other.ciso");
+    let s_other_legal = share("other", 0, "other.legal");
+    let other_key = class_json(&a, "other")["key_fingerprint"].clone();
     sa.terminate();
 
     // The root key of store A is lost; store B gets the class back from
@@ -1215,6 +1217,38 @@ fn class_recover_restores_a_class_into_a_new_store_from_shares() {
         .ok();
     assert_eq!(plain.stdout, "return 2025");
     recover(&[&s_legal, &s_board]).fails_with(5);
+
+    // The legal role has changed hands in store B since: the old file's
+    // shares of class other are sealed to the old legal key, so the
+    // recovered class is re-keyed for the holders enrolled here, and the
+    // new legal holder's share opens it.
+    let (new_legal, pubkey, _) = new_holder_key(&b, "legal", "legal.new");
+    b.run(&["holder", "replace", "--role", "legal", "--pubkey", &pubkey])
+        .ok();
+    let mut args = strings(&["class", "recover", "--class", "other", "--from", &old_db]);
+    args.extend(strings(&["--share", &s_other, "--share", &s_other_legal]));
+    args.extend(ids.iter().cloned());
+    let moved = run(&b, &args).ok();
+    assert!(moved.stdout.contains("re-keyed"), "{moved:#?}");
+    let now = class_json(&b, "other")["key_fingerprint"].clone();
+    assert_ne!(now, other_key);
+    let export = |role: &str, key: &Option<PathBuf>| -> String {
+        let out = b.tmp.path().join(format!("other.{role}.new"));
+        let mut a = strings(&[
+            "holder", "share", "export", "--role", role, "--class", "other",
+        ]);
+        a.extend(strings(&["--out", &out.display().to_string()]));
+        a.extend(id_args(key));
+        run(&b, &a).ok();
+        out.display().to_string()
+    };
+    let mut args = strings(&["shares", "combine", "--json"]);
+    args.push(export("legal", &Some(new_legal.clone())));
+    args.push(export("ciso", &keys[1]));
+    args.extend(id_args(&Some(new_legal)));
+    args.extend(id_args(&keys[1]));
+    assert_eq!(run(&b, &args).ok().json()["key_fingerprint"], now);
+
     let audit = b.run(&["audit", "export"]).ok().stdout;
     assert!(audit.contains("class.recover"));
     b.run(&["audit", "verify"]).ok();
