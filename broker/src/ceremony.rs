@@ -449,6 +449,7 @@ impl Broker {
     /// envelope data keys and stores the signed certificate; then the store
     /// is compacted. Returns whether it destroyed anything.
     pub(crate) async fn destroy(&self, id: &str, request_id: &str) -> Result<bool> {
+        crate::pause("shred-destroy").await;
         let signing_key = zeroize::Zeroizing::new(self.signing_key.to_vec());
         let broker_key = self.signing_public;
         let cid = id.to_string();

@@ -18,6 +18,14 @@ pub(crate) fn fault(point: &str) {
     }
 }
 
+/// With `TESSERA_FAULT=POINT:pause`, waits 3 s at `point`: lets a test
+/// race another call against this one.
+pub(crate) async fn pause(point: &str) {
+    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p.strip_suffix(":pause") == Some(point)) {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+}
+
 pub mod agent;
 pub mod audit;
 pub mod broker;

@@ -506,31 +506,52 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                 )?)
                 .await?
                 .into_inner();
+            let open = cer.state == "open";
             // On stderr, so that stdout stays one JSON document; shown
             // whenever the holder is asked to confirm, --json or not.
-            if !g.json || !yes {
+            if open && (!g.json || !yes) {
                 errln!("You are asked, as the {} holder, to sign:\n", key.role);
                 for line in cer.statement.lines() {
                     errln!("    {line}");
                 }
                 errln!();
             }
-            if !yes {
+            if open && !yes {
                 confirm_signing(&cer)?;
             }
             let already = cer.joined.contains(&key.role);
-            let sig = key.sign(cer.statement.as_bytes())?;
+            // Nothing is signed for a ceremony that is over: the broker
+            // refuses it before it looks at the signature, saying why and
+            // what to do instead.
+            let sig = if open {
+                hex(&key.sign(cer.statement.as_bytes())?)
+            } else {
+                String::new()
+            };
             let done = client
                 .join_shred(key.request(
                     proto::JoinShredRequest {
                         ceremony: ceremony.clone(),
-                        signature: hex(&sig),
+                        signature: sig,
                     },
                     "JoinShred",
                     &ceremony,
                 )?)
                 .await?
                 .into_inner();
+            if done.state == "cancelled" {
+                // The join counted, but a legal hold (or a re-key) placed at
+                // the same moment won: nothing was destroyed.
+                return Err(CliError::new(
+                    Exit::Precondition,
+                    format!(
+                        "joined as {}, but shred ceremony {} was cancelled meanwhile (a legal \
+                         hold on class {}, or a re-key after a change of holder): nothing was \
+                         destroyed; `tessera class show {}` tells which",
+                        key.role, done.id, done.class, done.class
+                    ),
+                ));
+            }
             if g.json {
                 print_json(ceremony_json(&done));
             } else if done.state == "done" {

@@ -777,6 +777,58 @@ fn early_shred_needs_the_stricter_quorum_and_ceremonies_expire() {
 }
 
 #[test]
+fn a_join_that_loses_to_a_hold_says_nothing_was_destroyed() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve_env(
+        &[],
+        &[
+            ("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE),
+            ("TESSERA_FAULT", "shred-destroy:pause"),
+        ],
+    );
+    let a = w.holder("legal", true);
+    let b = w.holder("ciso", true);
+    w.run(&[
+        "class",
+        "create",
+        "c",
+        "--retain",
+        "1h",
+        "--holders",
+        "legal,ciso",
+        "--threshold",
+        "2",
+    ])
+    .ok();
+    let id = open_early(&w, "c");
+    join(&w, &id, "legal", &a).ok();
+    // The destruction waits (whether the join or the tick runs it); a legal hold
+    // placed meanwhile wins, and the join says so instead of reporting a
+    // met quorum.
+    let r = std::thread::scope(|s| {
+        let joining = s.spawn(|| join(&w, &id, "ciso", &b));
+        std::thread::sleep(Duration::from_millis(1000));
+        w.run(&["hold", "place", "--class", "c", "--reason", "race"])
+            .ok();
+        joining.join().expect("join thread")
+    });
+    let r = r.fails_with(5);
+    assert!(r.stderr.contains("cancelled meanwhile"), "{r:#?}");
+    assert_eq!(class_json(&w, "c")["state"], "active");
+    assert!(wrapped_key(&w, "c").is_some(), "nothing was destroyed");
+
+    // A join of a ceremony that is over asks for no signature: it says
+    // why at once (stdin is no terminal here, which would stop a prompt).
+    let mut args = strings(&["shred", "join", &id, "--role", "legal"]);
+    args.extend(id_args(&a));
+    let late = run(&w, &args).fails_with(5);
+    assert!(late.stderr.contains("was cancelled"), "{late:#?}");
+    assert!(!late.stderr.contains("You are asked"), "{late:#?}");
+    w.run(&["audit", "verify"]).ok();
+}
+
+#[test]
 fn shred_is_crash_safe_at_every_step() {
     for point in [
         "shred-before-destroy",
