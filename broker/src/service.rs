@@ -273,8 +273,10 @@ impl admin_server::Admin for Services {
         let rid = self
             .admin(&req, "secret.rotate", &req.get_ref().name)
             .await?;
+        let b = Arc::clone(self.broker()?);
+        let req = req.into_inner();
         Ok(Response::new(
-            self.broker()?.rotate_now(&rid, req.into_inner()).await?,
+            detached(async move { b.rotate_now(&rid, req).await }).await?,
         ))
     }
 
@@ -338,8 +340,9 @@ impl admin_server::Admin for Services {
         req: Request<proto::RotateDueRequest>,
     ) -> Result<Response<proto::RotateDueResponse>, Status> {
         let rid = self.admin(&req, "rotate.due", "*").await?;
+        let b = Arc::clone(self.broker()?);
         Ok(Response::new(proto::RotateDueResponse {
-            results: self.broker()?.rotate_due(&rid, ACTOR_ADMIN).await?,
+            results: detached(async move { b.rotate_due(&rid, ACTOR_ADMIN).await }).await?,
         }))
     }
 
@@ -543,6 +546,21 @@ impl admin_server::Admin for Services {
 }
 
 /// A metadata value as text, if present.
+/// Runs `work` as a task of its own, so that a client that goes away (a
+/// Ctrl-C) does not cancel it half-way: a rotation whose command has
+/// already changed the credential at its provider must still store the
+/// output and release its lock.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(work).await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(Status::from(Error::Internal(format!(
+            "the work stopped: {e}"
+        )))),
+    }
+}
+
 fn meta<'r, T>(req: &'r Request<T>, key: &str) -> Option<&'r str> {
     req.metadata().get(key).and_then(|v| v.to_str().ok())
 }

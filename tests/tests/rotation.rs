@@ -274,6 +274,43 @@ fn rotate_now_that_rotates_nothing_is_not_a_success() {
 }
 
 #[test]
+fn a_rotation_whose_client_goes_away_still_stores_its_output() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("db/prod", b"pw-1");
+    let marker = w.tmp.path().join("rotating");
+    let cmd = script(
+        &w,
+        "rotate.sh",
+        &format!("touch {}; sleep 2; printf pw-new", marker.display()),
+    );
+    w.run(&["secret", "config", "db/prod", "--rotate-cmd", &cmd])
+        .ok();
+    let mut rotate = w.command();
+    rotate
+        .args(["rotate", "now", "db/prod"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut rotate = rotate.spawn().expect("spawn rotate now");
+    // The command has changed the credential at its provider: a Ctrl-C of
+    // the CLI now must not lose its output (nor keep the lock).
+    wait_for("the rotation command", 30, || marker.exists());
+    std::process::Command::new("kill")
+        .args(["-INT", &rotate.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(!rotate.wait().expect("rotate now").success());
+    wait_for("version 2", 30, || {
+        show(&w, "db/prod")["current_version"] == 2
+    });
+    let token = w.agent("app", "db/*", "15m");
+    assert_eq!(w.get("db/prod", &token).ok().stdout, "pw-new");
+    w.run(&["rotate", "now", "db/prod"]).ok();
+    assert_eq!(show(&w, "db/prod")["current_version"], 3);
+}
+
+#[test]
 fn bad_rotation_input_is_refused_and_changes_nothing() {
     let w = World::new();
     w.init_passphrase();
