@@ -92,7 +92,8 @@ impl std::fmt::Display for Error {
             | Error::Internal(m) => f.write_str(m),
             Error::WrongPassphrase => f.write_str(
                 "the passphrase does not unlock this store's root key; nothing was changed. \
-                 Check TESSERA_PASSPHRASE or the passphrase file and try again",
+                 Check the passphrase given (TESSERA_PASSPHRASE, the prompt, or the file \
+                 `serve --passphrase-file` names) and try again",
             ),
         }
     }

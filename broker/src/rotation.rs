@@ -1001,6 +1001,11 @@ impl Broker {
                     "jitter",
                     "the jitter may be at most 30 days",
                 ))
+            } else if req.every_seconds > 0 && tz.is_some() {
+                Err(Error::invalid(
+                    "tz",
+                    "a time zone goes with --cron; an interval (--every) has none",
+                ))
             } else if req.every_seconds > 0 && req.jitter_seconds >= req.every_seconds {
                 // A delay as long as the interval would let rotations drift
                 // past the next slot, or skip it.

@@ -541,7 +541,7 @@ fn keychain_error(e: &keyring_core::Error, store: KeychainStore, what: &str, doi
     let elsewhere = if what == "holder key" {
         "keep the key in a file with --identity-file"
     } else {
-        "use --unseal passphrase"
+        "for a new store, choose `tessera init --unseal passphrase`"
     };
     let msg = match e {
         // The kernel keyring has no lock and no daemon: gnome-keyring

@@ -97,7 +97,12 @@ impl From<Status> for CliError {
 
 impl From<tessera_broker::Error> for CliError {
     fn from(e: tessera_broker::Error) -> Self {
-        CliError::from(Status::from(e))
+        match e {
+            // A file or socket of this process (a directory it cannot
+            // create, an address in use): not an unreachable broker.
+            tessera_broker::Error::Io(m) => CliError::new(Exit::Failure, m),
+            e => CliError::from(Status::from(e)),
+        }
     }
 }
 

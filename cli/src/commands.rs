@@ -83,10 +83,17 @@ pub(crate) fn admin_token(g: &Global) -> Result<Zeroizing<String>, CliError> {
         warn_if_readable(&path, "--admin-token-file");
     }
     let raw = std::fs::read_to_string(&path).map_err(|e| {
+        let dir = data_dir(g);
         let instead = if g.admin_token_file.is_some() {
-            "check the --admin-token-file path"
+            "check the --admin-token-file path".to_string()
+        } else if g.addr.is_none() && !dir.db().exists() {
+            format!(
+                "{} holds no store: create one with `tessera init`, or point --data-dir \
+                 (TESSERA_DATA_DIR) at the store's directory",
+                dir.root().display()
+            )
         } else {
-            "set TESSERA_ADMIN_TOKEN or pass --admin-token-file"
+            "set TESSERA_ADMIN_TOKEN or pass --admin-token-file".to_string()
         };
         CliError::new(
             Exit::Denied,
@@ -381,10 +388,10 @@ async fn init(g: &Global, a: crate::InitArgs) -> Result<(), CliError> {
         outln!("Next: tessera serve --data-dir {}", dir.root().display());
     }
     if !done.operator_shares.is_empty() && a.delivery.share_dir.is_none() {
-        crate::shown(&format!(
-            "the operator shares, which exist nowhere else: remove {} and run init again",
-            dir.root().display()
-        ))?;
+        crate::shown(
+            "the operator shares, which exist nowhere else",
+            &format!("; remove {} and run init again", dir.root().display()),
+        )?;
     }
     Ok(())
 }
@@ -605,7 +612,7 @@ async fn rekey_root(
                 outln!("{}", s.as_str().unwrap_or_default());
             }
         }
-        crate::shown("the new operator shares").map_err(not_changed)?;
+        crate::shown("the new operator shares", "").map_err(not_changed)?;
     }
     if switched {
         // The shares just kept are the ones in effect, and a second call
@@ -757,6 +764,7 @@ fn init_logging(format: LogFormat) {
 async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     init_logging(a.log_format);
     let dir = data_dir(g);
+    whole_seconds(Some(a.lease_history), "--lease-history")?;
     let opts = ListenOptions {
         socket: a.socket.clone().unwrap_or_else(|| dir.socket()),
         socket_mode: a.socket_mode,
@@ -1039,11 +1047,31 @@ async fn agent(g: &Global, c: AgentCmd) -> Result<(), CliError> {
                 outln!("Token (shown once; give it to the agent as TESSERA_TOKEN):");
                 outln!("  {}", r.token);
             }
-            crate::shown(&format!(
-                "the token of agent {}, which is shown only once: `tessera agent revoke {}` \
-                 and create it again",
-                info.name, info.name
-            ))?;
+            if crate::stdout_closed() {
+                // Nobody saw the token: an agent no one can use, or one
+                // whose token went somewhere unknown. Revoke it.
+                let revoked = admin
+                    .revoke_agent(authed(
+                        proto::RevokeAgentRequest {
+                            name: info.name.clone(),
+                        },
+                        &token,
+                    )?)
+                    .await;
+                let remedy = match revoked {
+                    Ok(_) => format!(
+                        ", so agent {} was revoked; create the agent again under another name \
+                         (names are not used twice)",
+                        info.name
+                    ),
+                    Err(_) => format!(
+                        "; revoke agent {} (`tessera agent revoke {}`) and create it again \
+                         under another name",
+                        info.name, info.name
+                    ),
+                };
+                crate::shown(&format!("the token of agent {}", info.name), &remedy)?;
+            }
         }
         AgentCmd::List => {
             let r = admin
@@ -1280,7 +1308,12 @@ async fn audit(g: &Global, c: AuditCmd) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             match &out {
-                Some(path) => write_new_file(path, cp.text.as_bytes())?,
+                // The broker has signed and recorded it: not lost if the
+                // file cannot be written after all.
+                Some(path) => write_new_file(path, cp.text.as_bytes()).inspect_err(|_| {
+                    out!("{}", cp.text);
+                    errln!("the checkpoint is printed above, as it could not be written:");
+                })?,
                 None if !g.json => out!("{}", cp.text),
                 None => {}
             }
@@ -1402,6 +1435,22 @@ pub(crate) fn check_new_file(path: Option<&Path>) -> Result<(), CliError> {
                 p.display()
             ),
         )),
+        Some(p)
+            if !p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .is_dir() =>
+        {
+            Err(CliError::new(
+                Exit::InvalidArgument,
+                format!(
+                    "invalid out: the directory of {} does not exist; create it or give \
+                     another path",
+                    p.display()
+                ),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -1422,10 +1471,17 @@ fn read_checkpoint(path: &std::path::Path) -> Result<String, CliError> {
         .take(64 * 1024)
         .read_to_string(&mut text)
         .map_err(|e| unreadable(&e))?;
-    if !text.trim_start().starts_with('{') {
+    // A line as syslog or the journal shows it (`Dec 01 … tessera[12]:
+    // {…}`): the JSON after the prefix.
+    let line = text.trim();
+    let json = match line.find('{') {
+        Some(i) if !line.contains('\n') => &line[i..],
+        _ => line,
+    };
+    if !json.starts_with('{') {
         return Ok(text);
     }
-    serde_json::from_str::<serde_json::Value>(text.trim())
+    serde_json::from_str::<serde_json::Value>(json)
         .ok()
         .and_then(|v| v["checkpoint"].as_str().map(str::to_owned))
         .ok_or_else(|| unreadable(&"a JSON line without a \"checkpoint\" field"))

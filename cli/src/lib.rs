@@ -56,15 +56,31 @@ fn write_out(args: std::fmt::Arguments<'_>) {
 }
 
 /// Fails when stdout closed before `what`, shown only once, was written:
-/// the command must not end as if it had been seen.
-pub(crate) fn shown(what: &str) -> Result<(), client::CliError> {
-    if STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) {
+/// the command must not end as if it had been seen. `remedy` says what to
+/// do about it.
+pub(crate) fn shown(what: &str, remedy: &str) -> Result<(), client::CliError> {
+    if stdout_closed() {
         return Err(client::CliError::new(
             client::Exit::Failure,
-            format!("stdout was closed before {what} could be shown"),
+            format!("stdout was closed before {what} could be shown{remedy}"),
         ));
     }
     Ok(())
+}
+
+/// Whether what is written to stdout is lost: a closed pipe, or
+/// /dev/null (where Rust's runtime puts a closed stdout, `>&-`, at start).
+pub(crate) fn stdout_closed() -> bool {
+    use std::os::fd::AsFd;
+    let null = |fd| {
+        let (Ok(a), Ok(b)) = (nix::sys::stat::fstat(fd), nix::sys::stat::stat("/dev/null")) else {
+            return false;
+        };
+        use nix::sys::stat::SFlag;
+        let kind = |m| SFlag::from_bits_truncate(m) & SFlag::S_IFMT;
+        kind(a.st_mode) == SFlag::S_IFCHR && a.st_rdev == b.st_rdev
+    };
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) || null(std::io::stdout().as_fd())
 }
 
 pub mod client;

@@ -812,7 +812,7 @@ pub(crate) fn shares(g: &Global, c: SharesCmd) -> Result<(), CliError> {
         }
     }
     if reveal {
-        crate::shown("the recombined key")?;
+        crate::shown("the recombined key", "")?;
     }
     Ok(())
 }

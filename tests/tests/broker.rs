@@ -111,6 +111,7 @@ fn missing_store_is_a_clear_error() {
     assert!(r.stderr.contains("tessera init"), "{r:#?}");
     let r = w.run(&["secret", "list"]).fails_with(4);
     assert!(r.stderr.contains("admin credential"), "{r:#?}");
+    assert!(r.stderr.contains("holds no store"), "{r:#?}");
 }
 
 #[test]
@@ -940,11 +941,50 @@ fn audit_export_selects_by_time_and_sequence() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // What is shown only once (an agent's token) is not lost quietly.
+    // What is shown only once (an agent's token) is not lost quietly: the
+    // agent nobody saw the token of is revoked. Also with stdout on
+    // /dev/null, or closed (`>&-`, which Rust's runtime turns into
+    // /dev/null).
     let out = closed_stdout(&["agent", "create", "unseen", "--allow", "a/*"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("shown only once"), "{err}");
+    assert!(err.contains("agent unseen was revoked"), "{err}");
+    let out = w
+        .command()
+        .args(["agent", "create", "unseen2", "--allow", "a/*", "--json"])
+        .stdout(std::process::Stdio::from(
+            std::fs::File::open("/dev/null").expect("null"),
+        ))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("agent unseen2 was revoked"), "{err}");
+    let sh = format!(
+        "exec {} agent create unseen3 --allow 'a/*' >&-",
+        tessera_e2e::bin().display()
+    );
+    let cli = w.command();
+    let out = std::process::Command::new("sh")
+        .args(["-c", &sh])
+        .env_clear()
+        .envs(cli.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .output()
+        .expect("sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("agent unseen3 was revoked"), "{err}");
+    let agents = w.run(&["agent", "list", "--json"]).ok().json();
+    for name in ["unseen", "unseen2", "unseen3"] {
+        let a = agents["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .find(|a| a["name"] == name)
+            .expect("listed")
+            .clone();
+        assert!(a["revoked_at"].as_i64().is_some(), "{name}: {a}");
+    }
     let last_ts = before.iter().map(|r| r["ts"].as_i64().expect("ts")).max();
     // Records carry whole seconds: the next ones land in a later second.
     std::thread::sleep(Duration::from_millis(1100));
@@ -1001,6 +1041,7 @@ fn serve_refuses_an_unusable_value_size_limit() {
         ("--max-value-size", "2000000", "--max-value-size"),
         ("--sweep-interval", "0s", "--sweep-interval"),
         ("--sweep-interval", "2h", "at most 1h"),
+        ("--lease-history", "500ms", "--lease-history"),
     ] {
         let r = w
             .run_with(

@@ -872,6 +872,35 @@ fn a_signed_checkpoint_catches_a_store_rolled_back_to_an_older_copy() {
         line.to_str().expect("utf-8"),
     ])
     .ok();
+    // So is the line as syslog or the journal shows it, with its prefix.
+    let logged = w.tmp.path().join("checkpoint.log");
+    std::fs::write(
+        &logged,
+        format!(
+            "Dec 01 05:00:00 host tessera-checkpoint[1234]: {}\n",
+            r.stdout.trim()
+        ),
+    )
+    .expect("write");
+    w.run(&[
+        "audit",
+        "verify",
+        "--checkpoint",
+        logged.to_str().expect("utf-8"),
+    ])
+    .ok();
+    // An --out in a directory that does not exist is refused before the
+    // broker signs anything.
+    let nowhere = w.tmp.path().join("no-such-dir").join("cp");
+    let r = w
+        .run(&[
+            "audit",
+            "checkpoint",
+            "--out",
+            nowhere.to_str().expect("utf-8"),
+        ])
+        .fails_with(7);
+    assert!(r.stderr.contains("does not exist"), "{r:#?}");
 
     // An altered checkpoint is the caller's mistake: INVALID_ARGUMENT (exit 7).
     let forged = w.tmp.path().join("forged.txt");

@@ -380,6 +380,19 @@ fn bad_rotation_input_is_refused_and_changes_nothing() {
             7,
             "time zone",
         ),
+        (
+            &[
+                "rotate",
+                "schedule",
+                "db/prod",
+                "--every",
+                "1h",
+                "--tz",
+                "Europe/Berlin",
+            ],
+            7,
+            "goes with --cron",
+        ),
     ];
     for (args, code, text) in cases {
         let r = w.run(args).fails_with(*code);
