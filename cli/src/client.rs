@@ -147,6 +147,28 @@ impl Target {
             return Err(bad(&"unsupported scheme"));
         }
         let mut ep = Endpoint::from_shared(addr.clone()).map_err(|e| bad(&e))?;
+        // Tokens go in a header: never in the clear past this machine (the
+        // broker itself refuses plain TCP on other addresses).
+        if addr.starts_with("http://") {
+            let host = ep.uri().host().unwrap_or_default();
+            let loopback = host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(CliError::new(
+                    Exit::InvalidArgument,
+                    format!(
+                        "invalid --addr {addr:?}: http:// would send the token in the clear to \
+                         another machine; use https://{host}:PORT (the broker with \
+                         --tls-cert/--tls-key, this side with --tls-ca), or a loopback \
+                         address"
+                    ),
+                ));
+            }
+        }
         // Keepalive pings notice a broker that vanished without closing the
         // connection (a long watch, `tessera run`).
         ep = ep

@@ -68,6 +68,16 @@ pub(crate) fn shown(what: &str, remedy: &str) -> Result<(), client::CliError> {
     Ok(())
 }
 
+/// Keeps other processes of the same user (a command `tessera run`
+/// starts, say) from reading this one's memory or `/proc/PID/environ`,
+/// where `TESSERA_TOKEN` or `TESSERA_PASSPHRASE` may be, and keeps it from
+/// dumping core (a broker's memory holds the root key). A command it
+/// starts is dumpable again after `exec`.
+pub fn harden() {
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_dumpable(false);
+}
+
 /// Whether what is written to stdout is lost: a closed pipe, or
 /// /dev/null (where Rust's runtime puts a closed stdout, `>&-`, at start).
 pub(crate) fn stdout_closed() -> bool {

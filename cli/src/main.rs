@@ -5,6 +5,7 @@
 use clap::Parser;
 
 fn main() {
+    tessera_cli::harden();
     let cli = match tessera_cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => std::process::exit(tessera_cli::usage_error(e)),

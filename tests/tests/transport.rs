@@ -242,3 +242,56 @@ async fn reflection_lists_services_in_v1_and_v1alpha() {
         assert!(names.contains(&w), "v1alpha lists {names:?}, not {w}");
     }
 }
+
+#[test]
+fn no_token_leaves_in_the_clear_or_through_proc() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::new();
+    w.init_passphrase();
+    let port = free_port();
+    let _s = w.serve(&["--listen", &format!("127.0.0.1:{port}")]);
+    w.put("openai/prod", b"sk-one");
+    let token = w.agent("gw", "openai/*", "15m");
+    // http:// to another machine is refused before anything is sent.
+    for addr in ["http://192.0.2.2:47310", "http://example.invalid:80"] {
+        let r = w
+            .run_with(
+                &["get", "openai/prod", "--addr", addr],
+                None,
+                &[("TESSERA_TOKEN", token.as_str())],
+            )
+            .fails_with(7);
+        assert!(r.stderr.contains("in the clear"), "{r:#?}");
+    }
+    // The command `tessera run` starts cannot read run's environment (the
+    // agent's token) from /proc. Root reads any process's, so as root the
+    // run is made by nobody, over loopback TCP.
+    let probe = "if tr '\\0' '\\n' < /proc/$PPID/environ 2>/dev/null | grep -q ^TESSERA_TOKEN=; \
+                 then echo leaked; else echo kept; fi; echo key=$K";
+    let bin = tessera_e2e::bin();
+    let mut run = if std::fs::metadata("/proc/self").expect("self").uid() == 0 {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    } else {
+        std::process::Command::new(&bin)
+    };
+    let out = run
+        .args(["run", "--addr", &format!("http://127.0.0.1:{port}")])
+        .args(["--env", "K=openai/prod", "--", "sh", "-c", probe])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", "/nonexistent")
+        .env("TESSERA_TOKEN", &token)
+        .current_dir("/")
+        .output()
+        .expect("tessera run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "kept\nkey=sk-one\n");
+}
