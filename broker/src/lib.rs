@@ -31,6 +31,7 @@ pub mod audit;
 pub mod broker;
 pub mod ceremony;
 pub mod checkpoint;
+pub mod conn;
 pub mod error;
 pub mod gate;
 pub mod generate;

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::codegen::http::Response;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::conn;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::proto::{
@@ -85,6 +85,9 @@ pub struct ListenOptions {
     pub lease_history: Duration,
     /// Whether this broker runs scheduled rotations itself.
     pub scheduler: bool,
+    /// Connections open at once, at most (Unix socket and TCP together);
+    /// `None`: as many as the limit on open files allows.
+    pub max_connections: Option<usize>,
 }
 
 /// Checks the listen options before anything is opened.
@@ -120,6 +123,20 @@ pub fn check_listen(opts: &ListenOptions) -> Result<()> {
 
 /// How long a shutdown waits for open requests before stopping anyway.
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Concurrent streams (calls, watches) one connection may have open: h2
+/// would otherwise allow any number, each holding memory.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// A server with the limits every listener shares: streams per
+/// connection, and keepalive pings that close a connection whose peer has
+/// gone (or does not answer).
+fn builder() -> Server {
+    Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
 
 /// A broker being served: lets the caller stop it and learn where it is.
 pub struct Running {
@@ -160,9 +177,9 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
     let tcp_builder = match (&tcp, &opts.tls) {
         (None, _) => None,
-        (Some(_), None) => Some(Server::builder()),
+        (Some(_), None) => Some(builder()),
         (Some(_), Some((cert, key))) => Some(
-            Server::builder()
+            builder()
                 .tls_config(load_tls(cert, key)?)
                 .map_err(|e| Error::invalid("tls_cert", format!("TLS setup failed: {e}")))?,
         ),
@@ -207,7 +224,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     };
 
     let mut tasks = Vec::new();
-    let router = Server::builder()
+    let router = builder()
         .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid))
         .add_service(health.clone())
         .add_service(reflection_v1.clone())
@@ -217,8 +234,13 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         .add_service(retention_svc.clone())
         .add_service(holders_svc.clone())
         .add_service(envelope_svc.clone());
+    // One cap for the Unix socket and TCP together.
+    let fds = conn::connection_limit();
+    let limit = opts.max_connections.map_or(fds, |n| n.clamp(1, fds));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+    tracing::debug!(limit, "connections accepted at most");
     let uds = bind_socket(&opts.socket, opts.socket_mode)?;
-    let uds_stream = UnixListenerStream::new(uds);
+    let uds_stream = conn::Incoming::new(uds, Arc::clone(&permits), limit);
     let rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         router
@@ -238,7 +260,10 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         let rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal(rx))
+                .serve_with_incoming_shutdown(
+                    conn::Incoming::new(listener, permits, limit),
+                    signal(rx),
+                )
                 .await
         }));
     }

@@ -773,6 +773,7 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
         sweep_interval: a.sweep_interval,
         lease_history: a.lease_history,
         scheduler: !a.no_scheduler,
+        max_connections: a.max_connections.map(|n| n as usize),
     };
     server::check_listen(&opts)?;
     let limits = Limits {

@@ -432,6 +432,7 @@ pub async fn run(json: bool) -> Result<(), CliError> {
             sweep_interval: Duration::from_secs(1),
             lease_history: Duration::from_secs(7 * 24 * 3600),
             scheduler: true,
+            max_connections: None,
         },
     )
     .await?;

@@ -541,6 +541,11 @@ pub struct ServeArgs {
     /// are deleted; their audit records stay. 0s keeps them forever.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub lease_history: std::time::Duration,
+    /// Connections open at once, at most (Unix socket and TCP together);
+    /// more are closed at once. A new connection that sends nothing for 10 s
+    /// is closed. [default: from the limit on open files, up to 10000]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_connections: Option<u32>,
     /// Log format.
     #[arg(long, value_enum, default_value = "human")]
     pub log_format: LogFormat,

@@ -295,3 +295,49 @@ fn no_token_leaves_in_the_clear_or_through_proc() {
     );
     assert_eq!(stdout, "kept\nkey=sk-one\n");
 }
+
+#[test]
+fn idle_connections_neither_lock_others_out_nor_hold_a_shutdown() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&["--max-connections", "8"]);
+    // Sixteen connections that never send a byte (no token needed for
+    // that): those past the cap are closed at once, the others once the
+    // greeting deadline passes, and the broker is not locked up for good.
+    let idle: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(w.socket()).expect("connect"))
+        .collect();
+    let start = Instant::now();
+    while w.run(&["status"]).code != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "status never got in: {}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("an idle connection was not closed: {e}"),
+            }
+        }
+    }
+    let logs = s.logs();
+    let warned = logs.matches("the most this broker accepts").count();
+    assert!((1..=3).contains(&warned), "{warned} warnings: {logs}");
+    // An idle connection does not hold a shutdown open until the drain
+    // deadline.
+    let _idle = std::os::unix::net::UnixStream::connect(w.socket()).expect("connect");
+    assert_eq!(s.terminate(), 0);
+    let logs = s.logs();
+    assert!(!logs.contains("drain deadline"), "{logs}");
+}
