@@ -127,11 +127,12 @@ fn init(bin: &Path) -> tempfile::TempDir {
     dir
 }
 
-async fn start(bin: &Path, dir: tempfile::TempDir) -> (Broker, Duration) {
+async fn start(bin: &Path, dir: tempfile::TempDir, serve_args: &[&str]) -> (Broker, Duration) {
     let data = dir.path().join("data");
     let t0 = Instant::now();
     let child = tessera(bin, &data)
         .arg("serve")
+        .args(serve_args)
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn tessera serve");
@@ -310,7 +311,7 @@ fn report(name: &str, s: &Stats) -> f64 {
 }
 
 async fn load(a: &Args) {
-    let (b, _) = start(&a.tessera, init(&a.tessera)).await;
+    let (b, _) = start(&a.tessera, init(&a.tessera), &[]).await;
     let token = setup(&b).await;
     println!(
         "tessera load: {} clients over {}, {} s per phase, {} round(s)",
@@ -380,7 +381,7 @@ async fn startup(a: &Args, n: u64) {
         "filled the store with {n} active leases ({} MiB)",
         std::fs::metadata(&db).map(|m| m.len() >> 20).unwrap_or(0)
     );
-    let (b, ready) = start(&a.tessera, dir).await;
+    let (b, ready) = start(&a.tessera, dir, &[]).await;
     let rss_ready = rss_kib(b.child.id());
     let token = setup(&b).await;
     let issue = drive(
@@ -435,7 +436,14 @@ async fn open_watchers(
 }
 
 async fn watchers(a: &Args, n: usize) {
-    let (b, _) = start(&a.tessera, init(&a.tessera)).await;
+    // The watchers all use one agent's token.
+    let most = n.max(1).to_string();
+    let (b, _) = start(
+        &a.tessera,
+        init(&a.tessera),
+        &["--max-watches-per-agent", &most],
+    )
+    .await;
     let token = setup(&b).await;
     let admin_token = std::fs::read_to_string(b.data().join("admin.token")).expect("admin token");
     let admin_token = admin_token.trim().to_string();

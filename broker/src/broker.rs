@@ -24,12 +24,17 @@ use crate::unseal::{self, Source};
 pub struct Limits {
     /// Largest secret value accepted, in bytes.
     pub max_value_size: usize,
+    /// `Watch` streams one agent may have open at once: each new event
+    /// wakes every watcher, so one agent with thousands would slow
+    /// everyone's calls.
+    pub max_watches_per_agent: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_value_size: 64 * 1024,
+            max_watches_per_agent: 256,
         }
     }
 }
@@ -50,6 +55,8 @@ pub struct Broker {
     pub(crate) row_key: Arc<SymmetricKey>,
     /// Secrets whose row failed its MAC, already warned about in the log.
     pub(crate) tampered_logged: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Open `Watch` streams per agent id.
+    pub(crate) watching: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
     /// Agents by token hash; a revoke forgets them.
     pub(crate) agents: Arc<CommitCache<[u8; 32], Agent>>,
     pub(crate) limits: Limits,
@@ -366,6 +373,7 @@ impl Broker {
             admin_token_hash,
             row_key: Arc::new(row_key),
             tampered_logged: std::sync::Mutex::new(std::collections::HashSet::new()),
+            watching: Arc::default(),
             agents: Arc::new(CommitCache::new(AGENT_CACHE_MAX)),
             limits,
             source,

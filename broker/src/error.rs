@@ -30,6 +30,8 @@ pub enum Error {
     FailedPrecondition(String),
     /// The store could not durably record the request; nothing changed.
     Unavailable(String),
+    /// The caller holds the most of something it may (open watches).
+    ResourceExhausted(String),
     /// Stored data failed authentication: a row was changed or swapped in
     /// the database file, or the wrong root key was used.
     Tampered(String),
@@ -70,6 +72,7 @@ impl Error {
             }
             Error::Unavailable(_) | Error::Store(_) | Error::Io(_) => Code::Unavailable,
             Error::Tampered(_) => Code::DataLoss,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         }
     }
@@ -85,6 +88,7 @@ impl std::fmt::Display for Error {
             | Error::AlreadyExists(m)
             | Error::FailedPrecondition(m)
             | Error::Unavailable(m)
+            | Error::ResourceExhausted(m)
             | Error::Tampered(m)
             | Error::Store(m)
             | Error::Keychain(m)

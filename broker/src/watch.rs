@@ -6,6 +6,7 @@
 //! its cursor. A slow poll also picks up events written by another
 //! process (`tessera rotate --due` without a running broker).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +49,45 @@ fn in_scope(agent: &Agent, e: &Row) -> bool {
     }
 }
 
+/// A place among an agent's open watches, given back when the watch ends.
+struct Slot {
+    watching: Arc<std::sync::Mutex<HashMap<i64, usize>>>,
+    agent: i64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut w = self.watching.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.agent);
+            }
+        }
+    }
+}
+
 impl Broker {
+    /// Takes a place among `agent`'s open watches, unless it has the most
+    /// it may.
+    fn watch_slot(&self, agent: &Agent) -> Result<Slot> {
+        let max = self.limits.max_watches_per_agent;
+        let mut w = self.watching.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.entry(agent.id).or_insert(0);
+        if *n >= max {
+            return Err(Error::ResourceExhausted(format!(
+                "agent {:?} has {max} watches open, the most it may (serve \
+                 --max-watches-per-agent); end one first, or share one watch per process",
+                agent.name
+            )));
+        }
+        *n += 1;
+        Ok(Slot {
+            watching: Arc::clone(&self.watching),
+            agent: agent.id,
+        })
+    }
+
     /// The id of the newest event (0 when there is none).
     pub(crate) fn last_event_id(&self) -> Result<u64> {
         self.store.read(|conn| {
@@ -109,12 +148,14 @@ impl Broker {
             after
         };
         let start = cursor;
+        let slot = self.watch_slot(&agent)?;
         let (tx, rx) = mpsc::channel(64);
         let broker = Arc::clone(self);
         let mut wake = self.store.subscribe_events();
         let mut stopping = self.stopping.subscribe();
         let rid = request_id.to_string();
         tokio::spawn(async move {
+            let _slot = slot;
             loop {
                 // Checked before anything is sent: an expired token gets
                 // no further event. The end is audited like a refused call.

@@ -778,6 +778,7 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     server::check_listen(&opts)?;
     let limits = Limits {
         max_value_size: a.max_value_size,
+        max_watches_per_agent: a.max_watches_per_agent as usize,
     };
     server::check_limits(&limits)?;
     let source = peek_source(&dir)?;

@@ -546,6 +546,10 @@ pub struct ServeArgs {
     /// is closed. [default: from the limit on open files, up to 10000]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_connections: Option<u32>,
+    /// `Watch` streams (`get --watch`, `run`) one agent may have open at
+    /// once; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_watches_per_agent: u32,
     /// Log format.
     #[arg(long, value_enum, default_value = "human")]
     pub log_format: LogFormat,

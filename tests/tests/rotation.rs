@@ -1814,3 +1814,32 @@ fn tessera_run_waits_while_a_restarted_broker_is_sealed() {
     rotate_until_seen(&w, "svc/a", "a-two", &out, "start a-two", &notes);
     stop_run(run);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_cannot_open_watches_without_end() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&["--max-watches-per-agent", "2"]);
+    w.put("openai/prod", b"a");
+    let token = w.agent("gw", "openai/*", "15m");
+    let other = w.agent("bot", "openai/*", "15m");
+    let c = w.broker_client().await;
+    let open = |t: &str| {
+        let mut c = c.clone();
+        let req = authed(proto::WatchRequest::default(), t);
+        async move { c.watch(req).await }
+    };
+    let first = open(&token).await.expect("first");
+    let _second = open(&token).await.expect("second");
+    let third = open(&token).await.expect_err("a third is refused");
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted);
+    assert!(third.message().contains("2 watches open"), "{third:?}");
+    // Another agent is not affected, and an ended watch frees its place.
+    let _theirs = open(&other).await.expect("another agent's");
+    drop(first);
+    let start = Instant::now();
+    while open(&token).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no place freed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
