@@ -198,11 +198,15 @@ fn open_in_tx(
     let (action, required) = match decided {
         Ok(v) => v,
         Err(OpenRefusal::AlreadyShredded) => return Ok(Err(shredded_error(&c))),
-        Err(OpenRefusal::Hold { reason }) => {
-            let which = if holds.len() > 1 { " --hold ID" } else { "" };
+        Err(OpenRefusal::Hold { .. }) => {
+            let (which, held) = match holds.len() {
+                1 => ("", "legal hold"),
+                _ => (" --hold ID", "legal holds"),
+            };
             return Ok(Err(Error::FailedPrecondition(format!(
-                "class {class} is under legal hold ({reason}); nothing can be shredded until \
-                 `tessera hold release --class {class}{which} --reason …`"
+                "class {class} is under {held} ({}); nothing can be shredded until \
+                 `tessera hold release --class {class}{which} --reason …`",
+                holds.join("; ")
             ))));
         }
         Err(OpenRefusal::BeforeDeadline { deadline }) => {
@@ -898,10 +902,15 @@ fn join_in_tx(
         ))));
     }
     let holds = standing_holds(conn, &c.class)?;
-    if let Some((hid, reason)) = holds.first() {
+    if !holds.is_empty() {
+        let held: Vec<String> = holds
+            .iter()
+            .map(|(id, r)| format!("hold {id}: {r}"))
+            .collect();
         return Ok(Err(Error::FailedPrecondition(format!(
-            "class {} is under legal hold {hid} ({reason}); release it first",
-            c.class
+            "class {} is under legal hold ({}); release it first",
+            c.class,
+            held.join("; ")
         ))));
     }
     let statement = Statement::parse(&c.statement)

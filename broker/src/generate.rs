@@ -83,6 +83,19 @@ impl Generator {
         Ok(Generator { parts })
     }
 
+    /// How many bytes each value has.
+    pub fn value_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(s) => s.len(),
+                Part::Alnum(n) => *n,
+                Part::Hex(n) => 2 * n,
+                Part::Base64(n) => n.div_ceil(3) * 4,
+            })
+            .sum()
+    }
+
     /// A fresh value.
     pub fn generate(&self) -> Result<Zeroizing<Vec<u8>>> {
         let mut out = Zeroizing::new(Vec::new());
@@ -180,6 +193,16 @@ mod tests {
                 .len(),
             44
         );
+        for spec in [
+            "alnum:40",
+            "hex:32",
+            "base64:32",
+            "base64:30",
+            "sk-{alnum:48}-x",
+        ] {
+            let g = Generator::parse(spec).expect("spec");
+            assert_eq!(g.generate().expect("value").len(), g.value_len(), "{spec}");
+        }
         let t = Generator::parse("sk-{alnum:48}")
             .expect("spec")
             .generate()

@@ -25,13 +25,11 @@ pub fn secret(name: &str, field: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// A lease id as tessera makes them: `lse_` and hex digits (checked
-/// loosely: ids are looked up, never parsed).
+/// A lease id as tessera makes them: `lse_` and 32 hex digits.
 pub fn lease_id(id: &str, field: &'static str) -> Result<()> {
-    let ok = id.len() <= 64
-        && id
-            .strip_prefix("lse_")
-            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_hexdigit()));
+    let ok = id
+        .strip_prefix("lse_")
+        .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()));
     if ok {
         Ok(())
     } else {
@@ -200,6 +198,8 @@ mod tests {
             "lse_xyz",
             "sk-1234",
             &format!("lse_{}", "a".repeat(61)),
+            &format!("lse_{}", "a".repeat(31)),
+            &format!("lse_{}", "a".repeat(33)),
         ] {
             assert!(lease_id(bad, "lease_id").is_err(), "{bad:?} accepted");
         }

@@ -47,6 +47,9 @@ pub mod version_state {
     pub const RETIRED: &str = "retired";
     /// Past its overlap; value kept under the secret's retention class.
     pub const ARCHIVED: &str = "archived";
+    /// Archived under a class since shredded: its key is destroyed (shown
+    /// only; never stored as a state).
+    pub const SHREDDED: &str = "shredded";
     /// A rotation that failed verification; value destroyed.
     pub const FAILED: &str = "failed";
 }
@@ -806,7 +809,17 @@ impl Broker {
             if let Some(g) = req.generate.as_deref()
                 && g != "-"
             {
-                Generator::parse(g)?;
+                let len = Generator::parse(g)?.value_len();
+                let max = self.limits.max_value_size;
+                if len > max {
+                    return Err(Error::invalid(
+                        "generate",
+                        format!(
+                            "it makes values of {len} bytes, and a value may have at most \
+                             {max} (serve --max-value-size)"
+                        ),
+                    ));
+                }
             }
             if let Some(c) = req.class.as_deref()
                 && c != "-"
@@ -2182,14 +2195,23 @@ fn secret_detail(conn: &Connection, key: &SymmetricKey, name: &str) -> Result<pr
         .optional()?
         .ok_or_else(|| no_secret(name))?;
     let mut stmt = conn.prepare_cached(
-        "SELECT version, state, created_at, source, retire_at, due_at, archived_class
-         FROM secret_versions WHERE name = ?1 ORDER BY version",
+        "SELECT v.version, v.state, v.created_at, v.source, v.retire_at, v.due_at,
+                v.archived_class, c.state = 'shredded'
+         FROM secret_versions v LEFT JOIN classes c ON c.name = v.archived_class
+         WHERE v.name = ?1 ORDER BY v.version",
     )?;
     let versions = stmt
         .query_map([name], |r| {
+            // An archived version whose class was shredded is gone for good.
+            let shredded = r.get::<_, Option<bool>>(7)?.unwrap_or(false);
+            let state: String = r.get(1)?;
             Ok(proto::VersionInfo {
                 version: r.get::<_, i64>(0)? as u64,
-                state: r.get(1)?,
+                state: if shredded && state == version_state::ARCHIVED {
+                    version_state::SHREDDED.into()
+                } else {
+                    state
+                },
                 created_at: r.get(2)?,
                 source: r.get(3)?,
                 retire_at: r.get::<_, Option<i64>>(4)?.unwrap_or(0),

@@ -178,11 +178,17 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     let tcp_builder = match (&tcp, &opts.tls) {
         (None, _) => None,
         (Some(_), None) => Some(builder()),
-        (Some(_), Some((cert, key))) => Some(
-            builder()
-                .tls_config(load_tls(cert, key)?)
-                .map_err(|e| Error::invalid("tls_cert", format!("TLS setup failed: {e}")))?,
-        ),
+        (Some(_), Some((cert, key))) => {
+            Some(builder().tls_config(load_tls(cert, key)?).map_err(|e| {
+                Error::invalid(
+                    "tls_cert",
+                    format!(
+                        "TLS setup failed ({e}): check that --tls-key is the private key \
+                             of the first certificate in --tls-cert, both PEM"
+                    ),
+                )
+            })?)
+        }
     }
     .map(|b| b.layer(tower::util::MapResponseLayer::new(undecodable_is_invalid)));
 
@@ -428,7 +434,13 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
         })?;
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        // Made for the socket: searchable by the group only when the
+        // socket is shared with it (mode 660).
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(if mode & 0o070 != 0 { 0o750 } else { 0o700 })
+            .create(dir)?;
     }
     // Created owner-only, then widened to `mode`: a socket outside the
     // private data directory is never open to others, not even briefly.

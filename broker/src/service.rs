@@ -41,7 +41,10 @@ impl Services {
 
 /// The bearer token in `authorization`, if any.
 fn bearer<T>(req: &Request<T>) -> Option<String> {
-    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    // Bytes past ASCII (a token mistyped with an accented letter) make a
+    // token that is then unknown, not a missing one.
+    let raw = req.metadata().get("authorization")?;
+    let v = String::from_utf8_lossy(raw.as_encoded_bytes());
     let t = v
         .strip_prefix("Bearer ")
         .or_else(|| v.strip_prefix("bearer "))?;

@@ -238,13 +238,17 @@ impl Target {
 /// `msg` with `authorization: Bearer token`.
 pub fn authed<T>(msg: T, token: &str) -> Result<Request<T>, CliError> {
     let mut req = Request::new(msg);
-    let v = format!("Bearer {token}").parse().map_err(|_| {
-        CliError::new(
-            Exit::InvalidArgument,
-            "the token contains characters that cannot be sent; check TESSERA_TOKEN / \
+    let printable = token.bytes().all(|b| b.is_ascii_graphic());
+    let v = Some(format!("Bearer {token}"))
+        .filter(|_| printable)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            CliError::new(
+                Exit::InvalidArgument,
+                "the token contains characters that cannot be sent; check TESSERA_TOKEN / \
              TESSERA_ADMIN_TOKEN",
-        )
-    })?;
+            )
+        })?;
     req.metadata_mut().insert("authorization", v);
     Ok(req)
 }

@@ -131,19 +131,32 @@ pub(crate) fn read_stdin(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>
 /// kept); typed or pasted at a terminal, everything up to Ctrl-D without
 /// echo (so it never shows on screen, and a multi-line paste is taken
 /// whole rather than left for the shell), with one final newline dropped.
-pub(crate) fn read_value(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+/// A Ctrl-C while typing puts the echo back before the command ends.
+pub(crate) async fn read_value(what: &str, instead: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
     if !std::io::stdin().is_terminal() {
         return read_stdin(what, instead);
     }
-    let mut buf = Zeroizing::new(Vec::new());
-    {
-        let _hidden = HiddenInput::start()?;
-        // Only now: what is typed after the prompt is never echoed.
-        errln!("Type or paste {what}, then Ctrl-D (input is hidden).");
-        std::io::stdin()
-            .read_to_end(&mut buf)
-            .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?;
-    }
+    let hidden = HiddenInput::start()?;
+    // Only now: what is typed after the prompt is never echoed.
+    errln!("Type or paste {what}, then Ctrl-D (input is hidden).");
+    // On a thread of its own, which a Ctrl-C leaves blocked in the read
+    // until the process exits.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut buf = Zeroizing::new(Vec::new());
+        let _ = tx.send(std::io::stdin().read_to_end(&mut buf).map(|_| buf));
+    });
+    let mut buf = tokio::select! {
+        read = rx => read
+            .map_err(|_| CliError::new(Exit::Failure, "cannot read stdin"))?
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?,
+        _ = tokio::signal::ctrl_c() => {
+            drop(hidden);
+            errln!();
+            return Err(CliError::new(Exit::Failure, "interrupted; nothing was changed"));
+        }
+    };
+    drop(hidden);
     if buf.last() == Some(&b'\n') {
         buf.pop();
     }
@@ -880,7 +893,8 @@ async fn secret(g: &Global, c: SecretCmd) -> Result<(), CliError> {
                     })?;
                 }
                 None => {
-                    value = read_value(&format!("the value of {name}"), " or use --from-file")?;
+                    value =
+                        read_value(&format!("the value of {name}"), " or use --from-file").await?;
                 }
             }
             // Past this, the request would not fit in one gRPC message and

@@ -389,8 +389,19 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
     Ok(())
 }
 
-/// Runs the walk-through; every step goes over gRPC to the broker.
+/// Runs the walk-through; every step goes over gRPC to the broker. A
+/// SIGINT or SIGTERM stops it and still removes its temporary store.
 pub async fn run(json: bool) -> Result<(), CliError> {
+    tokio::select! {
+        r = walk(json) => r,
+        () = server::termination() => Err(CliError::new(
+            Exit::Failure,
+            "stopped by a signal; the demo's temporary store was removed",
+        )),
+    }
+}
+
+async fn walk(json: bool) -> Result<(), CliError> {
     NARRATE_TO_STDERR.store(json, std::sync::atomic::Ordering::Relaxed);
     let tmp = tempfile::Builder::new()
         .prefix("tessera-demo-")

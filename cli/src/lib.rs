@@ -851,8 +851,12 @@ pub enum AuditCmd {
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e}; write a duration like 30s, 15m, 1h or 7d"))
+    humantime::parse_duration(s).map_err(|_| {
+        format!(
+            "{s:?} is not a duration: write a number and a unit (s, m, h, d, w, M for months, \
+             y), e.g. 30s, 15m, 1h or 7d"
+        )
+    })
 }
 
 /// A Unix uid, given as a number or as a user name of this machine.

@@ -335,13 +335,17 @@ pub(crate) async fn class(g: &Global, c: ClassCmd) -> Result<(), CliError> {
                 }
                 for cer in &c.ceremonies {
                     outln!(
-                        "  ceremony {}: {} {} ({} of {} joined: {}), expires {}",
+                        "  ceremony {}: {} {} ({} of {} joined{}), expires {}",
                         cer.id,
                         cer.action,
                         cer.state,
                         cer.joined.len(),
                         cer.required,
-                        cer.joined.join(","),
+                        if cer.joined.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", cer.joined.join(","))
+                        },
                         time(cer.expires_at)
                     );
                 }

@@ -127,6 +127,7 @@ pub(crate) fn print_detail(g: &Global, d: &proto::SecretDetail) {
         let state = match v.state.as_str() {
             "overlapping" => format!("overlapping until {}", time(v.retire_at)),
             "archived" => format!("archived ({})", v.archived_class),
+            "shredded" => format!("shredded with class {}", v.archived_class),
             s => s.to_string(),
         };
         outln!(
@@ -173,7 +174,8 @@ pub(crate) async fn rotate(g: &Global, a: RotateArgs) -> Result<(), CliError> {
                 value = crate::commands::read_value(
                     &format!("the new value of {name}"),
                     ", or leave out --from-stdin for a generated value",
-                )?;
+                )
+                .await?;
             }
             let r = admin
                 .rotate_now(authed(

@@ -120,6 +120,16 @@ fn spawn(args: &RunArgs, bindings: &[Binding]) -> Result<Child, CliError> {
         cmd.env_remove(cred);
     }
     for b in bindings {
+        if b.lease.value.contains(&0) {
+            return Err(CliError::new(
+                Exit::InvalidArgument,
+                format!(
+                    "the value of {} (for {}) contains a NUL byte, which an environment \
+                     variable cannot hold; fetch it with `tessera get {}` into a file instead",
+                    b.secret, b.var, b.secret
+                ),
+            ));
+        }
         // An environment value is bytes: a value that is not UTF-8 is
         // passed as it is, never converted.
         use std::os::unix::ffi::OsStrExt;

@@ -169,20 +169,15 @@ fn passphrase_file_is_used_and_checked() {
     );
 }
 
-/// A value typed or pasted at a terminal (a pty from `script`) is not
-/// echoed, is taken whole up to Ctrl-D (a multi-line paste is not left for
-/// the shell), and loses only its final newline.
-#[test]
-fn a_value_typed_at_a_terminal_is_hidden_and_taken_whole() {
+/// Runs `sh_cmd` at a terminal (a pty from `script`), types `input` once
+/// the terminal shows "input is hidden"; returns the exit status and all
+/// the terminal showed.
+fn at_terminal(w: &World, sh_cmd: &str, input: &[u8]) -> (std::process::ExitStatus, String) {
     use std::io::{Read, Write};
-    let w = World::new();
-    w.init_passphrase();
-    let _s = w.serve(&[]);
-    let cmd = format!("{} secret put tty/pasted", tessera_e2e::bin().display());
     let template = w.command();
     let mut script = std::process::Command::new("script");
     script
-        .args(["-qec", &cmd, "/dev/null"])
+        .args(["-qec", sh_cmd, "/dev/null"])
         .env_clear()
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -217,16 +212,30 @@ fn a_value_typed_at_a_terminal_is_hidden_and_taken_whole() {
             ),
         }
     }
-    // A paste of two lines, then Ctrl-D on a line of its own.
-    stdin
-        .write_all(b"paste-line-1\npaste-line-2\n\x04")
-        .expect("type");
+    stdin.write_all(input).expect("type");
     drop(stdin);
     let status = child.wait().expect("wait script");
     while let Ok(b) = rx.recv_timeout(Duration::from_secs(2)) {
         shown.extend(b);
     }
-    let shown = String::from_utf8_lossy(&shown);
+    (status, String::from_utf8_lossy(&shown).into_owned())
+}
+
+/// A value typed or pasted at a terminal is not echoed, is taken whole up
+/// to Ctrl-D (a multi-line paste is not left for the shell), and loses only
+/// its final newline; a Ctrl-C while typing leaves the echo on.
+#[test]
+fn a_value_typed_at_a_terminal_is_hidden_and_taken_whole() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    let bin = tessera_e2e::bin();
+    // A paste of two lines, then Ctrl-D on a line of its own.
+    let (status, shown) = at_terminal(
+        &w,
+        &format!("{} secret put tty/pasted", bin.display()),
+        b"paste-line-1\npaste-line-2\n\x04",
+    );
     assert!(status.success(), "{status:?}: {shown}");
     assert!(
         !shown.contains("paste-line"),
@@ -237,6 +246,24 @@ fn a_value_typed_at_a_terminal_is_hidden_and_taken_whole() {
         w.get("tty/pasted", &token).ok().stdout,
         "paste-line-1\npaste-line-2"
     );
+    // Ctrl-C half-way: nothing stored, and the terminal echoes again.
+    let (_, shown) = at_terminal(
+        &w,
+        // The shell catches SIGINT (its command gets it as usual) and
+        // goes on to show the terminal's flags.
+        &format!(
+            "trap true INT; {} secret put tty/cancelled; stty -a",
+            bin.display()
+        ),
+        b"half-typed\x03",
+    );
+    assert!(shown.contains("interrupted"), "{shown}");
+    let flags: Vec<&str> = shown.split_whitespace().collect();
+    assert!(
+        flags.contains(&"echo") && !flags.contains(&"-echo"),
+        "{shown}"
+    );
+    w.get("tty/cancelled", &token).fails_with(3);
 }
 
 #[test]
@@ -865,6 +892,33 @@ fn demo_walks_through_the_main_job() {
     let r = w.run(&["demo", "--json"]).ok();
     assert_eq!(r.json()["ok"], true, "{r:#?}");
     assert!(r.stderr.contains("certificate valid"), "{r:#?}");
+    // Stopped half-way (SIGTERM), it still removes its temporary store.
+    let tmp = w.tmp.path().join("demo-tmp");
+    std::fs::create_dir(&tmp).expect("tmp");
+    let out = w.tmp.path().join("demo.out");
+    let mut demo = w
+        .command()
+        .arg("demo")
+        .env("TMPDIR", &tmp)
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("demo");
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("[3]")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "demo did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tessera_e2e::signal_term(demo.id()).expect("term");
+    assert_eq!(demo.wait().expect("demo").code(), Some(1));
+    let left: Vec<_> = std::fs::read_dir(&tmp).expect("tmp").collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -350,6 +350,17 @@ fn bad_rotation_input_is_refused_and_changes_nothing() {
             "unknown generator",
         ),
         (
+            &[
+                "secret",
+                "config",
+                "db/prod",
+                "--generate",
+                &"{hex:4096}".repeat(9),
+            ],
+            7,
+            "values of 73728 bytes",
+        ),
+        (
             &["secret", "config", "db/prod", "--class", "nope"],
             3,
             "no retention class",
@@ -1477,6 +1488,10 @@ fn retired_versions_are_archived_under_the_class_and_die_with_its_shred() {
     let c = w.run(&["class", "show", "sox", "--json"]).ok().json();
     assert_eq!(c["state"], "shredded");
     assert_eq!(c["data_keys"], 0);
+    assert_eq!(
+        states(&show(&w, "bank/api")),
+        [(1, "shredded".to_string()), (2, "active".to_string())]
+    );
     // The current version is untouched.
     let token = w.agent("app", "bank/*", "15m");
     assert_eq!(w.get("bank/api", &token).ok().stdout, "new-credential");
