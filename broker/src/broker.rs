@@ -55,6 +55,9 @@ pub struct Broker {
     pub(crate) row_key: Arc<SymmetricKey>,
     /// Secrets whose row failed its MAC, already warned about in the log.
     pub(crate) tampered_logged: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Held (read) by each rotation run on a task of its own; a shutdown
+    /// takes it (write) to wait for them.
+    pub(crate) detached: Arc<tokio::sync::RwLock<()>>,
     /// Open `Watch` streams per agent id.
     pub(crate) watching: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
     /// Agents by token hash; a revoke forgets them.
@@ -374,6 +377,7 @@ impl Broker {
             row_key: Arc::new(row_key),
             tampered_logged: std::sync::Mutex::new(std::collections::HashSet::new()),
             watching: Arc::default(),
+            detached: Arc::default(),
             agents: Arc::new(CommitCache::new(AGENT_CACHE_MAX)),
             limits,
             source,
@@ -642,6 +646,12 @@ impl Broker {
                 tampered: rowmac::tampered_rows(conn, &self.row_key, &self.store_id)?,
             })
         })
+    }
+
+    /// Returns once no rotation run on a task of its own is still going
+    /// (a client that asked for it may have gone).
+    pub async fn detached_done(&self) {
+        drop(self.detached.write().await);
     }
 
     /// Returns once every acknowledged write is committed (for shutdown).

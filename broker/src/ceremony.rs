@@ -181,10 +181,8 @@ fn open_in_tx(
     if let Err(e) = rowmac::check_class(conn, row_key, class) {
         return Ok(Err(e));
     }
-    let holds: Vec<String> = standing_holds(conn, class)?
-        .into_iter()
-        .map(|(id, r)| format!("hold {id}: {r}"))
-        .collect();
+    let standing = standing_holds(conn, class)?;
+    let holds = named(&standing);
     let shredded = c.state == class_state::SHREDDED;
     let decided = rules::may_open(
         t,
@@ -198,17 +196,7 @@ fn open_in_tx(
     let (action, required) = match decided {
         Ok(v) => v,
         Err(OpenRefusal::AlreadyShredded) => return Ok(Err(shredded_error(&c))),
-        Err(OpenRefusal::Hold { .. }) => {
-            let (which, held) = match holds.len() {
-                1 => ("", "legal hold"),
-                _ => (" --hold ID", "legal holds"),
-            };
-            return Ok(Err(Error::FailedPrecondition(format!(
-                "class {class} is under {held} ({}); nothing can be shredded until \
-                 `tessera hold release --class {class}{which} --reason …`",
-                holds.join("; ")
-            ))));
-        }
+        Err(OpenRefusal::Hold { .. }) => return Ok(Err(held(class, &standing))),
         Err(OpenRefusal::BeforeDeadline { deadline }) => {
             return Ok(Err(Error::FailedPrecondition(format!(
                 "class {class} must be kept until {} (another {}); to shred it before then, \
@@ -852,6 +840,28 @@ impl Broker {
 
 /// Judges a join inside the writer's transaction. Returns (roles joined,
 /// roles required, whether this join was new) or the refusal.
+/// The refusal for a class under the standing `holds`, naming each and
+/// how to release them.
+fn held(class: &str, holds: &[(i64, String)]) -> Error {
+    let (which, what) = match holds.len() {
+        1 => ("", "legal hold"),
+        _ => (" --hold ID", "legal holds"),
+    };
+    Error::FailedPrecondition(format!(
+        "class {class} is under {what} ({}); nothing can be shredded until `tessera hold \
+         release --class {class}{which} --reason …`",
+        named(holds).join("; ")
+    ))
+}
+
+/// `hold ID: REASON` for each hold.
+fn named(holds: &[(i64, String)]) -> Vec<String> {
+    holds
+        .iter()
+        .map(|(id, r)| format!("hold {id}: {r}"))
+        .collect()
+}
+
 fn join_in_tx(
     conn: &Connection,
     row_key: &SymmetricKey,
@@ -903,15 +913,7 @@ fn join_in_tx(
     }
     let holds = standing_holds(conn, &c.class)?;
     if !holds.is_empty() {
-        let held: Vec<String> = holds
-            .iter()
-            .map(|(id, r)| format!("hold {id}: {r}"))
-            .collect();
-        return Ok(Err(Error::FailedPrecondition(format!(
-            "class {} is under legal hold ({}); release it first",
-            c.class,
-            held.join("; ")
-        ))));
+        return Ok(Err(held(&c.class, &holds)));
     }
     let statement = Statement::parse(&c.statement)
         .map_err(|e| Error::Tampered(format!("ceremony {id}: {e}")))?;

@@ -30,22 +30,15 @@ const RESERVED_FDS: u64 = 128;
 /// Connections at most, however many descriptors the process may open.
 const MAX_CONNECTIONS: u64 = 10_000;
 
-/// Raises the soft limit on open files to the hard one and returns how
-/// many connections to accept at once.
+/// How many connections to accept at once: the soft limit on open files
+/// less what the rest of the broker needs. (Not raised here: the rotation
+/// commands the broker starts would inherit a raised limit.)
 pub fn connection_limit() -> usize {
     #[cfg(any(target_os = "linux", target_os = "macos"))]
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
     {
-        use nix::sys::resource::{Resource, getrlimit, setrlimit};
-        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-            // macOS refuses a soft limit above OPEN_MAX with RLIM_INFINITY.
-            let want = hard.min(1 << 20);
-            let soft = if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
-                want
-            } else {
-                soft
-            };
-            return soft.saturating_sub(RESERVED_FDS).clamp(16, MAX_CONNECTIONS) as usize;
-        }
+        return soft.saturating_sub(RESERVED_FDS).clamp(16, MAX_CONNECTIONS) as usize;
     }
     1024 - RESERVED_FDS as usize
 }
@@ -106,6 +99,7 @@ pub struct Incoming<L> {
     listener: L,
     permits: Arc<Semaphore>,
     limit: usize,
+    source: &'static str,
     backoff: Option<Pin<Box<Sleep>>>,
     full: Throttled,
     failing: Throttled,
@@ -113,12 +107,13 @@ pub struct Incoming<L> {
 
 impl<L: Accept> Incoming<L> {
     /// Accepts from `listener` while `permits` (shared by every listener,
-    /// `limit` in all) has one left.
-    pub fn new(listener: L, permits: Arc<Semaphore>, limit: usize) -> Self {
+    /// `limit` in all, set by `source`) has one left.
+    pub fn new(listener: L, permits: Arc<Semaphore>, limit: usize, source: &'static str) -> Self {
         Incoming {
             listener,
             permits,
             limit,
+            source,
             backoff: None,
             full: Throttled::new(),
             failing: Throttled::new(),
@@ -142,12 +137,11 @@ impl<L: Accept> Stream for Incoming<L> {
                     // Closed at once: the client learns it now, not after
                     // a timeout.
                     Err(_) => {
-                        let limit = this.limit;
+                        let (limit, source) = (this.limit, this.source);
                         this.full.warn(
                             &format!(
                                 "{limit} connections are open, the most this broker accepts \
-                                 (from its limit on open files); closing new ones. Raise \
-                                 LimitNOFILE / ulimit -n if they are legitimate"
+                                 ({source}); closing new ones"
                             ),
                             None,
                         );

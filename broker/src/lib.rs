@@ -18,11 +18,22 @@ pub(crate) fn fault(point: &str) {
     }
 }
 
-/// With `TESSERA_FAULT=POINT:pause`, waits 3 s at `point`: lets a test
-/// race another call against this one.
+/// With `TESSERA_FAULT=POINT:pause` and `TESSERA_PAUSE_DIR=DIR`, writes
+/// `DIR/paused` at `point` and waits (at most a minute) until `DIR/resume`
+/// exists: lets a test put another call between two steps of this one.
 pub(crate) async fn pause(point: &str) {
-    if std::env::var("TESSERA_FAULT").is_ok_and(|p| p.strip_suffix(":pause") == Some(point)) {
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    if !std::env::var("TESSERA_FAULT").is_ok_and(|p| p.strip_suffix(":pause") == Some(point)) {
+        return;
+    }
+    let Some(dir) = std::env::var_os("TESSERA_PAUSE_DIR").map(std::path::PathBuf::from) else {
+        return;
+    };
+    let _ = std::fs::write(dir.join("paused"), point);
+    for _ in 0..1200 {
+        if dir.join("resume").exists() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

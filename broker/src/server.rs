@@ -242,11 +242,18 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         .add_service(envelope_svc.clone());
     // One cap for the Unix socket and TCP together.
     let fds = conn::connection_limit();
-    let limit = opts.max_connections.map_or(fds, |n| n.clamp(1, fds));
+    let (limit, source) = match opts.max_connections {
+        Some(n) if n <= fds => (n.max(1), "--max-connections"),
+        _ => (
+            fds,
+            "the limit on open files less 128; raise LimitNOFILE or ulimit -n if they are \
+             legitimate",
+        ),
+    };
     let permits = Arc::new(tokio::sync::Semaphore::new(limit));
     tracing::debug!(limit, "connections accepted at most");
     let uds = bind_socket(&opts.socket, opts.socket_mode)?;
-    let uds_stream = conn::Incoming::new(uds, Arc::clone(&permits), limit);
+    let uds_stream = conn::Incoming::new(uds, Arc::clone(&permits), limit, source);
     let rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         router
@@ -267,7 +274,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         tasks.push(tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(
-                    conn::Incoming::new(listener, permits, limit),
+                    conn::Incoming::new(listener, permits, limit, source),
                     signal(rx),
                 )
                 .await
@@ -388,7 +395,17 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
             let _ = scheduler.await;
         }
         let flushed = match gate.broker() {
-            Some(b) => b.flush().await,
+            Some(b) => {
+                // A rotation whose client went away still stores its
+                // output (its command has run) before the store closes.
+                if tokio::time::timeout(DRAIN_DEADLINE, b.detached_done())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("a rotation was still running at the drain deadline");
+                }
+                b.flush().await
+            }
             None => Ok(()),
         };
         let _ = std::fs::remove_file(&socket);

@@ -162,7 +162,16 @@ impl broker_server::Broker for Services {
                 .await
                 .into());
         }
-        let (rx, cursor) = broker.watch(&rid, Arc::clone(&agent), r.after_event_id, r.resume)?;
+        let (rx, cursor) = match broker.watch(&rid, Arc::clone(&agent), r.after_event_id, r.resume)
+        {
+            Ok(w) => w,
+            Err(e) => {
+                return Err(broker
+                    .deny(agent.actor(), "watch", "events", &rid, e)
+                    .await
+                    .into());
+            }
+        };
         broker
             .audit(crate::lease::agent_entry(
                 &agent,
@@ -279,7 +288,11 @@ impl admin_server::Admin for Services {
         let b = Arc::clone(self.broker()?);
         let req = req.into_inner();
         Ok(Response::new(
-            detached(async move { b.rotate_now(&rid, req).await }).await?,
+            detached(
+                &Arc::clone(&b),
+                async move { b.rotate_now(&rid, req).await },
+            )
+            .await?,
         ))
     }
 
@@ -345,7 +358,10 @@ impl admin_server::Admin for Services {
         let rid = self.admin(&req, "rotate.due", "*").await?;
         let b = Arc::clone(self.broker()?);
         Ok(Response::new(proto::RotateDueResponse {
-            results: detached(async move { b.rotate_due(&rid, ACTOR_ADMIN).await }).await?,
+            results: detached(&Arc::clone(&b), async move {
+                b.rotate_due(&rid, ACTOR_ADMIN).await
+            })
+            .await?,
         }))
     }
 
@@ -548,14 +564,20 @@ impl admin_server::Admin for Services {
     }
 }
 
-/// A metadata value as text, if present.
 /// Runs `work` as a task of its own, so that a client that goes away (a
 /// Ctrl-C) does not cancel it half-way: a rotation whose command has
 /// already changed the credential at its provider must still store the
-/// output and release its lock.
+/// output and release its lock. A shutdown waits for it (see
+/// [`Broker::detached_done`]).
 async fn detached<T: Send + 'static>(
+    broker: &Broker,
     work: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
 ) -> Result<T, Status> {
+    let running = Arc::clone(&broker.detached).read_owned().await;
+    let work = async move {
+        let _running = running;
+        work.await
+    };
     match tokio::spawn(work).await {
         Ok(r) => Ok(r?),
         Err(e) => Err(Status::from(Error::Internal(format!(
@@ -564,6 +586,7 @@ async fn detached<T: Send + 'static>(
     }
 }
 
+/// A metadata value as text, if present.
 fn meta<'r, T>(req: &'r Request<T>, key: &str) -> Option<&'r str> {
     req.metadata().get(key).and_then(|v| v.to_str().ok())
 }

@@ -136,6 +136,11 @@ pub(crate) async fn read_value(what: &str, instead: &str) -> Result<Zeroizing<Ve
     if !std::io::stdin().is_terminal() {
         return read_stdin(what, instead);
     }
+    // Caught before the echo goes off, so that no Ctrl-C can end the
+    // process with it off.
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot watch for Ctrl-C: {e}")))?;
     let hidden = HiddenInput::start()?;
     // Only now: what is typed after the prompt is never echoed.
     errln!("Type or paste {what}, then Ctrl-D (input is hidden).");
@@ -150,13 +155,20 @@ pub(crate) async fn read_value(what: &str, instead: &str) -> Result<Zeroizing<Ve
         read = rx => read
             .map_err(|_| CliError::new(Exit::Failure, "cannot read stdin"))?
             .map_err(|e| CliError::new(Exit::Failure, format!("cannot read stdin: {e}")))?,
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupt.recv() => {
             drop(hidden);
             errln!();
             return Err(CliError::new(Exit::Failure, "interrupted; nothing was changed"));
         }
     };
     drop(hidden);
+    // Caught now for the rest of the command: a later Ctrl-C ends it as
+    // the default action would have.
+    tokio::spawn(async move {
+        if interrupt.recv().await.is_some() {
+            std::process::exit(130);
+        }
+    });
     if buf.last() == Some(&b'\n') {
         buf.pop();
     }

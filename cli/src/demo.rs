@@ -392,22 +392,41 @@ async fn shred_ceremony(target: &Target, admin_token: &str) -> Result<(), CliErr
 /// Runs the walk-through; every step goes over gRPC to the broker. A
 /// SIGINT or SIGTERM stops it and still removes its temporary store.
 pub async fn run(json: bool) -> Result<(), CliError> {
-    tokio::select! {
-        r = walk(json) => r,
-        () = server::termination() => Err(CliError::new(
-            Exit::Failure,
-            "stopped by a signal; the demo's temporary store was removed",
-        )),
-    }
-}
-
-async fn walk(json: bool) -> Result<(), CliError> {
-    NARRATE_TO_STDERR.store(json, std::sync::atomic::Ordering::Relaxed);
     let tmp = tempfile::Builder::new()
         .prefix("tessera-demo-")
         .tempdir()
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot create a temp dir: {e}")))?;
-    let dir = DataDir::new(tmp.path().join("data"));
+    tokio::select! {
+        r = walk(json, tmp.path()) => r,
+        () = server::termination() => {
+            // The broker the walk started still runs (its tasks were not
+            // stopped): a file it writes meanwhile fails one attempt.
+            let mut removed = false;
+            for _ in 0..20 {
+                removed = std::fs::remove_dir_all(tmp.path()).is_ok() || !tmp.path().exists();
+                if removed {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(CliError::new(
+                Exit::Failure,
+                if removed {
+                    "stopped by a signal; the demo's temporary store was removed".to_string()
+                } else {
+                    format!(
+                        "stopped by a signal; remove the demo's temporary store {}",
+                        tmp.path().display()
+                    )
+                },
+            ))
+        }
+    }
+}
+
+async fn walk(json: bool, root: &std::path::Path) -> Result<(), CliError> {
+    NARRATE_TO_STDERR.store(json, std::sync::atomic::Ordering::Relaxed);
+    let dir = DataDir::new(root.join("data"));
     // A random passphrase held only in memory: the demo needs no keychain.
     let pass = Token::generate("demo-")?;
     let pass_bytes = Zeroizing::new(pass.reveal_once().as_bytes().to_vec());

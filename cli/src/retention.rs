@@ -510,7 +510,10 @@ pub(crate) async fn shred(g: &Global, c: ShredCmd) -> Result<(), CliError> {
                 )?)
                 .await?
                 .into_inner();
-            let open = cer.state == "open";
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let open = cer.state == "open" && cer.expires_at > now;
             // On stderr, so that stdout stays one JSON document; shown
             // whenever the holder is asked to confirm, --json or not.
             if open && (!g.json || !yes) {

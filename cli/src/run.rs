@@ -618,8 +618,12 @@ async fn watch_over(
                         events = Some(s.into_inner());
                     }
                     Err(s) => {
+                        // The agent's other watches (the old stream of this
+                        // one among them, until the broker notices it is
+                        // gone) may hold every place for a while.
+                        let full = s.code() == tonic::Code::ResourceExhausted;
                         let e = CliError::from(s);
-                        if !transient(&e) {
+                        if !transient(&e) && !full {
                             return Err(e);
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -780,11 +780,14 @@ fn early_shred_needs_the_stricter_quorum_and_ceremonies_expire() {
 fn a_join_that_loses_to_a_hold_says_nothing_was_destroyed() {
     let w = World::new();
     w.init_passphrase();
+    let pause = w.tmp.path().join("pause");
+    std::fs::create_dir(&pause).expect("pause dir");
     let _s = w.serve_env(
         &[],
         &[
             ("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE),
             ("TESSERA_FAULT", "shred-destroy:pause"),
+            ("TESSERA_PAUSE_DIR", pause.to_str().expect("utf-8")),
         ],
     );
     let a = w.holder("legal", true);
@@ -808,9 +811,14 @@ fn a_join_that_loses_to_a_hold_says_nothing_was_destroyed() {
     // met quorum.
     let r = std::thread::scope(|s| {
         let joining = s.spawn(|| join(&w, &id, "ciso", &b));
-        std::thread::sleep(Duration::from_millis(1000));
+        let start = Instant::now();
+        while !pause.join("paused").exists() {
+            assert!(start.elapsed() < Duration::from_secs(60), "never paused");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         w.run(&["hold", "place", "--class", "c", "--reason", "race"])
             .ok();
+        std::fs::write(pause.join("resume"), "").expect("resume");
         joining.join().expect("join thread")
     });
     let r = r.fails_with(5);

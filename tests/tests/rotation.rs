@@ -280,10 +280,15 @@ fn a_rotation_whose_client_goes_away_still_stores_its_output() {
     let _s = w.serve(&[]);
     w.put("db/prod", b"pw-1");
     let marker = w.tmp.path().join("rotating");
+    let go = w.tmp.path().join("go");
     let cmd = script(
         &w,
         "rotate.sh",
-        &format!("touch {}; sleep 2; printf pw-new", marker.display()),
+        &format!(
+            "touch {}; while [ ! -e {} ]; do sleep 0.1; done; printf pw-new",
+            marker.display(),
+            go.display()
+        ),
     );
     w.run(&["secret", "config", "db/prod", "--rotate-cmd", &cmd])
         .ok();
@@ -301,6 +306,7 @@ fn a_rotation_whose_client_goes_away_still_stores_its_output() {
         .status()
         .expect("kill");
     assert!(!rotate.wait().expect("rotate now").success());
+    std::fs::write(&go, "").expect("go");
     wait_for("version 2", 30, || {
         show(&w, "db/prod")["current_version"] == 2
     });
