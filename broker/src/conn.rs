@@ -133,7 +133,7 @@ impl<L: Accept> Stream for Incoming<L> {
             }
             match ready!(this.listener.poll_accept(cx)) {
                 Ok(io) => match Arc::clone(&this.permits).try_acquire_owned() {
-                    Ok(permit) => return Poll::Ready(Some(Ok(Guarded::new(io, permit)))),
+                    Ok(permit) => return Poll::Ready(Some(Ok(Guarded::new(io, Some(permit))))),
                     // Closed at once: the client learns it now, not after
                     // a timeout.
                     Err(_) => {
@@ -158,16 +158,16 @@ impl<L: Accept> Stream for Incoming<L> {
 }
 
 /// An accepted connection: holds its place under the cap until it closes,
-/// and fails its reads if it has not sent [`GREETING_BYTES`] within
+/// and fails its reads if it has not sent 24 bytes (an HTTP/2 preface) within
 /// [`GREETING_DEADLINE`].
 pub struct Guarded<T> {
     inner: T,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
     greeting: Option<(Pin<Box<Sleep>>, usize)>,
 }
 
 impl<T> Guarded<T> {
-    fn new(inner: T, permit: OwnedSemaphorePermit) -> Self {
+    fn new(inner: T, permit: Option<OwnedSemaphorePermit>) -> Self {
         Guarded {
             inner,
             _permit: permit,
@@ -240,5 +240,117 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A TLS connection accepted by [`TlsIncoming`].
+pub struct Tls<T>(tokio_rustls::server::TlsStream<T>);
+
+impl<T: Connected> Connected for Tls<T> {
+    type ConnectInfo = T::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Tls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// A connection over TLS: the TCP connection holds the place under the cap
+/// and its greeting deadline covers the ClientHello; the handshake must end
+/// within [`GREETING_DEADLINE`]; then the HTTP/2 preface, decrypted, has a
+/// deadline of its own.
+pub type TlsConn = Guarded<Tls<Guarded<tokio::net::TcpStream>>>;
+
+/// Accepted TCP connections with their TLS handshakes done here, each on a
+/// task of its own (one slow client holds up no other), under a deadline.
+pub struct TlsIncoming {
+    tcp: Incoming<tokio::net::TcpListener>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshakes: tokio::task::JoinSet<Option<TlsConn>>,
+}
+
+impl TlsIncoming {
+    /// TLS with `acceptor` over the connections `tcp` accepts.
+    pub fn new(
+        tcp: Incoming<tokio::net::TcpListener>,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> Self {
+        TlsIncoming {
+            tcp,
+            acceptor,
+            handshakes: tokio::task::JoinSet::new(),
+        }
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = io::Result<TlsConn>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Poll::Ready(Some(done)) = this.handshakes.poll_join_next(cx) {
+                match done {
+                    Ok(Some(conn)) => return Poll::Ready(Some(Ok(conn))),
+                    // A failed or slow handshake: that client is gone.
+                    _ => continue,
+                }
+            }
+            match ready!(Pin::new(&mut this.tcp).poll_next(cx)) {
+                Some(Ok(tcp)) => {
+                    let acceptor = this.acceptor.clone();
+                    this.handshakes.spawn(async move {
+                        match tokio::time::timeout(GREETING_DEADLINE, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => Some(Guarded::new(Tls(tls), None)),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => None,
+                        }
+                    });
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::codegen::http::Response;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::conn;
 use crate::error::{Error, Result};
@@ -175,22 +175,14 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         None => None,
     };
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
-    let tcp_builder = match (&tcp, &opts.tls) {
-        (None, _) => None,
-        (Some(_), None) => Some(builder()),
-        (Some(_), Some((cert, key))) => {
-            Some(builder().tls_config(load_tls(cert, key)?).map_err(|e| {
-                Error::invalid(
-                    "tls_cert",
-                    format!(
-                        "TLS setup failed ({e}): check that --tls-key is the private key \
-                             of the first certificate in --tls-cert, both PEM"
-                    ),
-                )
-            })?)
-        }
-    }
-    .map(|b| b.layer(tower::util::MapResponseLayer::new(undecodable_is_invalid)));
+    let tls = match &opts.tls {
+        Some((cert, key)) if tcp.is_some() => Some(load_tls(cert, key)?),
+        _ => None,
+    };
+    let tcp_builder = tcp
+        .as_ref()
+        .map(|_| builder())
+        .map(|b| b.layer(tower::util::MapResponseLayer::new(undecodable_is_invalid)));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -271,13 +263,23 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
             .add_service(holders_svc)
             .add_service(envelope_svc);
         let rx = shutdown_rx.clone();
+        let incoming = conn::Incoming::new(listener, permits, limit, source);
         tasks.push(tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(
-                    conn::Incoming::new(listener, permits, limit, source),
-                    signal(rx),
-                )
-                .await
+            match tls {
+                Some(acceptor) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            conn::TlsIncoming::new(incoming, acceptor),
+                            signal(rx),
+                        )
+                        .await
+                }
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(incoming, signal(rx))
+                        .await
+                }
+            }
         }));
     }
 
@@ -473,13 +475,53 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-fn load_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig> {
+fn load_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let read = |p: &Path, field: &'static str| {
         std::fs::read(p)
             .map_err(|e| Error::invalid(field, format!("cannot read {}: {e}", p.display())))
     };
-    let identity = Identity::from_pem(read(cert, "tls_cert")?, read(key, "tls_key")?);
-    Ok(ServerTlsConfig::new().identity(identity))
+    let certs = CertificateDer::pem_slice_iter(&read(cert, "tls_cert")?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .ok()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            Error::invalid(
+                "tls_cert",
+                format!("{} holds no PEM certificate", cert.display()),
+            )
+        })?;
+    let key_pem = zeroize::Zeroizing::new(read(key, "tls_key")?);
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+        Error::invalid(
+            "tls_key",
+            format!(
+                "{} holds no unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                key.display()
+            ),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Internal(format!("TLS setup: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => Error::invalid(
+                "tls_key",
+                format!(
+                    "{} is not the private key of the first certificate in {}",
+                    key.display(),
+                    cert.display()
+                ),
+            ),
+            e => Error::invalid("tls_cert", format!("TLS setup failed: {e}")),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

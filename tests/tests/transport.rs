@@ -131,6 +131,44 @@ fn tls_on_tcp_serves_clients_that_trust_the_ca() {
         .run(&["status", "--addr", "ftp://127.0.0.1:1"])
         .fails_with(7);
     assert!(r.stderr.contains("unsupported scheme"), "{r:#?}");
+    // A client that finishes the TLS handshake and then sends nothing is
+    // closed (the greeting deadline covers the decrypted HTTP/2 preface),
+    // as is one that stops half-way through the handshake.
+    let mut quiet = Command::new("openssl")
+        .args(["s_client", "-quiet", "-alpn", "h2", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(&ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let mut half = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    std::io::Write::write_all(
+        &mut half,
+        &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc],
+    )
+    .expect("part of a ClientHello");
+    let start = std::time::Instant::now();
+    while quiet.try_wait().expect("s_client").is_none() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "a silent TLS client was never closed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    half.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    loop {
+        match std::io::Read::read(&mut half, &mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("a stalled handshake was never closed: {e}"),
+        }
+    }
 }
 
 #[test]
@@ -179,8 +217,26 @@ fn tls_key_without_cert_is_a_usage_error() {
             &pass,
         )
         .fails_with(7);
-    assert!(r.stderr.contains("tls_cert"), "{r:#?}");
+    assert!(r.stderr.contains("invalid tls_key"), "{r:#?}");
     assert!(!w.socket().exists(), "a socket was left behind");
+    // A key of another certificate says so.
+    let other = certs.join("ca.key");
+    let r = w
+        .run_with(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                other.to_str().expect("utf8"),
+            ],
+            None,
+            &pass,
+        )
+        .fails_with(7);
+    assert!(r.stderr.contains("is not the private key"), "{r:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
