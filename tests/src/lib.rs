@@ -308,6 +308,26 @@ impl World {
         file.then_some(key)
     }
 
+    /// Enrols `legal` and `ciso` (keys in identity files) and creates
+    /// `class`, kept for an hour, split 2 of 2 between them; returns their
+    /// key files.
+    pub fn legal_and_ciso(&self, class: &str) -> [Option<PathBuf>; 2] {
+        let keys = [self.holder("legal", true), self.holder("ciso", true)];
+        self.run(&[
+            "class",
+            "create",
+            class,
+            "--retain",
+            "1h",
+            "--holders",
+            "legal,ciso",
+            "--threshold",
+            "2",
+        ])
+        .ok();
+        keys
+    }
+
     /// `tessera get NAME` as the agent with `token`.
     pub fn get(&self, name: &str, token: &str) -> Ran {
         self.run_with(&["get", name], None, &[("TESSERA_TOKEN", token)])

@@ -790,20 +790,7 @@ fn a_join_that_loses_to_a_hold_says_nothing_was_destroyed() {
             ("TESSERA_PAUSE_DIR", pause.to_str().expect("utf-8")),
         ],
     );
-    let a = w.holder("legal", true);
-    let b = w.holder("ciso", true);
-    w.run(&[
-        "class",
-        "create",
-        "c",
-        "--retain",
-        "1h",
-        "--holders",
-        "legal,ciso",
-        "--threshold",
-        "2",
-    ])
-    .ok();
+    let [a, b] = w.legal_and_ciso("c");
     let id = open_early(&w, "c");
     join(&w, &id, "legal", &a).ok();
     // The destruction waits (whether the join or the tick runs it); a legal hold
@@ -853,20 +840,7 @@ fn shred_is_crash_safe_at_every_step() {
                 ("TESSERA_FAULT", point),
             ],
         );
-        let a = w.holder("legal", true);
-        let b = w.holder("ciso", true);
-        w.run(&[
-            "class",
-            "create",
-            "c",
-            "--retain",
-            "1h",
-            "--holders",
-            "legal,ciso",
-            "--threshold",
-            "2",
-        ])
-        .ok();
+        let [a, b] = w.legal_and_ciso("c");
         let wrapped = wrapped_key(&w, "c").expect("wrapped");
         let id = w
             .run(&["shred", "open", "--class", "c", "--early", "--json"])

@@ -1286,21 +1286,7 @@ fn rekey_root_rewraps_everything_and_survives_a_crash_at_each_step() {
         let mut s = w.serve(&[]);
         w.put("a/one", b"value-1");
         w.put("a/one", b"value-2");
-        for role in ["legal", "ciso"] {
-            w.holder(role, true);
-        }
-        w.run(&[
-            "class",
-            "create",
-            "c",
-            "--retain",
-            "1h",
-            "--holders",
-            "legal,ciso",
-            "--threshold",
-            "2",
-        ])
-        .ok();
+        w.legal_and_ciso("c");
         let token = w.agent("app", "a/*", "15m");
         let env_agent = w.agent("arch", "class:c", "15m");
         let ct = w

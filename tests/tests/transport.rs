@@ -202,8 +202,8 @@ fn tls_key_without_cert_is_a_usage_error() {
     assert_eq!(r.code, 2, "{r:#?}");
     // A key that is no key is a bad argument (exit 7), and the broker
     // that could not start leaves no socket behind.
-    let r = w
-        .run_with(
+    let serve_tls = |key: &str| {
+        w.run_with(
             &[
                 "serve",
                 "--listen",
@@ -211,31 +211,18 @@ fn tls_key_without_cert_is_a_usage_error() {
                 "--tls-cert",
                 cert,
                 "--tls-key",
-                cert,
+                key,
             ],
             None,
             &pass,
         )
-        .fails_with(7);
+    };
+    let r = serve_tls(cert).fails_with(7);
     assert!(r.stderr.contains("invalid tls_key"), "{r:#?}");
     assert!(!w.socket().exists(), "a socket was left behind");
     // A key of another certificate says so.
     let other = certs.join("ca.key");
-    let r = w
-        .run_with(
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--tls-cert",
-                cert,
-                "--tls-key",
-                other.to_str().expect("utf8"),
-            ],
-            None,
-            &pass,
-        )
-        .fails_with(7);
+    let r = serve_tls(other.to_str().expect("utf8")).fails_with(7);
     assert!(r.stderr.contains("is not the private key"), "{r:#?}");
 }
 
