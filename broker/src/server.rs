@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -179,10 +180,17 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         Some((cert, key)) if tcp.is_some() => Some(load_tls(cert, key)?),
         _ => None,
     };
-    let tcp_builder = tcp
-        .as_ref()
-        .map(|_| builder())
-        .map(|b| b.layer(tower::util::MapResponseLayer::new(undecodable_is_invalid)));
+    // Calls under way, so that a shutdown waits for them and not for
+    // connections that merely stay open.
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&in_flight);
+    let tcp_builder = tcp.as_ref().map(|_| {
+        builder()
+            .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid))
+            .layer(tower::util::MapFutureLayer::new(move |f| {
+                counted(Arc::clone(&counter), f)
+            }))
+    });
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -222,8 +230,12 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
     };
 
     let mut tasks = Vec::new();
+    let counter = Arc::clone(&in_flight);
     let router = builder()
         .layer(tower::util::MapResponseLayer::new(undecodable_is_invalid))
+        .layer(tower::util::MapFutureLayer::new(move |f| {
+            counted(Arc::clone(&counter), f)
+        }))
         .add_service(health.clone())
         .add_service(reflection_v1.clone())
         .add_service(reflection_v1alpha.clone())
@@ -233,19 +245,35 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         .add_service(holders_svc.clone())
         .add_service(envelope_svc.clone());
     // One cap for the Unix socket and TCP together.
+    // A cap per listener: the Unix socket (owner or group only) keeps its
+    // own places, and its descriptors, whatever anyone does over TCP.
     let fds = conn::connection_limit();
+    let each = if tcp.is_some() { (fds / 2).max(1) } else { fds };
     let (limit, source) = match opts.max_connections {
-        Some(n) if n <= fds => (n.max(1), "--max-connections"),
-        _ => (
-            fds,
-            "the limit on open files less 128; raise LimitNOFILE or ulimit -n if they are \
-             legitimate",
-        ),
+        Some(n) if n <= each => (n.max(1), "--max-connections"),
+        asked => {
+            if let Some(n) = asked {
+                tracing::info!(
+                    asked = n,
+                    limit = each,
+                    "--max-connections is more than the open-file limit allows; using the limit"
+                );
+            }
+            (
+                each,
+                "from the limit on open files, less 128, shared by the listeners; raise \
+                 LimitNOFILE or ulimit -n if they are legitimate",
+            )
+        }
     };
-    let permits = Arc::new(tokio::sync::Semaphore::new(limit));
-    tracing::debug!(limit, "connections accepted at most");
+    tracing::debug!(limit, "connections accepted at most, per listener");
     let uds = bind_socket(&opts.socket, opts.socket_mode)?;
-    let uds_stream = conn::Incoming::new(uds, Arc::clone(&permits), limit, source);
+    let uds_stream = conn::Incoming::new(
+        uds,
+        Arc::new(tokio::sync::Semaphore::new(limit)),
+        limit,
+        source,
+    );
     let rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         router
@@ -263,6 +291,7 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
             .add_service(holders_svc)
             .add_service(envelope_svc);
         let rx = shutdown_rx.clone();
+        let permits = Arc::new(tokio::sync::Semaphore::new(limit));
         let incoming = conn::Incoming::new(listener, permits, limit, source);
         tasks.push(tokio::spawn(async move {
             match tls {
@@ -376,16 +405,33 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         };
         // A client that never finishes its request must not hold the
         // shutdown open for ever.
+        let mut settle_rx = stop_rx.clone();
         let deadline = async {
             let _ = stop_rx.wait_for(|stop| *stop).await;
             tokio::time::sleep(DRAIN_DEADLINE).await;
         };
+        // Nor one that keeps a connection open with no call under way
+        // (silent, or not answering the closing handshake).
+        let settled = async {
+            let _ = settle_rx.wait_for(|stop| *stop).await;
+            let mut quiet = 0;
+            while quiet < 5 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                quiet = if in_flight.load(Ordering::SeqCst) == 0 {
+                    quiet + 1
+                } else {
+                    0
+                };
+            }
+        };
         let first_err = tokio::select! {
             e = servers => e,
+            () = settled => None,
             () = deadline => {
                 tracing::warn!(
                     seconds = DRAIN_DEADLINE.as_secs(),
-                    "requests still open after the drain deadline; stopping anyway"
+                    "calls still under way at the drain deadline; no longer waiting for them \
+                     (a rotation under way still finishes)"
                 );
                 None
             }
@@ -421,6 +467,26 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         done,
         tcp_addr,
     })
+}
+
+/// `call`, counted in `in_flight` while it runs (dropped or not).
+fn counted<F: std::future::Future>(
+    in_flight: Arc<AtomicUsize>,
+    call: F,
+) -> impl std::future::Future<Output = F::Output> {
+    struct Running(Arc<AtomicUsize>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    in_flight.fetch_add(1, Ordering::SeqCst);
+    let running = Running(in_flight);
+    async move {
+        let out = call.await;
+        drop(running);
+        out
+    }
 }
 
 /// Binds the Unix socket, replacing a stale one but never a live one, and

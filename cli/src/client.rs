@@ -194,7 +194,8 @@ impl Target {
                 Exit::Unavailable,
                 format!(
                     "the broker at {addr} is not reachable ({e}); is `tessera serve` running, \
-                     and does --addr / TESSERA_ADDR point at it?{}",
+                     and does --addr / TESSERA_ADDR point at it? (A broker at its connection \
+                     limit closes new connections too: its log says so.){}",
                     if addr.starts_with("https://") {
                         " Over https:// the TLS handshake may have failed instead: the broker \
                          needs --tls-cert/--tls-key, and --tls-ca the CA that signed its \

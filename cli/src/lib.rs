@@ -37,7 +37,8 @@ static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 /// output dropped: the command goes on and ends with its own status (a
 /// broker keeps serving, `rotate --due` still reports a failure), and what
 /// must be seen once (a token, shares) is checked with [`shown`]. Any other
-/// write failure ends the process (exit 1).
+/// write failure (a full disk) is remembered too, so that the command can
+/// still undo what nobody saw, and then ends it with exit 1 (see [`run`]).
 fn write_out(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     use std::sync::atomic::Ordering;
@@ -46,13 +47,22 @@ fn write_out(args: std::fmt::Arguments<'_>) {
     }
     let mut o = std::io::stdout().lock();
     if let Err(e) = o.write_fmt(args).and_then(|()| o.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            STDOUT_CLOSED.store(true, Ordering::Relaxed);
-            return;
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let mut failed = STDOUT_FAILED.lock().unwrap_or_else(|p| p.into_inner());
+            failed.get_or_insert_with(|| e.to_string());
         }
-        errln!("error: cannot write stdout: {e}");
-        std::process::exit(client::Exit::Failure as i32);
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
     }
+}
+
+/// Why stdout could not be written, other than a closed pipe.
+static STDOUT_FAILED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn stdout_failure() -> Option<String> {
+    STDOUT_FAILED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 /// Fails when stdout closed before `what`, shown only once, was written:
@@ -60,9 +70,13 @@ fn write_out(args: std::fmt::Arguments<'_>) {
 /// do about it.
 pub(crate) fn shown(what: &str, remedy: &str) -> Result<(), client::CliError> {
     if stdout_closed() {
+        let how = match stdout_failure() {
+            Some(e) => format!("stdout could not be written ({e})"),
+            None => "stdout was closed".into(),
+        };
         return Err(client::CliError::new(
             client::Exit::Failure,
-            format!("stdout was closed before {what} could be shown{remedy}"),
+            format!("{how} before {what} could be shown{remedy}"),
         ));
     }
     Ok(())
@@ -541,9 +555,10 @@ pub struct ServeArgs {
     /// are deleted; their audit records stay. 0s keeps them forever.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub lease_history: std::time::Duration,
-    /// Connections open at once, at most (Unix socket and TCP together);
-    /// more are closed at once. A new connection that sends nothing for 10 s
-    /// is closed. [default: from the limit on open files, up to 10000]
+    /// Connections open at once on each listener (the Unix socket, TCP),
+    /// at most; more are closed at once. A new connection that sends no
+    /// HTTP/2 preface within 10 s is closed. [default: the limit on open
+    /// files less 128, halved with --listen, up to 10000]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_connections: Option<u32>,
     /// `Watch` streams (`get --watch`, `run`) one agent may have open at
@@ -951,7 +966,13 @@ pub fn run(cli: Cli) -> i32 {
         }
     };
     match rt.block_on(commands::dispatch(cli)) {
-        Ok(()) => 0,
+        Ok(()) => match stdout_failure() {
+            Some(e) => {
+                errln!("error: cannot write stdout: {e}");
+                Exit::Failure as i32
+            }
+            None => 0,
+        },
         Err(e) => {
             if json {
                 let doc = serde_json::json!({

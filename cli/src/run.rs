@@ -626,6 +626,9 @@ async fn watch_over(
                         if !transient(&e) && !full {
                             return Err(e);
                         }
+                        if full {
+                            tracing_note(&format!("the watch was refused ({}); retrying", e.message));
+                        }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         resume.as_mut().reset(tokio::time::Instant::now() + backoff);
                     }

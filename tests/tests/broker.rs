@@ -1028,8 +1028,36 @@ fn audit_export_selects_by_time_and_sequence() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("agent unseen3 was revoked"), "{err}");
+    // A full disk under stdout: the same, and a listing fails (exit 1).
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full")
+    };
+    let out = w
+        .command()
+        .args(["agent", "create", "unseen4", "--allow", "a/*"])
+        .stdout(full())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("could not be written") && err.contains("agent unseen4 was revoked"),
+        "{err}"
+    );
+    let out = w
+        .command()
+        .args(["agent", "list"])
+        .stdout(full())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot write stdout"), "{err}");
     let agents = w.run(&["agent", "list", "--json"]).ok().json();
-    for name in ["unseen", "unseen2", "unseen3"] {
+    for name in ["unseen", "unseen2", "unseen3", "unseen4"] {
         let a = agents["agents"]
             .as_array()
             .expect("agents")

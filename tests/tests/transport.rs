@@ -377,10 +377,34 @@ fn idle_connections_neither_lock_others_out_nor_hold_a_shutdown() {
     let logs = s.logs();
     let warned = logs.matches("the most this broker accepts").count();
     assert!((1..=3).contains(&warned), "{warned} warnings: {logs}");
-    // An idle connection does not hold a shutdown open until the drain
-    // deadline.
+    // Connections that stay open with no call under way, silent or after
+    // the HTTP/2 preface (a client that then answers nothing), do not hold
+    // a shutdown open until the drain deadline.
     let _idle = std::os::unix::net::UnixStream::connect(w.socket()).expect("connect");
+    let mut greeted = std::os::unix::net::UnixStream::connect(w.socket()).expect("connect");
+    std::io::Write::write_all(
+        &mut greeted,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    )
+    .expect("preface");
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.terminate(), 0);
     let logs = s.logs();
     assert!(!logs.contains("drain deadline"), "{logs}");
+
+    // Each listener has its own places: connections over TCP (which any
+    // local user can open) take none of the Unix socket's.
+    let port = free_port();
+    let s = w.serve(&[
+        "--max-connections",
+        "4",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let _tcp: Vec<_> = (0..8)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    w.run(&["status"]).ok();
+    assert!(s.logs().contains("4 connections are open"), "{}", s.logs());
 }
