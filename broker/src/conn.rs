@@ -106,8 +106,8 @@ pub struct Incoming<L> {
 }
 
 impl<L: Accept> Incoming<L> {
-    /// Accepts from `listener` while `permits` (shared by every listener,
-    /// `limit` in all, set by `source`) has one left.
+    /// Accepts from `listener` while `permits` (`limit` places, set by
+    /// `source`) has one left.
     pub fn new(listener: L, permits: Arc<Semaphore>, limit: usize, source: &'static str) -> Self {
         Incoming {
             listener,
@@ -140,8 +140,8 @@ impl<L: Accept> Stream for Incoming<L> {
                         let (limit, source) = (this.limit, this.source);
                         this.full.warn(
                             &format!(
-                                "{limit} connections are open, the most this broker accepts \
-                                 ({source}); closing new ones"
+                                "{limit} connections are open on this listener, the most it \
+                                 accepts ({source}); closing new ones"
                             ),
                             None,
                         );

@@ -244,7 +244,6 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
         .add_service(retention_svc.clone())
         .add_service(holders_svc.clone())
         .add_service(envelope_svc.clone());
-    // One cap for the Unix socket and TCP together.
     // A cap per listener: the Unix socket (owner or group only) keeps its
     // own places, and its descriptors, whatever anyone does over TCP.
     let fds = conn::connection_limit();

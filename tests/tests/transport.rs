@@ -375,7 +375,7 @@ fn idle_connections_neither_lock_others_out_nor_hold_a_shutdown() {
         }
     }
     let logs = s.logs();
-    let warned = logs.matches("the most this broker accepts").count();
+    let warned = logs.matches("the most it accepts").count();
     assert!((1..=3).contains(&warned), "{warned} warnings: {logs}");
     // Connections that stay open with no call under way, silent or after
     // the HTTP/2 preface (a client that then answers nothing), do not hold
