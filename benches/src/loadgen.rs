@@ -132,6 +132,9 @@ async fn start(bin: &Path, dir: tempfile::TempDir, serve_args: &[&str]) -> (Brok
     let t0 = Instant::now();
     let child = tessera(bin, &data)
         .arg("serve")
+        // One agent stands for every client here, and its leases (an hour
+        // each) pile up by the hundred thousand.
+        .args(["--max-leases-per-agent", "1000000000000"])
         .args(serve_args)
         .stdout(Stdio::null())
         .spawn()

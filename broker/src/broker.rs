@@ -28,6 +28,9 @@ pub struct Limits {
     /// wakes every watcher, so one agent with thousands would slow
     /// everyone's calls.
     pub max_watches_per_agent: usize,
+    /// Unexpired leases one agent may hold at once, so that a runaway or
+    /// hostile agent cannot fill the store.
+    pub max_leases_per_agent: u64,
 }
 
 impl Default for Limits {
@@ -35,6 +38,7 @@ impl Default for Limits {
         Limits {
             max_value_size: 64 * 1024,
             max_watches_per_agent: 256,
+            max_leases_per_agent: 10_000,
         }
     }
 }

@@ -166,6 +166,7 @@ impl Broker {
         let name = wanted.secret.to_string();
         let rule = wanted.rule.to_string();
         let (ttl, version, ciphertext) = (wanted.ttl, wanted.version, wanted.read_from);
+        let cap = self.limits.max_leases_per_agent;
         self.store
             .write_unguarded(move |ctx| {
                 let t = now();
@@ -182,6 +183,13 @@ impl Broker {
                         VersionCheck::Superseded => None,
                         VersionCheck::Gone(e) => Some(e),
                     },
+                };
+                let refused = match refused {
+                    Some(e) => Some(e),
+                    None => {
+                        let conn = ctx.conn;
+                        ctx.held().refusal(conn, &actor, cap, t)?
+                    }
                 };
                 if let Some(e) = refused {
                     ctx.audit(&agent_entry(
@@ -211,6 +219,7 @@ impl Broker {
                         expires_at,
                         renewable_until
                     ])?;
+                ctx.held().issued(agent_id);
                 ctx.audit(&agent_entry(
                     &actor,
                     ACTION,
@@ -577,6 +586,107 @@ impl Broker {
     }
 }
 
+/// What the writer knows of how many unexpired leases each agent holds, so
+/// that the cap on them (`Limits::max_leases_per_agent`) costs no count per
+/// `Issue`. Lives on the writer thread and changes only in write
+/// transactions.
+///
+/// For each agent that asked since the broker started: an upper bound on
+/// its unexpired active leases (counted once, then one more per lease
+/// issued; revokes and expiry only lower the true figure), and, once an
+/// exact count found it at the cap, until when it stays there (its first
+/// lease's expiry), so that an agent asking again and again at the cap
+/// costs no count each time. A revoke of its leases, another process's
+/// commit or a rollback lifts that until the next count.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    agents: std::collections::HashMap<i64, HeldCount>,
+}
+
+#[derive(Debug)]
+struct HeldCount {
+    most: u64,
+    full_until: Option<i64>,
+}
+
+impl Held {
+    /// Why `agent` may not take another lease at `t` with at most `cap`, if
+    /// it may not.
+    fn refusal(
+        &mut self,
+        conn: &rusqlite::Connection,
+        agent: &Agent,
+        cap: u64,
+        t: i64,
+    ) -> Result<Option<Error>> {
+        let c = match self.agents.entry(agent.id) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                // Through the partial index on active leases: expired ones
+                // not yet swept are counted, which only makes it an upper
+                // bound.
+                let most: i64 = conn
+                    .prepare_cached(
+                        "SELECT count(*) FROM leases WHERE agent_id = ?1 AND state = 0",
+                    )?
+                    .query_row([agent.id], |r| r.get(0))?;
+                v.insert(HeldCount {
+                    most: most as u64,
+                    full_until: None,
+                })
+            }
+        };
+        if c.most < cap {
+            return Ok(None);
+        }
+        let full_until = match c.full_until {
+            Some(until) if t < until => until,
+            _ => {
+                let (n, first_end): (i64, Option<i64>) = conn
+                    .prepare_cached(
+                        "SELECT count(*), min(expires_at) FROM leases
+                         WHERE agent_id = ?1 AND state = 0 AND expires_at > ?2",
+                    )?
+                    .query_row(params![agent.id, t], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                c.most = n as u64;
+                c.full_until = first_end.filter(|_| c.most >= cap);
+                match c.full_until {
+                    Some(until) => until,
+                    None => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(Error::ResourceExhausted(format!(
+            "agent {:?} holds {} unexpired leases, and one agent may hold {cap} at most (serve \
+             --max-leases-per-agent); the first of them ends in {}s: revoke those it no longer \
+             needs, or ask an admin to raise the limit",
+            agent.name,
+            c.most,
+            (full_until - t).max(1)
+        ))))
+    }
+
+    /// Counts a lease just issued to `agent`.
+    fn issued(&mut self, agent: i64) {
+        if let Some(c) = self.agents.get_mut(&agent) {
+            c.most += 1;
+        }
+    }
+
+    /// Leases were revoked: of `agent`, or of anyone (`None`). Whoever was
+    /// at the cap is counted again at its next `Issue`.
+    pub(crate) fn revoked(&mut self, agent: Option<i64>) {
+        match agent {
+            Some(id) => {
+                if let Some(c) = self.agents.get_mut(&id) {
+                    c.full_until = None;
+                }
+            }
+            None => self.agents.values_mut().for_each(|c| c.full_until = None),
+        }
+    }
+}
+
 /// Which active leases a revoke ends.
 pub(crate) enum Scope<'a> {
     /// One lease.
@@ -657,6 +767,7 @@ pub(crate) fn revoke_active(ctx: &mut WriteCtx<'_>, scope: Scope<'_>, t: i64) ->
     };
     if n > 0 {
         let (agent_id, secret, version, lease_id) = ev;
+        ctx.held().revoked(agent_id);
         let detail = format!("{n} lease(s) revoked");
         ctx.event(&NewEvent {
             time: t,

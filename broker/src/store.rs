@@ -352,6 +352,11 @@ impl WriteCtx<'_> {
         (self.chain.head.seq, self.chain.head.hash)
     }
 
+    /// The writer's count of the leases each agent holds.
+    pub(crate) fn held(&mut self) -> &mut crate::lease::Held {
+        &mut self.chain.held
+    }
+
     /// Appends a durable event for `Watch`, in this transaction; watchers
     /// are woken once the transaction commits.
     pub fn event(&mut self, e: &NewEvent<'_>) -> Result<()> {
@@ -405,6 +410,9 @@ struct Chain {
     /// SQLite's `data_version` at the writer's last batch: it changes when
     /// another connection (another process) commits.
     data_version: i64,
+    /// How many leases each agent holds (for the cap on them); kept here,
+    /// beside the chain, as state of the writer thread.
+    held: crate::lease::Held,
 }
 
 impl Chain {
@@ -419,6 +427,8 @@ impl Chain {
             self.head = current_head(conn)?;
             // It may have written events (a rotation): wake `Watch`.
             self.emitted = true;
+            // And revoked leases.
+            self.held.revoked(None);
         }
         Ok(())
     }
@@ -485,6 +495,7 @@ pub(crate) fn write_before_start<T>(
         emitted: false,
         // Unused: this chain lives for one transaction.
         data_version: 0,
+        held: Default::default(),
     };
     let out = f(&mut WriteCtx {
         conn: &tx,
@@ -602,6 +613,7 @@ impl Store {
             key: audit_key,
             emitted: false,
             data_version: data_version(&conn)?,
+            held: Default::default(),
         };
         let mut rs = Vec::new();
         for _ in 0..readers.max(1) {
@@ -887,6 +899,8 @@ fn writer_loop(
             if let Ok(h) = current_head(&conn) {
                 chain.head = h;
             }
+            // Its counts may have seen leases that were not stored.
+            chain.held.revoked(None);
         }
         // Commit hooks (`write_then`) run first, then the answers, then
         // `Watch` is woken: whoever hears of a rotation must not be served
@@ -1013,6 +1027,7 @@ fn run_batch(
             // Undo only this job: its rows, its audit records, its events.
             chain.head = head;
             chain.emitted = emitted;
+            chain.held.revoked(None);
             tx.execute_batch("ROLLBACK TO job; RELEASE job")
         };
         failed |= closed.is_err();

@@ -804,6 +804,7 @@ async fn serve(g: &Global, a: crate::ServeArgs) -> Result<(), CliError> {
     let limits = Limits {
         max_value_size: a.max_value_size,
         max_watches_per_agent: a.max_watches_per_agent as usize,
+        max_leases_per_agent: a.max_leases_per_agent,
     };
     server::check_limits(&limits)?;
     let source = peek_source(&dir)?;

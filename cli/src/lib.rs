@@ -565,6 +565,10 @@ pub struct ServeArgs {
     /// once; more are refused (RESOURCE_EXHAUSTED).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_watches_per_agent: u32,
+    /// Unexpired leases one agent may hold at once; more are refused
+    /// (RESOURCE_EXHAUSTED) until some expire or are revoked.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_leases_per_agent: u64,
     /// Log format.
     #[arg(long, value_enum, default_value = "human")]
     pub log_format: LogFormat,

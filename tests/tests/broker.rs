@@ -568,6 +568,73 @@ fn lease_revoke_by_lease_secret_agent_and_all() {
     w.run(&["secret", "rm", "a/one"]).fails_with(3);
 }
 
+/// One agent cannot fill the store with leases: past the cap its `Issue`
+/// is refused, audited, until a revoke or an expiry frees a place; other
+/// agents are not affected, and the count survives a restart.
+#[test]
+fn one_agent_cannot_hold_leases_without_end() {
+    let w = World::new();
+    w.init_passphrase();
+    let serve = || w.serve(&["--max-leases-per-agent", "3"]);
+    let mut s = serve();
+    w.put("a/one", b"1");
+    let gw = w.agent("gw", "a/*", "15m");
+    let bot = w.agent("bot", "a/*", "15m");
+    let short = w.agent("short", "a/*", "2s");
+    let full = |token: &str| {
+        let r = w.get("a/one", token).fails_with(1);
+        assert!(
+            r.stderr.contains("holds 3 unexpired leases")
+                && r.stderr.contains("--max-leases-per-agent"),
+            "{r:#?}"
+        );
+    };
+    for _ in 0..3 {
+        w.get("a/one", &gw).ok();
+    }
+    full(&gw);
+    // Asked again at the cap: still refused (from what the writer knows).
+    full(&gw);
+    w.get("a/one", &bot).ok();
+    // A revoke frees a place, and only one.
+    let list = w
+        .run(&["lease", "list", "--agent", "gw", "--json"])
+        .ok()
+        .json();
+    let id = list["leases"][0]["lease_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    w.run(&["lease", "revoke", "--lease", &id]).ok();
+    w.get("a/one", &gw).ok();
+    full(&gw);
+    // The broker counts again from the store after a restart.
+    assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
+    let _s = serve();
+    full(&gw);
+    // Expiry frees places too, before any sweep has to run.
+    for _ in 0..3 {
+        w.run_with(
+            &["get", "a/one", "--ttl", "1s"],
+            None,
+            &[("TESSERA_TOKEN", &short)],
+        )
+        .ok();
+    }
+    full(&short);
+    let start = std::time::Instant::now();
+    while w.get("a/one", &short).code != 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no place freed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    let refused = audit
+        .lines()
+        .filter(|l| l.contains("lease.issue") && l.contains("unexpired leases"))
+        .count();
+    assert!(refused >= 5, "refusals not audited:\n{audit}");
+}
+
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
     let w = World::new();
