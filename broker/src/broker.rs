@@ -363,6 +363,32 @@ impl Broker {
                 );
             }
         }
+        if meta_get(&conn, crate::backup::RESTORED)?.is_some() {
+            store::write_before_start(&mut conn, &audit_key, |ctx| {
+                let Some(note) = meta_get(ctx.conn, crate::backup::RESTORED)? else {
+                    return Ok(());
+                };
+                ctx.audit(&crate::audit::Entry {
+                    time: now(),
+                    actor: crate::audit::ACTOR_SYSTEM.into(),
+                    action: "store.restore".into(),
+                    target: "store".into(),
+                    allowed: true,
+                    reason: format!(
+                        "the store was restored from a backup: {}",
+                        String::from_utf8_lossy(&note)
+                    ),
+                    request_id: String::new(),
+                })?;
+                ctx.conn
+                    .execute("DELETE FROM meta WHERE key = ?1", [crate::backup::RESTORED])?;
+                Ok(())
+            })?;
+            tracing::warn!(
+                "this store was restored from a backup (audited as store.restore); audit \
+                 checkpoints taken after the backup no longer verify: take a new one"
+            );
+        }
         let admin_token_hash = rowmac::admin_hash(&conn, &row_key, &store_id)?;
         let store = Store::start(
             &db,

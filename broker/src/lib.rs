@@ -39,6 +39,7 @@ pub(crate) async fn pause(point: &str) {
 
 pub mod agent;
 pub mod audit;
+pub mod backup;
 pub mod broker;
 pub mod ceremony;
 pub mod checkpoint;

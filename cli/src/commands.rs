@@ -41,6 +41,8 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Lease(c) => lease(g, c).await,
         Command::Audit(c) => audit(g, c).await,
         Command::Status => status(g).await,
+        Command::Backup(a) => crate::backup::backup(g, a).await,
+        Command::Restore(a) => crate::backup::restore(g, a),
         Command::Unseal(a) => unseal(g, a).await,
         Command::Holder(c) => crate::retention::holder(g, c).await,
         Command::Class(c) => crate::retention::class(g, c).await,

@@ -107,6 +107,7 @@ pub(crate) fn stdout_closed() -> bool {
     STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) || null(std::io::stdout().as_fd())
 }
 
+mod backup;
 pub mod client;
 mod commands;
 pub mod demo;
@@ -206,6 +207,10 @@ pub enum Command {
     Audit(AuditCmd),
     /// Show the broker's state (admin; while sealed, anyone).
     Status,
+    /// Copy the live store to a new file, consistent to one instant (admin).
+    Backup(BackupArgs),
+    /// Put a backup in place as the store (no broker may be serving it).
+    Restore(RestoreArgs),
     /// Give one operator share to a broker sealed by operator shares.
     Unseal(UnsealArgs),
     /// Key holders: make keys, enrol roles, export sealed shares.
@@ -506,6 +511,21 @@ pub struct ShareDelivery {
     /// (repeatable, one per share) so only that operator can read it.
     #[arg(long, value_name = "AGE_RECIPIENT", requires = "shares")]
     pub operator_recipient: Vec<String>,
+}
+
+/// `tessera backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The new file (0600; never one that exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `tessera restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup, from `tessera backup`.
+    pub file: PathBuf,
 }
 
 /// `tessera unseal`.

@@ -635,6 +635,76 @@ fn one_agent_cannot_hold_leases_without_end() {
     assert!(refused >= 5, "refusals not audited:\n{audit}");
 }
 
+/// `backup` copies the live store to a new private file; `restore` puts it
+/// back while no broker serves, keeping the store it replaces, and the
+/// next broker serves the store as it was (audited). A file that is not a
+/// tessera store, or is another store's, is refused and changes nothing.
+#[test]
+fn backup_and_restore_bring_the_store_back_to_one_instant() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    w.put("a/one", b"first");
+    let gw = w.agent("gw", "a/*", "15m");
+    let out = w.tmp.path().join("b1.db");
+    let out_s = out.to_str().expect("path");
+    let b = w.run(&["backup", "--out", out_s, "--json"]).ok().json();
+    assert!(b["bytes"].as_u64().is_some_and(|n| n > 0), "{b}");
+    let mode = std::fs::metadata(&out)
+        .expect("backup")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let r = w.run(&["backup", "--out", out_s]).fails_with(5);
+    assert!(r.stderr.contains("already exists"), "{r:#?}");
+    // After the backup: a new value and a new agent.
+    w.put("a/one", b"second");
+    w.agent("late", "a/*", "15m");
+    let r = w.run(&["restore", out_s]).fails_with(5);
+    assert!(r.stderr.contains("stop it before restoring"), "{r:#?}");
+    assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
+    let junk = w.tmp.path().join("junk.db");
+    std::fs::write(
+        &junk,
+        b"not a database at all, but long enough to look like one",
+    )
+    .expect("write junk");
+    let r = w.run(&["restore", junk.to_str().expect("path")]).fails_with(7);
+    assert!(r.stderr.contains("is not a tessera store"), "{r:#?}");
+    // Another store's backup.
+    let other = World::new();
+    other.init_passphrase();
+    let theirs = w.tmp.path().join("theirs.db");
+    {
+        let _o = other.serve(&[]);
+        other
+            .run(&["backup", "--out", theirs.to_str().expect("path")])
+            .ok();
+    }
+    let r = w.run(&["restore", theirs.to_str().expect("path")]).fails_with(5);
+    assert!(r.stderr.contains("a backup of another store"), "{r:#?}");
+    let r = w.run(&["restore", out_s, "--json"]).ok().json();
+    let kept = r["kept"].as_str().expect("kept").to_string();
+    assert!(Path::new(&kept).exists(), "{r}");
+    let mode = std::fs::metadata(w.db()).expect("db").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let s = w.serve(&[]);
+    assert_eq!(w.get("a/one", &gw).ok().stdout, "first");
+    let agents = w.run(&["agent", "list"]).ok().stdout;
+    assert!(
+        agents.contains("gw") && !agents.contains("late"),
+        "{agents}"
+    );
+    w.run(&["audit", "verify"]).ok();
+    let audit = w.run(&["audit", "export"]).ok().stdout;
+    assert!(
+        audit.contains("store.restore") && audit.contains("store.backup"),
+        "{audit}"
+    );
+    assert!(s.logs().contains("restored from a backup"), "{}", s.logs());
+}
+
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
     let w = World::new();
