@@ -38,8 +38,8 @@ pub struct About {
     pub audit_seq: u64,
     /// That record's time (Unix seconds): about when the copy was taken.
     pub audit_time: i64,
-    /// The root key's fingerprint: a copy opens only with the key it was
-    /// taken under.
+    /// The root key's check value (changes with every `rekey root`): a
+    /// copy opens only with the key it was taken under.
     root_key: Option<Vec<u8>>,
 }
 
@@ -133,7 +133,7 @@ pub fn about(path: &Path) -> Result<About> {
         store_id,
         audit_seq,
         audit_time,
-        root_key: meta_get(&conn, "root_key_fingerprint")?,
+        root_key: meta_get(&conn, "root_key_check")?,
     })
 }
 
@@ -207,8 +207,8 @@ fn check_replaceable(db: &Path, from: &Path, backup: &About) -> Result<()> {
     }
     if current.root_key != backup.root_key {
         return Err(Error::FailedPrecondition(format!(
-            "{} was taken under an earlier root key (before a `rekey root`); it opens only with \
-             that key, so it was not restored",
+            "{} was taken under another root key (before a `rekey root`); it opens only with \
+             that key, which the rekey retired, so it was not restored",
             from.display()
         )));
     }

@@ -670,7 +670,9 @@ fn backup_and_restore_bring_the_store_back_to_one_instant() {
         b"not a database at all, but long enough to look like one",
     )
     .expect("write junk");
-    let r = w.run(&["restore", junk.to_str().expect("path")]).fails_with(7);
+    let r = w
+        .run(&["restore", junk.to_str().expect("path")])
+        .fails_with(7);
     assert!(r.stderr.contains("is not a tessera store"), "{r:#?}");
     // Another store's backup.
     let other = World::new();
@@ -682,14 +684,16 @@ fn backup_and_restore_bring_the_store_back_to_one_instant() {
             .run(&["backup", "--out", theirs.to_str().expect("path")])
             .ok();
     }
-    let r = w.run(&["restore", theirs.to_str().expect("path")]).fails_with(5);
+    let r = w
+        .run(&["restore", theirs.to_str().expect("path")])
+        .fails_with(5);
     assert!(r.stderr.contains("a backup of another store"), "{r:#?}");
     let r = w.run(&["restore", out_s, "--json"]).ok().json();
     let kept = r["kept"].as_str().expect("kept").to_string();
     assert!(Path::new(&kept).exists(), "{r}");
     let mode = std::fs::metadata(w.db()).expect("db").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    let s = w.serve(&[]);
+    let mut s = w.serve(&[]);
     assert_eq!(w.get("a/one", &gw).ok().stdout, "first");
     let agents = w.run(&["agent", "list"]).ok().stdout;
     assert!(
@@ -703,6 +707,16 @@ fn backup_and_restore_bring_the_store_back_to_one_instant() {
         "{audit}"
     );
     assert!(s.logs().contains("restored from a backup"), "{}", s.logs());
+    // After `rekey root` the backup opens with no key the store has.
+    w.run_with(
+        &["rekey", "root"],
+        None,
+        &[("TESSERA_PASSPHRASE", tessera_e2e::PASSPHRASE)],
+    )
+    .ok();
+    assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
+    let r = w.run(&["restore", out_s]).fails_with(5);
+    assert!(r.stderr.contains("another root key"), "{r:#?}");
 }
 
 #[test]

@@ -823,6 +823,37 @@ fn a_join_that_loses_to_a_hold_says_nothing_was_destroyed() {
     w.run(&["audit", "verify"]).ok();
 }
 
+/// A backup taken before a shred still holds the class key: its restore
+/// is refused (and changes nothing), so that no restore brings back what a
+/// ceremony destroyed; a backup taken after the shred restores.
+#[test]
+fn a_backup_from_before_a_shred_is_never_restored() {
+    let w = World::new();
+    w.init_passphrase();
+    let mut s = w.serve(&[]);
+    let [a, b] = w.legal_and_ciso("c");
+    let before = w.tmp.path().join("before.db");
+    let after = w.tmp.path().join("after.db");
+    let path = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
+    w.run(&["backup", "--out", &path(&before)]).ok();
+    let id = open_early(&w, "c");
+    join(&w, &id, "legal", &a).ok();
+    join(&w, &id, "ciso", &b).ok();
+    wait_class(&w, "c", "shredded", |c| c["state"] == "shredded");
+    w.run(&["backup", "--out", &path(&after)]).ok();
+    assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
+    let r = w.run(&["restore", &path(&before)]).fails_with(5);
+    assert!(
+        r.stderr.contains("still holds the key of c (shredded"),
+        "{r:#?}"
+    );
+    w.run(&["restore", &path(&after)]).ok();
+    let _s = w.serve(&[]);
+    assert_eq!(class_json(&w, "c")["state"], "shredded");
+    assert!(wrapped_key(&w, "c").is_none(), "the key came back");
+    w.run(&["audit", "verify"]).ok();
+}
+
 #[test]
 fn shred_is_crash_safe_at_every_step() {
     for point in [
