@@ -547,6 +547,24 @@ impl Broker {
         .await
     }
 
+    /// Deletes `Watch` events (rotations, revocations, expiry warnings: one
+    /// per lease) older than `history`, oldest first, at most `SWEEP_BATCH`
+    /// per transaction. A watcher away for longer resumes from the oldest
+    /// event kept. Returns how many were deleted.
+    pub async fn purge_events(&self, history: std::time::Duration) -> Result<u64> {
+        let keep = i64::try_from(history.as_secs()).unwrap_or(i64::MAX);
+        self.in_batches(
+            "event.purge",
+            move |conn, t| {
+                Ok(conn
+                    .prepare_cached(PURGE_EVENTS_SQL)?
+                    .execute(params![t.saturating_sub(keep), SWEEP_BATCH as i64])?)
+            },
+            move |n| format!("{n} watch events older than {}s deleted", history.as_secs()),
+        )
+        .await
+    }
+
     /// Runs `batch` (given the time; changes at most `SWEEP_BATCH` rows and
     /// says how many) in one transaction after another until one comes up
     /// short, recording each batch that changed something as a system audit
@@ -710,6 +728,11 @@ const SWEEP_SQL: &str = "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id IN
 /// `?1`, oldest first, through the partial index on ended leases.
 const PURGE_SQL: &str = "DELETE FROM leases WHERE id IN (
     SELECT id FROM leases WHERE state != 0 AND ended_at < ?1 ORDER BY ended_at LIMIT ?2)";
+/// Deletes those of the `?2` oldest events (by id, which grows with time)
+/// that are older than `?1`: no index on time is needed, and a batch with
+/// fewer deletions than `?2` ends the purge.
+const PURGE_EVENTS_SQL: &str = "DELETE FROM events WHERE id IN (
+    SELECT id FROM events ORDER BY id LIMIT ?2) AND time < ?1";
 /// Revokes an agent's active leases (through `leases_active_agent`).
 const REVOKE_AGENT_SQL: &str =
     "UPDATE leases SET state = ?1, ended_at = ?2 WHERE state = 0 AND agent_id = ?3";

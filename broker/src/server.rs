@@ -354,6 +354,11 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
                             Ok(n) => tracing::info!(deleted = n, "deleted old ended leases"),
                             Err(e) => tracing::warn!(error = %e, "lease purge failed; will retry"),
                         }
+                        match sweeper_broker.purge_events(lease_history).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(deleted = n, "deleted old watch events"),
+                            Err(e) => tracing::warn!(error = %e, "event purge failed; will retry"),
+                        }
                     }
                     if let Err(e) = sweeper_broker.retention_tick().await {
                         tracing::warn!(error = %e, "retention work failed; will retry");

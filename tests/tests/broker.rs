@@ -1554,7 +1554,8 @@ fn serve_json_announces_ready_and_stopped() {
 }
 
 /// Ended leases (expired or revoked) are deleted once `--lease-history`
-/// has passed since they ended; active ones stay, and so do the audit
+/// has passed since they ended, and `Watch` events once it has passed
+/// since they were written; active leases stay, and so do the audit
 /// records of all of them.
 #[test]
 fn ended_leases_are_deleted_after_the_lease_history() {
@@ -1596,8 +1597,26 @@ fn ended_leases_are_deleted_after_the_lease_history() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The events `Watch` replays (an expiry warning, a revocation) go too.
+    let events = || -> i64 {
+        let db = rusqlite::Connection::open_with_flags(
+            w.db(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open store");
+        db.query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .expect("count events")
+    };
+    while events() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old events were not deleted"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let export = w.run(&["audit", "export"]).ok().stdout;
     assert!(export.contains("\"lease.purge\""), "{export}");
+    assert!(export.contains("\"event.purge\""), "{export}");
     for gone in [id(&ends), id(&revoked)] {
         assert!(export.contains(&gone), "the audit trail lost {gone}");
     }
