@@ -7,8 +7,9 @@
 //! store it replaces beside it, and refuses a copy that would bring back
 //! the key of a class the store has shredded since.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
@@ -23,6 +24,8 @@ use crate::store::{self, meta_get};
 pub struct Snapshot {
     /// The copy.
     pub file: tempfile::NamedTempFile,
+    /// This broker's one place for a backup, held until the copy is gone.
+    pub slot: tokio::sync::OwnedSemaphorePermit,
     /// Its size in bytes.
     pub size: u64,
     /// What it holds.
@@ -50,6 +53,13 @@ impl Broker {
     /// Copies the store as it stands (one read transaction: a consistent
     /// copy while writes go on), after auditing the request.
     pub async fn backup(&self, request_id: &str) -> Result<Snapshot> {
+        let slot = Arc::clone(&self.backup_slot)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Error::FailedPrecondition(
+                    "another backup is being taken; try again when it has finished".into(),
+                )
+            })?;
         self.audit(admin_entry(
             "store.backup",
             "store",
@@ -59,13 +69,50 @@ impl Broker {
         ))
         .await?;
         let db = self.store.path().to_path_buf();
-        tokio::task::spawn_blocking(move || snapshot(&db))
+        let (file, size, about) = tokio::task::spawn_blocking(move || snapshot(&db))
             .await
-            .map_err(|e| Error::Internal(format!("the backup task failed: {e}")))?
+            .map_err(|e| Error::Internal(format!("the backup task failed: {e}")))??;
+        Ok(Snapshot {
+            file,
+            slot,
+            size,
+            about,
+        })
     }
 }
 
-fn snapshot(db: &Path) -> Result<Snapshot> {
+/// Removes copies a backup or a restore left behind when its process was
+/// killed (`.backup-*.db`, `tessera.db.restoring`): they hold every key the
+/// store held, which a later shred would not reach. Called where no other
+/// backup or restore can be under way.
+pub(crate) fn remove_stale_copies(db: &Path) {
+    let dir = db.parent().unwrap_or(Path::new("."));
+    let staged = db.with_extension("db.restoring");
+    let staged = [staged.clone(), side(&staged, "-wal"), side(&staged, "-shm")];
+    let stale = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().to_string());
+            name.is_some_and(|n| n.starts_with(".backup-") && n.ends_with(".db"))
+                || staged.contains(p)
+        });
+    for p in stale {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                tracing::info!(file = %p.display(), "removed a copy of the store an interrupted backup or restore left")
+            }
+            Err(e) => {
+                tracing::warn!(file = %p.display(), error = %e, "cannot remove a copy of the store an interrupted backup or restore left; delete it")
+            }
+        }
+    }
+}
+
+fn snapshot(db: &Path) -> Result<(tempfile::NamedTempFile, u64, About)> {
+    remove_stale_copies(db);
     let dir = db.parent().unwrap_or(Path::new("."));
     // Beside the store: as private as it (0600 in its 0700 directory).
     let file = tempfile::Builder::new()
@@ -82,6 +129,7 @@ fn snapshot(db: &Path) -> Result<Snapshot> {
         db,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let target = file.path().to_string_lossy().to_string();
     conn.execute("VACUUM INTO ?1", [&target]).map_err(|e| {
         Error::Unavailable(format!(
@@ -91,7 +139,7 @@ fn snapshot(db: &Path) -> Result<Snapshot> {
     })?;
     let about = about(file.path())?;
     let size = file.as_file().metadata()?.len();
-    Ok(Snapshot { file, size, about })
+    Ok((file, size, about))
 }
 
 /// Reads what `path` is, refusing a file that is not a whole, intact
@@ -146,12 +194,33 @@ pub struct Restored {
     pub kept: Option<PathBuf>,
 }
 
-/// Puts the backup `from` in place as the store of `dir`, which no broker
-/// may be serving. The store there, if any, must be the same store (same
-/// id), under the same root key, and must not have shredded a class whose
-/// key the backup still holds; it is moved aside (with its WAL), never
-/// deleted. The next `serve` records the restore in the audit trail.
+/// Puts the backup `from` in place as the store of `dir`, which no process
+/// may have open (no broker, no offline `rotate --due`). The store there,
+/// if any, must be the same store (same id), under the same root key, and
+/// must not have shredded a class whose key the backup still holds.
+///
+/// The backup is first copied (with SQLite, so that a WAL beside it counts)
+/// to a private staging file beside the store and checked there; only then
+/// is the store in place checkpointed and moved aside (never deleted) and
+/// the staged copy renamed into place, so a failure or a crash at any step
+/// leaves a whole store at `tessera.db` or, between the two renames, at the
+/// kept path the error names. The next `serve` records the restore in the
+/// audit trail.
 pub fn restore(dir: &DataDir, from: &Path) -> Result<Restored> {
+    let from = std::fs::canonicalize(from).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound(format!(
+            "{} does not exist; give the file `tessera backup` wrote",
+            from.display()
+        )),
+        _ => Error::Io(format!("cannot read {}: {e}", from.display())),
+    })?;
+    if !dir.root().exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.root())
+            .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.root().display())))?;
+    }
     let _serving = dir.lock_for_serving().map_err(|e| match e {
         Error::FailedPrecondition(_) => Error::FailedPrecondition(format!(
             "a broker is serving the store in {}; stop it before restoring a backup",
@@ -159,40 +228,150 @@ pub fn restore(dir: &DataDir, from: &Path) -> Result<Restored> {
         )),
         e => e,
     })?;
-    let about = about(from)?;
+    let _alone = dir.lock_open(true)?.ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "another process has the store in {} open (`tessera rotate --due` from its timer or \
+             cron?); stop it, and the timer, before restoring a backup",
+            dir.root().display()
+        ))
+    })?;
     let db = dir.db();
+    let staged = db.with_extension("db.restoring");
+    let sides = |p: &Path| [side(p, "-wal"), side(p, "-shm")];
+    for own in [db.clone(), staged.clone()]
+        .into_iter()
+        .chain(sides(&db))
+        .chain(sides(&staged))
+    {
+        if std::fs::canonicalize(&own).is_ok_and(|p| p == from) {
+            return Err(Error::invalid(
+                "backup",
+                format!(
+                    "{} is the store itself (or a file of it), not a backup; give the file \
+                     `tessera backup` wrote",
+                    own.display()
+                ),
+            ));
+        }
+    }
+    // What a broken earlier restore left; never a store anyone uses.
+    for p in std::iter::once(staged.clone()).chain(sides(&staged)) {
+        let _ = std::fs::remove_file(p);
+    }
+    let checked = stage(&from, &staged, dir.root()).and_then(|()| {
+        let about = about(&staged)?;
+        if db.exists() {
+            check_replaceable(&db, &from, &staged, &about)?;
+        } else {
+            refuse_orphans(&db)?;
+        }
+        mark_restored(&staged, &from, &about)?;
+        Ok(about)
+    });
+    let about = checked.inspect_err(|_| {
+        let _ = std::fs::remove_file(&staged);
+    })?;
     let kept = if db.exists() {
-        check_replaceable(&db, from, &about)?;
-        Some(move_aside(&db)?)
+        Some(move_aside(&db).inspect_err(|_| {
+            let _ = std::fs::remove_file(&staged);
+        })?)
     } else {
-        std::fs::create_dir_all(dir.root())?;
         None
     };
-    let staged = db.with_extension("db.restoring");
-    let _ = std::fs::remove_file(&staged);
-    copy_private(from, &staged)?;
-    {
-        let conn = Connection::open(&staged)?;
-        let note = serde_json::json!({
-            "time": now(),
-            "from": from.display().to_string(),
-            "audit_seq": about.audit_seq,
-            "kept": kept.as_ref().map(|p| p.display().to_string()),
-        });
-        store::meta_set(&conn, RESTORED, note.to_string().as_bytes())?;
+    if let Err(e) = std::fs::rename(&staged, &db) {
+        let back = kept.as_ref().map(|k| std::fs::rename(k, &db));
+        return Err(Error::Io(match (back, &kept) {
+            (Some(Err(_)), Some(k)) => format!(
+                "cannot put the backup in place ({e}); the store that was there is at {}: move \
+                 it back to {}",
+                k.display(),
+                db.display()
+            ),
+            _ => format!("cannot put the backup in place ({e}); the store is unchanged"),
+        }));
     }
-    std::fs::rename(&staged, &db)?;
     std::fs::File::open(dir.root())?.sync_all()?;
     Ok(Restored { about, kept })
 }
 
+/// `path` with `suffix` (`-wal`, `-shm`) appended, as SQLite names them.
+fn side(path: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", path.display()))
+}
+
+/// Copies the backup `from` (with its WAL, if it has one) to `staged`, a
+/// new 0600 file in `dir`, owned like `dir`.
+fn stage(from: &Path, staged: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // `about` first: a file that is no store gets that error, not SQLite's.
+    about(from)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(staged)
+        .map_err(|e| Error::Io(format!("cannot create {}: {e}", staged.display())))?;
+    let src = Connection::open_with_flags(
+        from,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    src.execute("VACUUM INTO ?1", [staged.to_string_lossy()])
+        .map_err(|e| {
+            Error::Io(format!(
+                "cannot copy {} into {} ({e}); is the disk full?",
+                from.display(),
+                staged.display()
+            ))
+        })?;
+    // Run as root for a broker that runs as its own user, the file must
+    // stay the broker's.
+    let owner = std::fs::metadata(dir)?;
+    if nix::unistd::geteuid().is_root() && owner.uid() != 0 {
+        std::os::unix::fs::chown(staged, Some(owner.uid()), Some(owner.gid()))?;
+    }
+    Ok(())
+}
+
+/// Leaves a note in the staged copy for the next `serve` to audit, and
+/// puts it in WAL mode as `init` does.
+fn mark_restored(staged: &Path, from: &Path, about: &About) -> Result<()> {
+    let conn = Connection::open(staged)?;
+    let note = serde_json::json!({
+        "time": now(),
+        "from": from.display().to_string(),
+        "audit_seq": about.audit_seq,
+    });
+    store::meta_set(&conn, RESTORED, note.to_string().as_bytes())?;
+    let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    drop(conn);
+    std::fs::File::open(staged)?.sync_all()?;
+    Ok(())
+}
+
+/// Refuses a WAL left without its database: SQLite would apply it to the
+/// restored file.
+fn refuse_orphans(db: &Path) -> Result<()> {
+    let wal = side(db, "-wal");
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is there without {}: it holds commits of a store that was moved away; move it \
+             to that store (or delete it if that store is gone) before restoring",
+            wal.display(),
+            db.display()
+        )));
+    }
+    let _ = std::fs::remove_file(side(db, "-shm"));
+    let _ = std::fs::remove_file(&wal);
+    Ok(())
+}
+
 /// Refuses to replace the store `db` with the backup `from` when that
 /// would lose it for good or bring back a shredded key.
-fn check_replaceable(db: &Path, from: &Path, backup: &About) -> Result<()> {
+fn check_replaceable(db: &Path, from: &Path, staged: &Path, backup: &About) -> Result<()> {
     let current = about(db).map_err(|e| {
         Error::FailedPrecondition(format!(
-            "the store in place cannot be read ({e}); move {} away yourself if it is to be \
-             replaced",
+            "the store in place cannot be read ({e}); move {} (with its -wal and -shm files) \
+             away yourself if it is to be replaced",
             db.display()
         ))
     })?;
@@ -213,7 +392,7 @@ fn check_replaceable(db: &Path, from: &Path, backup: &About) -> Result<()> {
         )));
     }
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    conn.execute("ATTACH DATABASE ?1 AS backup", [from.to_string_lossy()])?;
+    conn.execute("ATTACH DATABASE ?1 AS backup", [staged.to_string_lossy()])?;
     let back: Vec<(String, i64)> = conn
         .prepare(
             "SELECT c.name, coalesce(c.shredded_at, 0) FROM classes c
@@ -239,9 +418,20 @@ fn check_replaceable(db: &Path, from: &Path, backup: &About) -> Result<()> {
     Ok(())
 }
 
-/// Moves the store `db` and its WAL and shared-memory files aside, to
-/// `tessera.db.before-restore-TIME`; returns that path.
+/// Folds the WAL of the store `db` into it, then moves it (and its emptied
+/// WAL and shared-memory files) aside, to `tessera.db.before-restore-TIME`;
+/// returns that path.
 fn move_aside(db: &Path) -> Result<PathBuf> {
+    {
+        let conn = Connection::open(db)?;
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy != 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is in use by another process; stop it before restoring",
+                db.display()
+            )));
+        }
+    }
     let stamp = now();
     let mut kept = db.with_extension(format!("db.before-restore-{stamp}"));
     let mut n = 1;
@@ -249,29 +439,13 @@ fn move_aside(db: &Path) -> Result<PathBuf> {
         kept = db.with_extension(format!("db.before-restore-{stamp}-{n}"));
         n += 1;
     }
-    // The WAL goes with its database: left in place, SQLite would apply
-    // the old store's frames to the restored file.
+    std::fs::rename(db, &kept)?;
+    // (Empty now: neither order of these renames can lose a commit.)
     for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", db.display()));
-        if side.exists() {
-            std::fs::rename(&side, format!("{}{suffix}", kept.display()))?;
+        let from = side(db, suffix);
+        if from.exists() {
+            std::fs::rename(&from, side(&kept, suffix))?;
         }
     }
-    std::fs::rename(db, &kept)?;
     Ok(kept)
-}
-
-fn copy_private(from: &Path, to: &Path) -> Result<()> {
-    let mut src = std::fs::File::open(from)
-        .map_err(|e| Error::Io(format!("cannot read {}: {e}", from.display())))?;
-    let mut dst = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(to)
-        .map_err(|e| Error::Io(format!("cannot create {}: {e}", to.display())))?;
-    dst.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    std::io::copy(&mut src, &mut dst)?;
-    dst.sync_all()?;
-    Ok(())
 }

@@ -62,6 +62,11 @@ pub struct Broker {
     /// Held (read) by each rotation run on a task of its own; a shutdown
     /// takes it (write) to wait for them.
     pub(crate) detached: Arc<tokio::sync::RwLock<()>>,
+    /// The store's open lock, shared: no restore replaces the file while
+    /// this broker has it open.
+    _open_lock: Option<crate::init::ServeLock>,
+    /// One backup at a time: each is a whole copy of the store beside it.
+    pub(crate) backup_slot: Arc<tokio::sync::Semaphore>,
     /// Open `Watch` streams per agent id.
     pub(crate) watching: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
     /// Agents by token hash; a revoke forgets them.
@@ -298,7 +303,19 @@ impl Broker {
         root_key: impl FnOnce(&rusqlite::Connection, &str) -> Result<RootKey>,
     ) -> Result<Self> {
         let db = dir.db();
+        // Held while the broker lives, so that no restore swaps the file.
+        let open_lock = if db.exists() {
+            Some(dir.lock_open(false)?.ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "a backup is being restored into {}; try again when it has finished",
+                    dir.root().display()
+                ))
+            })?)
+        } else {
+            None
+        };
         let mut conn = store::open_rw(&db, false)?;
+        crate::backup::remove_stale_copies(&db);
         let store_id = meta_get(&conn, "store_id")?
             .map(|v| String::from_utf8_lossy(&v).to_string())
             .ok_or_else(|| {
@@ -416,6 +433,8 @@ impl Broker {
             signing_public,
             class_keys: Arc::new(CommitCache::new(usize::MAX)),
             stopping: tokio::sync::watch::Sender::new(false),
+            _open_lock: open_lock,
+            backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 

@@ -11,8 +11,8 @@ use crate::keys::{RootKey, SymmetricKey, Token, random_id};
 use crate::store::{self, Store, meta_set};
 use crate::unseal::{self, KdfParams, Source};
 
-/// Held by a running `serve` ([`DataDir::lock_for_serving`]); unlocks
-/// when dropped.
+/// Held by a running `serve` ([`DataDir::lock_for_serving`]), or on the
+/// store's open lock ([`DataDir::lock_open`]); unlocks when dropped.
 pub struct ServeLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -61,6 +61,38 @@ impl DataDir {
     /// The default Unix socket of `serve`.
     pub fn socket(&self) -> PathBuf {
         self.root.join("tessera.sock")
+    }
+
+    /// The lock every process that opens the store holds (shared), and a
+    /// restore takes alone.
+    pub fn open_lock(&self) -> PathBuf {
+        self.root.join("open.lock")
+    }
+
+    /// Takes the store's open lock, shared (`exclusive` false: every
+    /// process that opens the store, a broker or an offline `rotate --due`)
+    /// or alone (a restore, which replaces the file under them). Never
+    /// waits: `None` when it is held the other way.
+    pub fn lock_open(&self, exclusive: bool) -> Result<Option<ServeLock>> {
+        let path = self.open_lock();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
+        let how = if exclusive {
+            nix::fcntl::FlockArg::LockExclusiveNonblock
+        } else {
+            nix::fcntl::FlockArg::LockSharedNonblock
+        };
+        match nix::fcntl::Flock::lock(file, how) {
+            Ok(lock) => Ok(Some(ServeLock { _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(Error::Io(format!("cannot lock {}: {e}", path.display()))),
+        }
     }
 
     /// Takes the lock `serve` holds while it runs, so that a second broker

@@ -513,12 +513,20 @@ impl Broker {
     pub async fn sweep_expired(&self) -> Result<u64> {
         self.in_batches(
             "lease.expire",
-            |conn, t| {
-                Ok(conn.prepare_cached(SWEEP_SQL)?.execute(params![
-                    lease_state::EXPIRED,
-                    t,
-                    SWEEP_BATCH as i64
-                ])?)
+            |ctx, t| {
+                let conn = ctx.conn;
+                let mut stmt = conn.prepare_cached(SWEEP_SQL)?;
+                let ended = stmt
+                    .query_map(params![lease_state::EXPIRED, t, SWEEP_BATCH as i64], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                    })?;
+                let mut n = 0;
+                for row in ended {
+                    let (agent, expires_at) = row?;
+                    ctx.held().expired(agent, expires_at);
+                    n += 1;
+                }
+                Ok(n)
             },
             |n| format!("{n} leases passed their expiry"),
         )
@@ -532,8 +540,9 @@ impl Broker {
         let keep = i64::try_from(history.as_secs()).unwrap_or(i64::MAX);
         self.in_batches(
             "lease.purge",
-            move |conn, t| {
-                Ok(conn
+            move |ctx, t| {
+                Ok(ctx
+                    .conn
                     .prepare_cached(PURGE_SQL)?
                     .execute(params![t.saturating_sub(keep), SWEEP_BATCH as i64])?)
             },
@@ -555,8 +564,9 @@ impl Broker {
         let keep = i64::try_from(history.as_secs()).unwrap_or(i64::MAX);
         self.in_batches(
             "event.purge",
-            move |conn, t| {
-                Ok(conn
+            move |ctx, t| {
+                Ok(ctx
+                    .conn
                     .prepare_cached(PURGE_EVENTS_SQL)?
                     .execute(params![t.saturating_sub(keep), SWEEP_BATCH as i64])?)
             },
@@ -572,7 +582,7 @@ impl Broker {
     async fn in_batches(
         &self,
         action: &'static str,
-        batch: impl Fn(&rusqlite::Connection, i64) -> Result<usize> + Copy + Send + 'static,
+        batch: impl Fn(&mut WriteCtx<'_>, i64) -> Result<usize> + Copy + Send + 'static,
         reason: impl Fn(usize) -> String + Copy + Send + 'static,
     ) -> Result<u64> {
         let mut total = 0;
@@ -581,7 +591,7 @@ impl Broker {
                 .store
                 .write(move |ctx| {
                     let t = now();
-                    let n = batch(ctx.conn, t)?;
+                    let n = batch(ctx, t)?;
                     if n > 0 {
                         ctx.audit(&Entry {
                             time: t,
@@ -609,13 +619,17 @@ impl Broker {
 /// `Issue`. Lives on the writer thread and changes only in write
 /// transactions.
 ///
-/// For each agent that asked since the broker started: an upper bound on
-/// its unexpired active leases (counted once, then one more per lease
-/// issued; revokes and expiry only lower the true figure), and, once an
-/// exact count found it at the cap, until when it stays there (its first
-/// lease's expiry), so that an agent asking again and again at the cap
-/// costs no count each time. A revoke of its leases, another process's
-/// commit or a rollback lifts that until the next count.
+/// For each agent that asked since the broker started: how many unexpired
+/// leases it held when they were last counted (`since`), plus those issued
+/// since, less those the sweep expired since. That is exact but for the
+/// leases that passed their expiry since `since` and are not swept yet;
+/// at the cap, those are counted (a short range of the index on the
+/// agent's active leases by expiry) and taken off. A revoke of the agent's
+/// leases, another process's commit or a rollback makes the figure only an
+/// upper bound (`stale`): at the cap it is counted again in full. And once
+/// a count finds the agent at the cap, it stays refused without counting
+/// until its first lease's expiry (`full_until`), unless a revoke comes
+/// first.
 #[derive(Debug, Default)]
 pub(crate) struct Held {
     agents: std::collections::HashMap<i64, HeldCount>,
@@ -623,7 +637,9 @@ pub(crate) struct Held {
 
 #[derive(Debug)]
 struct HeldCount {
-    most: u64,
+    held: u64,
+    since: i64,
+    stale: bool,
     full_until: Option<i64>,
 }
 
@@ -637,71 +653,92 @@ impl Held {
         cap: u64,
         t: i64,
     ) -> Result<Option<Error>> {
+        let count = |from: i64, to: i64| -> Result<u64> {
+            let n: i64 = conn
+                .prepare_cached(
+                    "SELECT count(*) FROM leases
+                     WHERE agent_id = ?1 AND state = 0 AND expires_at > ?2 AND expires_at <= ?3",
+                )?
+                .query_row(params![agent.id, from, to], |r| r.get(0))?;
+            Ok(n as u64)
+        };
         let c = match self.agents.entry(agent.id) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                // Through the partial index on active leases: expired ones
-                // not yet swept are counted, which only makes it an upper
-                // bound.
-                let most: i64 = conn
-                    .prepare_cached(
-                        "SELECT count(*) FROM leases WHERE agent_id = ?1 AND state = 0",
-                    )?
-                    .query_row([agent.id], |r| r.get(0))?;
-                v.insert(HeldCount {
-                    most: most as u64,
-                    full_until: None,
-                })
-            }
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(HeldCount {
+                held: count(t, i64::MAX)?,
+                since: t,
+                stale: false,
+                full_until: None,
+            }),
         };
-        if c.most < cap {
+        if c.held < cap {
             return Ok(None);
         }
-        let full_until = match c.full_until {
-            Some(until) if t < until => until,
-            _ => {
-                let (n, first_end): (i64, Option<i64>) = conn
-                    .prepare_cached(
-                        "SELECT count(*), min(expires_at) FROM leases
-                         WHERE agent_id = ?1 AND state = 0 AND expires_at > ?2",
-                    )?
-                    .query_row(params![agent.id, t], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                c.most = n as u64;
-                c.full_until = first_end.filter(|_| c.most >= cap);
-                match c.full_until {
-                    Some(until) => until,
-                    None => return Ok(None),
-                }
-            }
-        };
-        Ok(Some(Error::ResourceExhausted(format!(
-            "agent {:?} holds {} unexpired leases, and one agent may hold {cap} at most (serve \
-             --max-leases-per-agent); the first of them ends in {}s: revoke those it no longer \
-             needs, or ask an admin to raise the limit",
-            agent.name,
-            c.most,
-            (full_until - t).max(1)
-        ))))
+        if c.full_until.is_some_and(|until| t < until) {
+            return Ok(Some(c.refusal(agent, cap, t)));
+        }
+        if c.stale {
+            c.held = count(t, i64::MAX)?;
+            c.stale = false;
+        } else {
+            c.held = c.held.saturating_sub(count(c.since, t)?);
+        }
+        c.since = t;
+        if c.held < cap {
+            c.full_until = None;
+            return Ok(None);
+        }
+        let first_end: Option<i64> = conn
+            .prepare_cached(
+                "SELECT min(expires_at) FROM leases
+                 WHERE agent_id = ?1 AND state = 0 AND expires_at > ?2",
+            )?
+            .query_row(params![agent.id, t], |r| r.get(0))?;
+        c.full_until = first_end;
+        Ok(Some(c.refusal(agent, cap, t)))
     }
 
     /// Counts a lease just issued to `agent`.
     fn issued(&mut self, agent: i64) {
         if let Some(c) = self.agents.get_mut(&agent) {
-            c.most += 1;
+            c.held += 1;
         }
     }
 
-    /// Leases were revoked: of `agent`, or of anyone (`None`). Whoever was
-    /// at the cap is counted again at its next `Issue`.
-    pub(crate) fn revoked(&mut self, agent: Option<i64>) {
-        match agent {
-            Some(id) => {
-                if let Some(c) = self.agents.get_mut(&id) {
-                    c.full_until = None;
-                }
+    /// The sweep marked `agent`'s lease expired (it ended at `expires_at`).
+    fn expired(&mut self, agent: i64, expires_at: i64) {
+        if let Some(c) = self.agents.get_mut(&agent) {
+            // Ended before the last count: not in `held`.
+            if expires_at > c.since {
+                c.held = c.held.saturating_sub(1);
             }
-            None => self.agents.values_mut().for_each(|c| c.full_until = None),
         }
+    }
+
+    /// Leases were revoked: of `agent`, or of anyone (`None`); or something
+    /// else may have changed them (another process, a rollback).
+    pub(crate) fn revoked(&mut self, agent: Option<i64>) {
+        let lift = |c: &mut HeldCount| {
+            c.stale = true;
+            c.full_until = None;
+        };
+        match agent {
+            Some(id) => self.agents.get_mut(&id).into_iter().for_each(lift),
+            None => self.agents.values_mut().for_each(lift),
+        }
+    }
+}
+
+impl HeldCount {
+    fn refusal(&self, agent: &Agent, cap: u64, t: i64) -> Error {
+        Error::ResourceExhausted(format!(
+            "agent {:?} holds {} unexpired leases, and one agent may hold {cap} at most (serve \
+             --max-leases-per-agent); the first of them ends in {}s: revoke those it no longer \
+             needs, or ask an admin to raise the limit",
+            agent.name,
+            self.held,
+            self.full_until.map_or(1, |u| (u - t).max(1))
+        ))
     }
 }
 
@@ -723,7 +760,8 @@ pub(crate) enum Scope<'a> {
 /// found through the partial index on active leases' expiry: the sweep
 /// never reads the whole table.
 const SWEEP_SQL: &str = "UPDATE leases SET state = ?1, ended_at = ?2 WHERE id IN (
-    SELECT id FROM leases WHERE state = 0 AND expires_at <= ?2 ORDER BY expires_at LIMIT ?3)";
+    SELECT id FROM leases WHERE state = 0 AND expires_at <= ?2 ORDER BY expires_at LIMIT ?3)
+    RETURNING agent_id, expires_at";
 /// Deletes the next `?2` ended leases (expired or revoked) that ended before
 /// `?1`, oldest first, through the partial index on ended leases.
 const PURGE_SQL: &str = "DELETE FROM leases WHERE id IN (

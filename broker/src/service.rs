@@ -580,7 +580,8 @@ impl admin_server::Admin for Services {
                     return;
                 }
             }
-            // (The copy is removed when `snap.file` drops, here.)
+            // (The copy is removed, and the place freed, when `snap` drops
+            // here.)
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -226,6 +226,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE holders ADD COLUMN mac BLOB;
     ALTER TABLE classes ADD COLUMN mac BLOB;
     ",
+    // 9: an agent's active leases by expiry, for the cap on them (a count
+    // from the index alone); it serves revokes by agent as before.
+    "
+    DROP INDEX leases_active_agent;
+    CREATE INDEX leases_active_agent ON leases(agent_id, expires_at) WHERE state = 0;
+    ",
 ];
 
 /// Lease states as stored.

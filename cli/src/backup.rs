@@ -32,8 +32,17 @@ pub(crate) async fn backup(g: &Global, a: BackupArgs) -> Result<(), CliError> {
         .create_new(true)
         .mode(0o600)
         .open(&partial)
-        .map_err(|e| local(&format!("create {}", partial.display()), &e))?;
-    let written = async {
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => CliError::new(
+                Exit::Precondition,
+                format!(
+                    "{} is left from an interrupted backup; delete it and try again",
+                    partial.display()
+                ),
+            ),
+            _ => local(&format!("create {}", partial.display()), &e),
+        })?;
+    let received = async {
         let mut first: Option<proto::BackupChunk> = None;
         let mut n = 0u64;
         while let Some(mut c) = stream.message().await? {
@@ -59,25 +68,20 @@ pub(crate) async fn backup(g: &Global, a: BackupArgs) -> Result<(), CliError> {
         }
         file.sync_all()
             .map_err(|e| local(&format!("write {}", partial.display()), &e))?;
-        Ok(first)
-    }
-    .await;
-    let placed = written.and_then(|first| {
-        tessera_broker::backup::about(&partial)?;
-        std::fs::hard_link(&partial, &a.out).map_err(|e| {
-            local(
-                &format!(
-                    "write {} (the copy is left in {})",
-                    a.out.display(),
-                    partial.display()
-                ),
-                &e,
+        tessera_broker::backup::about(&partial).map_err(|e| {
+            CliError::new(
+                Exit::Unavailable,
+                format!("the copy received does not check ({e}); try again"),
             )
         })?;
         Ok(first)
-    });
-    let _ = std::fs::remove_file(&partial);
-    let first = placed?;
+    }
+    .await;
+    let first = received
+        .and_then(|first| place(&partial, &a.out).map(|()| first))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })?;
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
@@ -107,6 +111,36 @@ pub(crate) async fn backup(g: &Global, a: BackupArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Moves the whole, checked copy `partial` to `out`, never over a file
+/// that exists: a hard link where the file system has them, else a rename
+/// after checking (vfat, some network file systems).
+fn place(partial: &Path, out: &Path) -> Result<(), CliError> {
+    let exists = || {
+        CliError::new(
+            Exit::Precondition,
+            format!(
+                "{} appeared while the backup was taken; give --out a new file name",
+                out.display()
+            ),
+        )
+    };
+    let failed = |e: std::io::Error| {
+        CliError::new(
+            Exit::Failure,
+            format!("cannot write {}: {e}", out.display()),
+        )
+    };
+    match std::fs::hard_link(partial, out) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(partial);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+        Err(_) if out.exists() => Err(exists()),
+        Err(_) => std::fs::rename(partial, out).map_err(failed),
+    }
+}
+
 /// `tessera restore FILE`.
 pub(crate) fn restore(g: &Global, a: RestoreArgs) -> Result<(), CliError> {
     let dir = data_dir(g);
@@ -131,7 +165,10 @@ pub(crate) fn restore(g: &Global, a: RestoreArgs) -> Result<(), CliError> {
         dir.db().display()
     );
     if let Some(p) = kept {
-        outln!("The store it replaced is kept as {p}.");
+        outln!(
+            "The store it replaced is kept as {p}: it holds every key it held (no shred \
+             reaches it), so delete it once the restored store serves."
+        );
     }
     outln!(
         "Start `tessera serve`: it records the restore in the audit trail. Audit checkpoints \

@@ -658,12 +658,37 @@ fn backup_and_restore_bring_the_store_back_to_one_instant() {
     assert_eq!(mode & 0o777, 0o600);
     let r = w.run(&["backup", "--out", out_s]).fails_with(5);
     assert!(r.stderr.contains("already exists"), "{r:#?}");
+    let out2 = w.tmp.path().join("b2.db");
+    std::fs::write(w.tmp.path().join("b2.db.partial"), b"").expect("partial");
+    let r = w
+        .run(&["backup", "--out", out2.to_str().expect("path")])
+        .fails_with(5);
+    assert!(r.stderr.contains("interrupted backup"), "{r:#?}");
+    assert!(!out2.exists());
     // After the backup: a new value and a new agent.
     w.put("a/one", b"second");
     w.agent("late", "a/*", "15m");
     let r = w.run(&["restore", out_s]).fails_with(5);
     assert!(r.stderr.contains("stop it before restoring"), "{r:#?}");
     assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
+    // An offline `rotate --due` (any process with the store open) holds
+    // the open lock shared: a restore waits for no one and is refused.
+    let ready = w.tmp.path().join("ready");
+    let mut holder = std::process::Command::new("flock")
+        // -o: the lock stays with flock, which the test kills.
+        .args(["-s", "-o"])
+        .arg(w.db().with_file_name("open.lock"))
+        .arg("-c")
+        .arg(format!("touch {}; sleep 60", ready.display()))
+        .spawn()
+        .expect("flock");
+    while !ready.exists() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = w.run(&["restore", out_s]).fails_with(5);
+    assert!(r.stderr.contains("another process has the store"), "{r:#?}");
+    holder.kill().expect("kill flock");
+    holder.wait().expect("reap flock");
     let junk = w.tmp.path().join("junk.db");
     std::fs::write(
         &junk,
@@ -717,6 +742,27 @@ fn backup_and_restore_bring_the_store_back_to_one_instant() {
     assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
     let r = w.run(&["restore", out_s]).fails_with(5);
     assert!(r.stderr.contains("another root key"), "{r:#?}");
+    let db = w.db();
+    let r = w
+        .run(&["restore", db.to_str().expect("path")])
+        .fails_with(7);
+    assert!(r.stderr.contains("is the store itself"), "{r:#?}");
+    let r = w.run(&["restore", "/nonexistent/b.db"]).fails_with(3);
+    assert!(r.stderr.contains("does not exist"), "{r:#?}");
+    // Into a data directory that does not exist yet: made private.
+    let fresh = w.tmp.path().join("fresh");
+    let fresh_s = fresh.to_str().expect("path");
+    w.run(&["--data-dir", fresh_s, "restore", out_s]).ok();
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("tessera.db")), 0o600);
+    let left: Vec<_> = std::fs::read_dir(&fresh)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains("restoring"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
