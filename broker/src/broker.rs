@@ -789,6 +789,14 @@ fn time_text(t: i64) -> String {
 
 /// Walks the whole audit trail in stored order against its stored head.
 pub(crate) fn walk_chain(conn: &rusqlite::Connection, key: &SymmetricKey) -> Result<Verdict> {
+    // The rows and the head from one snapshot: a commit between two reads
+    // would move the head past the last row read, which reads as deleted
+    // records.
+    let _snapshot = if conn.is_autocommit() {
+        Some(conn.unchecked_transaction()?)
+    } else {
+        None
+    };
     let mut v = audit::Verifier::new(key);
     let mut stmt = conn.prepare(
         "SELECT seq, time, actor, action, target, decision, reason, request_id,

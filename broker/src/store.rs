@@ -1224,6 +1224,50 @@ mod tests {
         assert_eq!(verdict, crate::audit::Verdict::Intact { records: 4 });
     }
 
+    /// `walk_chain` reads the records and the head from one snapshot:
+    /// commits landing while it walks never make an intact trail look
+    /// truncated.
+    #[test]
+    fn the_chain_walks_intact_while_records_are_appended() {
+        let key = SymmetricKey::generate().expect("key");
+        let verify_key = SymmetricKey::from_bytes(key.expose_bytes()).expect("key copy");
+        let (_dir, _, store) = new_store(key);
+        // A trail long enough that commits land while it is walked.
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(store.write(|ctx| (0..5000).try_for_each(|_| ctx.audit(&entry("old")))))
+            .expect("fill");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writing = {
+            let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    while !done.load(Ordering::Relaxed) {
+                        store
+                            .write(move |ctx| ctx.audit(&entry("w")))
+                            .await
+                            .expect("append");
+                    }
+                });
+            })
+        };
+        for _ in 0..50 {
+            let verdict = store
+                .read(|conn| crate::broker::walk_chain(conn, &verify_key))
+                .expect("walk");
+            assert!(
+                matches!(verdict, crate::audit::Verdict::Intact { .. }),
+                "{verdict:?}"
+            );
+        }
+        done.store(true, Ordering::Relaxed);
+        writing.join().expect("writer thread");
+    }
+
     /// A commit hook has run before the writer wakes `Watch`: a watcher
     /// told of a rotation is never served the cached row the rotation
     /// replaced.
