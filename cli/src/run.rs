@@ -698,7 +698,30 @@ async fn refresh(
     if !b.stale {
         return Ok(false);
     }
-    let mut lease = match issue(broker, token, &b.secret, ttl_seconds).await {
+    let request = || {
+        authed(
+            proto::IssueRequest {
+                secret: b.secret.clone(),
+                ttl_seconds,
+            },
+            token,
+        )
+    };
+    let mut issued = broker.issue(request()?).await;
+    if issued
+        .as_ref()
+        .is_err_and(|s| s.code() == tonic::Code::ResourceExhausted)
+        && !b.lease.lease_id.is_empty()
+    {
+        // The agent holds the most leases it may (`serve
+        // --max-leases-per-agent`): the lease being replaced frees a place.
+        give_back(broker, token, &mut b.lease).await?;
+        issued = broker.issue(request()?).await;
+    }
+    let mut lease = match issued
+        .map(tonic::Response::into_inner)
+        .map_err(CliError::from)
+    {
         Ok(l) => l,
         Err(e) if transient(&e) => {
             tracing_note(&format!(

@@ -612,6 +612,38 @@ fn one_agent_cannot_hold_leases_without_end() {
     assert_eq!(s.terminate(), 0, "log:\n{}", s.logs());
     let _s = serve();
     full(&gw);
+    // A watcher at the cap still follows a new value: the lease it
+    // replaces frees the place.
+    let watcher = w.agent("watcher", "a/*", "15m");
+    for _ in 0..2 {
+        w.get("a/one", &watcher).ok();
+    }
+    let out = w.tmp.path().join("watch.out");
+    let mut watch = w
+        .command()
+        .args(["get", "a/one", "--watch"])
+        .env("TESSERA_TOKEN", &watcher)
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn get --watch");
+    let mut printed = |want: &str| {
+        let start = std::time::Instant::now();
+        while std::fs::read_to_string(&out).unwrap_or_default() != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "get --watch printed {:?}, exited {:?}",
+                std::fs::read_to_string(&out),
+                watch.try_wait()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    printed("1\n");
+    w.put("a/one", b"2");
+    printed("1\n2\n");
+    tessera_e2e::signal_term(watch.id()).expect("SIGTERM");
+    assert!(watch.wait().expect("wait").success());
     // Expiry frees places too, before any sweep has to run.
     for _ in 0..3 {
         w.run_with(
