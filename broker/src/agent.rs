@@ -320,16 +320,17 @@ impl Broker {
         Ok((info, token))
     }
 
-    /// Every agent, with its count of active leases.
+    /// Every agent, with its count of active (unexpired) leases.
     pub async fn list_agents(&self, request_id: &str) -> Result<Vec<AgentInfo>> {
         let out = self.store.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {},
-                        (SELECT count(*) FROM leases l WHERE l.agent_id = a.id AND l.state = 0)
+                        (SELECT count(*) FROM leases l
+                          WHERE l.agent_id = a.id AND l.state = 0 AND l.expires_at > ?1)
                  FROM agents a ORDER BY a.name",
                 rowmac::AGENT_COLUMNS
             ))?;
-            let rows = stmt.query_map([], |r| {
+            let rows = stmt.query_map([now()], |r| {
                 let (row, mac) = AgentRow::from_row(r)?;
                 Ok(AgentInfo {
                     tampered: !row.verify(&self.row_key, mac.as_deref()),

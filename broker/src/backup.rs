@@ -96,7 +96,8 @@ pub(crate) fn remove_stale_copies(db: &Path) {
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().map(|n| n.to_string_lossy().to_string());
-            name.is_some_and(|n| n.starts_with(".backup-") && n.ends_with(".db"))
+            // (With the `-journal` SQLite may leave beside one.)
+            name.is_some_and(|n| n.starts_with(".backup-") && n.contains(".db"))
                 || staged.contains(p)
         });
     for p in stale {

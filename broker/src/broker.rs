@@ -684,7 +684,11 @@ impl Broker {
                     [crate::init::now()],
                     |r| r.get::<_, i64>(0),
                 )? as u64,
-                active_leases: count("SELECT count(*) FROM leases WHERE state = 0")?,
+                active_leases: conn.query_row(
+                    "SELECT count(*) FROM leases WHERE state = 0 AND expires_at > ?1",
+                    [crate::init::now()],
+                    |r| r.get::<_, i64>(0),
+                )? as u64,
                 audit_records: count("SELECT coalesce(max(seq), 0) FROM audit")?,
                 version: env!("CARGO_PKG_VERSION").into(),
                 broker_key: self.broker_key(),

@@ -392,16 +392,23 @@ impl Broker {
         } else {
             limit.min(LIST_MAX)
         };
+        // A lease past its expiry is expired, swept or not.
+        let t = now();
         let out = self.store.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT l.id, a.name, l.secret, l.version, l.issued_at, l.expires_at,
                         l.renewable_until, l.state
                  FROM leases l JOIN agents a ON a.id = l.agent_id
                  WHERE (?1 = '' OR a.name = ?1) AND (?2 = '' OR l.secret = ?2)
-                   AND (?3 OR l.state = 0) AND l.id > ?4
+                   AND (?3 OR (l.state = 0 AND l.expires_at > ?6)) AND l.id > ?4
                  ORDER BY l.id LIMIT ?5",
             )?;
-            let rows = stmt.query_map(params![agent, secret, all, after, limit], |r| {
+            let rows = stmt.query_map(params![agent, secret, all, after, limit, t], |r| {
+                let expires_at: i64 = r.get(5)?;
+                let state = match r.get(7)? {
+                    lease_state::ACTIVE if expires_at <= t => lease_state::EXPIRED,
+                    s => s,
+                };
                 Ok(LeaseInfo {
                     lease_id: r.get(0)?,
                     agent: r.get(1)?,
@@ -410,7 +417,7 @@ impl Broker {
                     issued_at: r.get(4)?,
                     expires_at: r.get(5)?,
                     renewable_until: r.get(6)?,
-                    state: lease_state::name(r.get(7)?).into(),
+                    state: lease_state::name(state).into(),
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)

@@ -236,6 +236,8 @@ impl broker_server::Broker for Services {
 type BackupStream = Pin<Box<dyn Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 /// Bytes per backup chunk: well inside gRPC's 4 MiB message limit.
 const BACKUP_CHUNK: usize = 256 * 1024;
+/// How long a backup waits for its client to take the next chunk.
+const BACKUP_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 type AuditStream = Pin<Box<dyn Stream<Item = Result<proto::AuditRecord, Status>> + Send>>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
@@ -545,6 +547,7 @@ impl admin_server::Admin for Services {
         let rid = self.admin(&req, "store.backup", "store").await?;
         let snap = self.broker()?.backup(&rid).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
             let failed = |e: std::io::Error| {
@@ -576,8 +579,19 @@ impl admin_server::Admin for Services {
                     chunk.audit_seq = a.audit_seq;
                     chunk.audit_time = a.audit_time;
                 }
-                if tx.blocking_send(Ok(chunk)).is_err() {
-                    return;
+                // A client that stops reading would keep the copy (and the
+                // one place for a backup) for good.
+                let sent = rt.block_on(tokio::time::timeout(BACKUP_STALL, tx.send(Ok(chunk))));
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::warn!(
+                            "a backup client read nothing for {}s; its copy was dropped",
+                            BACKUP_STALL.as_secs()
+                        );
+                        return;
+                    }
                 }
             }
             // (The copy is removed, and the place freed, when `snap` drops

@@ -1459,7 +1459,8 @@ pub(crate) fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), CliErro
 /// Refuses an `--out` that exists, before anything is asked of the broker.
 pub(crate) fn check_new_file(path: Option<&Path>) -> Result<(), CliError> {
     match path {
-        Some(p) if p.exists() => Err(CliError::new(
+        // (A symlink counts, even one that leads nowhere.)
+        Some(p) if p.symlink_metadata().is_ok() => Err(CliError::new(
             Exit::Precondition,
             format!(
                 "{} already exists; give --out a new file name (tessera does not overwrite it)",
