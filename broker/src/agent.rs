@@ -436,7 +436,7 @@ impl Broker {
                     .into(),
             );
             return Err(self
-                .deny("anonymous".into(), action, target, request_id, e)
+                .deny_unknown("anonymous".into(), action, target, request_id, e)
                 .await);
         };
         let hash = token_hash(token);
@@ -518,7 +518,9 @@ impl Broker {
                         .into()
                 });
                 let actor = self.token_fingerprint(token);
-                Err(self.deny(actor, action, target, request_id, e).await)
+                Err(self
+                    .deny_unknown(actor, action, target, request_id, e)
+                    .await)
             }
         }
     }

@@ -43,6 +43,30 @@ impl Default for Limits {
     }
 }
 
+/// Calls without a valid credential recorded one by one per window.
+pub const UNKNOWN_DENIALS_RECORDED: u32 = 100;
+/// The window in which at most [`UNKNOWN_DENIALS_RECORDED`] are recorded.
+pub const UNKNOWN_DENIALS_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Calls without a valid credential in the current window.
+#[derive(Debug)]
+pub(crate) struct UnknownDenials {
+    started: std::time::Instant,
+    recorded: u32,
+    /// Refused without a record of their own, by action.
+    suppressed: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for UnknownDenials {
+    fn default() -> Self {
+        UnknownDenials {
+            started: std::time::Instant::now(),
+            recorded: 0,
+            suppressed: Default::default(),
+        }
+    }
+}
+
 /// The running broker.
 pub struct Broker {
     pub(crate) store: Store,
@@ -67,6 +91,8 @@ pub struct Broker {
     _open_lock: Option<crate::init::ServeLock>,
     /// One backup at a time: each is a whole copy of the store beside it.
     pub(crate) backup_slot: Arc<tokio::sync::Semaphore>,
+    /// Calls without a valid credential counted but not yet recorded.
+    pub(crate) unknown_denials: std::sync::Mutex<UnknownDenials>,
     /// Open `Watch` streams per agent id.
     pub(crate) watching: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
     /// Agents by token hash; a revoke forgets them.
@@ -435,6 +461,7 @@ impl Broker {
             stopping: tokio::sync::watch::Sender::new(false),
             _open_lock: open_lock,
             backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            unknown_denials: Default::default(),
         })
     }
 
@@ -497,6 +524,100 @@ impl Broker {
         }
     }
 
+    /// [`Broker::deny`] for a caller with no valid credential (none, an
+    /// unknown token, several): anyone who can connect can send such calls
+    /// as fast as the broker answers, and a record for each would let them
+    /// fill the disk and keep the writer busy. The first
+    /// [`UNKNOWN_DENIALS_RECORDED`] in each [`UNKNOWN_DENIALS_WINDOW`] are
+    /// recorded one by one; the rest are counted, refused the same way, and
+    /// recorded as one `auth.refused` summary when the window ends (written
+    /// by the next such call, the sweeper's tick or the shutdown).
+    pub(crate) async fn deny_unknown(
+        &self,
+        actor: String,
+        action: &str,
+        target: &str,
+        request_id: &str,
+        err: Error,
+    ) -> Error {
+        if let Err(e) = self.flush_denials(false).await {
+            return e;
+        }
+        let record = {
+            let mut w = self
+                .unknown_denials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if w.recorded < UNKNOWN_DENIALS_RECORDED {
+                w.recorded += 1;
+                true
+            } else {
+                *w.suppressed.entry(action.to_string()).or_insert(0) += 1;
+                false
+            }
+        };
+        if record {
+            self.deny(actor, action, target, request_id, err).await
+        } else {
+            err
+        }
+    }
+
+    /// Records the calls without a valid credential that
+    /// [`Broker::deny_unknown`] counted, once their window has ended (or
+    /// now, with `all`, at shutdown), and starts a new window.
+    pub async fn flush_denials(&self, all: bool) -> Result<()> {
+        let (since, counted) = {
+            let mut w = self
+                .unknown_denials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !all && w.started.elapsed() < UNKNOWN_DENIALS_WINDOW {
+                return Ok(());
+            }
+            let since = w.started.elapsed().as_secs().max(1);
+            let counted = std::mem::take(&mut w.suppressed);
+            *w = UnknownDenials::default();
+            (since, counted)
+        };
+        if counted.is_empty() {
+            return Ok(());
+        }
+        let total: u64 = counted.values().sum();
+        let each: Vec<String> = counted.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
+        tracing::warn!(
+            refused = total,
+            "calls without a valid credential were refused faster than they are recorded one \
+             by one; counted in an auth.refused audit record"
+        );
+        let recorded = self.audit(Entry {
+            time: now(),
+            actor: audit::ACTOR_SYSTEM.into(),
+            action: "auth.refused".into(),
+            target: "*".into(),
+            allowed: false,
+            reason: format!(
+                "{total} more calls without a valid credential were refused in the last {since}s \
+                 ({}); the first {UNKNOWN_DENIALS_RECORDED} of each {}s are recorded one by one",
+                each.join(", "),
+                UNKNOWN_DENIALS_WINDOW.as_secs()
+            ),
+            request_id: String::new(),
+        })
+        .await;
+        if recorded.is_err() {
+            // Counted again, for the next try.
+            let mut w = self
+                .unknown_denials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (action, n) in counted {
+                *w.suppressed.entry(action).or_insert(0) += n;
+            }
+        }
+        recorded
+    }
+
     /// Checks an admin bearer token (constant time). A failure is audited.
     pub async fn authenticate_admin(
         &self,
@@ -522,7 +643,9 @@ impl Broker {
                         `tessera init` wrote to admin.token"
                 .into(),
         });
-        Err(self.deny(actor, action, target, request_id, err).await)
+        Err(self
+            .deny_unknown(actor, action, target, request_id, err)
+            .await)
     }
 
     /// Walks the whole audit chain and its stored head.

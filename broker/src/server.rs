@@ -360,6 +360,9 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
                             Err(e) => tracing::warn!(error = %e, "event purge failed; will retry"),
                         }
                     }
+                    if let Err(e) = sweeper_broker.flush_denials(false).await {
+                        tracing::warn!(error = %e, "could not record refused calls; will retry");
+                    }
                     if let Err(e) = sweeper_broker.retention_tick().await {
                         tracing::warn!(error = %e, "retention work failed; will retry");
                     }
@@ -455,6 +458,9 @@ pub async fn start(gate: Arc<Gate>, opts: ListenOptions) -> Result<Running> {
                     .is_err()
                 {
                     tracing::warn!("a rotation was still running at the drain deadline");
+                }
+                if let Err(e) = b.flush_denials(true).await {
+                    tracing::warn!(error = %e, "could not record the last refused calls");
                 }
                 b.flush().await
             }

@@ -97,7 +97,7 @@ impl Services {
             );
             return Err(self
                 .broker()?
-                .deny("anonymous".into(), action, target, rid, e)
+                .deny_unknown("anonymous".into(), action, target, rid, e)
                 .await
                 .into());
         }

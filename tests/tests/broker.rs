@@ -797,6 +797,70 @@ fn backup_and_restore_bring_the_store_back_to_one_instant() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// Calls without a valid token cannot fill the audit trail: past the first
+/// 100 in a 10 s window they are refused the same way and counted, and one
+/// `auth.refused` record per window says how many; every call is in one
+/// or the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_without_a_valid_token_is_counted_not_recorded_one_by_one() {
+    let w = World::new();
+    w.init_passphrase();
+    let _s = w.serve(&[]);
+    w.put("a/one", b"1");
+    const CALLS: u64 = 400;
+    let c = w.broker_client().await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..CALLS {
+        let mut c = c.clone();
+        let token = format!("tsr_bogus{i}");
+        calls.spawn(async move {
+            let req = proto::IssueRequest {
+                secret: "a/one".into(),
+                ttl_seconds: 0,
+            };
+            c.issue(authed(req, &token)).await
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        let r = r.expect("call task");
+        assert_eq!(r.expect_err("refused").code(), Code::Unauthenticated);
+    }
+    let start = std::time::Instant::now();
+    let (one_by_one, counted) = loop {
+        let export = w.run(&["audit", "export"]).ok().stdout;
+        let records: Vec<serde_json::Value> = export
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        let one_by_one = records
+            .iter()
+            .filter(|r| r["action"] == "lease.issue" && r["decision"] == "deny")
+            .count() as u64;
+        let counted: u64 = records
+            .iter()
+            .filter(|r| r["action"] == "auth.refused")
+            .map(|r| {
+                let reason = r["reason"].as_str().expect("reason");
+                reason
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .expect("a count")
+            })
+            .sum();
+        if one_by_one + counted == CALLS {
+            break (one_by_one, counted);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{one_by_one} recorded and {counted} counted of {CALLS}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(one_by_one < CALLS && counted > 0, "{one_by_one} {counted}");
+    w.run(&["audit", "verify"]).ok();
+}
+
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
     let w = World::new();
