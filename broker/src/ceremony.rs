@@ -506,7 +506,10 @@ impl Broker {
                                 "ceremony {cid}: the stored join of role {role} failed \
                                  authentication (its signature does not verify under that role's \
                                  key: it was written outside tessera); nothing was destroyed. \
-                                 Find out who can write the database file"
+                                 Find out who can write the database file; then a hold (`tessera \
+                                 hold place --class {}`) cancels this ceremony, and once it is \
+                                 released a new one can be opened",
+                                c.class
                             )));
                         }
                     }

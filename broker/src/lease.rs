@@ -382,6 +382,24 @@ impl Broker {
                 names::secret(secret, "secret")
             }
         });
+        // A mistyped agent name is not "no leases".
+        let checked = checked.and_then(|()| {
+            let known = agent.is_empty()
+                || self.store.read(|conn| {
+                    Ok(conn.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM agents WHERE name = ?1)",
+                        [agent],
+                        |r| r.get::<_, bool>(0),
+                    )?)
+                })?;
+            if known {
+                Ok(())
+            } else {
+                Err(Error::NotFound(format!(
+                    "no agent named {agent:?}; `tessera agent list` shows them"
+                )))
+            }
+        });
         if let Err(e) = checked {
             return Err(self
                 .deny(ACTOR_ADMIN.into(), "lease.list", "*", request_id, e)

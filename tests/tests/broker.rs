@@ -544,6 +544,9 @@ fn lease_revoke_by_lease_secret_agent_and_all() {
         .run(&["lease", "revoke", "--lease", "lse_missing"])
         .fails_with(7);
     assert!(r.stderr.contains("invalid lease_id"), "{r:#?}");
+    // Nor is a mistyped agent name "no leases".
+    let r = w.run(&["lease", "list", "--agent", "nosuch"]).fails_with(3);
+    assert!(r.stderr.contains("no agent named"), "{r:#?}");
     // A mistyped secret name is not "0 leases revoked".
     let r = w
         .run(&["lease", "revoke", "--secret", "a/mistyped"])

@@ -1785,8 +1785,35 @@ fn edited_holder_class_and_hold_rows_shred_nothing() {
          VALUES ('{id}', 'board', zeroblob(64), 0);"
     ));
     join(&w, &id, "legal", &keys[0]).ok();
-    tampered(join(&w, &id, "ciso", &keys[1]));
+    let refused = join(&w, &id, "ciso", &keys[1]);
+    assert!(
+        refused.stderr.contains("hold place --class joined"),
+        "{refused:#?}"
+    );
+    tampered(refused);
     assert_ne!(class_json(&w, "joined")["state"], "shredded");
+    // The way out the refusal names: a hold cancels the ceremony, and once
+    // it is released a new one opens.
+    w.run(&[
+        "hold",
+        "place",
+        "--class",
+        "joined",
+        "--reason",
+        "forged join",
+    ])
+    .ok();
+    assert_eq!(open_ceremony(&class_json(&w, "joined")), None);
+    w.run(&[
+        "hold",
+        "release",
+        "--class",
+        "joined",
+        "--reason",
+        "looked into",
+    ])
+    .ok();
+    assert_ne!(open_early(&w, "joined"), id);
     // A ceremony row asking for fewer joins than its class: one join of a
     // 3-of-3 early shred destroys nothing.
     let id = open_early(&w, "asked");
