@@ -74,25 +74,7 @@ impl DataDir {
     /// or alone (a restore, which replaces the file under them). Never
     /// waits: `None` when it is held the other way.
     pub fn lock_open(&self, exclusive: bool) -> Result<Option<ServeLock>> {
-        let path = self.open_lock();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
-        let how = if exclusive {
-            nix::fcntl::FlockArg::LockExclusiveNonblock
-        } else {
-            nix::fcntl::FlockArg::LockSharedNonblock
-        };
-        match nix::fcntl::Flock::lock(file, how) {
-            Ok(lock) => Ok(Some(ServeLock { _lock: lock })),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-            Err((_, e)) => Err(Error::Io(format!("cannot lock {}: {e}", path.display()))),
-        }
+        try_lock(&self.open_lock(), exclusive)
     }
 
     /// Takes the lock `serve` holds while it runs, so that a second broker
@@ -100,24 +82,13 @@ impl DataDir {
     /// the other changes). Released when the returned lock is dropped, or
     /// when the process ends, however it ends.
     pub fn lock_for_serving(&self) -> Result<ServeLock> {
-        let path = self.serve_lock();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
-        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(ServeLock { _lock: lock }),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::FailedPrecondition(format!(
+        try_lock(&self.serve_lock(), true)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
                 "another broker is already serving the store in {}; stop it first (two \
                  brokers on one store would each act on what they cached of it)",
                 self.root.display()
-            ))),
-            Err((_, e)) => Err(Error::Io(format!("cannot lock {}: {e}", path.display()))),
-        }
+            ))
+        })
     }
 
     /// The directory and store files that other users may reach, each with
@@ -157,6 +128,29 @@ impl DataDir {
             }
         }
         out
+    }
+}
+
+/// Locks the file `path` (made 0600 if missing), alone or shared, without
+/// waiting: `None` when it is held the other way.
+fn try_lock(path: &Path, exclusive: bool) -> Result<Option<ServeLock>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
+    let how = if exclusive {
+        nix::fcntl::FlockArg::LockExclusiveNonblock
+    } else {
+        nix::fcntl::FlockArg::LockSharedNonblock
+    };
+    match nix::fcntl::Flock::lock(file, how) {
+        Ok(lock) => Ok(Some(ServeLock { _lock: lock })),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(Error::Io(format!("cannot lock {}: {e}", path.display()))),
     }
 }
 
