@@ -563,8 +563,8 @@ impl Broker {
         }
     }
 
-    /// Records the calls without a valid credential that
-    /// [`Broker::deny_unknown`] counted, once their window has ended (or
+    /// Records the calls without a valid credential that were refused past
+    /// the per-window limit and only counted, once their window has ended (or
     /// now, with `all`, at shutdown), and starts a new window.
     pub async fn flush_denials(&self, all: bool) -> Result<()> {
         let (since, counted) = {
